@@ -1,0 +1,55 @@
+//! The conformance suite, written once against
+//! [`ChatClient`](chat_core::client::ChatClient) and run over every
+//! transport.
+//!
+//! A transport's test file provides an async function that starts a fresh
+//! server on `127.0.0.1:0` and returns a [`Connector`] to it, then invokes
+//! [`conformance_tests!`] with that function; the macro expands to one
+//! `#[tokio::test]` per scenario in [`scenarios`]. Each test gets its own
+//! server, so scenarios never see each other's accounts.
+
+pub mod scenarios;
+
+use std::future::Future;
+
+use chat_core::client::ChatClient;
+
+/// Opens client connections to one running server.
+pub trait Connector: Send + Sync + 'static {
+    /// The transport's client type.
+    type Client: ChatClient + 'static;
+    /// Opens a new connection; panics if the server cannot be reached (a
+    /// test failure, not a case to handle).
+    fn connect(&self) -> impl Future<Output = Self::Client> + Send;
+}
+
+/// Expands to one `#[tokio::test]` per conformance scenario, each calling
+/// `$start().await` for a fresh [`Connector`].
+#[macro_export]
+macro_rules! conformance_tests {
+    ($start:path) => {
+        $crate::conformance_tests!(@each $start;
+            account_lifecycle,
+            double_create_rejected,
+            concurrent_login_rejected,
+            bad_requests_get_clear_errors,
+            send_to_unknown_user,
+            queued_delivery_then_fetch,
+            live_delivery_in_order,
+            delete_drops_queue_and_frees_name,
+            list_accounts_by_pattern,
+            connection_drop_logs_out,
+            concurrent_creates_one_winner_per_name,
+            hundreds_of_clients_exactly_once,
+        );
+    };
+    (@each $start:path; $($name:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let connector = $start().await;
+                $crate::scenarios::$name(&connector).await;
+            }
+        )*
+    };
+}

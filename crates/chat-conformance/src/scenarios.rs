@@ -1,0 +1,362 @@
+//! The scenarios. Each takes a [`Connector`] to a fresh server and panics
+//! with a description of what went wrong.
+
+use std::time::Duration;
+
+use chat_core::client::{ChatClient, ClientError, Push};
+use chat_core::{ErrorCode, Message, SessionState, Username};
+
+use crate::Connector;
+
+/// Longest wait for something that should happen promptly.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn user(name: &str) -> SessionState {
+    SessionState::LoggedIn(Username::parse(name).expect("valid test name"))
+}
+
+fn names(list: &[Username]) -> Vec<&str> {
+    list.iter().map(Username::as_str).collect()
+}
+
+#[track_caller]
+fn expect_code<T: std::fmt::Debug>(result: Result<T, ClientError>, code: ErrorCode) -> String {
+    match result {
+        Err(ClientError::Server { code: got, message }) if got == code => message,
+        other => panic!("expected error {code}, got {other:?}"),
+    }
+}
+
+/// Waits for the next pushed message, failing on anything else.
+async fn next_message<C: ChatClient>(client: &mut C) -> Message {
+    match tokio::time::timeout(PATIENCE, client.next_push()).await {
+        Ok(Some(Push::Message(message))) => message,
+        Ok(other) => panic!("expected a pushed message, got {other:?}"),
+        Err(_) => panic!("no pushed message within {PATIENCE:?}"),
+    }
+}
+
+/// Create logs in; logout, login and delete move the state as the server
+/// reports it; a deleted name can be created again.
+pub async fn account_lifecycle<K: Connector>(k: &K) {
+    let mut c = k.connect().await;
+    assert_eq!(c.state(), &SessionState::LoggedOut);
+    assert_eq!(c.create("alice").await.unwrap(), user("alice"));
+    assert_eq!(c.state(), &user("alice"));
+    assert_eq!(c.logout().await.unwrap(), SessionState::LoggedOut);
+    assert_eq!(c.state(), &SessionState::LoggedOut);
+    assert_eq!(c.login("alice").await.unwrap(), user("alice"));
+    assert_eq!(c.delete().await.unwrap(), SessionState::LoggedOut);
+    expect_code(c.login("alice").await, ErrorCode::NoSuchUser);
+    assert_eq!(c.create("alice").await.unwrap(), user("alice"));
+    // One session may be different users in turn.
+    c.logout().await.unwrap();
+    assert_eq!(c.create("bob").await.unwrap(), user("bob"));
+}
+
+/// A taken name cannot be created twice; a logged-in session cannot create
+/// or log in without logging out first.
+pub async fn double_create_rejected<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("bob").await.unwrap();
+    expect_code(b.create("bob").await, ErrorCode::UsernameTaken);
+    assert_eq!(b.state(), &SessionState::LoggedOut);
+    expect_code(a.create("carol").await, ErrorCode::SessionLoggedIn);
+    expect_code(a.login("bob").await, ErrorCode::SessionLoggedIn);
+    assert_eq!(
+        a.state(),
+        &user("bob"),
+        "a failed request still reports the state"
+    );
+}
+
+/// An account is logged in on at most one session.
+pub async fn concurrent_login_rejected<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("alice").await.unwrap();
+    expect_code(b.login("alice").await, ErrorCode::AlreadyLoggedIn);
+    a.logout().await.unwrap();
+    assert_eq!(b.login("alice").await.unwrap(), user("alice"));
+    expect_code(a.login("alice").await, ErrorCode::AlreadyLoggedIn);
+}
+
+/// The server checks everything itself, whatever the client sends.
+pub async fn bad_requests_get_clear_errors<K: Connector>(k: &K) {
+    let mut c = k.connect().await;
+    expect_code(c.logout().await, ErrorCode::NotLoggedIn);
+    expect_code(c.delete().await, ErrorCode::NotLoggedIn);
+    expect_code(c.fetch(10).await, ErrorCode::NotLoggedIn);
+    expect_code(c.send("anyone", "hi").await, ErrorCode::NotLoggedIn);
+    expect_code(c.create("").await, ErrorCode::InvalidUsername);
+    expect_code(c.create("has space").await, ErrorCode::InvalidUsername);
+    expect_code(c.create(&"x".repeat(51)).await, ErrorCode::InvalidUsername);
+    expect_code(c.login("tab\there").await, ErrorCode::InvalidUsername);
+    c.create(&"é".repeat(50)).await.unwrap();
+    c.logout().await.unwrap();
+    c.create("sender").await.unwrap();
+    expect_code(c.send("sender", "").await, ErrorCode::InvalidMessage);
+    expect_code(
+        c.send("sender", "line\nbreak").await,
+        ErrorCode::InvalidMessage,
+    );
+    let message = expect_code(
+        c.send("sender", &"y".repeat(281)).await,
+        ErrorCode::MessageTooLong,
+    );
+    assert!(
+        message.contains("281"),
+        "the error says how long: {message}"
+    );
+    c.send("sender", &"😀".repeat(280)).await.unwrap();
+    assert_eq!(c.state(), &user("sender"));
+}
+
+/// Sending to a name nobody has fails with `no_such_user`.
+pub async fn send_to_unknown_user<K: Connector>(k: &K) {
+    let mut c = k.connect().await;
+    c.create("alice").await.unwrap();
+    let message = expect_code(c.send("nobody", "hello?").await, ErrorCode::NoSuchUser);
+    assert!(message.contains("nobody"), "{message}");
+}
+
+/// Messages to a logged-out user wait in its queue; fetch takes them oldest
+/// first, at most as many as asked, each once.
+pub async fn queued_delivery_then_fetch<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("alice").await.unwrap();
+    b.create("bob").await.unwrap();
+    b.logout().await.unwrap();
+    let mut receipts = Vec::new();
+    for body in ["one", "two", "three"] {
+        receipts.push(a.send("bob", body).await.unwrap());
+    }
+    assert!(
+        receipts.windows(2).all(|w| w[0].id < w[1].id),
+        "ids increase: {receipts:?}"
+    );
+    b.login("bob").await.unwrap();
+    let first = b.fetch(2).await.unwrap();
+    assert_eq!(
+        first.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
+        ["one", "two"]
+    );
+    assert!(first.iter().all(|m| m.sender.as_str() == "alice"));
+    assert_eq!(first[0].id, receipts[0].id);
+    assert!(first[0].timestamp_ms > 0 && first[0].timestamp_ms <= first[1].timestamp_ms);
+    let rest = b.fetch(0).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].body.as_str(), "three");
+    assert!(
+        b.fetch(10).await.unwrap().is_empty(),
+        "fetched messages leave the queue"
+    );
+}
+
+/// Messages to a logged-in user arrive live, in send order, and are not
+/// queued as well.
+pub async fn live_delivery_in_order<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("alice").await.unwrap();
+    b.create("bob").await.unwrap();
+    for i in 0..50 {
+        a.send("bob", &format!("live {i}")).await.unwrap();
+    }
+    let mut last_id = 0;
+    for i in 0..50 {
+        let m = next_message(&mut b).await;
+        assert_eq!(
+            (m.sender.as_str(), m.body.as_str()),
+            ("alice", format!("live {i}").as_str())
+        );
+        assert!(m.id > last_id, "ids increase");
+        last_id = m.id;
+    }
+    assert!(
+        b.fetch(0).await.unwrap().is_empty(),
+        "live messages are not queued too"
+    );
+    // Live and queued ids share one sequence.
+    b.logout().await.unwrap();
+    let queued = a.send("bob", "later").await.unwrap();
+    assert!(queued.id > last_id);
+}
+
+/// Deleting an account logs it out, drops its queue and frees the name.
+pub async fn delete_drops_queue_and_frees_name<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("alice").await.unwrap();
+    b.create("bob").await.unwrap();
+    b.logout().await.unwrap();
+    a.send("bob", "you will never read this").await.unwrap();
+    b.login("bob").await.unwrap();
+    assert_eq!(b.delete().await.unwrap(), SessionState::LoggedOut);
+    expect_code(a.send("bob", "hello?").await, ErrorCode::NoSuchUser);
+    expect_code(b.fetch(1).await, ErrorCode::NotLoggedIn);
+    let mut c = k.connect().await;
+    c.create("bob").await.unwrap();
+    assert!(
+        c.fetch(0).await.unwrap().is_empty(),
+        "the old queue is gone"
+    );
+}
+
+/// List filters by regex (unanchored), sorts, caps, and rejects bad
+/// patterns with the regex error; it works logged out.
+pub async fn list_accounts_by_pattern<K: Connector>(k: &K) {
+    let mut c = k.connect().await;
+    for name in ["bob", "alice", "albert", "Émile", "carol"] {
+        c.create(name).await.unwrap();
+        c.logout().await.unwrap();
+    }
+    assert_eq!(
+        names(&c.list("", 0).await.unwrap()),
+        ["albert", "alice", "bob", "carol", "Émile"]
+    );
+    assert_eq!(names(&c.list("^al", 0).await.unwrap()), ["albert", "alice"]);
+    assert_eq!(
+        names(&c.list("l", 0).await.unwrap()),
+        ["albert", "alice", "carol", "Émile"]
+    );
+    assert_eq!(names(&c.list("^bob$", 0).await.unwrap()), ["bob"]);
+    assert_eq!(names(&c.list("^o", 0).await.unwrap()), Vec::<&str>::new());
+    assert_eq!(names(&c.list("", 2).await.unwrap()), ["albert", "alice"]);
+    assert_eq!(names(&c.list("(?i)^é", 0).await.unwrap()), ["Émile"]);
+    let message = expect_code(c.list("(unclosed", 0).await, ErrorCode::InvalidPattern);
+    assert!(
+        message.contains("unclosed") || message.contains("parse"),
+        "{message}"
+    );
+    // Compiles to far more than the size limit.
+    expect_code(
+        c.list(r"\w{1000}{1000}", 0).await,
+        ErrorCode::InvalidPattern,
+    );
+    expect_code(
+        c.list(&"a".repeat(1_000), 0).await,
+        ErrorCode::InvalidPattern,
+    );
+    c.login("bob").await.unwrap();
+    assert_eq!(c.list("b", 0).await.unwrap().len(), 2);
+}
+
+/// A connection that drops (no logout) logs its user out.
+pub async fn connection_drop_logs_out<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    a.create("alice").await.unwrap();
+    drop(a);
+    let mut b = k.connect().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match b.login("alice").await {
+            Ok(state) => {
+                assert_eq!(state, user("alice"));
+                break;
+            }
+            Err(err) if err.code() == Some(ErrorCode::AlreadyLoggedIn) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "alice still logged in after the drop"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(err) => panic!("unexpected {err}"),
+        }
+    }
+}
+
+/// Many clients create at once: one winner per name, every distinct name
+/// succeeds.
+pub async fn concurrent_creates_one_winner_per_name<K: Connector>(k: &K) {
+    const CLIENTS: usize = 32;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(k.connect().await);
+    }
+    let results =
+        futures::future::join_all(clients.iter_mut().map(|c| c.create("contested"))).await;
+    let winners = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(winners, 1, "{results:?}");
+    for r in &results {
+        if let Err(err) = r {
+            assert_eq!(err.code(), Some(ErrorCode::UsernameTaken), "{err}");
+        }
+    }
+    let mut losers: Vec<_> = clients
+        .into_iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_err())
+        .map(|(c, _)| c)
+        .collect();
+    let distinct = futures::future::join_all(
+        losers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, c)| async move { c.create(&format!("own{i}")).await }),
+    )
+    .await;
+    assert!(distinct.iter().all(Result::is_ok), "{distinct:?}");
+}
+
+/// Hundreds of concurrent clients send to each other; every message is
+/// delivered exactly once, in order per sender, live or queued.
+pub async fn hundreds_of_clients_exactly_once<K: Connector>(k: &K) {
+    const CLIENTS: usize = 200;
+    const EACH: usize = 10;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut c = k.connect().await;
+        c.create(&format!("user{i}")).await.unwrap();
+        clients.push(c);
+    }
+    // Every fourth recipient is offline while the messages fly.
+    for (i, c) in clients.iter_mut().enumerate() {
+        if i % 4 == 0 {
+            c.logout().await.unwrap();
+        }
+    }
+    let tasks = clients.into_iter().enumerate().map(|(i, mut c)| {
+        tokio::spawn(async move {
+            let to = format!("user{}", (i + 1) % CLIENTS);
+            if i % 4 == 0 {
+                c.login(&format!("user{i}")).await.unwrap();
+            }
+            for n in 0..EACH {
+                c.send(&to, &format!("{i}:{n}")).await.unwrap();
+            }
+            c
+        })
+    });
+    let mut clients = Vec::new();
+    for task in futures::future::join_all(tasks).await {
+        clients.push(task.expect("sender task"));
+    }
+    // Offline recipients logged back in above, possibly before or after
+    // their messages were sent: they may have some queued, some live.
+    let checks = clients.into_iter().enumerate().map(|(i, mut c)| {
+        tokio::spawn(async move {
+            let from = (i + CLIENTS - 1) % CLIENTS;
+            let mut got: Vec<Message> = Vec::new();
+            loop {
+                got.extend(c.fetch(0).await.unwrap());
+                if got.len() >= EACH {
+                    break;
+                }
+                let live = next_message(&mut c).await;
+                got.push(live);
+            }
+            got.sort_by_key(|m| m.id);
+            let bodies: Vec<String> = got.iter().map(|m| m.body.as_str().to_owned()).collect();
+            let expected: Vec<String> = (0..EACH).map(|n| format!("{from}:{n}")).collect();
+            assert_eq!(bodies, expected, "user{i} got each message once, in order");
+            assert!(c.fetch(0).await.unwrap().is_empty());
+        })
+    });
+    for check in futures::future::join_all(checks).await {
+        check.expect("recipient check");
+    }
+}

@@ -1,0 +1,103 @@
+//! The transport-agnostic client interface.
+//!
+//! Each transport's client library implements [`ChatClient`], so the
+//! conformance suite, the terminal client and the benchmarks are written
+//! once and run over every transport. Methods take plain strings: client
+//! libraries do not second-guess the server, which checks everything (the
+//! terminal client adds its own early checks for quick feedback).
+
+use std::future::Future;
+
+use crate::engine::LogoutReason;
+use crate::error::ErrorCode;
+use crate::types::{Message, SendReceipt, SessionState, Username};
+
+/// What a client call can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The server refused the request with a stable code.
+    #[error("{code}: {message}")]
+    Server {
+        /// The stable code to branch on.
+        code: ErrorCode,
+        /// Human-readable detail from the server.
+        message: String,
+    },
+    /// The connection failed or is closed.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The server sent something this client cannot understand.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The server's error code, if the server refused the request.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Something the server pushed to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Push {
+    /// A message delivered live.
+    Message(Message),
+    /// The server ended the login as `user`.
+    LoggedOut {
+        /// Who the session was logged in as.
+        user: Username,
+        /// Why.
+        reason: LogoutReason,
+    },
+    /// The server is closing the connection.
+    Goodbye {
+        /// Why, as a stable code.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// One connection to a chat server, over any transport.
+///
+/// Every call returns or updates the session state the server reported;
+/// [`ChatClient::state`] is always the latest of those.
+pub trait ChatClient: Send {
+    /// Creates an account and logs in as it.
+    fn create(
+        &mut self,
+        name: &str,
+    ) -> impl Future<Output = Result<SessionState, ClientError>> + Send;
+    /// Logs in as an existing account.
+    fn login(
+        &mut self,
+        name: &str,
+    ) -> impl Future<Output = Result<SessionState, ClientError>> + Send;
+    /// Logs out.
+    fn logout(&mut self) -> impl Future<Output = Result<SessionState, ClientError>> + Send;
+    /// Deletes the logged-in account.
+    fn delete(&mut self) -> impl Future<Output = Result<SessionState, ClientError>> + Send;
+    /// Sends a message; success means the server accepted it.
+    fn send(
+        &mut self,
+        to: &str,
+        body: &str,
+    ) -> impl Future<Output = Result<SendReceipt, ClientError>> + Send;
+    /// Lists account names matching `pattern` (0 = up to the server cap).
+    fn list(
+        &mut self,
+        pattern: &str,
+        max: u32,
+    ) -> impl Future<Output = Result<Vec<Username>, ClientError>> + Send;
+    /// Takes up to `max` queued messages, oldest first (0 = the server cap).
+    fn fetch(&mut self, max: u32)
+    -> impl Future<Output = Result<Vec<Message>, ClientError>> + Send;
+    /// The next pushed event; `None` once the connection is closed.
+    fn next_push(&mut self) -> impl Future<Output = Option<Push>> + Send;
+    /// The session state the server last reported.
+    fn state(&self) -> &SessionState;
+}

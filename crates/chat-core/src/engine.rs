@@ -1,0 +1,560 @@
+//! The engine: the shared [`Chat`] handle, per-connection [`Session`]s and
+//! their pushed [`Events`].
+//!
+//! # Locking
+//!
+//! Who is logged in where lives in a fixed table of stripes, each an async
+//! mutex over the online users whose names hash to it. Every operation that
+//! must be atomic with respect to one account's login state (create, login,
+//! logout, delete, and the live-or-queued decision of a send) holds that
+//! account's stripe, and only that one, across its store call. Sends to
+//! different users therefore run in parallel unless their names share a
+//! stripe (1 in [`STRIPES`]); sends to one user are ordered.
+//!
+//! Each session also holds its own async mutex for the length of an
+//! operation, so a session's operations apply one at a time, in order. Lock
+//! order is always session, then stripe; code holding a stripe never takes a
+//! session lock (a recipient is logged out by a slow consumer through an
+//! atomic flag instead).
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use regex::RegexBuilder;
+use tokio::sync::{Mutex, Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ChatError;
+use crate::memory::MemoryStore;
+use crate::store::{NewMessage, Store};
+use crate::types::{Message, MessageBody, SendReceipt, SessionState, Username};
+
+/// Number of lock stripes for login state; a power of two.
+pub const STRIPES: usize = 1024;
+
+/// Tunables of the engine. `Config::default()` is what the servers use.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Pushed events a session may have waiting before it counts as a slow
+    /// consumer and is logged out (its later messages are queued instead).
+    pub session_event_capacity: usize,
+    /// Most account names one list returns, whatever the client asks for.
+    pub max_list_results: usize,
+    /// Most messages one fetch returns, whatever the client asks for.
+    pub max_fetch_results: usize,
+    /// Longest list pattern accepted, in bytes.
+    pub max_pattern_len: usize,
+    /// Memory bound of one compiled list pattern, in bytes (the `regex`
+    /// crate's size limits), so that no pattern can exhaust memory.
+    pub max_pattern_memory: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            session_event_capacity: 1024,
+            max_list_results: 1000,
+            max_fetch_results: 256,
+            max_pattern_len: 256,
+            max_pattern_memory: 1 << 20,
+        }
+    }
+}
+
+/// Why a session stopped being logged in, as told in [`Event::LoggedOut`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogoutReason {
+    /// The session asked to log out.
+    Requested,
+    /// The session deleted its account.
+    AccountDeleted,
+    /// The session did not read its pushed messages fast enough; what it
+    /// missed waits in its queue.
+    SlowConsumer,
+}
+
+impl LogoutReason {
+    /// Stable name, e.g. `account_deleted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogoutReason::Requested => "requested",
+            LogoutReason::AccountDeleted => "account_deleted",
+            LogoutReason::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
+/// Something the server pushes to a session without being asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message delivered live.
+    Message(Message),
+    /// The session's login as `user` ended.
+    LoggedOut {
+        /// Who the session was logged in as.
+        user: Username,
+        /// Why.
+        reason: LogoutReason,
+    },
+    /// The server is shutting down; the transport should say goodbye and
+    /// close the connection.
+    Shutdown,
+}
+
+/// The engine handle: cheap to clone, one per process, shared by every
+/// transport. See the crate docs for a tour.
+#[derive(Clone)]
+pub struct Chat {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    config: Config,
+    stripes: Box<[Mutex<HashMap<Username, Arc<Shared>>>]>,
+    next_session: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+/// The part of a session that others (senders, the stripe table) can reach.
+struct Shared {
+    id: u64,
+    tx: mpsc::Sender<Event>,
+    /// Set when someone else ended this session's login (slow consumer);
+    /// the session clears its own state at its next operation.
+    revoked: AtomicBool,
+    /// The latest logout to tell the event stream about.
+    notice: StdMutex<Option<(Username, LogoutReason)>>,
+    notify: Notify,
+}
+
+impl Shared {
+    fn tell_logout(&self, user: Username, reason: LogoutReason) {
+        if let Ok(mut notice) = self.notice.lock() {
+            *notice = Some((user, reason));
+        }
+        self.notify.notify_one();
+    }
+}
+
+impl std::fmt::Debug for Chat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chat")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Chat {
+    fn default() -> Self {
+        Self::new(Arc::new(MemoryStore::default()), Config::default())
+    }
+}
+
+impl Chat {
+    /// An engine over `store` with `config`.
+    pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
+        let stripes = (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect();
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                stripes,
+                next_session: AtomicU64::new(1),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// An engine over a fresh [`MemoryStore`] with default settings.
+    pub fn in_memory() -> Self {
+        Self::default()
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Opens a session (one per connection) and the stream of events pushed
+    /// to it. Call [`Session::close`] when the connection ends.
+    pub fn open_session(&self) -> (Session, Events) {
+        let (tx, rx) = mpsc::channel(self.inner.config.session_event_capacity.max(1));
+        let shared = Arc::new(Shared {
+            id: self.inner.next_session.fetch_add(1, Ordering::Relaxed),
+            tx,
+            revoked: AtomicBool::new(false),
+            notice: StdMutex::new(None),
+            notify: Notify::new(),
+        });
+        let session = Session {
+            chat: self.clone(),
+            shared: Arc::clone(&shared),
+            state: Mutex::new(None),
+        };
+        let events = Events {
+            rx,
+            shared,
+            shutdown: self.inner.shutdown.clone(),
+            told_shutdown: false,
+        };
+        (session, events)
+    }
+
+    /// Starts shutting down: every session's [`Events`] yields
+    /// [`Event::Shutdown`], and new operations get `shutting_down`.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Whether [`Chat::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// Account names matching `pattern`, sorted, at most `max` of them and
+    /// at most [`Config::max_list_results`] (`max` = 0 means the server cap).
+    ///
+    /// The pattern uses the `regex` crate's syntax and is searched for
+    /// anywhere in the name unless it anchors itself with `^` and `$`; the
+    /// empty pattern matches every name.
+    pub async fn list(&self, pattern: &str, max: usize) -> Result<Vec<Username>, ChatError> {
+        let config = &self.inner.config;
+        if pattern.len() > config.max_pattern_len {
+            return Err(ChatError::InvalidPattern(format!(
+                "the pattern is {} bytes long, the limit is {}",
+                pattern.len(),
+                config.max_pattern_len
+            )));
+        }
+        let regex = RegexBuilder::new(pattern)
+            .size_limit(config.max_pattern_memory)
+            .dfa_size_limit(config.max_pattern_memory)
+            .build()
+            .map_err(|err| ChatError::InvalidPattern(err.to_string()))?;
+        let limit = cap(max, config.max_list_results);
+        Ok(self.inner.store.list_accounts(&regex, limit).await?)
+    }
+
+    fn stripe(&self, name: &Username) -> &Mutex<HashMap<Username, Arc<Shared>>> {
+        let mut hasher = DefaultHasher::new();
+        name.hash(&mut hasher);
+        &self.inner.stripes[hasher.finish() as usize & (STRIPES - 1)]
+    }
+
+    fn check_running(&self) -> Result<(), ChatError> {
+        if self.is_shutting_down() {
+            Err(ChatError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn cap(requested: usize, server_cap: usize) -> usize {
+    if requested == 0 {
+        server_cap
+    } else {
+        requested.min(server_cap)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One client's view of the engine: its login state and the operations it
+/// may perform. Operations on one session apply one at a time, in the order
+/// they were called.
+pub struct Session {
+    chat: Chat,
+    shared: Arc<Shared>,
+    state: Mutex<Option<Username>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.shared.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A number unique to this session within the process (for logs).
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The session's login state now.
+    pub async fn state(&self) -> SessionState {
+        let mut state = self.state.lock().await;
+        self.sync(&mut state);
+        to_state(&state)
+    }
+
+    /// Creates the account `name` and logs this session in as it.
+    pub async fn create(&self, name: &str) -> Result<SessionState, ChatError> {
+        let name = Username::parse(name)?;
+        let mut state = self.lock_logged_out().await?;
+        let mut stripe = self.chat.stripe(&name).lock().await;
+        self.chat.inner.store.create_account(&name).await?;
+        stripe.insert(name.clone(), Arc::clone(&self.shared));
+        *state = Some(name);
+        Ok(to_state(&state))
+    }
+
+    /// Logs this session in as the existing account `name`.
+    pub async fn login(&self, name: &str) -> Result<SessionState, ChatError> {
+        let name = Username::parse(name)?;
+        let mut state = self.lock_logged_out().await?;
+        let mut stripe = self.chat.stripe(&name).lock().await;
+        if !self.chat.inner.store.account_exists(&name).await? {
+            return Err(ChatError::NoSuchUser(name));
+        }
+        if let Some(holder) = stripe.get(&name) {
+            // A holder whose event receiver is gone is a connection that died
+            // without closing its session; its login is void.
+            if !holder.tx.is_closed() {
+                return Err(ChatError::AlreadyLoggedIn(name));
+            }
+        }
+        stripe.insert(name.clone(), Arc::clone(&self.shared));
+        *state = Some(name);
+        Ok(to_state(&state))
+    }
+
+    /// Logs this session out.
+    pub async fn logout(&self) -> Result<SessionState, ChatError> {
+        let mut state = self.state.lock().await;
+        self.sync(&mut state);
+        let user = state.take().ok_or(ChatError::NotLoggedIn)?;
+        self.release(&user).await;
+        self.shared.tell_logout(user, LogoutReason::Requested);
+        Ok(SessionState::LoggedOut)
+    }
+
+    /// Deletes the logged-in account: logs out, drops its undelivered
+    /// messages and frees the name. Later sends to it get `no_such_user`.
+    pub async fn delete(&self) -> Result<SessionState, ChatError> {
+        let mut state = self.lock_logged_in().await?;
+        let user = state.clone().ok_or(ChatError::NotLoggedIn)?;
+        let mut stripe = self.chat.stripe(&user).lock().await;
+        self.chat.inner.store.delete_account(&user).await?;
+        if stripe.get(&user).is_some_and(|s| s.id == self.shared.id) {
+            stripe.remove(&user);
+        }
+        drop(stripe);
+        *state = None;
+        self.shared.tell_logout(user, LogoutReason::AccountDeleted);
+        Ok(SessionState::LoggedOut)
+    }
+
+    /// Sends `body` to `to`: live if `to` is logged in, otherwise queued.
+    /// Success means the server accepted the message, not that it was read.
+    pub async fn send(&self, to: &str, body: &str) -> Result<SendReceipt, ChatError> {
+        let to = Username::parse(to)?;
+        let body = MessageBody::parse(body)?;
+        let state = self.lock_logged_in().await?;
+        let sender = state.clone().ok_or(ChatError::NotLoggedIn)?;
+        let store = &self.chat.inner.store;
+        let mut stripe = self.chat.stripe(&to).lock().await;
+        let mut message = NewMessage {
+            recipient: to.clone(),
+            sender,
+            body,
+            timestamp_ms: now_ms(),
+            queue: true,
+        };
+        // Reserve the live slot before recording the message, so a message
+        // is either pushed or queued, never recorded as live and then lost.
+        let recipient = stripe.get(&to).cloned();
+        if let Some(recipient) = recipient {
+            match recipient.tx.try_reserve() {
+                Ok(permit) => {
+                    message.queue = false;
+                    let stored = store.append(message).await?;
+                    let receipt = SendReceipt {
+                        id: stored.id,
+                        timestamp_ms: stored.timestamp_ms,
+                    };
+                    permit.send(Event::Message(stored));
+                    return Ok(receipt);
+                }
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    tracing::warn!(user = %to, "slow consumer logged out; its messages are queued");
+                    stripe.remove(&to);
+                    recipient.revoked.store(true, Ordering::Release);
+                    recipient.tell_logout(to.clone(), LogoutReason::SlowConsumer);
+                }
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    // The recipient's connection is gone without a logout.
+                    stripe.remove(&to);
+                }
+            }
+        }
+        let stored = store.append(message).await?;
+        Ok(SendReceipt {
+            id: stored.id,
+            timestamp_ms: stored.timestamp_ms,
+        })
+    }
+
+    /// Takes up to `max` queued messages, oldest first (`max` = 0 means the
+    /// server cap, [`Config::max_fetch_results`]); they leave the queue.
+    pub async fn fetch(&self, max: usize) -> Result<Vec<Message>, ChatError> {
+        let state = self.lock_logged_in().await?;
+        let user = state.as_ref().ok_or(ChatError::NotLoggedIn)?;
+        let store = &self.chat.inner.store;
+        let limit = cap(max, self.chat.inner.config.max_fetch_results);
+        let messages = store.queued(user, limit).await?;
+        if let Some(last) = messages.last() {
+            store.ack(user, last.id).await?;
+        }
+        Ok(messages)
+    }
+
+    /// Lists accounts; see [`Chat::list`]. Works logged in or out.
+    pub async fn list(&self, pattern: &str, max: usize) -> Result<Vec<Username>, ChatError> {
+        self.chat.check_running()?;
+        self.chat.list(pattern, max).await
+    }
+
+    /// Ends the session: logs its user out. Call it when the connection
+    /// closes, however it closes.
+    pub async fn close(self) {
+        let mut state = self.state.lock().await;
+        self.sync(&mut state);
+        if let Some(user) = state.take() {
+            self.release(&user).await;
+        }
+    }
+
+    async fn lock_logged_out(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<Username>>, ChatError> {
+        self.chat.check_running()?;
+        let mut state = self.state.lock().await;
+        self.sync(&mut state);
+        match &*state {
+            Some(user) => Err(ChatError::SessionLoggedIn(user.clone())),
+            None => Ok(state),
+        }
+    }
+
+    async fn lock_logged_in(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<Username>>, ChatError> {
+        self.chat.check_running()?;
+        let mut state = self.state.lock().await;
+        self.sync(&mut state);
+        if state.is_none() {
+            return Err(ChatError::NotLoggedIn);
+        }
+        Ok(state)
+    }
+
+    /// Applies a logout that someone else decided (slow consumer).
+    fn sync(&self, state: &mut Option<Username>) {
+        if self.shared.revoked.swap(false, Ordering::AcqRel) {
+            *state = None;
+        }
+    }
+
+    /// Removes this session's claim on `user`, if it still holds it.
+    async fn release(&self, user: &Username) {
+        let mut stripe = self.chat.stripe(user).lock().await;
+        if stripe.get(user).is_some_and(|s| s.id == self.shared.id) {
+            stripe.remove(user);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // `close` is the way out; this catches sessions dropped without it
+        // (a panicking connection task), so their account is not held
+        // forever. A login whose receiver is gone is void anyway (see
+        // `login`); this also frees the stripe entry.
+        let Ok(state) = self.state.try_lock() else {
+            return;
+        };
+        let Some(user) = state.clone() else { return };
+        if self.shared.revoked.load(Ordering::Acquire) {
+            return;
+        }
+        let chat = self.chat.clone();
+        let id = self.shared.id;
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let mut stripe = chat.stripe(&user).lock().await;
+                if stripe.get(&user).is_some_and(|s| s.id == id) {
+                    stripe.remove(&user);
+                }
+            });
+        }
+    }
+}
+
+fn to_state(state: &Option<Username>) -> SessionState {
+    match state {
+        Some(user) => SessionState::LoggedIn(user.clone()),
+        None => SessionState::LoggedOut,
+    }
+}
+
+/// The stream of [`Event`]s pushed to one session. Bounded: a session that
+/// lets [`Config::session_event_capacity`] events pile up is logged out.
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    told_shutdown: bool,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("session", &self.shared.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Events {
+    /// The next event. Messages pushed before a logout come before its
+    /// [`Event::LoggedOut`]; [`Event::Shutdown`] comes once, after which
+    /// this returns `None`.
+    pub async fn recv(&mut self) -> Option<Event> {
+        loop {
+            if let Ok(event) = self.rx.try_recv() {
+                return Some(event);
+            }
+            if let Some((user, reason)) = self.take_notice() {
+                return Some(Event::LoggedOut { user, reason });
+            }
+            if self.shutdown.is_cancelled() {
+                if self.told_shutdown {
+                    return None;
+                }
+                self.told_shutdown = true;
+                return Some(Event::Shutdown);
+            }
+            tokio::select! {
+                event = self.rx.recv() => return event,
+                _ = self.shared.notify.notified() => {}
+                _ = self.shutdown.cancelled(), if !self.told_shutdown => {}
+            }
+        }
+    }
+
+    fn take_notice(&self) -> Option<(Username, LogoutReason)> {
+        self.shared.notice.lock().ok()?.take()
+    }
+}

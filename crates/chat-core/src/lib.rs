@@ -1,0 +1,67 @@
+//! The transport-agnostic chat engine.
+//!
+//! `chat-core` owns accounts, login state, per-user queues of undelivered
+//! messages, live delivery and account listing. It does no network I/O:
+//! transports (`chat-socket`, `chat-grpc`) decode requests, call a
+//! [`Session`], and encode what it returns. Embedding the engine in an app
+//! of your own is just as supported as serving it over a network.
+//!
+//! # A short tour
+//!
+//! - [`Chat`] is the engine: one per process, cheap to clone, shared by all
+//!   transports. It sits on a [`Store`] (here [`MemoryStore`]).
+//! - [`Chat::open_session`] gives a [`Session`] (one per connection: its
+//!   login state and operations) and its [`Events`] (messages and notices
+//!   pushed to it, on a bounded channel).
+//! - Inputs are validated into [`Username`] and [`MessageBody`] on the
+//!   server side, whatever the client checked.
+//! - Failures are [`ChatError`]s, each with a stable [`ErrorCode`] that every
+//!   transport sends unchanged.
+//! - [`client::ChatClient`] is the interface every transport's client
+//!   library implements.
+//!
+//! ```
+//! use chat_core::{Chat, Event, SessionState};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), chat_core::ChatError> {
+//! let chat = Chat::in_memory();
+//! let (alice, _alice_events) = chat.open_session();
+//! let (bob, mut bob_events) = chat.open_session();
+//!
+//! alice.create("alice").await?;
+//! bob.create("bob").await?;
+//! alice.send("bob", "hi bob").await?; // bob is logged in: delivered live
+//!
+//! match bob_events.recv().await {
+//!     Some(Event::Message(m)) => assert_eq!((m.sender.as_str(), m.body.as_str()), ("alice", "hi bob")),
+//!     other => panic!("unexpected {other:?}"),
+//! }
+//!
+//! bob.logout().await?;
+//! alice.send("bob", "are you there?").await?; // bob is away: queued
+//! assert_eq!(bob.login("bob").await?, SessionState::LoggedIn(chat_core::Username::parse("bob")?));
+//! let queued = bob.fetch(10).await?;
+//! assert_eq!(queued[0].body.as_str(), "are you there?");
+//!
+//! alice.close().await;
+//! bob.close().await;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod client;
+mod engine;
+mod error;
+mod memory;
+mod store;
+mod types;
+
+pub use engine::{Chat, Config, Event, Events, LogoutReason, STRIPES, Session};
+pub use error::{ChatError, ErrorCode};
+pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
+pub use store::{NewMessage, Store, StoreError};
+pub use types::{
+    MAX_BODY_CHARS, MAX_USERNAME_CHARS, Message, MessageBody, MessageId, SendReceipt, SessionState,
+    Username,
+};

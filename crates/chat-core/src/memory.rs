@@ -1,0 +1,145 @@
+//! The in-memory [`Store`]: fast, shared by nothing, gone at exit.
+//!
+//! Accounts sit in one ordered map behind a read-write lock, each with its
+//! own mailbox mutex. Sends take the map lock only for reading, so sends to
+//! different recipients run in parallel and contend only on their own
+//! mailbox; create and delete take it for writing. The locks are std ones:
+//! no critical section awaits, and they are held for microseconds.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use regex::Regex;
+
+use crate::store::{NewMessage, Store, StoreError};
+use crate::types::{Message, MessageId, Username};
+
+/// Queue length per recipient past which sends get `queue_full`.
+pub const DEFAULT_QUEUE_LIMIT: usize = 10_000;
+
+/// An in-memory store; see the module docs.
+#[derive(Debug)]
+pub struct MemoryStore {
+    accounts: RwLock<BTreeMap<Username, Arc<Mutex<Mailbox>>>>,
+    queue_limit: usize,
+}
+
+#[derive(Debug, Default)]
+struct Mailbox {
+    last_id: MessageId,
+    queue: VecDeque<Message>,
+    /// Set under the mailbox lock by delete, so that an append which fetched
+    /// the mailbox before the delete cannot succeed into a dead account.
+    deleted: bool,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new(DEFAULT_QUEUE_LIMIT)
+    }
+}
+
+impl MemoryStore {
+    /// An empty store whose queues hold at most `queue_limit` messages each.
+    pub fn new(queue_limit: usize) -> Self {
+        Self {
+            accounts: RwLock::new(BTreeMap::new()),
+            queue_limit,
+        }
+    }
+
+    fn mailbox(&self, name: &Username) -> Result<Arc<Mutex<Mailbox>>, StoreError> {
+        self.accounts
+            .read()
+            .map_err(poisoned)?
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NoSuchAccount(name.clone()))
+    }
+}
+
+fn poisoned<T>(_: T) -> StoreError {
+    StoreError::Unavailable("memory store lock poisoned by an earlier panic".into())
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_account(&self, name: &Username) -> Result<(), StoreError> {
+        let mut accounts = self.accounts.write().map_err(poisoned)?;
+        if accounts.contains_key(name) {
+            return Err(StoreError::AccountExists(name.clone()));
+        }
+        accounts.insert(name.clone(), Arc::default());
+        Ok(())
+    }
+
+    async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {
+        Ok(self.accounts.read().map_err(poisoned)?.contains_key(name))
+    }
+
+    async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
+        let removed = self.accounts.write().map_err(poisoned)?.remove(name);
+        match removed {
+            Some(mailbox) => {
+                let mut mailbox = mailbox.lock().map_err(poisoned)?;
+                mailbox.deleted = true;
+                mailbox.queue.clear();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn list_accounts(
+        &self,
+        pattern: &Regex,
+        limit: usize,
+    ) -> Result<Vec<Username>, StoreError> {
+        let accounts = self.accounts.read().map_err(poisoned)?;
+        Ok(accounts
+            .keys()
+            .filter(|name| pattern.is_match(name.as_str()))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn append(&self, message: NewMessage) -> Result<Message, StoreError> {
+        let mailbox = self.mailbox(&message.recipient)?;
+        let mut mailbox = mailbox.lock().map_err(poisoned)?;
+        if mailbox.deleted {
+            return Err(StoreError::NoSuchAccount(message.recipient));
+        }
+        if message.queue && mailbox.queue.len() >= self.queue_limit {
+            return Err(StoreError::QueueFull(message.recipient));
+        }
+        mailbox.last_id += 1;
+        let stored = Message {
+            id: mailbox.last_id,
+            sender: message.sender,
+            body: message.body,
+            timestamp_ms: message.timestamp_ms,
+        };
+        if message.queue {
+            mailbox.queue.push_back(stored.clone());
+        }
+        Ok(stored)
+    }
+
+    async fn queued(&self, name: &Username, limit: usize) -> Result<Vec<Message>, StoreError> {
+        let mailbox = self.mailbox(name)?;
+        let mailbox = mailbox.lock().map_err(poisoned)?;
+        Ok(mailbox.queue.iter().take(limit).cloned().collect())
+    }
+
+    async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError> {
+        let mailbox = self.mailbox(name)?;
+        let mut mailbox = mailbox.lock().map_err(poisoned)?;
+        let before = mailbox.queue.len();
+        while mailbox.queue.front().is_some_and(|m| m.id <= through) {
+            mailbox.queue.pop_front();
+        }
+        Ok(before - mailbox.queue.len())
+    }
+}

@@ -1,0 +1,98 @@
+//! Where accounts and undelivered messages live.
+//!
+//! The [`Store`] is the source of truth: the engine keeps only who is logged
+//! in where, and asks the store for everything else. The trait is async so
+//! that a durable embedded store and a shared PostgreSQL store can sit behind
+//! it unchanged; [`MemoryStore`](crate::MemoryStore) is the in-memory one.
+//!
+//! Every message a store records gets the next id in its recipient's
+//! sequence (strictly increasing per recipient, never reused while the
+//! account exists), and the server timestamp the engine chose.
+
+use async_trait::async_trait;
+use regex::Regex;
+
+use crate::error::ChatError;
+use crate::types::{Message, MessageBody, MessageId, Username};
+
+/// What a store can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Create: the name is taken.
+    #[error("account {0} exists")]
+    AccountExists(Username),
+    /// The account does not exist (or was deleted).
+    #[error("no account {0}")]
+    NoSuchAccount(Username),
+    /// The recipient's queue holds as many messages as it may.
+    #[error("queue of {0} is full")]
+    QueueFull(Username),
+    /// The backing storage failed; nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for ChatError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::AccountExists(name) => ChatError::UsernameTaken(name),
+            StoreError::NoSuchAccount(name) => ChatError::NoSuchUser(name),
+            StoreError::QueueFull(name) => ChatError::QueueFull(name),
+            StoreError::Unavailable(why) => ChatError::StoreUnavailable(why),
+        }
+    }
+}
+
+/// A message for the store to record.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Who it is for.
+    pub recipient: Username,
+    /// Who sent it.
+    pub sender: Username,
+    /// What they wrote.
+    pub body: MessageBody,
+    /// Server time of acceptance, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// `true`: keep it in the recipient's queue until acknowledged.
+    /// `false`: the engine hands it to a live session itself, so the store
+    /// only assigns its id (the id sequence stays shared with queued ones).
+    pub queue: bool,
+}
+
+/// Storage for accounts and per-recipient queues.
+///
+/// Implementations must be safe to call concurrently from many tasks and
+/// must not serialize work on different accounts behind one lock.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates an account; exactly one of several concurrent creates of one
+    /// name succeeds, the others get [`StoreError::AccountExists`].
+    async fn create_account(&self, name: &Username) -> Result<(), StoreError>;
+
+    /// Whether the account exists.
+    async fn account_exists(&self, name: &Username) -> Result<bool, StoreError>;
+
+    /// Deletes the account and drops its queue; `false` if it did not exist.
+    async fn delete_account(&self, name: &Username) -> Result<bool, StoreError>;
+
+    /// Account names matching `pattern` (unanchored search), sorted, at
+    /// most `limit` of them.
+    async fn list_accounts(
+        &self,
+        pattern: &Regex,
+        limit: usize,
+    ) -> Result<Vec<Username>, StoreError>;
+
+    /// Records a message and returns it with its id. Returns only once the
+    /// message is stored as durably as the store promises.
+    async fn append(&self, message: NewMessage) -> Result<Message, StoreError>;
+
+    /// Up to `limit` queued messages for `name`, oldest first, without
+    /// removing them.
+    async fn queued(&self, name: &Username, limit: usize) -> Result<Vec<Message>, StoreError>;
+
+    /// Removes every queued message of `name` whose id is at most `through`
+    /// (a cumulative acknowledgement); returns how many were removed.
+    async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError>;
+}

@@ -1,0 +1,373 @@
+//! The async client library for the socket protocol.
+//!
+//! [`SocketClient`] owns one connection. A reader task routes responses to
+//! the waiting call by request id and queues pushed events for
+//! [`ChatClient::next_push`]; a heartbeat task pings the server at a third
+//! of the idle timeout the server announced, and declares the connection
+//! dead if the server stays silent for the whole timeout.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_core::client::{ChatClient, ClientError, Push};
+use chat_core::{Message, SendReceipt, SessionState, Username};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::codec::{ClientCodec, DEFAULT_MAX_RESPONSE};
+use crate::frame::{ClientFrame, FrameError, PROTOCOL_VERSION, RequestId, ServerFrame};
+
+/// How long `connect` waits for the server's welcome.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Writer = Arc<tokio::sync::Mutex<FramedWrite<OwnedWriteHalf, ClientCodec>>>;
+type Pending = Arc<Mutex<PendingMap>>;
+
+#[derive(Default)]
+struct PendingMap {
+    waiting: HashMap<RequestId, oneshot::Sender<ServerFrame>>,
+    /// Set once the connection is gone, so later calls fail at once.
+    closed: Option<String>,
+}
+
+/// A connection to a chat server speaking the socket protocol.
+pub struct SocketClient {
+    writer: Writer,
+    pending: Pending,
+    pushes: mpsc::UnboundedReceiver<Push>,
+    next_id: RequestId,
+    state: SessionState,
+    reader: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for SocketClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketClient")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SocketClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.heartbeat.abort();
+    }
+}
+
+fn connection_error(err: impl std::fmt::Display) -> ClientError {
+    ClientError::Connection(err.to_string())
+}
+
+impl SocketClient {
+    /// Connects, performs the version handshake, and starts the reader and
+    /// heartbeat tasks.
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(addr).await.map_err(connection_error)?;
+        stream.set_nodelay(true).map_err(connection_error)?;
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30));
+        socket2::SockRef::from(&stream)
+            .set_tcp_keepalive(&keepalive)
+            .map_err(connection_error)?;
+        let (read, write) = stream.into_split();
+        let mut reader = FramedRead::new(read, ClientCodec::new(DEFAULT_MAX_RESPONSE));
+        let mut writer = FramedWrite::new(write, ClientCodec::new(DEFAULT_MAX_RESPONSE));
+        writer
+            .send(ClientFrame::Hello {
+                version: PROTOCOL_VERSION,
+            })
+            .await
+            .map_err(connection_error)?;
+        let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
+            .await
+            .map_err(|_| connection_error("no welcome from the server within 10 s"))?;
+        let idle_timeout = match welcome {
+            Some(Ok(ServerFrame::Welcome {
+                idle_timeout_ms, ..
+            })) => Duration::from_millis(idle_timeout_ms.into()),
+            Some(Ok(ServerFrame::Goodbye { code, message })) => {
+                return Err(ClientError::Server { code, message });
+            }
+            Some(Ok(other)) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected a welcome, got {other:?}"
+                )));
+            }
+            Some(Err(err)) => return Err(ClientError::Protocol(err.to_string())),
+            None => {
+                return Err(connection_error(
+                    "the server closed the connection during the handshake",
+                ));
+            }
+        };
+        let writer: Writer = Arc::new(tokio::sync::Mutex::new(writer));
+        let pending: Pending = Arc::default();
+        let (push_tx, pushes) = mpsc::unbounded_channel();
+        let last_heard = Arc::new(Mutex::new(Instant::now()));
+        let reader = tokio::spawn(read_loop(
+            reader,
+            Arc::clone(&pending),
+            push_tx,
+            Arc::clone(&last_heard),
+        ));
+        let heartbeat = tokio::spawn(heartbeat(Arc::clone(&writer), last_heard, idle_timeout));
+        Ok(Self {
+            writer,
+            pending,
+            pushes,
+            next_id: 0,
+            state: SessionState::LoggedOut,
+            reader,
+            heartbeat,
+        })
+    }
+
+    /// Closes the connection gracefully: stops writing and waits (briefly)
+    /// for the server to close its side, by which time the server has
+    /// logged this session out.
+    pub async fn close(mut self) {
+        self.heartbeat.abort();
+        let _ = self.writer.lock().await.get_mut().shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
+    }
+
+    fn request_id(&mut self) -> RequestId {
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.next_id
+    }
+
+    /// Sends one request and waits for its response, adopting the state it
+    /// reports; an error response becomes `ClientError::Server`.
+    async fn call(
+        &mut self,
+        id: RequestId,
+        frame: ClientFrame,
+    ) -> Result<ServerFrame, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self
+                .pending
+                .lock()
+                .map_err(|_| connection_error("client state poisoned"))?;
+            if let Some(why) = &pending.closed {
+                return Err(connection_error(why));
+            }
+            pending.waiting.insert(id, tx);
+        }
+        let sent = self.writer.lock().await.send(frame).await;
+        if let Err(err) = sent {
+            if let Ok(mut pending) = self.pending.lock() {
+                pending.waiting.remove(&id);
+            }
+            return Err(match err {
+                FrameError::Io(err) => connection_error(err),
+                other => ClientError::Protocol(other.to_string()),
+            });
+        }
+        let reply = rx.await.map_err(|_| {
+            let why = self.pending.lock().ok().and_then(|p| p.closed.clone());
+            connection_error(why.unwrap_or_else(|| "connection closed".into()))
+        })?;
+        match reply {
+            ServerFrame::Error {
+                state,
+                code,
+                message,
+                ..
+            } => {
+                self.state = state;
+                Err(ClientError::Server { code, message })
+            }
+            ServerFrame::Done { ref state, .. }
+            | ServerFrame::Sent { ref state, .. }
+            | ServerFrame::Accounts { ref state, .. }
+            | ServerFrame::Messages { ref state, .. } => {
+                self.state = state.clone();
+                Ok(reply)
+            }
+            other => Err(ClientError::Protocol(format!(
+                "unexpected response {other:?}"
+            ))),
+        }
+    }
+
+    async fn simple(
+        &mut self,
+        make: impl FnOnce(RequestId) -> ClientFrame,
+    ) -> Result<SessionState, ClientError> {
+        let id = self.request_id();
+        match self.call(id, make(id)).await? {
+            ServerFrame::Done { state, .. } => Ok(state),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(frame: ServerFrame) -> ClientError {
+    ClientError::Protocol(format!("response of the wrong kind: {frame:?}"))
+}
+
+async fn read_loop(
+    mut reader: FramedRead<OwnedReadHalf, ClientCodec>,
+    pending: Pending,
+    pushes: mpsc::UnboundedSender<Push>,
+    last_heard: Arc<Mutex<Instant>>,
+) {
+    let why = loop {
+        let frame = match reader.next().await {
+            None => break "the server closed the connection".to_string(),
+            Some(Err(err)) => break format!("connection lost: {err}"),
+            Some(Ok(frame)) => frame,
+        };
+        if let Ok(mut heard) = last_heard.lock() {
+            *heard = Instant::now();
+        }
+        let push = match frame {
+            ServerFrame::Pong { .. } | ServerFrame::Welcome { .. } => continue,
+            ServerFrame::PushMessage(message) => Push::Message(message),
+            ServerFrame::PushLoggedOut { reason, user } => Push::LoggedOut { user, reason },
+            ServerFrame::Goodbye { code, message } => Push::Goodbye { code, message },
+            ServerFrame::Error {
+                id: 0,
+                code,
+                message,
+                ..
+            } => Push::Goodbye { code, message },
+            ServerFrame::Done { id, .. }
+            | ServerFrame::Sent { id, .. }
+            | ServerFrame::Accounts { id, .. }
+            | ServerFrame::Messages { id, .. }
+            | ServerFrame::Error { id, .. } => {
+                let waiter = pending.lock().ok().and_then(|mut p| p.waiting.remove(&id));
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(frame);
+                }
+                continue;
+            }
+        };
+        let _ = pushes.send(push);
+    };
+    // Drain whatever is still buffered on the socket so a clean close is not
+    // turned into a reset, then fail every waiting call.
+    let mut rest = reader.into_inner();
+    let mut sink = [0u8; 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), rest.read(&mut sink)).await
+    {
+        if n == 0 {
+            break;
+        }
+    }
+    if let Ok(mut pending) = pending.lock() {
+        pending.closed = Some(why);
+        pending.waiting.clear();
+    }
+}
+
+async fn heartbeat(writer: Writer, last_heard: Arc<Mutex<Instant>>, idle_timeout: Duration) {
+    let period = (idle_timeout / 3).max(Duration::from_millis(10));
+    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    let mut nonce = 0u32;
+    loop {
+        ticks.tick().await;
+        let silent = last_heard.lock().map(|h| h.elapsed()).unwrap_or_default();
+        if silent > idle_timeout {
+            // The server is gone without closing (a half-open connection):
+            // shut our side so the reader sees the end.
+            let _ = writer.lock().await.get_mut().shutdown().await;
+            return;
+        }
+        nonce = nonce.wrapping_add(1);
+        if writer
+            .lock()
+            .await
+            .send(ClientFrame::Ping { nonce })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+impl ChatClient for SocketClient {
+    async fn create(&mut self, name: &str) -> Result<SessionState, ClientError> {
+        let name = name.to_owned();
+        self.simple(|id| ClientFrame::Create { id, name }).await
+    }
+
+    async fn login(&mut self, name: &str) -> Result<SessionState, ClientError> {
+        let name = name.to_owned();
+        self.simple(|id| ClientFrame::Login { id, name }).await
+    }
+
+    async fn logout(&mut self) -> Result<SessionState, ClientError> {
+        self.simple(|id| ClientFrame::Logout { id }).await
+    }
+
+    async fn delete(&mut self) -> Result<SessionState, ClientError> {
+        self.simple(|id| ClientFrame::Delete { id }).await
+    }
+
+    async fn send(&mut self, to: &str, body: &str) -> Result<SendReceipt, ClientError> {
+        let id = self.request_id();
+        let frame = ClientFrame::Send {
+            id,
+            to: to.to_owned(),
+            body: body.to_owned(),
+        };
+        match self.call(id, frame).await? {
+            ServerFrame::Sent {
+                message_id,
+                timestamp_ms,
+                ..
+            } => Ok(SendReceipt {
+                id: message_id,
+                timestamp_ms,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn list(&mut self, pattern: &str, max: u32) -> Result<Vec<Username>, ClientError> {
+        let id = self.request_id();
+        let frame = ClientFrame::List {
+            id,
+            max,
+            pattern: pattern.to_owned(),
+        };
+        match self.call(id, frame).await? {
+            ServerFrame::Accounts { names, .. } => Ok(names),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn fetch(&mut self, max: u32) -> Result<Vec<Message>, ClientError> {
+        let id = self.request_id();
+        match self.call(id, ClientFrame::Fetch { id, max }).await? {
+            ServerFrame::Messages { messages, .. } => Ok(messages),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn next_push(&mut self) -> Option<Push> {
+        let push = self.pushes.recv().await?;
+        if let Push::LoggedOut { user, .. } = &push {
+            if self.state.user() == Some(user) {
+                self.state = SessionState::LoggedOut;
+            }
+        }
+        Some(push)
+    }
+
+    fn state(&self) -> &SessionState {
+        &self.state
+    }
+}

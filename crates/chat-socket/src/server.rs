@@ -1,0 +1,314 @@
+//! The server adapter: accepts TCP connections and serves each one as a
+//! chat-core [`Session`].
+//!
+//! One task per connection reads requests one at a time (so a client's
+//! operations apply in the order it sent them), and in between forwards
+//! the events chat-core pushes to the session. A connection ends on EOF,
+//! on a read or write error, on malformed input (after an error frame), on
+//! idle timeout, or on shutdown (after a goodbye frame); in every case its
+//! session is closed, which logs its user out.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_core::{Chat, ErrorCode, Event, LogoutReason, Session};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::codec::{DEFAULT_MAX_REQUEST, ServerCodec};
+use crate::frame::{ClientFrame, FrameError, PROTOCOL_VERSION, ServerFrame};
+
+/// Settings of the socket server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Silence after which a connection is dropped and its user logged out
+    /// (default 45 s). Clients ping at a third of it.
+    pub idle_timeout: Duration,
+    /// Largest request payload accepted, in bytes (default 8 KiB).
+    pub max_request: usize,
+    /// Idle time before TCP keepalive probes start (default 30 s).
+    pub tcp_keepalive: Duration,
+    /// Most connections served at once; further ones wait to be accepted
+    /// (default 50,000).
+    pub max_connections: usize,
+    /// How long shutdown waits for connections to say goodbye (default 5 s).
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(45),
+            max_request: DEFAULT_MAX_REQUEST,
+            tcp_keepalive: Duration::from_secs(30),
+            max_connections: 50_000,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Serves `chat` on `listener` until `shutdown` completes; then stops
+/// accepting, tells every connection goodbye, and waits for them (at most
+/// [`ServerConfig::drain_timeout`]).
+pub async fn serve(
+    listener: TcpListener,
+    chat: Chat,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let config = Arc::new(config);
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = Arc::clone(&permits).acquire_owned() => permit.map_err(io::Error::other)?,
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of
+                // spinning, and keep serving the connections we have.
+                warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let chat = chat.clone();
+        let config = Arc::clone(&config);
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            if let Err(err) = configure(&stream, &config) {
+                debug!(%peer, %err, "could not set socket options");
+            }
+            serve_connection(stream, peer, chat, &config, stop).await;
+        });
+    }
+    info!("socket server stopping");
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("some connections did not close within the drain timeout");
+    }
+    Ok(())
+}
+
+fn configure(stream: &TcpStream, config: &ServerConfig) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(config.tcp_keepalive)
+        .with_interval(config.tcp_keepalive / 3);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
+/// Why a connection ended, for the log and the goodbye frame.
+enum End {
+    Eof,
+    Io(io::Error),
+    Goodbye(ErrorCode, String),
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    chat: Chat,
+    config: &ServerConfig,
+    stop: CancellationToken,
+) {
+    let mut framed = Framed::new(stream, ServerCodec::new(config.max_request));
+    let (session, mut events) = chat.open_session();
+    debug!(%peer, session = session.id(), "connected");
+    let mut deadline = Instant::now() + config.idle_timeout;
+    let mut greeted = false;
+    let end = loop {
+        let step = tokio::select! {
+            frame = framed.next() => match frame {
+                None => Err(End::Eof),
+                Some(Err(FrameError::Io(err))) => Err(End::Io(err)),
+                Some(Err(err)) => Err(End::Goodbye(err.code(), err.to_string())),
+                Some(Ok(frame)) => {
+                    deadline = Instant::now() + config.idle_timeout;
+                    match answer(&session, frame, &mut greeted, config).await {
+                        Ok(reply) => write(&mut framed, reply).await,
+                        Err(end) => Err(end),
+                    }
+                }
+            },
+            event = events.recv() => match event {
+                Some(Event::Message(message)) => write(&mut framed, ServerFrame::PushMessage(message)).await,
+                // A logout the client asked for (logout, delete) was already
+                // answered; push only the ones it did not see coming.
+                Some(Event::LoggedOut { reason: LogoutReason::Requested | LogoutReason::AccountDeleted, .. }) => Ok(()),
+                Some(Event::LoggedOut { user, reason }) => {
+                    write(&mut framed, ServerFrame::PushLoggedOut { reason, user }).await
+                }
+                Some(Event::Shutdown) | None => {
+                    Err(End::Goodbye(ErrorCode::ShuttingDown, "the server is shutting down".into()))
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => Err(End::Goodbye(
+                ErrorCode::IdleTimeout,
+                format!("no frame for {} ms", config.idle_timeout.as_millis()),
+            )),
+            _ = stop.cancelled() => {
+                Err(End::Goodbye(ErrorCode::ShuttingDown, "the server is shutting down".into()))
+            }
+        };
+        if let Err(end) = step {
+            break end;
+        }
+    };
+    match end {
+        End::Eof => debug!(%peer, "closed by peer"),
+        End::Io(err) => debug!(%peer, %err, "connection failed"),
+        End::Goodbye(code, message) => {
+            debug!(%peer, %code, %message, "closing");
+            // Best effort: the peer may be gone already.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                framed.send(ServerFrame::Goodbye { code, message }),
+            )
+            .await;
+            linger(framed.into_inner()).await;
+        }
+    }
+    session.close().await;
+}
+
+async fn write(framed: &mut Framed<TcpStream, ServerCodec>, frame: ServerFrame) -> Result<(), End> {
+    match framed.send(frame).await {
+        Ok(()) => Ok(()),
+        Err(FrameError::Io(err)) => Err(End::Io(err)),
+        Err(err) => Err(End::Goodbye(ErrorCode::Internal, err.to_string())),
+    }
+}
+
+/// Runs one request against the session and builds its reply.
+async fn answer(
+    session: &Session,
+    frame: ClientFrame,
+    greeted: &mut bool,
+    config: &ServerConfig,
+) -> Result<ServerFrame, End> {
+    if !*greeted {
+        return match frame {
+            ClientFrame::Hello { version } if version == PROTOCOL_VERSION => {
+                *greeted = true;
+                Ok(ServerFrame::Welcome {
+                    version: PROTOCOL_VERSION,
+                    max_frame: u32::try_from(config.max_request).unwrap_or(u32::MAX),
+                    idle_timeout_ms: u32::try_from(config.idle_timeout.as_millis())
+                        .unwrap_or(u32::MAX),
+                })
+            }
+            ClientFrame::Hello { version } => Err(End::Goodbye(
+                ErrorCode::UnsupportedVersion,
+                format!("this server speaks protocol version {PROTOCOL_VERSION}, not {version}"),
+            )),
+            _ => Err(End::Goodbye(
+                ErrorCode::HandshakeRequired,
+                "the first frame must be a hello".into(),
+            )),
+        };
+    }
+    let (id, result) = match frame {
+        ClientFrame::Hello { .. } => {
+            return Err(End::Goodbye(
+                ErrorCode::Malformed,
+                "hello sent twice".into(),
+            ));
+        }
+        ClientFrame::Ping { nonce } => return Ok(ServerFrame::Pong { nonce }),
+        ClientFrame::Create { id, name } => (id, session.create(&name).await.map(|_| Reply::Done)),
+        ClientFrame::Login { id, name } => (id, session.login(&name).await.map(|_| Reply::Done)),
+        ClientFrame::Logout { id } => (id, session.logout().await.map(|_| Reply::Done)),
+        ClientFrame::Delete { id } => (id, session.delete().await.map(|_| Reply::Done)),
+        ClientFrame::Send { id, to, body } => (
+            id,
+            session.send(&to, &body).await.map(|receipt| Reply::Sent {
+                message_id: receipt.id,
+                timestamp_ms: receipt.timestamp_ms,
+            }),
+        ),
+        ClientFrame::List { id, max, pattern } => (
+            id,
+            session
+                .list(&pattern, max as usize)
+                .await
+                .map(Reply::Accounts),
+        ),
+        ClientFrame::Fetch { id, max } => {
+            (id, session.fetch(max as usize).await.map(Reply::Messages))
+        }
+    };
+    let state = session.state().await;
+    Ok(match result {
+        Ok(Reply::Done) => ServerFrame::Done { id, state },
+        Ok(Reply::Sent {
+            message_id,
+            timestamp_ms,
+        }) => ServerFrame::Sent {
+            id,
+            state,
+            message_id,
+            timestamp_ms,
+        },
+        Ok(Reply::Accounts(names)) => ServerFrame::Accounts { id, state, names },
+        Ok(Reply::Messages(messages)) => ServerFrame::Messages {
+            id,
+            state,
+            messages,
+        },
+        Err(err) => ServerFrame::Error {
+            id,
+            state,
+            code: err.code(),
+            message: err.to_string(),
+        },
+    })
+}
+
+enum Reply {
+    Done,
+    Sent { message_id: u64, timestamp_ms: u64 },
+    Accounts(Vec<chat_core::Username>),
+    Messages(Vec<chat_core::Message>),
+}
+
+/// Closes our side and reads (and discards) what the peer still sends, for
+/// a moment, before the socket is dropped. Closing with unread input makes
+/// the kernel send a reset, which can destroy the goodbye frame before the
+/// peer reads it; this lets the frame arrive.
+async fn linger(mut stream: TcpStream) {
+    const MAX_DISCARD: usize = 64 * 1024;
+    let _ = stream.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut discarded = 0;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while discarded < MAX_DISCARD {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => discarded += n,
+            _ => break,
+        }
+    }
+}
