@@ -178,6 +178,9 @@ async fn serve_connection(
             break end;
         }
     };
+    // Log out first: the goodbye and the lingering close below may take a
+    // moment, and the account must be free as soon as the peer hears why.
+    session.close().await;
     match end {
         End::Eof => debug!(%peer, "closed by peer"),
         End::Io(err) => debug!(%peer, %err, "connection failed"),
@@ -192,7 +195,6 @@ async fn serve_connection(
             linger(framed.into_inner()).await;
         }
     }
-    session.close().await;
 }
 
 async fn write(framed: &mut Framed<TcpStream, ServerCodec>, frame: ServerFrame) -> Result<(), End> {

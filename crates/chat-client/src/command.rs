@@ -1,0 +1,359 @@
+//! The command language: parsing a line, checking it locally, and running
+//! it against any [`ChatClient`].
+//!
+//! Local checks (name and message limits, login state) give immediate
+//! errors with the same codes the server would use; the server checks
+//! everything again regardless.
+
+use chat_core::client::{ChatClient, ClientError, Push};
+use chat_core::{ErrorCode, Message, MessageBody, SessionState, Username};
+
+/// One parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `create NAME`
+    Create(String),
+    /// `login NAME`
+    Login(String),
+    /// `logout`
+    Logout,
+    /// `delete`
+    Delete,
+    /// `send NAME TEXT...`
+    Send(String, String),
+    /// `list [PATTERN] [MAX]`
+    List(String, u32),
+    /// `fetch [MAX]`
+    Fetch(u32),
+    /// `help`
+    Help,
+    /// `quit`
+    Quit,
+}
+
+/// The usage text printed by `help`, one command per line.
+pub const HELP: &[&str] = &[
+    "create NAME          create an account and log in",
+    "login NAME           log in",
+    "logout               log out",
+    "delete               delete your account (and its undelivered messages)",
+    "send NAME TEXT...    send TEXT to NAME (live if logged in, else queued)",
+    "list [PATTERN] [MAX] list accounts matching a regex (unanchored; empty = all)",
+    "fetch [MAX]          show queued messages, oldest first",
+    "help                 this text",
+    "quit                 log out and exit",
+];
+
+/// A command line that could not be run, as one output line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Stable code: a server code, or `usage` / `unknown_command`.
+    pub code: String,
+    /// Detail.
+    pub text: String,
+}
+
+impl Refusal {
+    fn usage(text: impl Into<String>) -> Self {
+        Self {
+            code: "usage".into(),
+            text: text.into(),
+        }
+    }
+    fn local(code: ErrorCode, text: impl Into<String>) -> Self {
+        Self {
+            code: code.as_str().into(),
+            text: text.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    /// `error CODE TEXT` on one line: multi-line detail (a regex error's
+    /// caret diagram) is folded so that one result stays one line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "error {}", self.code)?;
+        for word in self.text.split_whitespace() {
+            write!(f, " {word}")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<ClientError> for Refusal {
+    fn from(err: ClientError) -> Self {
+        match &err {
+            ClientError::Server { code, message } => Self {
+                code: code.as_str().into(),
+                text: message.clone(),
+            },
+            ClientError::Connection(why) => Self {
+                code: "connection".into(),
+                text: why.clone(),
+            },
+            ClientError::Protocol(why) => Self {
+                code: "protocol".into(),
+                text: why.clone(),
+            },
+        }
+    }
+}
+
+/// Splits off the first whitespace-separated word.
+fn word(s: &str) -> (&str, &str) {
+    let s = s.trim_start();
+    match s.find(char::is_whitespace) {
+        Some(i) => (&s[..i], s[i..].trim_start()),
+        None => (s, ""),
+    }
+}
+
+fn number(raw: &str, what: &str) -> Result<u32, Refusal> {
+    raw.parse()
+        .map_err(|_| Refusal::usage(format!("{what} must be a whole number, not {raw:?}")))
+}
+
+/// Parses one line; `Ok(None)` for a blank line.
+pub fn parse(line: &str) -> Result<Option<Command>, Refusal> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let (verb, rest) = word(line);
+    let args: Vec<&str> = rest.split_whitespace().collect();
+    let command = match verb {
+        "" => return Ok(None),
+        "create" | "login" => {
+            let [name] = args[..] else {
+                return Err(Refusal::usage(format!("{verb} NAME")));
+            };
+            if verb == "create" {
+                Command::Create(name.into())
+            } else {
+                Command::Login(name.into())
+            }
+        }
+        "logout" | "delete" | "help" | "quit" if !args.is_empty() => {
+            return Err(Refusal::usage(format!("{verb} takes no arguments")));
+        }
+        "logout" => Command::Logout,
+        "delete" => Command::Delete,
+        "help" => Command::Help,
+        "quit" | "exit" => Command::Quit,
+        "send" => {
+            let (to, text) = word(rest);
+            if to.is_empty() || text.is_empty() {
+                return Err(Refusal::usage("send NAME TEXT..."));
+            }
+            Command::Send(to.into(), text.trim_end().into())
+        }
+        "list" => match args[..] {
+            [] => Command::List(String::new(), 0),
+            [pattern] => Command::List(pattern.into(), 0),
+            [pattern, max] => Command::List(pattern.into(), number(max, "MAX")?),
+            _ => return Err(Refusal::usage("list [PATTERN] [MAX]")),
+        },
+        "fetch" => match args[..] {
+            [] => Command::Fetch(0),
+            [max] => Command::Fetch(number(max, "MAX")?),
+            _ => return Err(Refusal::usage("fetch [MAX]")),
+        },
+        other => {
+            return Err(Refusal {
+                code: "unknown_command".into(),
+                text: format!("{other:?} is not a command; try help"),
+            });
+        }
+    };
+    Ok(Some(command))
+}
+
+/// Checks what can be checked without the server.
+pub fn check(command: &Command, state: &SessionState) -> Result<(), Refusal> {
+    let logged_in = state.user().is_some();
+    match command {
+        Command::Create(name) | Command::Login(name) => {
+            Username::parse(name).map_err(|e| Refusal::local(e.code(), e.to_string()))?;
+            if let Some(user) = state.user() {
+                return Err(Refusal::local(
+                    ErrorCode::SessionLoggedIn,
+                    format!("you are logged in as {user}; log out first"),
+                ));
+            }
+        }
+        Command::Send(to, text) => {
+            Username::parse(to).map_err(|e| Refusal::local(e.code(), e.to_string()))?;
+            MessageBody::parse(text).map_err(|e| Refusal::local(e.code(), e.to_string()))?;
+            if !logged_in {
+                return Err(Refusal::local(ErrorCode::NotLoggedIn, "log in first"));
+            }
+        }
+        Command::Logout | Command::Delete | Command::Fetch(_) if !logged_in => {
+            return Err(Refusal::local(ErrorCode::NotLoggedIn, "log in first"));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Formats a message as its output line.
+pub fn message_line(m: &Message) -> String {
+    format!("message {} {} {}", m.id, m.sender, m.body)
+}
+
+/// Formats a pushed event as its output line.
+pub fn push_line(push: &Push) -> String {
+    match push {
+        Push::Message(m) => message_line(m),
+        Push::LoggedOut { user, reason } => format!("notice logged_out {user} {}", reason.as_str()),
+        Push::Goodbye { code, message } => {
+            format!(
+                "notice closed {code} {}",
+                message.split_whitespace().collect::<Vec<_>>().join(" ")
+            )
+        }
+    }
+}
+
+/// Runs a checked command; returns the output lines (messages first, the
+/// result line last).
+pub async fn execute<C: ChatClient>(client: &mut C, command: &Command) -> Vec<String> {
+    if let Err(refusal) = check(command, client.state()) {
+        return vec![refusal.to_string()];
+    }
+    let result: Result<Vec<String>, ClientError> = async {
+        Ok(match command {
+            Command::Create(name) | Command::Login(name) => {
+                let state = if matches!(command, Command::Create(_)) {
+                    client.create(name).await?
+                } else {
+                    client.login(name).await?
+                };
+                vec![format!("ok {state}")]
+            }
+            Command::Logout => vec![format!("ok {}", client.logout().await?)],
+            Command::Delete => {
+                let who = client
+                    .state()
+                    .user()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                client.delete().await?;
+                vec![format!("ok deleted {who}")]
+            }
+            Command::Send(to, text) => {
+                let receipt = client.send(to, text).await?;
+                vec![format!("ok sent {to} {}", receipt.id)]
+            }
+            Command::List(pattern, max) => {
+                let names = client.list(pattern, *max).await?;
+                let mut line = format!("ok accounts {}", names.len());
+                for name in &names {
+                    line.push(' ');
+                    line.push_str(name.as_str());
+                }
+                vec![line]
+            }
+            Command::Fetch(max) => {
+                let messages = client.fetch(*max).await?;
+                let mut lines: Vec<String> = messages.iter().map(message_line).collect();
+                lines.push(format!("ok fetched {}", messages.len()));
+                lines
+            }
+            Command::Help => HELP
+                .iter()
+                .map(|l| format!("help {l}"))
+                .chain(["ok help".to_string()])
+                .collect(),
+            Command::Quit => vec!["ok bye".into()],
+        })
+    }
+    .await;
+    result.unwrap_or_else(|err| vec![Refusal::from(err).to_string()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_command() {
+        assert_eq!(
+            parse("create alice").unwrap(),
+            Some(Command::Create("alice".into()))
+        );
+        assert_eq!(
+            parse("  login   bob  ").unwrap(),
+            Some(Command::Login("bob".into()))
+        );
+        assert_eq!(parse("logout").unwrap(), Some(Command::Logout));
+        assert_eq!(parse("delete").unwrap(), Some(Command::Delete));
+        assert_eq!(
+            parse("send bob  hello   there ").unwrap(),
+            Some(Command::Send("bob".into(), "hello   there".into()))
+        );
+        assert_eq!(
+            parse("list").unwrap(),
+            Some(Command::List(String::new(), 0))
+        );
+        assert_eq!(
+            parse("list ^a").unwrap(),
+            Some(Command::List("^a".into(), 0))
+        );
+        assert_eq!(
+            parse("list ^a 5").unwrap(),
+            Some(Command::List("^a".into(), 5))
+        );
+        assert_eq!(parse("fetch").unwrap(), Some(Command::Fetch(0)));
+        assert_eq!(parse("fetch 3").unwrap(), Some(Command::Fetch(3)));
+        assert_eq!(parse("quit").unwrap(), Some(Command::Quit));
+        assert_eq!(parse("   ").unwrap(), None);
+    }
+
+    #[test]
+    fn refuses_bad_lines() {
+        assert_eq!(parse("create").unwrap_err().code, "usage");
+        assert_eq!(parse("create a b").unwrap_err().code, "usage");
+        assert_eq!(parse("send bob").unwrap_err().code, "usage");
+        assert_eq!(parse("fetch many").unwrap_err().code, "usage");
+        assert_eq!(parse("logout now").unwrap_err().code, "usage");
+        assert_eq!(parse("dance").unwrap_err().code, "unknown_command");
+    }
+
+    #[test]
+    fn error_lines_stay_on_one_line() {
+        let refusal = Refusal {
+            code: "invalid_pattern".into(),
+            text: "regex parse error:\n    (\n    ^\nerror: unclosed group".into(),
+        };
+        assert_eq!(
+            refusal.to_string(),
+            "error invalid_pattern regex parse error: ( ^ error: unclosed group"
+        );
+    }
+
+    #[test]
+    fn local_checks_use_server_codes() {
+        let out = SessionState::LoggedOut;
+        let alice = SessionState::LoggedIn(Username::parse("alice").unwrap());
+        let code = |c: &Command, s: &SessionState| check(c, s).unwrap_err().code;
+        assert_eq!(
+            code(&Command::Create("x".repeat(51)), &out),
+            "invalid_username"
+        );
+        assert_eq!(
+            code(&Command::Login("bob".into()), &alice),
+            "session_logged_in"
+        );
+        assert_eq!(
+            code(&Command::Send("bob".into(), "y".repeat(281)), &alice),
+            "message_too_long"
+        );
+        assert_eq!(
+            code(&Command::Send("bob".into(), "hi".into()), &out),
+            "not_logged_in"
+        );
+        assert_eq!(code(&Command::Fetch(1), &out), "not_logged_in");
+        assert!(
+            check(&Command::List("(".into(), 0), &out).is_ok(),
+            "patterns are the server's to judge"
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! `chat`: the terminal chat client.
+//!
+//! On a terminal it is interactive: a line editor keeps what you type
+//! intact while messages arrive, and the prompt shows who you are. When
+//! standard input is not a terminal (scripts, tests) it reads one command
+//! per line and prints one result line per command; the line format is the
+//! same in both modes and is documented in README.md as stable.
+
+mod command;
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use chat_core::SessionState;
+use chat_core::client::{ChatClient, Push};
+use chat_socket::SocketClient;
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+
+use crate::command::{Command, execute, parse, push_line};
+
+/// Terminal client for the chat server.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Server address.
+    #[arg(long, env = "CHAT_SERVER", default_value = "127.0.0.1:7878")]
+    server: String,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let client = match SocketClient::connect(&args.server).await {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("chat: cannot connect to {}: {err}", args.server);
+            return ExitCode::from(1);
+        }
+    };
+    let console = if std::io::stdin().is_terminal() {
+        match Console::interactive() {
+            Ok(console) => console,
+            Err(err) => {
+                eprintln!("chat: cannot start the line editor: {err}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        Console::script()
+    };
+    run(client, console).await
+}
+
+/// Where lines come from and output goes.
+struct Console {
+    lines: mpsc::Receiver<String>,
+    /// Interactive mode: asks the editor thread for the next line with this
+    /// prompt, and prints above the line being edited.
+    editor: Option<(
+        std::sync::mpsc::Sender<String>,
+        Box<dyn rustyline::ExternalPrinter + Send>,
+    )>,
+}
+
+impl Console {
+    fn script() -> Self {
+        let (tx, lines) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+            while let Ok(Some(line)) = stdin.next_line().await {
+                if tx.send(line).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            lines,
+            editor: None,
+        }
+    }
+
+    fn interactive() -> rustyline::Result<Self> {
+        let mut editor = rustyline::DefaultEditor::new()?;
+        let printer = editor.create_external_printer()?;
+        let (prompt_tx, prompt_rx) = std::sync::mpsc::channel::<String>();
+        let (tx, lines) = mpsc::channel(1);
+        std::thread::spawn(move || {
+            while let Ok(prompt) = prompt_rx.recv() {
+                let line = match editor.readline(&prompt) {
+                    Ok(line) => {
+                        let _ = editor.add_history_entry(line.as_str());
+                        line
+                    }
+                    // Ctrl-C or Ctrl-D: leave like `quit`.
+                    Err(_) => "quit".to_string(),
+                };
+                if tx.blocking_send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            lines,
+            editor: Some((prompt_tx, Box::new(printer))),
+        })
+    }
+
+    fn ask(&self, state: &SessionState) {
+        if let Some((prompt, _)) = &self.editor {
+            let text = match state.user() {
+                Some(user) => format!("{user}> "),
+                None => "(logged out)> ".to_string(),
+            };
+            let _ = prompt.send(text);
+        }
+    }
+
+    fn print(&mut self, line: String) {
+        match &mut self.editor {
+            Some((_, printer)) => {
+                let _ = printer.print(line);
+            }
+            None => {
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{line}");
+                let _ = stdout.flush();
+            }
+        }
+    }
+}
+
+async fn run<C: ChatClient>(mut client: C, mut console: Console) -> ExitCode {
+    console.ask(client.state());
+    loop {
+        tokio::select! {
+            line = console.lines.recv() => {
+                let Some(line) = line else { break };
+                let command = match parse(&line) {
+                    Ok(Some(command)) => command,
+                    Ok(None) => {
+                        console.ask(client.state());
+                        continue;
+                    }
+                    Err(refusal) => {
+                        console.print(refusal.to_string());
+                        console.ask(client.state());
+                        continue;
+                    }
+                };
+                for out in execute(&mut client, &command).await {
+                    console.print(out);
+                }
+                if command == Command::Quit {
+                    break;
+                }
+                console.ask(client.state());
+            }
+            push = client.next_push() => match push {
+                Some(push) => {
+                    let closing = matches!(push, Push::Goodbye { .. });
+                    console.print(push_line(&push));
+                    if closing {
+                        return ExitCode::from(2);
+                    }
+                }
+                None => {
+                    console.print("notice closed connection the server closed the connection".into());
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,283 @@
+//! The socket server against raw bytes and real clients: handshake,
+//! malformed input, idle timeout, heartbeat and shutdown.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_core::client::{ChatClient, Push};
+use chat_core::{Chat, ErrorCode, SessionState};
+use chat_socket::codec::ClientCodec;
+use chat_socket::{ClientFrame, PROTOCOL_VERSION, ServerConfig, ServerFrame, SocketClient, serve};
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_util::codec::Framed;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+struct Server {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn start(config: ServerConfig) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(serve(listener, Chat::in_memory(), config, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        stop: Some(stop),
+        done,
+    }
+}
+
+type Raw = Framed<TcpStream, ClientCodec>;
+
+async fn raw(addr: SocketAddr) -> Raw {
+    Framed::new(
+        TcpStream::connect(addr).await.unwrap(),
+        ClientCodec::new(1 << 20),
+    )
+}
+
+async fn greeted(addr: SocketAddr) -> Raw {
+    let mut conn = raw(addr).await;
+    conn.send(ClientFrame::Hello {
+        version: PROTOCOL_VERSION,
+    })
+    .await
+    .unwrap();
+    match next(&mut conn).await {
+        Some(ServerFrame::Welcome {
+            version,
+            max_frame,
+            idle_timeout_ms,
+        }) => {
+            assert_eq!(version, PROTOCOL_VERSION);
+            assert_eq!(max_frame, 8192);
+            assert_eq!(idle_timeout_ms, 45_000);
+        }
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    conn
+}
+
+async fn next(conn: &mut Raw) -> Option<ServerFrame> {
+    tokio::time::timeout(PATIENCE, conn.next())
+        .await
+        .expect("server answered in time")
+        .map(|r| r.expect("valid frame"))
+}
+
+/// Writes raw bytes and expects a goodbye with `code`, then the close.
+async fn expect_goodbye(conn: &mut Raw, code: ErrorCode) {
+    match next(conn).await {
+        Some(ServerFrame::Goodbye { code: got, message }) => {
+            assert_eq!(got, code, "{message}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected goodbye {code}, got {other:?}"),
+    }
+    assert_eq!(next(conn).await, None, "connection closed after goodbye");
+}
+
+async fn still_serves(addr: SocketAddr) {
+    let mut client = SocketClient::connect(addr).await.unwrap();
+    client.list("", 0).await.unwrap();
+}
+
+#[tokio::test]
+async fn first_frame_must_be_hello() {
+    let server = start(ServerConfig::default()).await;
+    let mut conn = raw(server.addr).await;
+    conn.send(ClientFrame::Login {
+        id: 1,
+        name: "alice".into(),
+    })
+    .await
+    .unwrap();
+    expect_goodbye(&mut conn, ErrorCode::HandshakeRequired).await;
+    still_serves(server.addr).await;
+}
+
+#[tokio::test]
+async fn other_versions_are_refused() {
+    let server = start(ServerConfig::default()).await;
+    let mut conn = raw(server.addr).await;
+    conn.send(ClientFrame::Hello { version: 99 }).await.unwrap();
+    expect_goodbye(&mut conn, ErrorCode::UnsupportedVersion).await;
+}
+
+#[tokio::test]
+async fn malformed_input_gets_an_error_frame_and_logs_out() {
+    let server = start(ServerConfig::default()).await;
+    let cases: Vec<(Vec<u8>, ErrorCode)> = vec![
+        (vec![0, 0, 0, 3, 0x7f, 0, 0], ErrorCode::UnknownOperation),
+        (
+            (1u32 << 20).to_be_bytes().to_vec(),
+            ErrorCode::FrameTooLarge,
+        ),
+        (vec![0, 0, 0, 0], ErrorCode::Malformed),
+        (
+            vec![0, 0, 0, 7, 0x11, 0, 0, 0, 1, 0xff, 0xfe],
+            ErrorCode::Malformed,
+        ),
+        (vec![0, 0, 0, 3, 0x14, 0, 0], ErrorCode::Malformed),
+    ];
+    for (bytes, code) in cases {
+        let mut conn = greeted(server.addr).await;
+        conn.send(ClientFrame::Create {
+            id: 1,
+            name: "victim".into(),
+        })
+        .await
+        .unwrap();
+        match next(&mut conn).await {
+            Some(ServerFrame::Done { .. }) => {}
+            other => panic!("create failed: {other:?}"),
+        }
+        conn.get_mut().write_all(&bytes).await.unwrap();
+        expect_goodbye(&mut conn, code).await;
+        // The session ended with the connection: the name is free to use.
+        let mut client = SocketClient::connect(server.addr).await.unwrap();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match client.login("victim").await {
+                Ok(_) => break,
+                Err(err) => {
+                    assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn), "{err}");
+                    assert!(tokio::time::Instant::now() < deadline);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        client.delete().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn silent_peers_are_dropped_and_logged_out() {
+    let config = ServerConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let mut conn = raw(server.addr).await;
+    conn.send(ClientFrame::Hello {
+        version: PROTOCOL_VERSION,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut conn).await,
+        Some(ServerFrame::Welcome {
+            idle_timeout_ms: 300,
+            ..
+        })
+    ));
+    conn.send(ClientFrame::Create {
+        id: 1,
+        name: "sleepy".into(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut conn).await,
+        Some(ServerFrame::Done { .. })
+    ));
+    // Say nothing: the server gives up on us.
+    expect_goodbye(&mut conn, ErrorCode::IdleTimeout).await;
+    let mut other = SocketClient::connect(server.addr).await.unwrap();
+    assert!(other.login("sleepy").await.is_ok());
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_quiet_client_connected() {
+    let config = ServerConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let mut client = SocketClient::connect(server.addr).await.unwrap();
+    client.create("patient").await.unwrap();
+    // Several idle timeouts pass with no request; the client's pings count.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(client.list("patient", 0).await.unwrap().len(), 1);
+    assert!(client.state().user().is_some());
+}
+
+#[tokio::test]
+async fn pings_are_answered() {
+    let server = start(ServerConfig::default()).await;
+    let mut conn = greeted(server.addr).await;
+    conn.send(ClientFrame::Ping { nonce: 0xdead_beef })
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut conn).await,
+        Some(ServerFrame::Pong { nonce: 0xdead_beef })
+    );
+}
+
+#[tokio::test]
+async fn responses_carry_the_request_id_and_state() {
+    let server = start(ServerConfig::default()).await;
+    let mut conn = greeted(server.addr).await;
+    conn.send(ClientFrame::Fetch { id: 41, max: 1 })
+        .await
+        .unwrap();
+    match next(&mut conn).await {
+        Some(ServerFrame::Error {
+            id: 41,
+            state: SessionState::LoggedOut,
+            code: ErrorCode::NotLoggedIn,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    conn.send(ClientFrame::Create {
+        id: 42,
+        name: "x".into(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut conn).await,
+        Some(ServerFrame::Done {
+            id: 42,
+            state: SessionState::LoggedIn(_)
+        })
+    ));
+}
+
+#[tokio::test]
+async fn shutdown_says_goodbye_and_drains() {
+    let mut server = start(ServerConfig::default()).await;
+    let mut alice = SocketClient::connect(server.addr).await.unwrap();
+    alice.create("alice").await.unwrap();
+    server.stop.take().unwrap().send(()).unwrap();
+    match tokio::time::timeout(PATIENCE, alice.next_push())
+        .await
+        .unwrap()
+    {
+        Some(Push::Goodbye {
+            code: ErrorCode::ShuttingDown,
+            ..
+        }) => {}
+        other => panic!("expected a shutdown goodbye, got {other:?}"),
+    }
+    tokio::time::timeout(PATIENCE, server.done)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        TcpStream::connect(server.addr).await.is_err(),
+        "no longer listening"
+    );
+}
