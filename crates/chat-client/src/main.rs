@@ -15,7 +15,6 @@ use chat_core::SessionState;
 use chat_core::client::{ChatClient, Push};
 use chat_socket::SocketClient;
 use clap::Parser;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::command::{Command, execute, parse, push_line};
@@ -67,10 +66,12 @@ struct Console {
 impl Console {
     fn script() -> Self {
         let (tx, lines) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-            while let Ok(Some(line)) = stdin.next_line().await {
-                if tx.send(line).await.is_err() {
+        // A plain thread, not tokio's stdin: a blocked read there would
+        // hold up runtime shutdown after `quit`.
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                if tx.blocking_send(line).is_err() {
                     break;
                 }
             }

@@ -115,10 +115,14 @@ pub struct Chat {
 struct Inner {
     store: Arc<dyn Store>,
     config: Config,
-    stripes: Box<[Mutex<HashMap<Username, Arc<Shared>>>]>,
+    stripes: Box<[Stripe]>,
     next_session: AtomicU64,
     shutdown: CancellationToken,
 }
+
+/// Online users whose names hash to one stripe, and the session each is
+/// logged in on.
+type Stripe = Mutex<HashMap<Username, Arc<Shared>>>;
 
 /// The part of a session that others (senders, the stripe table) can reach.
 struct Shared {
@@ -240,7 +244,7 @@ impl Chat {
         Ok(self.inner.store.list_accounts(&regex, limit).await?)
     }
 
-    fn stripe(&self, name: &Username) -> &Mutex<HashMap<Username, Arc<Shared>>> {
+    fn stripe(&self, name: &Username) -> &Stripe {
         let mut hasher = DefaultHasher::new();
         name.hash(&mut hasher);
         &self.inner.stripes[hasher.finish() as usize & (STRIPES - 1)]

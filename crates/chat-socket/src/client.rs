@@ -359,10 +359,10 @@ impl ChatClient for SocketClient {
 
     async fn next_push(&mut self) -> Option<Push> {
         let push = self.pushes.recv().await?;
-        if let Push::LoggedOut { user, .. } = &push {
-            if self.state.user() == Some(user) {
-                self.state = SessionState::LoggedOut;
-            }
+        if let Push::LoggedOut { user, .. } = &push
+            && self.state.user() == Some(user)
+        {
+            self.state = SessionState::LoggedOut;
         }
         Some(push)
     }

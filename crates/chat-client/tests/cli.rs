@@ -1,0 +1,180 @@
+//! The `chat` binary as a user's script drives it: real child processes
+//! against a real server, reading the documented line format.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use chat_core::Chat;
+use chat_socket::{ServerConfig, serve};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::TcpListener;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct ChatProcess {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl ChatProcess {
+    fn spawn(server: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chat"))
+            .args(["--server", server])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start chat");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    async fn say(&mut self, line: &str) {
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        self.stdin.flush().await.unwrap();
+    }
+
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(PATIENCE, self.lines.next_line())
+            .await
+            .expect("chat printed a line in time")
+            .unwrap()
+            .expect("chat still running")
+    }
+
+    /// Runs a command and returns its result line.
+    async fn run(&mut self, line: &str) -> String {
+        self.say(line).await;
+        self.line().await
+    }
+}
+
+async fn start_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(
+        listener,
+        Chat::in_memory(),
+        ServerConfig::default(),
+        std::future::pending(),
+    ));
+    addr.to_string()
+}
+
+#[tokio::test]
+async fn two_users_chat_live_and_offline() {
+    let server = start_server().await;
+    let mut bob = ChatProcess::spawn(&server);
+    let mut alice = ChatProcess::spawn(&server);
+    assert_eq!(bob.run("create bob").await, "ok logged in as bob");
+    assert_eq!(alice.run("create alice").await, "ok logged in as alice");
+    assert_eq!(alice.run("send bob hello   bob").await, "ok sent bob 1");
+    assert_eq!(bob.line().await, "message 1 alice hello   bob");
+
+    assert_eq!(bob.run("logout").await, "ok logged out");
+    assert_eq!(alice.run("send bob are you there?").await, "ok sent bob 2");
+    assert_eq!(bob.run("login bob").await, "ok logged in as bob");
+    bob.say("fetch").await;
+    let message = bob.line().await;
+    let parts: Vec<&str> = message.splitn(4, ' ').collect();
+    assert_eq!(parts, ["message", "2", "alice", "are you there?"]);
+    assert_eq!(bob.line().await, "ok fetched 1");
+
+    assert_eq!(alice.run("list").await, "ok accounts 2 alice bob");
+    assert_eq!(alice.run("list ^b 5").await, "ok accounts 1 bob");
+    assert!(
+        alice
+            .run("send nobody hi")
+            .await
+            .starts_with("error no_such_user ")
+    );
+    assert!(
+        alice
+            .run("list (")
+            .await
+            .starts_with("error invalid_pattern ")
+    );
+    assert!(
+        alice
+            .run(&format!("send bob {}", "x".repeat(281)))
+            .await
+            .starts_with("error message_too_long ")
+    );
+    assert!(
+        alice
+            .run("dance")
+            .await
+            .starts_with("error unknown_command ")
+    );
+
+    assert_eq!(bob.run("quit").await, "ok bye");
+    let status = tokio::time::timeout(PATIENCE, bob.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_killed_client_is_logged_out() {
+    let server = start_server().await;
+    let mut alice = ChatProcess::spawn(&server);
+    assert_eq!(alice.run("create alice").await, "ok logged in as alice");
+    alice.child.kill().await.unwrap();
+
+    let mut again = ChatProcess::spawn(&server);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let reply = again.run("login alice").await;
+        if reply == "ok logged in as alice" {
+            break;
+        }
+        assert!(reply.starts_with("error already_logged_in "), "{reply}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice never logged out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn end_of_input_exits_cleanly_and_logs_out() {
+    let server = start_server().await;
+    let mut carol = ChatProcess::spawn(&server);
+    assert_eq!(carol.run("create carol").await, "ok logged in as carol");
+    drop(carol.stdin);
+    let status = tokio::time::timeout(PATIENCE, carol.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_reported() {
+    // Bind then drop, so the port is (almost certainly) closed.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(["--server", &addr.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot connect"));
+}

@@ -1,0 +1,213 @@
+//! Engine behaviour that no transport can show directly: slow consumers,
+//! shutdown, sessions dropped without closing, store limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_core::{
+    Chat, ChatError, Config, ErrorCode, Event, LogoutReason, MemoryStore, NewMessage, SessionState,
+    Store, StoreError, Username,
+};
+
+fn name(s: &str) -> Username {
+    Username::parse(s).unwrap()
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_logged_out_and_loses_nothing() {
+    let config = Config {
+        session_event_capacity: 4,
+        ..Config::default()
+    };
+    let chat = Chat::new(Arc::new(MemoryStore::default()), config);
+    let (alice, _alice_events) = chat.open_session();
+    let (bob, mut bob_events) = chat.open_session();
+    alice.create("alice").await.unwrap();
+    bob.create("bob").await.unwrap();
+    for i in 0..10 {
+        alice.send("bob", &format!("m{i}")).await.unwrap();
+    }
+    for i in 0..4 {
+        match bob_events.recv().await {
+            Some(Event::Message(m)) => assert_eq!(m.body.as_str(), format!("m{i}")),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        bob_events.recv().await,
+        Some(Event::LoggedOut {
+            user: name("bob"),
+            reason: LogoutReason::SlowConsumer
+        })
+    );
+    assert_eq!(bob.state().await, SessionState::LoggedOut);
+    bob.login("bob").await.unwrap();
+    let rest: Vec<String> = bob
+        .fetch(0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.body.to_string())
+        .collect();
+    assert_eq!(rest, ["m4", "m5", "m6", "m7", "m8", "m9"]);
+}
+
+#[tokio::test]
+async fn shutdown_is_announced_once_and_refuses_new_work() {
+    let chat = Chat::in_memory();
+    let (session, mut events) = chat.open_session();
+    session.create("alice").await.unwrap();
+    chat.shutdown();
+    assert!(chat.is_shutting_down());
+    assert_eq!(events.recv().await, Some(Event::Shutdown));
+    assert_eq!(events.recv().await, None);
+    assert_eq!(
+        session.send("alice", "hi").await.unwrap_err(),
+        ChatError::ShuttingDown
+    );
+    assert_eq!(
+        session.list("", 0).await.unwrap_err().code(),
+        ErrorCode::ShuttingDown
+    );
+    // Leaving still works while shutting down.
+    session.logout().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_session_dropped_without_close_frees_its_account() {
+    let chat = Chat::in_memory();
+    let (first, first_events) = chat.open_session();
+    first.create("alice").await.unwrap();
+    drop(first);
+    drop(first_events);
+    let (second, _events) = chat.open_session();
+    // The drop hook releases the name on a spawned task; a login whose
+    // holder's event stream is gone succeeds regardless.
+    assert_eq!(
+        second.login("alice").await.unwrap(),
+        SessionState::LoggedIn(name("alice"))
+    );
+}
+
+#[tokio::test]
+async fn logout_and_delete_are_announced_on_the_event_stream() {
+    let chat = Chat::in_memory();
+    let (session, mut events) = chat.open_session();
+    session.create("alice").await.unwrap();
+    session.logout().await.unwrap();
+    assert_eq!(
+        events.recv().await,
+        Some(Event::LoggedOut {
+            user: name("alice"),
+            reason: LogoutReason::Requested
+        })
+    );
+    session.login("alice").await.unwrap();
+    session.delete().await.unwrap();
+    assert_eq!(
+        events.recv().await,
+        Some(Event::LoggedOut {
+            user: name("alice"),
+            reason: LogoutReason::AccountDeleted
+        })
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_with_queue_full() {
+    let chat = Chat::new(Arc::new(MemoryStore::new(3)), Config::default());
+    let (alice, _a) = chat.open_session();
+    let (bob, _b) = chat.open_session();
+    bob.create("bob").await.unwrap();
+    bob.logout().await.unwrap();
+    alice.create("alice").await.unwrap();
+    for _ in 0..3 {
+        alice.send("bob", "hi").await.unwrap();
+    }
+    assert_eq!(
+        alice.send("bob", "one too many").await.unwrap_err(),
+        ChatError::QueueFull(name("bob"))
+    );
+    bob.login("bob").await.unwrap();
+    assert_eq!(bob.fetch(0).await.unwrap().len(), 3);
+    bob.logout().await.unwrap();
+    alice.send("bob", "room again").await.unwrap();
+}
+
+#[tokio::test]
+async fn store_ack_is_cumulative_and_deleted_accounts_take_nothing() {
+    let store = MemoryStore::default();
+    let bob = name("bob");
+    store.create_account(&bob).await.unwrap();
+    let message = |queue| NewMessage {
+        recipient: bob.clone(),
+        sender: name("alice"),
+        body: chat_core::MessageBody::parse("hi").unwrap(),
+        timestamp_ms: 1,
+        queue,
+    };
+    let first = store.append(message(true)).await.unwrap();
+    let live = store.append(message(false)).await.unwrap();
+    let third = store.append(message(true)).await.unwrap();
+    assert!(
+        first.id < live.id && live.id < third.id,
+        "one id sequence for live and queued"
+    );
+    assert_eq!(
+        store.queued(&bob, 10).await.unwrap().len(),
+        2,
+        "live messages are not kept"
+    );
+    assert_eq!(store.ack(&bob, first.id).await.unwrap(), 1);
+    assert_eq!(store.queued(&bob, 10).await.unwrap()[0].id, third.id);
+    assert!(store.delete_account(&bob).await.unwrap());
+    assert_eq!(
+        store.append(message(true)).await.unwrap_err(),
+        StoreError::NoSuchAccount(bob.clone())
+    );
+    assert!(!store.delete_account(&bob).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_to_many_recipients_each_arrive_once() {
+    const USERS: usize = 64;
+    const EACH: usize = 50;
+    let chat = Chat::in_memory();
+    let mut sessions = Vec::new();
+    for i in 0..USERS {
+        let (session, events) = chat.open_session();
+        session.create(&format!("u{i}")).await.unwrap();
+        sessions.push((session, events));
+    }
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    for (i, (session, mut events)) in sessions.into_iter().enumerate() {
+        receivers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < EACH {
+                match tokio::time::timeout(Duration::from_secs(20), events.recv()).await {
+                    Ok(Some(Event::Message(m))) => got.push(m.body.to_string()),
+                    other => panic!("u{i}: {other:?}"),
+                }
+            }
+            got
+        }));
+        senders.push(tokio::spawn(async move {
+            for n in 0..EACH {
+                session
+                    .send(&format!("u{}", (i + 1) % USERS), &format!("{n}"))
+                    .await
+                    .unwrap();
+            }
+            session
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    for receiver in receivers {
+        let got = receiver.await.unwrap();
+        let expected: Vec<String> = (0..EACH).map(|n| n.to_string()).collect();
+        assert_eq!(got, expected);
+    }
+}
