@@ -1,2 +1,41 @@
-//! placeholder
-fn main() {}
+//! Project automation, run as `cargo xtask <task>`.
+//!
+//! - `ci`: exactly what `.ci/run` runs — format check, clippy with warnings
+//!   denied, docs with warnings denied, then the README's test command.
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+fn main() -> anyhow::Result<()> {
+    let task = std::env::args().nth(1);
+    match task.as_deref() {
+        Some("ci") => ci(),
+        Some(other) => bail!("unknown task {other:?}; tasks: ci"),
+        None => bail!("usage: cargo xtask <task>; tasks: ci"),
+    }
+}
+
+/// The CI steps, in order; the first failure stops the run.
+fn ci() -> anyhow::Result<()> {
+    let steps: &[(&[&str], &[(&str, &str)])] = &[
+        (&["fmt", "--all", "--check"], &[]),
+        (&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[]),
+        (&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")]),
+        (&["test", "--workspace"], &[]),
+    ];
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for (args, env) in steps {
+        eprintln!("xtask ci: cargo {}", args.join(" "));
+        let status = Command::new(&cargo)
+            .args(*args)
+            .envs(env.iter().copied())
+            .status()
+            .with_context(|| format!("cannot run cargo {}", args.join(" ")))?;
+        if !status.success() {
+            bail!("cargo {} failed ({status})", args.join(" "));
+        }
+    }
+    eprintln!("xtask ci: all steps passed");
+    Ok(())
+}

@@ -1,6 +1,5 @@
 //! The conformance suite, written once against
-//! [`ChatClient`](chat_core::client::ChatClient) and run over every
-//! transport.
+//! `chat_core::client::ChatClient` and run over every transport.
 //!
 //! A transport's test file provides an async function that starts a fresh
 //! server on `127.0.0.1:0` and returns a [`Connector`] to it, then invokes
