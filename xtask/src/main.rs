@@ -20,8 +20,21 @@ fn main() -> anyhow::Result<()> {
 fn ci() -> anyhow::Result<()> {
     let steps: &[(&[&str], &[(&str, &str)])] = &[
         (&["fmt", "--all", "--check"], &[]),
-        (&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[]),
-        (&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")]),
+        (
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        ),
+        (
+            &["doc", "--workspace", "--no-deps"],
+            &[("RUSTDOCFLAGS", "-D warnings")],
+        ),
         (&["test", "--workspace"], &[]),
     ];
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

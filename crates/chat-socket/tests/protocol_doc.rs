@@ -14,19 +14,49 @@ fn name(s: &str) -> Username {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn client_examples() -> Vec<(&'static str, ClientFrame)> {
     vec![
         ("hello", ClientFrame::Hello { version: 1 }),
         ("ping", ClientFrame::Ping { nonce: 7 }),
-        ("create", ClientFrame::Create { id: 1, name: "alice".into() }),
-        ("login", ClientFrame::Login { id: 2, name: "alice".into() }),
+        (
+            "create",
+            ClientFrame::Create {
+                id: 1,
+                name: "alice".into(),
+            },
+        ),
+        (
+            "login",
+            ClientFrame::Login {
+                id: 2,
+                name: "alice".into(),
+            },
+        ),
         ("logout", ClientFrame::Logout { id: 3 }),
         ("delete", ClientFrame::Delete { id: 4 }),
-        ("send", ClientFrame::Send { id: 5, to: "bob".into(), body: "hi bob".into() }),
-        ("list", ClientFrame::List { id: 6, max: 10, pattern: "^a".into() }),
+        (
+            "send",
+            ClientFrame::Send {
+                id: 5,
+                to: "bob".into(),
+                body: "hi bob".into(),
+            },
+        ),
+        (
+            "list",
+            ClientFrame::List {
+                id: 6,
+                max: 10,
+                pattern: "^a".into(),
+            },
+        ),
         ("fetch", ClientFrame::Fetch { id: 7, max: 20 }),
     ]
 }
@@ -40,13 +70,38 @@ fn server_examples() -> Vec<(&'static str, ServerFrame)> {
         timestamp_ms: TS,
     };
     vec![
-        ("welcome", ServerFrame::Welcome { version: 1, max_frame: 8192, idle_timeout_ms: 45_000 }),
+        (
+            "welcome",
+            ServerFrame::Welcome {
+                version: 1,
+                max_frame: 8192,
+                idle_timeout_ms: 45_000,
+            },
+        ),
         ("pong", ServerFrame::Pong { nonce: 7 }),
-        ("done", ServerFrame::Done { id: 1, state: alice.clone() }),
-        ("sent", ServerFrame::Sent { id: 5, state: alice, message_id: 3, timestamp_ms: TS }),
+        (
+            "done",
+            ServerFrame::Done {
+                id: 1,
+                state: alice.clone(),
+            },
+        ),
+        (
+            "sent",
+            ServerFrame::Sent {
+                id: 5,
+                state: alice,
+                message_id: 3,
+                timestamp_ms: TS,
+            },
+        ),
         (
             "accounts",
-            ServerFrame::Accounts { id: 6, state: SessionState::LoggedOut, names: vec![name("albert"), name("alice")] },
+            ServerFrame::Accounts {
+                id: 6,
+                state: SessionState::LoggedOut,
+                names: vec![name("albert"), name("alice")],
+            },
         ),
         (
             "messages",
@@ -66,8 +121,20 @@ fn server_examples() -> Vec<(&'static str, ServerFrame)> {
             },
         ),
         ("push message", ServerFrame::PushMessage(message(4, "hi"))),
-        ("push logged out", ServerFrame::PushLoggedOut { reason: LogoutReason::SlowConsumer, user: name("bob") }),
-        ("goodbye", ServerFrame::Goodbye { code: ErrorCode::IdleTimeout, message: "idle".into() }),
+        (
+            "push logged out",
+            ServerFrame::PushLoggedOut {
+                reason: LogoutReason::SlowConsumer,
+                user: name("bob"),
+            },
+        ),
+        (
+            "goodbye",
+            ServerFrame::Goodbye {
+                code: ErrorCode::IdleTimeout,
+                message: "idle".into(),
+            },
+        ),
     ]
 }
 
@@ -82,23 +149,37 @@ fn every_documented_example_matches_the_codec() {
     let mut missing = Vec::new();
     for (label, frame) in client_examples() {
         let mut wire = BytesMut::new();
-        ClientCodec::new(1 << 20).encode(frame.clone(), &mut wire).unwrap();
+        ClientCodec::new(1 << 20)
+            .encode(frame.clone(), &mut wire)
+            .unwrap();
         let text = hex(&wire);
         if !doc.contains(&text) {
             missing.push(format!("client {label}: {text}"));
         }
-        assert_eq!(ServerCodec::new(1 << 20).decode(&mut wire).unwrap(), Some(frame));
+        assert_eq!(
+            ServerCodec::new(1 << 20).decode(&mut wire).unwrap(),
+            Some(frame)
+        );
     }
     for (label, frame) in server_examples() {
         let mut wire = BytesMut::new();
-        ServerCodec::new(1 << 20).encode(frame.clone(), &mut wire).unwrap();
+        ServerCodec::new(1 << 20)
+            .encode(frame.clone(), &mut wire)
+            .unwrap();
         let text = hex(&wire);
         if !doc.contains(&text) {
             missing.push(format!("server {label}: {text}"));
         }
-        assert_eq!(ClientCodec::new(1 << 20).decode(&mut wire).unwrap(), Some(frame));
+        assert_eq!(
+            ClientCodec::new(1 << 20).decode(&mut wire).unwrap(),
+            Some(frame)
+        );
     }
-    assert!(missing.is_empty(), "docs/PROTOCOL.md lacks these examples:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "docs/PROTOCOL.md lacks these examples:\n{}",
+        missing.join("\n")
+    );
 }
 
 #[test]
