@@ -16,9 +16,15 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// One cargo invocation: its arguments and extra environment.
+type Step = (
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+);
+
 /// The CI steps, in order; the first failure stops the run.
 fn ci() -> anyhow::Result<()> {
-    let steps: &[(&[&str], &[(&str, &str)])] = &[
+    let steps: &[Step] = &[
         (&["fmt", "--all", "--check"], &[]),
         (
             &[
