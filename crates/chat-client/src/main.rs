@@ -121,7 +121,10 @@ impl Console {
     fn print(&mut self, line: String) {
         match &mut self.editor {
             Some((_, printer)) => {
-                let _ = printer.print(line);
+                // While the editor is reading, it clears the line being
+                // typed, prints this, and redraws; between reads it writes
+                // straight to the terminal. The newline serves both.
+                let _ = printer.print(format!("{line}\n"));
             }
             None => {
                 let mut stdout = std::io::stdout().lock();
