@@ -1,0 +1,323 @@
+//! The async gRPC client library.
+//!
+//! [`GrpcClient`] keeps the session token that create and login return,
+//! sends it with every call, and opens the session's Subscribe stream right
+//! after logging in (before the call returns, so no push can be missed); a
+//! task turns the stream into [`Push`]es. HTTP/2 keepalive detects a dead
+//! server.
+
+use std::time::Duration;
+
+use chat_core::client::{ChatClient, ClientError, Push};
+use chat_core::{
+    ErrorCode, LogoutReason, Message, MessageBody, SendReceipt, SessionState, Username,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::pb;
+use crate::pb::chat_client::ChatClient as Stub;
+use crate::status::to_client_error;
+
+/// A connection to a chat server speaking gRPC.
+pub struct GrpcClient {
+    stub: Stub<Channel>,
+    token: Option<MetadataValue<Ascii>>,
+    state: SessionState,
+    push_tx: mpsc::UnboundedSender<Push>,
+    pushes: mpsc::UnboundedReceiver<Push>,
+    stream: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for GrpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcClient")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for GrpcClient {
+    fn drop(&mut self) {
+        // Ending the stream is what logs the session out on the server.
+        if let Some(stream) = self.stream.take() {
+            stream.abort();
+        }
+    }
+}
+
+fn protocol(what: impl std::fmt::Display) -> ClientError {
+    ClientError::Protocol(what.to_string())
+}
+
+fn state_from(state: Option<pb::SessionState>) -> Result<SessionState, ClientError> {
+    match state {
+        Some(s) if !s.username.is_empty() => Username::parse(&s.username)
+            .map(SessionState::LoggedIn)
+            .map_err(|e| protocol(format!("server sent an invalid username: {e}"))),
+        _ => Ok(SessionState::LoggedOut),
+    }
+}
+
+fn message_from(m: pb::Message) -> Result<Message, ClientError> {
+    Ok(Message {
+        id: m.id,
+        sender: Username::parse(&m.sender).map_err(|e| protocol(format!("sender: {e}")))?,
+        body: MessageBody::parse(&m.body).map_err(|e| protocol(format!("body: {e}")))?,
+        timestamp_ms: m.timestamp_ms,
+    })
+}
+
+fn reason_from(text: &str) -> LogoutReason {
+    match text {
+        "account_deleted" => LogoutReason::AccountDeleted,
+        "slow_consumer" => LogoutReason::SlowConsumer,
+        _ => LogoutReason::Requested,
+    }
+}
+
+impl GrpcClient {
+    /// Connects to `addr` (`host:port`, or a full `http://` URI).
+    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let channel = Endpoint::from_shared(uri)
+            .map_err(|e| ClientError::Connection(format!("bad address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connection(format!("cannot connect to {addr}: {e}")))?;
+        let (push_tx, pushes) = mpsc::unbounded_channel();
+        Ok(Self {
+            stub: Stub::new(channel),
+            token: None,
+            state: SessionState::LoggedOut,
+            push_tx,
+            pushes,
+            stream: None,
+        })
+    }
+
+    /// The current session token, if logged in (for use with other gRPC
+    /// tools, e.g. as `authorization: Bearer <token>`).
+    pub fn token(&self) -> Option<&str> {
+        self.token
+            .as_ref()
+            .and_then(|t| t.to_str().ok()?.strip_prefix("Bearer "))
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        request
+    }
+
+    /// Maps a failed call, forgetting a session the server no longer has.
+    fn fail(&mut self, status: Status) -> ClientError {
+        let err = to_client_error(&status);
+        if matches!(
+            err.code(),
+            Some(ErrorCode::Unauthenticated | ErrorCode::NotLoggedIn)
+        ) {
+            self.forget_session();
+        }
+        err
+    }
+
+    fn forget_session(&mut self) {
+        self.token = None;
+        self.state = SessionState::LoggedOut;
+    }
+
+    /// Adopts a new session and opens its push stream.
+    async fn enter(&mut self, reply: pb::LoginReply) -> Result<SessionState, ClientError> {
+        let state = state_from(reply.state)?;
+        let token: MetadataValue<Ascii> = format!("Bearer {}", reply.token)
+            .parse()
+            .map_err(|_| protocol("the session token is not ASCII"))?;
+        self.token = Some(token);
+        self.state = state.clone();
+        let stream = match self
+            .stub
+            .subscribe(self.request(pb::SubscribeRequest {}))
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Err(self.fail(status)),
+        };
+        let pushes = self.push_tx.clone();
+        self.stream = Some(tokio::spawn(read_pushes(stream, pushes)));
+        Ok(state)
+    }
+}
+
+/// Turns the Subscribe stream into pushes. A logout the client asked for
+/// is not pushed (the call's reply said so); the stream's end after a
+/// forced logout is not a goodbye (the connection is fine).
+async fn read_pushes(mut stream: tonic::Streaming<pb::Push>, pushes: mpsc::UnboundedSender<Push>) {
+    loop {
+        match stream.message().await {
+            Ok(Some(pb::Push {
+                event: Some(pb::push::Event::Message(m)),
+            })) => match message_from(m) {
+                Ok(message) => {
+                    let _ = pushes.send(Push::Message(message));
+                }
+                Err(err) => {
+                    let _ = pushes.send(Push::Goodbye {
+                        code: ErrorCode::Malformed,
+                        message: err.to_string(),
+                    });
+                    return;
+                }
+            },
+            Ok(Some(pb::Push {
+                event: Some(pb::push::Event::LoggedOut(out)),
+            })) => {
+                let reason = reason_from(&out.reason);
+                if reason == LogoutReason::SlowConsumer
+                    && let Ok(user) = Username::parse(&out.username)
+                {
+                    let _ = pushes.send(Push::LoggedOut { user, reason });
+                }
+                return;
+            }
+            Ok(Some(pb::Push { event: None })) => {}
+            Ok(None) => return,
+            Err(status) => {
+                let (code, message) = match to_client_error(&status) {
+                    ClientError::Server { code, message } => (code, message),
+                    other => (ErrorCode::Internal, other.to_string()),
+                };
+                let _ = pushes.send(Push::Goodbye { code, message });
+                return;
+            }
+        }
+    }
+}
+
+impl ChatClient for GrpcClient {
+    async fn create(&mut self, name: &str) -> Result<SessionState, ClientError> {
+        let request = self.request(pb::CreateAccountRequest {
+            username: name.to_owned(),
+        });
+        match self.stub.create_account(request).await {
+            Ok(reply) => self.enter(reply.into_inner()).await,
+            Err(status) => Err(self.fail(status)),
+        }
+    }
+
+    async fn login(&mut self, name: &str) -> Result<SessionState, ClientError> {
+        let request = self.request(pb::LoginRequest {
+            username: name.to_owned(),
+        });
+        match self.stub.login(request).await {
+            Ok(reply) => self.enter(reply.into_inner()).await,
+            Err(status) => Err(self.fail(status)),
+        }
+    }
+
+    async fn logout(&mut self) -> Result<SessionState, ClientError> {
+        match self.stub.logout(self.request(pb::LogoutRequest {})).await {
+            Ok(reply) => {
+                self.forget_session();
+                state_from(reply.into_inner().state)
+            }
+            Err(status) => Err(self.fail(status)),
+        }
+    }
+
+    async fn delete(&mut self) -> Result<SessionState, ClientError> {
+        match self
+            .stub
+            .delete_account(self.request(pb::DeleteAccountRequest {}))
+            .await
+        {
+            Ok(reply) => {
+                self.forget_session();
+                state_from(reply.into_inner().state)
+            }
+            Err(status) => Err(self.fail(status)),
+        }
+    }
+
+    async fn send(&mut self, to: &str, body: &str) -> Result<SendReceipt, ClientError> {
+        let request = self.request(pb::SendMessageRequest {
+            recipient: to.to_owned(),
+            body: body.to_owned(),
+        });
+        match self.stub.send_message(request).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                self.state = state_from(reply.state)?;
+                Ok(SendReceipt {
+                    id: reply.message_id,
+                    timestamp_ms: reply.timestamp_ms,
+                })
+            }
+            Err(status) => Err(self.fail(status)),
+        }
+    }
+
+    async fn list(&mut self, pattern: &str, max: u32) -> Result<Vec<Username>, ClientError> {
+        let request = self.request(pb::ListAccountsRequest {
+            pattern: pattern.to_owned(),
+            max,
+        });
+        match self.stub.list_accounts(request).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                self.state = state_from(reply.state)?;
+                reply
+                    .usernames
+                    .iter()
+                    .map(|n| Username::parse(n).map_err(|e| protocol(format!("account name: {e}"))))
+                    .collect()
+            }
+            Err(status) => Err(self.fail(status)),
+        }
+    }
+
+    async fn fetch(&mut self, max: u32) -> Result<Vec<Message>, ClientError> {
+        match self
+            .stub
+            .fetch_messages(self.request(pb::FetchMessagesRequest { max }))
+            .await
+        {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                self.state = state_from(reply.state)?;
+                reply.messages.into_iter().map(message_from).collect()
+            }
+            Err(status) => Err(self.fail(status)),
+        }
+    }
+
+    async fn next_push(&mut self) -> Option<Push> {
+        let push = self.pushes.recv().await?;
+        if let Push::LoggedOut { user, .. } = &push
+            && self.state.user() == Some(user)
+        {
+            self.forget_session();
+        }
+        Some(push)
+    }
+
+    fn state(&self) -> &SessionState {
+        &self.state
+    }
+}
