@@ -1,0 +1,416 @@
+//! gRPC-specific behaviour: session tokens and their stream, status codes,
+//! health and reflection, shutdown. Raw tonic stubs, so every byte of the
+//! contract other-language clients rely on is exercised.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_core::client::{ChatClient, Push};
+use chat_core::{Chat, ErrorCode};
+use chat_grpc::pb::chat_client::ChatClient as Stub;
+use chat_grpc::pb::{self, push};
+use chat_grpc::status::{ERROR_CODE_KEY, chat_code};
+use chat_grpc::{GrpcClient, GrpcConfig, serve};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+struct Server {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+async fn start(config: GrpcConfig) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve(listener, Chat::in_memory(), config, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        stop: Some(stop),
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[track_caller]
+fn expect_status<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    grpc: Code,
+    chat: ErrorCode,
+) -> Status {
+    let status = result.expect_err("the call fails");
+    assert_eq!(
+        (status.code(), chat_code(&status)),
+        (grpc, Some(chat)),
+        "{status:?}"
+    );
+    status
+}
+
+async fn create(stub: &mut Stub<Channel>, name: &str) -> String {
+    let reply = stub
+        .create_account(pb::CreateAccountRequest {
+            username: name.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.state.unwrap().username, name);
+    assert_eq!(reply.token.len(), 80, "64-bit id and 256-bit secret, hex");
+    reply.token
+}
+
+#[tokio::test]
+async fn errors_carry_the_stable_code_and_the_fitting_status() {
+    let server = start(GrpcConfig::default()).await;
+    let mut stub = Stub::new(channel(server.addr).await);
+    let token = create(&mut stub, "alice").await;
+    let taken = expect_status(
+        stub.create_account(pb::CreateAccountRequest {
+            username: "alice".into(),
+        })
+        .await,
+        Code::AlreadyExists,
+        ErrorCode::UsernameTaken,
+    );
+    assert_eq!(
+        taken.metadata().get(ERROR_CODE_KEY).unwrap(),
+        "username_taken"
+    );
+    expect_status(
+        stub.create_account(pb::CreateAccountRequest {
+            username: "a b".into(),
+        })
+        .await,
+        Code::InvalidArgument,
+        ErrorCode::InvalidUsername,
+    );
+    expect_status(
+        stub.send_message(with_token(
+            pb::SendMessageRequest {
+                recipient: "nobody".into(),
+                body: "hi".into(),
+            },
+            &token,
+        ))
+        .await,
+        Code::NotFound,
+        ErrorCode::NoSuchUser,
+    );
+    expect_status(
+        stub.send_message(pb::SendMessageRequest {
+            recipient: "alice".into(),
+            body: "hi".into(),
+        })
+        .await,
+        Code::Unauthenticated,
+        ErrorCode::NotLoggedIn,
+    );
+    expect_status(
+        stub.list_accounts(pb::ListAccountsRequest {
+            pattern: "(".into(),
+            max: 0,
+        })
+        .await,
+        Code::InvalidArgument,
+        ErrorCode::InvalidPattern,
+    );
+    expect_status(
+        stub.login(with_token(
+            pb::LoginRequest {
+                username: "alice".into(),
+            },
+            &token,
+        ))
+        .await,
+        Code::FailedPrecondition,
+        ErrorCode::SessionLoggedIn,
+    );
+}
+
+#[tokio::test]
+async fn bad_tokens_are_unauthenticated() {
+    let server = start(GrpcConfig::default()).await;
+    let mut stub = Stub::new(channel(server.addr).await);
+    let token = create(&mut stub, "alice").await;
+    // Right id, wrong secret.
+    let forged = format!("{}{}", &token[..16], "0".repeat(64));
+    for bad in [forged.as_str(), "short", &"z".repeat(80)] {
+        expect_status(
+            stub.fetch_messages(with_token(pb::FetchMessagesRequest { max: 0 }, bad))
+                .await,
+            Code::Unauthenticated,
+            ErrorCode::Unauthenticated,
+        );
+    }
+    let mut basic = Request::new(pb::FetchMessagesRequest { max: 0 });
+    basic
+        .metadata_mut()
+        .insert("authorization", "Basic abc".parse().unwrap());
+    expect_status(
+        stub.fetch_messages(basic).await,
+        Code::Unauthenticated,
+        ErrorCode::Unauthenticated,
+    );
+    // The real token still works, and listing needs none.
+    stub.fetch_messages(with_token(pb::FetchMessagesRequest { max: 0 }, &token))
+        .await
+        .unwrap();
+    stub.list_accounts(pb::ListAccountsRequest {
+        pattern: String::new(),
+        max: 0,
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn closing_the_stream_logs_out_and_voids_the_token() {
+    let server = start(GrpcConfig::default()).await;
+    let mut stub = Stub::new(channel(server.addr).await);
+    let token = create(&mut stub, "alice").await;
+    let stream = stub
+        .subscribe(with_token(pb::SubscribeRequest {}, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    // A second login is refused while the stream is open.
+    let mut other = Stub::new(channel(server.addr).await);
+    expect_status(
+        other
+            .login(pb::LoginRequest {
+                username: "alice".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        ErrorCode::AlreadyLoggedIn,
+    );
+    // So is a second stream for the same session.
+    expect_status(
+        stub.subscribe(with_token(pb::SubscribeRequest {}, &token))
+            .await,
+        Code::FailedPrecondition,
+        ErrorCode::AlreadyLoggedIn,
+    );
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match other
+            .login(pb::LoginRequest {
+                username: "alice".into(),
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(
+                    chat_code(&status),
+                    Some(ErrorCode::AlreadyLoggedIn),
+                    "{status:?}"
+                );
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still logged in after the stream closed"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    expect_status(
+        stub.fetch_messages(with_token(pb::FetchMessagesRequest { max: 0 }, &token))
+            .await,
+        Code::Unauthenticated,
+        ErrorCode::Unauthenticated,
+    );
+}
+
+#[tokio::test]
+async fn deleting_the_account_ends_the_stream_with_a_clear_status() {
+    let server = start(GrpcConfig::default()).await;
+    let mut stub = Stub::new(channel(server.addr).await);
+    let token = create(&mut stub, "alice").await;
+    let mut stream = stub
+        .subscribe(with_token(pb::SubscribeRequest {}, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    stub.delete_account(with_token(pb::DeleteAccountRequest {}, &token))
+        .await
+        .unwrap();
+    let last = tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    match last.and_then(|p| p.event) {
+        Some(push::Event::LoggedOut(out)) => {
+            assert_eq!(
+                (out.username.as_str(), out.reason.as_str()),
+                ("alice", "account_deleted")
+            );
+        }
+        other => panic!("expected the logged-out push, got {other:?}"),
+    }
+    let end = tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .unwrap();
+    let status = expect_status(end, Code::Unauthenticated, ErrorCode::Unauthenticated);
+    assert!(
+        status.message().contains("account deleted"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn a_session_whose_stream_never_opens_expires() {
+    let config = GrpcConfig {
+        stream_grace: Duration::from_millis(200),
+        ..GrpcConfig::default()
+    };
+    let server = start(config).await;
+    let mut stub = Stub::new(channel(server.addr).await);
+    let token = create(&mut stub, "ghost").await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match stub
+            .fetch_messages(with_token(pb::FetchMessagesRequest { max: 0 }, &token))
+            .await
+        {
+            Ok(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the session never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => {
+                assert_eq!(
+                    chat_code(&status),
+                    Some(ErrorCode::Unauthenticated),
+                    "{status:?}"
+                );
+                break;
+            }
+        }
+    }
+    stub.login(pb::LoginRequest {
+        username: "ghost".into(),
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn health_reports_serving() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let server = start(GrpcConfig::default()).await;
+    let mut health = HealthClient::new(channel(server.addr).await);
+    for service in ["chat.v1.Chat", ""] {
+        let reply = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+}
+
+#[tokio::test]
+async fn reflection_describes_the_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = start(GrpcConfig::default()).await;
+    let mut reflection = ServerReflectionClient::new(channel(server.addr).await);
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol("chat.v1.Chat".into()),
+    ]
+    .map(|m| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    });
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    match replies
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+    {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+            assert!(names.contains(&"chat.v1.Chat"), "{names:?}");
+            assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match replies
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+    {
+        Some(MessageResponse::FileDescriptorResponse(files)) => {
+            use prost::Message;
+            let file =
+                prost_types::FileDescriptorProto::decode(&files.file_descriptor_proto[0][..])
+                    .unwrap();
+            assert_eq!(file.package(), "chat.v1");
+            let methods: Vec<_> = file.service[0].method.iter().map(|m| m.name()).collect();
+            assert!(
+                methods.contains(&"SendMessage") && methods.contains(&"Subscribe"),
+                "{methods:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn shutdown_ends_streams_with_unavailable() {
+    let mut server = start(GrpcConfig::default()).await;
+    let mut alice = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
+    alice.create("alice").await.unwrap();
+    server.stop.take().unwrap().send(()).unwrap();
+    match tokio::time::timeout(PATIENCE, alice.next_push())
+        .await
+        .unwrap()
+    {
+        Some(Push::Goodbye {
+            code: ErrorCode::ShuttingDown,
+            ..
+        }) => {}
+        other => panic!("expected a shutdown goodbye, got {other:?}"),
+    }
+}

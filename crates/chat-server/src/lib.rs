@@ -1,0 +1,200 @@
+//! Runs one chat engine behind one or both transports in one process.
+//!
+//! Both server binaries are thin: they parse their flags and call [`run`].
+//! Serving both transports from one process means a user connected over the
+//! socket protocol chats with a user connected over gRPC: they share one
+//! [`Chat`].
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use chat_core::Chat;
+use chat_grpc::GrpcConfig;
+use chat_socket::ServerConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Tuning flags shared by both server binaries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Tuning {
+    /// Socket transport: seconds of silence after which a client is dropped
+    /// and logged out.
+    #[arg(long, default_value_t = 45)]
+    pub idle_timeout_secs: u64,
+    /// Socket transport: most connections served at once.
+    #[arg(long, default_value_t = 50_000)]
+    pub max_connections: usize,
+    /// gRPC transport: seconds a new session may go without opening its
+    /// push stream before it is logged out.
+    #[arg(long, default_value_t = 10)]
+    pub stream_grace_secs: u64,
+}
+
+impl Tuning {
+    fn socket(&self) -> ServerConfig {
+        ServerConfig {
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
+            max_connections: self.max_connections.max(1),
+            ..ServerConfig::default()
+        }
+    }
+
+    fn grpc(&self) -> GrpcConfig {
+        GrpcConfig {
+            stream_grace: Duration::from_secs(self.stream_grace_secs.max(1)),
+            ..GrpcConfig::default()
+        }
+    }
+}
+
+/// A transport to serve on an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// The binary socket protocol.
+    Socket(SocketAddr),
+    /// gRPC.
+    Grpc(SocketAddr),
+}
+
+/// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default
+/// `info`), colored only on a terminal.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Binds every listener (in order), prints one `listening on ADDRESS` line
+/// per listener to stdout in that order, serves one shared in-memory engine
+/// on all of them until Ctrl-C or SIGTERM, then shuts down cleanly.
+pub async fn run(listen: &[Listen], tuning: &Tuning) -> anyhow::Result<()> {
+    let bound = Bound::bind(listen).await?;
+    {
+        let mut stdout = std::io::stdout().lock();
+        for addr in bound.local_addrs()? {
+            writeln!(stdout, "listening on {addr}")?;
+        }
+        stdout.flush()?;
+    }
+    bound
+        .serve(Chat::in_memory(), tuning, shutdown_signal())
+        .await
+}
+
+/// Listeners bound and ready to serve.
+#[derive(Debug)]
+pub struct Bound {
+    listeners: Vec<(Listen, TcpListener)>,
+}
+
+impl Bound {
+    /// Binds every address in `listen`, in order.
+    pub async fn bind(listen: &[Listen]) -> anyhow::Result<Self> {
+        let mut listeners = Vec::new();
+        for &spec in listen {
+            let addr = match spec {
+                Listen::Socket(addr) | Listen::Grpc(addr) => addr,
+            };
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            listeners.push((spec, listener));
+        }
+        Ok(Self { listeners })
+    }
+
+    /// The actual addresses (port 0 resolved), in the order given.
+    pub fn local_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
+        self.listeners
+            .iter()
+            .map(|(_, listener)| listener.local_addr())
+            .collect()
+    }
+
+    /// Serves `chat` on every listener until `shutdown` completes (or a
+    /// transport fails), then stops them all and the engine.
+    pub async fn serve(
+        self,
+        chat: Chat,
+        tuning: &Tuning,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let mut servers = tokio::task::JoinSet::new();
+        for (spec, listener) in self.listeners {
+            let chat = chat.clone();
+            let stop = stop.clone().cancelled_owned();
+            match spec {
+                Listen::Socket(_) => {
+                    let config = tuning.socket();
+                    tracing::info!(addr = %listener.local_addr()?, "socket transport ready");
+                    servers.spawn(async move {
+                        chat_socket::serve(listener, chat, config, stop)
+                            .await
+                            .context("socket transport failed")
+                    });
+                }
+                Listen::Grpc(_) => {
+                    let config = tuning.grpc();
+                    tracing::info!(addr = %listener.local_addr()?, "grpc transport ready");
+                    servers.spawn(async move {
+                        chat_grpc::serve(listener, chat, config, stop)
+                            .await
+                            .context("grpc transport failed")
+                    });
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown => {}
+            // A transport that stops by itself is worth stopping for.
+            Some(result) = servers.join_next() => {
+                stop.cancel();
+                chat.shutdown();
+                result??;
+                anyhow::bail!("a transport stopped unexpectedly");
+            }
+        }
+        stop.cancel();
+        chat.shutdown();
+        while let Some(result) = servers.join_next().await {
+            result??;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(%err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}
