@@ -4,7 +4,8 @@
 //! intact while messages arrive, and the prompt shows who you are. When
 //! standard input is not a terminal (scripts, tests) it reads one command
 //! per line and prints one result line per command; the line format is the
-//! same in both modes and is documented in README.md as stable.
+//! same in both modes and is documented in README.md as stable. It speaks
+//! either transport (`--transport socket|grpc`).
 
 mod command;
 
@@ -12,7 +13,8 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use chat_core::SessionState;
-use chat_core::client::{ChatClient, Push};
+use chat_core::client::{ChatClient, ClientError, Push};
+use chat_grpc::GrpcClient;
 use chat_socket::SocketClient;
 use clap::Parser;
 use tokio::sync::mpsc;
@@ -23,33 +25,63 @@ use crate::command::{Command, execute, parse, push_line};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Server address.
-    #[arg(long, env = "CHAT_SERVER", default_value = "127.0.0.1:7878")]
-    server: String,
+    /// Server address [default: 127.0.0.1:7878 for socket, 127.0.0.1:50051
+    /// for grpc].
+    #[arg(long, env = "CHAT_SERVER")]
+    server: Option<String>,
+    /// Protocol to speak.
+    #[arg(long, value_enum, env = "CHAT_TRANSPORT", default_value_t = Transport::Socket)]
+    transport: Transport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    /// The compact binary socket protocol.
+    Socket,
+    /// gRPC.
+    Grpc,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let client = match SocketClient::connect(&args.server).await {
-        Ok(client) => client,
+    let server = args.server.unwrap_or_else(|| {
+        match args.transport {
+            Transport::Socket => "127.0.0.1:7878",
+            Transport::Grpc => "127.0.0.1:50051",
+        }
+        .to_string()
+    });
+    let console = match console() {
+        Ok(console) => console,
         Err(err) => {
-            eprintln!("chat: cannot connect to {}: {err}", args.server);
+            eprintln!("chat: cannot start the line editor: {err}");
             return ExitCode::from(1);
         }
     };
-    let console = if std::io::stdin().is_terminal() {
-        match Console::interactive() {
-            Ok(console) => console,
-            Err(err) => {
-                eprintln!("chat: cannot start the line editor: {err}");
-                return ExitCode::from(1);
-            }
-        }
-    } else {
-        Console::script()
+    let unreachable = |err: ClientError| {
+        eprintln!("chat: cannot connect to {server}: {err}");
+        ExitCode::from(1)
     };
-    run(client, console).await
+    match args.transport {
+        Transport::Socket => match SocketClient::connect(&server).await {
+            Ok(client) => run(client, console).await,
+            Err(err) => unreachable(err),
+        },
+        Transport::Grpc => match GrpcClient::connect(&server).await {
+            Ok(client) => run(client, console).await,
+            Err(err) => unreachable(err),
+        },
+    }
+}
+
+/// The interactive console on a terminal, plain lines otherwise.
+fn console() -> rustyline::Result<Console> {
+    if std::io::stdin().is_terminal() {
+        Console::interactive()
+    } else {
+        Ok(Console::script())
+    }
 }
 
 /// Where lines come from and output goes.

@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use chat_core::Chat;
-use chat_socket::{ServerConfig, serve};
+use chat_server::{Bound, Listen, Tuning};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpListener;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -19,9 +19,10 @@ struct ChatProcess {
 }
 
 impl ChatProcess {
-    fn spawn(server: &str) -> Self {
+    /// Starts `chat` against `server` over `transport` (`socket`/`grpc`).
+    fn spawn((transport, server): (&str, &str)) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chat"))
-            .args(["--server", server])
+            .args(["--server", server, "--transport", transport])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -59,23 +60,47 @@ impl ChatProcess {
     }
 }
 
-async fn start_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(
-        listener,
-        Chat::in_memory(),
-        ServerConfig::default(),
-        std::future::pending(),
-    ));
-    addr.to_string()
+/// A server with both transports on one engine; returns the socket and
+/// gRPC addresses.
+async fn start_server() -> (String, String) {
+    let any = "127.0.0.1:0".parse().unwrap();
+    let bound = Bound::bind(&[Listen::Socket(any), Listen::Grpc(any)])
+        .await
+        .unwrap();
+    let addrs = bound.local_addrs().unwrap();
+    tokio::spawn(async move {
+        bound
+            .serve(
+                Chat::in_memory(),
+                &Tuning::default(),
+                std::future::pending(),
+            )
+            .await
+    });
+    (addrs[0].to_string(), addrs[1].to_string())
 }
 
 #[tokio::test]
-async fn two_users_chat_live_and_offline() {
-    let server = start_server().await;
-    let mut bob = ChatProcess::spawn(&server);
-    let mut alice = ChatProcess::spawn(&server);
+async fn two_users_chat_over_the_socket_protocol() {
+    let (socket, _) = start_server().await;
+    two_users_chat(("socket", &socket), ("socket", &socket)).await;
+}
+
+#[tokio::test]
+async fn two_users_chat_over_grpc() {
+    let (_, grpc) = start_server().await;
+    two_users_chat(("grpc", &grpc), ("grpc", &grpc)).await;
+}
+
+#[tokio::test]
+async fn a_socket_user_and_a_grpc_user_chat() {
+    let (socket, grpc) = start_server().await;
+    two_users_chat(("socket", &socket), ("grpc", &grpc)).await;
+}
+
+async fn two_users_chat(bob_at: (&str, &str), alice_at: (&str, &str)) {
+    let mut bob = ChatProcess::spawn(bob_at);
+    let mut alice = ChatProcess::spawn(alice_at);
     assert_eq!(bob.run("create bob").await, "ok logged in as bob");
     assert_eq!(alice.run("create alice").await, "ok logged in as alice");
     assert_eq!(alice.run("send bob hello   bob").await, "ok sent bob 1");
@@ -127,16 +152,23 @@ async fn two_users_chat_live_and_offline() {
 
 #[tokio::test]
 async fn a_killed_client_is_logged_out() {
-    let server = start_server().await;
-    let mut alice = ChatProcess::spawn(&server);
+    let (socket, grpc) = start_server().await;
+    for server in [("socket", socket.as_str()), ("grpc", grpc.as_str())] {
+        killed_client_is_logged_out(server).await;
+    }
+}
+
+async fn killed_client_is_logged_out(server: (&str, &str)) {
+    let mut alice = ChatProcess::spawn(server);
     assert_eq!(alice.run("create alice").await, "ok logged in as alice");
     alice.child.kill().await.unwrap();
 
-    let mut again = ChatProcess::spawn(&server);
+    let mut again = ChatProcess::spawn(server);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let reply = again.run("login alice").await;
         if reply == "ok logged in as alice" {
+            assert_eq!(again.run("delete").await, "ok deleted alice");
             break;
         }
         assert!(reply.starts_with("error already_logged_in "), "{reply}");
@@ -150,8 +182,8 @@ async fn a_killed_client_is_logged_out() {
 
 #[tokio::test]
 async fn end_of_input_exits_cleanly_and_logs_out() {
-    let server = start_server().await;
-    let mut carol = ChatProcess::spawn(&server);
+    let (socket, _) = start_server().await;
+    let mut carol = ChatProcess::spawn(("socket", &socket));
     assert_eq!(carol.run("create carol").await, "ok logged in as carol");
     drop(carol.stdin);
     let status = tokio::time::timeout(PATIENCE, carol.child.wait())
@@ -169,12 +201,21 @@ async fn an_unreachable_server_is_reported() {
         .unwrap()
         .local_addr()
         .unwrap();
+    for transport in ["socket", "grpc"] {
+        unreachable_server_is_reported(transport, &addr.to_string()).await;
+    }
+}
+
+async fn unreachable_server_is_reported(transport: &str, addr: &str) {
     let output = Command::new(env!("CARGO_BIN_EXE_chat"))
-        .args(["--server", &addr.to_string()])
+        .args(["--server", addr, "--transport", transport])
         .stdin(Stdio::null())
         .output()
         .await
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot connect"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cannot connect"),
+        "{transport}"
+    );
 }

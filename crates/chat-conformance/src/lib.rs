@@ -6,7 +6,10 @@
 //! [`conformance_tests!`] with that function; the macro expands to one
 //! `#[tokio::test]` per scenario in [`scenarios`]. Each test gets its own
 //! server, so scenarios never see each other's accounts.
+//!
+//! [`process`] runs the server binaries as child processes.
 
+pub mod process;
 pub mod scenarios;
 
 use std::future::Future;

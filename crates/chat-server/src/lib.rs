@@ -16,20 +16,32 @@ use chat_socket::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Tuning flags shared by both server binaries.
+/// Tuning flags shared by both server binaries; `Tuning::default()` is
+/// what the flags default to.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tuning {
     /// Socket transport: seconds of silence after which a client is dropped
     /// and logged out.
-    #[arg(long, default_value_t = 45)]
+    #[arg(long, default_value_t = Tuning::default().idle_timeout_secs)]
     pub idle_timeout_secs: u64,
     /// Socket transport: most connections served at once.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = Tuning::default().max_connections)]
     pub max_connections: usize,
     /// gRPC transport: seconds a new session may go without opening its
     /// push stream before it is logged out.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = Tuning::default().stream_grace_secs)]
     pub stream_grace_secs: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        let socket = ServerConfig::default();
+        Self {
+            idle_timeout_secs: socket.idle_timeout.as_secs(),
+            max_connections: socket.max_connections,
+            stream_grace_secs: GrpcConfig::default().stream_grace.as_secs(),
+        }
+    }
 }
 
 impl Tuning {

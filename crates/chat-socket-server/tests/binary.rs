@@ -1,48 +1,18 @@
-//! The server binary as users run it: a real child process on port 0.
+//! The socket server binary as users run it: a real child process on port
+//! 0, alone and with gRPC beside it.
 
-use std::process::Stdio;
 use std::time::Duration;
 
+use chat_conformance::process::ServerProcess;
 use chat_core::ErrorCode;
 use chat_core::client::{ChatClient, Push};
+use chat_grpc::GrpcClient;
 use chat_socket::SocketClient;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
-const PATIENCE: Duration = Duration::from_secs(30);
+const SERVER: &str = env!("CARGO_BIN_EXE_chat-socket-server");
 
-#[tokio::test]
-async fn prints_its_address_serves_and_stops_on_sigterm() {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_chat-socket-server"))
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(server.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(PATIENCE, stdout.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let addr = first
-        .strip_prefix("listening on ")
-        .expect("the one stdout line")
-        .to_string();
-    assert!(!addr.ends_with(":0"), "the actual port is printed: {addr}");
-
-    let mut alice = SocketClient::connect(&addr).await.unwrap();
-    alice.create("alice").await.unwrap();
-    assert_eq!(alice.list("", 0).await.unwrap().len(), 1);
-
-    let pid = server.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    match tokio::time::timeout(PATIENCE, alice.next_push())
+async fn expect_shutdown_goodbye(client: &mut impl ChatClient) {
+    match tokio::time::timeout(Duration::from_secs(30), client.next_push())
         .await
         .unwrap()
     {
@@ -52,14 +22,35 @@ async fn prints_its_address_serves_and_stops_on_sigterm() {
         }) => {}
         other => panic!("expected a shutdown goodbye, got {other:?}"),
     }
-    let status = tokio::time::timeout(PATIENCE, server.wait())
+}
+
+#[tokio::test]
+async fn prints_its_address_serves_and_stops_on_sigterm() {
+    let server = ServerProcess::start(SERVER, &["--listen", "127.0.0.1:0"], 1).await;
+    let mut alice = SocketClient::connect(&server.addrs[0]).await.unwrap();
+    alice.create("alice").await.unwrap();
+    assert_eq!(alice.list("", 0).await.unwrap().len(), 1);
+    server.terminate().await;
+    expect_shutdown_goodbye(&mut alice).await;
+}
+
+#[tokio::test]
+async fn serves_grpc_too_on_the_same_engine() {
+    let args = ["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"];
+    let server = ServerProcess::start(SERVER, &args, 2).await;
+    let mut alice = SocketClient::connect(&server.addrs[0]).await.unwrap();
+    let mut bob = GrpcClient::connect(&server.addrs[1]).await.unwrap();
+    alice.create("alice").await.unwrap();
+    bob.create("bob").await.unwrap();
+    alice.send("bob", "from the socket side").await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(30), bob.next_push())
         .await
         .unwrap()
-        .unwrap();
-    assert!(status.success(), "clean exit on SIGTERM: {status}");
-    assert_eq!(
-        stdout.next_line().await.unwrap(),
-        None,
-        "exactly one line on stdout"
-    );
+    {
+        Some(Push::Message(m)) => assert_eq!(m.body.as_str(), "from the socket side"),
+        other => panic!("{other:?}"),
+    }
+    server.terminate().await;
+    expect_shutdown_goodbye(&mut alice).await;
+    expect_shutdown_goodbye(&mut bob).await;
 }
