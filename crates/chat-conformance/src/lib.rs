@@ -7,10 +7,12 @@
 //! `#[tokio::test]` per scenario in [`scenarios`]. Each test gets its own
 //! server, so scenarios never see each other's accounts.
 //!
-//! [`process`] runs the server binaries as child processes.
+//! [`process`] runs the server binaries as child processes; [`wire`]
+//! counts bytes on the wire per operation.
 
 pub mod process;
 pub mod scenarios;
+pub mod wire;
 
 use std::future::Future;
 

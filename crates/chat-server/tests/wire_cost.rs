@@ -1,0 +1,67 @@
+//! The byte counts docs/PROTOCOL.md reports are what the transports really
+//! send: the socket protocol's sizes are exact, so they are asserted to the
+//! byte; gRPC's must at least be measurable and larger.
+
+use chat_conformance::wire::{BODY, RECIPIENT, measure};
+use chat_core::Chat;
+use chat_grpc::GrpcClient;
+use chat_server::{Bound, Listen, Tuning};
+use chat_socket::SocketClient;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_costs_are_as_specified_and_grpc_costs_more() {
+    // One engine per transport, so both measurements start from scratch.
+    let socket_addr = start(Listen::Socket("127.0.0.1:0".parse().unwrap())).await;
+    let grpc_addr = start(Listen::Grpc("127.0.0.1:0".parse().unwrap())).await;
+
+    let socket = measure(socket_addr, |addr| async move {
+        SocketClient::connect(addr).await.unwrap()
+    })
+    .await;
+    let grpc = measure(grpc_addr, |addr| async move {
+        GrpcClient::connect(&addr.to_string()).await.unwrap()
+    })
+    .await;
+    let cost = |costs: &[chat_conformance::wire::Cost], op: &str| {
+        costs
+            .iter()
+            .find(|c| c.operation == op)
+            .map(|c| (c.up, c.down))
+            .unwrap()
+    };
+    let payload = (RECIPIENT.len() + BODY.len()) as u64;
+    // HELLO is 11 bytes, WELCOME 15.
+    assert_eq!(cost(&socket, "connect"), (11, 15));
+    // SEND: 10 bytes beyond recipient and body; SENT: 4+1+4+1+(1+5)+8+8.
+    assert_eq!(cost(&socket, "send"), (10 + payload, 32));
+    // PUSH MESSAGE: 4+1+8+8+(1+5) beyond the body.
+    assert_eq!(
+        cost(&socket, "live push (recipient side)"),
+        (0, 27 + BODY.len() as u64)
+    );
+    for op in [
+        "send",
+        "live push (recipient side)",
+        "create",
+        "list (2 names)",
+        "fetch (1 message)",
+    ] {
+        let (s, g) = (cost(&socket, op), cost(&grpc, op));
+        assert!(g.0 + g.1 > s.0 + s.1, "{op}: gRPC {g:?} vs socket {s:?}");
+    }
+}
+
+async fn start(listen: Listen) -> std::net::SocketAddr {
+    let bound = Bound::bind(&[listen]).await.expect("bind");
+    let addr = bound.local_addrs().expect("address")[0];
+    tokio::spawn(async move {
+        bound
+            .serve(
+                Chat::in_memory(),
+                &Tuning::default(),
+                std::future::pending(),
+            )
+            .await
+    });
+    addr
+}
