@@ -20,10 +20,10 @@ use rand::Rng;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::pb;
 use crate::pb::chat_server::{Chat as ChatRpc, ChatServer};
@@ -95,17 +95,52 @@ pub async fn serve(
             stop.cancel();
         }
     };
+    let incoming = accept_loop(listener, config.tcp_keepalive);
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .tcp_keepalive(Some(config.tcp_keepalive))
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ChatServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .serve_with_incoming_shutdown(incoming, signal)
         .await
+}
+
+/// Accepted connections, configured, for tonic. The builder's TCP options
+/// apply only to listeners tonic binds itself, so ours are set here: without
+/// TCP_NODELAY the first reply on every connection waits ~40 ms for a
+/// delayed ACK. Accept errors (out of file descriptors, a peer that reset
+/// before we got to it) are logged and retried after a pause: handing an
+/// error to tonic would stop the whole server.
+fn accept_loop(
+    listener: TcpListener,
+    tcp_keepalive: Duration,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(tcp_keepalive)
+        .with_interval(tcp_keepalive / 3);
+    futures::stream::unfold(listener, move |listener| {
+        let keepalive = keepalive.clone();
+        async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        if let Err(err) = stream.set_nodelay(true).and_then(|()| {
+                            socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)
+                        }) {
+                            debug!(%peer, %err, "could not set socket options");
+                        }
+                        return Some((Ok(stream), listener));
+                    }
+                    Err(err) => {
+                        warn!(%err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// One logged-in gRPC session.
