@@ -6,7 +6,7 @@
 //! everything again regardless.
 
 use chat_core::client::{ChatClient, ClientError, Push};
-use chat_core::{ErrorCode, Message, MessageBody, SessionState, Username};
+use chat_core::{ErrorCode, Message, MessageBody, MessageId, SessionState, Username};
 
 /// One parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,9 +212,27 @@ pub fn push_line(push: &Push) -> String {
     }
 }
 
-/// Runs a checked command; returns the output lines (messages first, the
-/// result line last).
-pub async fn execute<C: ChatClient>(client: &mut C, command: &Command) -> Vec<String> {
+/// What running a command produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Output lines: messages first, the result line last.
+    pub lines: Vec<String>,
+    /// Acknowledge messages up to this id once the lines are shown.
+    pub ack: Option<MessageId>,
+}
+
+/// Runs a checked command.
+pub async fn execute<C: ChatClient>(client: &mut C, command: &Command) -> Outcome {
+    let mut ack = None;
+    let lines = run(client, command, &mut ack).await;
+    Outcome { lines, ack }
+}
+
+async fn run<C: ChatClient>(
+    client: &mut C,
+    command: &Command,
+    ack: &mut Option<MessageId>,
+) -> Vec<String> {
     if let Err(refusal) = check(command, client.state()) {
         return vec![refusal.to_string()];
     }
@@ -253,6 +271,7 @@ pub async fn execute<C: ChatClient>(client: &mut C, command: &Command) -> Vec<St
             }
             Command::Fetch(max) => {
                 let messages = client.fetch(*max).await?;
+                *ack = messages.iter().map(|m| m.id).max();
                 let mut lines: Vec<String> = messages.iter().map(message_line).collect();
                 lines.push(format!("ok fetched {}", messages.len()));
                 lines

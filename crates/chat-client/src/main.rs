@@ -84,6 +84,15 @@ fn console() -> rustyline::Result<Console> {
     }
 }
 
+/// Acknowledges messages once they are on the screen, so the server
+/// deletes them; a message shown but not acknowledged (the client was
+/// killed in between) is delivered again at the next login. A failed ack
+/// loses nothing (the message is simply delivered again), so it is not
+/// reported.
+async fn acknowledge<C: ChatClient>(client: &mut C, through: chat_core::MessageId) {
+    let _ = client.ack(through).await;
+}
+
 /// Where lines come from and output goes.
 struct Console {
     lines: mpsc::Receiver<String>,
@@ -185,8 +194,12 @@ async fn run<C: ChatClient>(mut client: C, mut console: Console) -> ExitCode {
                         continue;
                     }
                 };
-                for out in execute(&mut client, &command).await {
+                let outcome = execute(&mut client, &command).await;
+                for out in outcome.lines {
                     console.print(out);
+                }
+                if let Some(through) = outcome.ack {
+                    acknowledge(&mut client, through).await;
                 }
                 if command == Command::Quit {
                     break;
@@ -195,10 +208,11 @@ async fn run<C: ChatClient>(mut client: C, mut console: Console) -> ExitCode {
             }
             push = client.next_push() => match push {
                 Some(push) => {
-                    let closing = matches!(push, Push::Goodbye { .. });
                     console.print(push_line(&push));
-                    if closing {
-                        return ExitCode::from(2);
+                    match push {
+                        Push::Goodbye { .. } => return ExitCode::from(2),
+                        Push::Message(message) => acknowledge(&mut client, message.id).await,
+                        Push::LoggedOut { .. } => {}
                     }
                 }
                 None => {

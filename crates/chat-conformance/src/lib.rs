@@ -45,6 +45,8 @@ macro_rules! conformance_tests {
             connection_drop_logs_out,
             concurrent_creates_one_winner_per_name,
             hundreds_of_clients_exactly_once,
+            unacked_messages_are_delivered_again,
+            fetched_messages_need_an_ack,
         );
     };
     (@each $start:path; $($name:ident),* $(,)?) => {

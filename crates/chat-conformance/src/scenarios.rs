@@ -360,3 +360,106 @@ pub async fn hundreds_of_clients_exactly_once<K: Connector>(k: &K) {
         check.expect("recipient check");
     }
 }
+
+/// A message pushed live but never acknowledged (the recipient's client
+/// died before it could) is delivered again at the next login, in order and
+/// before newer live messages; acknowledged ones never come back.
+pub async fn unacked_messages_are_delivered_again<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("alice").await.unwrap();
+    b.create("bob").await.unwrap();
+    for body in ["m1", "m2", "m3"] {
+        a.send("bob", body).await.unwrap();
+    }
+    let m1 = next_message(&mut b).await;
+    next_message(&mut b).await;
+    next_message(&mut b).await;
+    b.ack(m1.id).await.unwrap();
+    drop(b); // m2 and m3 were shown but never acknowledged
+
+    let mut b = k.connect().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while let Err(err) = b.login("bob").await {
+        assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn), "{err}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob never logged out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.send("bob", "m4").await.unwrap();
+    let again: Vec<String> = [
+        next_message(&mut b).await,
+        next_message(&mut b).await,
+        next_message(&mut b).await,
+    ]
+    .iter()
+    .map(|m| m.body.to_string())
+    .collect();
+    assert_eq!(
+        again,
+        ["m2", "m3", "m4"],
+        "replayed in order, before the new live message"
+    );
+    assert!(
+        b.fetch(0).await.unwrap().is_empty(),
+        "replayed messages are not queued as well"
+    );
+}
+
+/// Fetched messages stay stored until acknowledged: a fetch that was never
+/// acknowledged is replayed at the next login; an acknowledged one is gone.
+/// A client shows each message once even when the server replays it.
+pub async fn fetched_messages_need_an_ack<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("alice").await.unwrap();
+    b.create("bob").await.unwrap();
+    b.logout().await.unwrap();
+    a.send("bob", "q1").await.unwrap();
+    a.send("bob", "q2").await.unwrap();
+    b.login("bob").await.unwrap();
+    let fetched = b.fetch(0).await.unwrap();
+    assert_eq!(fetched.len(), 2);
+    b.ack(fetched[0].id).await.unwrap();
+
+    // Same client, logged out and back in: q2 is replayed by the server
+    // but this client has shown it already.
+    b.logout().await.unwrap();
+    b.login("bob").await.unwrap();
+    a.send("bob", "live").await.unwrap();
+    assert_eq!(
+        next_message(&mut b).await.body.as_str(),
+        "live",
+        "q2 was not shown twice"
+    );
+
+    // A new client has shown nothing: it gets q2 again, then nothing else.
+    drop(b);
+    let mut c = k.connect().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while let Err(err) = c.login("bob").await {
+        assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn), "{err}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob never logged out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let replayed = [next_message(&mut c).await, next_message(&mut c).await];
+    assert_eq!(
+        replayed.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
+        ["q2", "live"]
+    );
+    c.ack(replayed[1].id).await.unwrap();
+    c.logout().await.unwrap();
+    let mut d = k.connect().await;
+    d.login("bob").await.unwrap();
+    a.send("bob", "after the ack").await.unwrap();
+    assert_eq!(
+        next_message(&mut d).await.body.as_str(),
+        "after the ack",
+        "acknowledged messages are gone"
+    );
+}

@@ -10,7 +10,7 @@ use std::future::Future;
 
 use crate::engine::LogoutReason;
 use crate::error::ErrorCode;
-use crate::types::{Message, SendReceipt, SessionState, Username};
+use crate::types::{Message, MessageId, SendReceipt, SessionState, Username};
 
 /// What a client call can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,10 +94,52 @@ pub trait ChatClient: Send {
         max: u32,
     ) -> impl Future<Output = Result<Vec<Username>, ClientError>> + Send;
     /// Takes up to `max` queued messages, oldest first (0 = the server cap).
+    /// Messages this client has already returned (live or fetched) are
+    /// dropped, so each is seen once.
     fn fetch(&mut self, max: u32)
     -> impl Future<Output = Result<Vec<Message>, ClientError>> + Send;
+    /// Acknowledges every message received so far with an id up to
+    /// `through`, so the server deletes it and never delivers it again.
+    /// Call it once the message is safely shown or stored; until then the
+    /// server delivers it again at the next login.
+    fn ack(&mut self, through: MessageId) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// The next pushed event; `None` once the connection is closed.
+    /// Messages already returned by this client are dropped.
     fn next_push(&mut self) -> impl Future<Output = Option<Push>> + Send;
     /// The session state the server last reported.
     fn state(&self) -> &SessionState;
+}
+
+/// Remembers which message ids a client has handed to its user since
+/// login, so that redelivered messages (replayed after a reconnect, or a
+/// fetch racing a replay) are shown once. Ids are forgotten once
+/// acknowledged (the server deletes those) or when the user changes.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    user: Option<Username>,
+    ids: std::collections::BTreeSet<MessageId>,
+}
+
+impl Seen {
+    /// Follows the session state: logging in as a different user starts
+    /// afresh; logging out and back in as the same one does not (what was
+    /// shown but not acknowledged is replayed then, and dropped here).
+    pub fn follow(&mut self, state: &SessionState) {
+        if let Some(user) = state.user()
+            && self.user.as_ref() != Some(user)
+        {
+            self.user = Some(user.clone());
+            self.ids.clear();
+        }
+    }
+
+    /// `true` the first time `id` is offered, `false` after.
+    pub fn first(&mut self, id: MessageId) -> bool {
+        self.ids.insert(id)
+    }
+
+    /// Forgets ids up to `through`: acknowledged, they cannot come back.
+    pub fn acked(&mut self, through: MessageId) {
+        self.ids = self.ids.split_off(&through.saturating_add(1));
+    }
 }

@@ -17,8 +17,8 @@
 //! session lock (a recipient is logged out by a slow consumer through an
 //! atomic flag instead).
 
-use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ChatError;
 use crate::memory::MemoryStore;
 use crate::store::{NewMessage, Store};
-use crate::types::{Message, MessageBody, SendReceipt, SessionState, Username};
+use crate::types::{Message, MessageBody, MessageId, SendReceipt, SessionState, Username};
 
 /// Number of lock stripes for login state; a power of two.
 pub const STRIPES: usize = 1024;
@@ -133,6 +133,9 @@ struct Shared {
     revoked: AtomicBool,
     /// The latest logout to tell the event stream about.
     notice: StdMutex<Option<(Username, LogoutReason)>>,
+    /// Messages delivered before but never acknowledged, loaded at login,
+    /// which the event stream yields before any live message.
+    replay: StdMutex<VecDeque<Message>>,
     notify: Notify,
 }
 
@@ -193,6 +196,7 @@ impl Chat {
             tx,
             revoked: AtomicBool::new(false),
             notice: StdMutex::new(None),
+            replay: StdMutex::new(VecDeque::new()),
             notify: Notify::new(),
         });
         let session = Session {
@@ -315,7 +319,9 @@ impl Session {
         Ok(to_state(&state))
     }
 
-    /// Logs this session in as the existing account `name`.
+    /// Logs this session in as the existing account `name`. Messages
+    /// delivered to `name` earlier but never acknowledged come first on the
+    /// event stream, in order, before any new live message.
     pub async fn login(&self, name: &str) -> Result<SessionState, ChatError> {
         let name = Username::parse(name)?;
         let mut state = self.lock_logged_out().await?;
@@ -330,7 +336,17 @@ impl Session {
                 return Err(ChatError::AlreadyLoggedIn(name));
             }
         }
+        // Loaded under the stripe lock: a send to `name` either happened
+        // before (and is in this snapshot, if it was delivered) or happens
+        // after and is pushed behind it, never both.
+        let unacked = self.chat.inner.store.unacked(&name).await?;
         stripe.insert(name.clone(), Arc::clone(&self.shared));
+        if !unacked.is_empty() {
+            if let Ok(mut replay) = self.shared.replay.lock() {
+                *replay = unacked.into();
+            }
+            self.shared.notify.notify_one();
+        }
         *state = Some(name);
         Ok(to_state(&state))
     }
@@ -350,19 +366,18 @@ impl Session {
     pub async fn delete(&self) -> Result<SessionState, ChatError> {
         let mut state = self.lock_logged_in().await?;
         let user = state.clone().ok_or(ChatError::NotLoggedIn)?;
-        let mut stripe = self.chat.stripe(&user).lock().await;
+        let stripe = self.chat.stripe(&user).lock().await;
         self.chat.inner.store.delete_account(&user).await?;
-        if stripe.get(&user).is_some_and(|s| s.id == self.shared.id) {
-            stripe.remove(&user);
-        }
         drop(stripe);
+        self.release(&user).await;
         *state = None;
         self.shared.tell_logout(user, LogoutReason::AccountDeleted);
         Ok(SessionState::LoggedOut)
     }
 
-    /// Sends `body` to `to`: live if `to` is logged in, otherwise queued.
-    /// Success means the server accepted the message, not that it was read.
+    /// Sends `body` to `to`: pushed live if `to` is logged in, otherwise
+    /// queued. Either way the message is stored until `to` acknowledges it;
+    /// success means the server stored it, not that it was read.
     pub async fn send(&self, to: &str, body: &str) -> Result<SendReceipt, ChatError> {
         let to = Username::parse(to)?;
         let body = MessageBody::parse(body)?;
@@ -375,15 +390,15 @@ impl Session {
             sender,
             body,
             timestamp_ms: now_ms(),
-            queue: true,
+            delivered: false,
         };
-        // Reserve the live slot before recording the message, so a message
-        // is either pushed or queued, never recorded as live and then lost.
+        // Reserve the live slot before storing the message, so a message
+        // stored as delivered is always pushed.
         let recipient = stripe.get(&to).cloned();
         if let Some(recipient) = recipient {
             match recipient.tx.try_reserve() {
                 Ok(permit) => {
-                    message.queue = false;
+                    message.delivered = true;
                     let stored = store.append(message).await?;
                     let receipt = SendReceipt {
                         id: stored.id,
@@ -412,17 +427,22 @@ impl Session {
     }
 
     /// Takes up to `max` queued messages, oldest first (`max` = 0 means the
-    /// server cap, [`Config::max_fetch_results`]); they leave the queue.
+    /// server cap, [`Config::max_fetch_results`]). They are not fetched
+    /// again, but stay stored until [acknowledged](Session::ack).
     pub async fn fetch(&self, max: usize) -> Result<Vec<Message>, ChatError> {
         let state = self.lock_logged_in().await?;
         let user = state.as_ref().ok_or(ChatError::NotLoggedIn)?;
-        let store = &self.chat.inner.store;
         let limit = cap(max, self.chat.inner.config.max_fetch_results);
-        let messages = store.queued(user, limit).await?;
-        if let Some(last) = messages.last() {
-            store.ack(user, last.id).await?;
-        }
-        Ok(messages)
+        Ok(self.chat.inner.store.take_undelivered(user, limit).await?)
+    }
+
+    /// Acknowledges every message this user has received (live or fetched)
+    /// with an id up to `through`: they are deleted and never delivered
+    /// again. Returns how many were removed.
+    pub async fn ack(&self, through: MessageId) -> Result<usize, ChatError> {
+        let state = self.lock_logged_in().await?;
+        let user = state.as_ref().ok_or(ChatError::NotLoggedIn)?;
+        Ok(self.chat.inner.store.ack(user, through).await?)
     }
 
     /// Lists accounts; see [`Chat::list`]. Works logged in or out.
@@ -472,8 +492,12 @@ impl Session {
         }
     }
 
-    /// Removes this session's claim on `user`, if it still holds it.
+    /// Removes this session's claim on `user`, if it still holds it, and
+    /// drops a replay nobody will read now (those messages stay stored).
     async fn release(&self, user: &Username) {
+        if let Ok(mut replay) = self.shared.replay.lock() {
+            replay.clear();
+        }
         let mut stripe = self.chat.stripe(user).lock().await;
         if stripe.get(user).is_some_and(|s| s.id == self.shared.id) {
             stripe.remove(user);
@@ -532,11 +556,21 @@ impl std::fmt::Debug for Events {
 }
 
 impl Events {
-    /// The next event. Messages pushed before a logout come before its
-    /// [`Event::LoggedOut`]; [`Event::Shutdown`] comes once, after which
+    /// The next event. Unacknowledged messages replayed at login come
+    /// first, then live ones; messages pushed before a logout come before
+    /// its [`Event::LoggedOut`]; [`Event::Shutdown`] comes once, after which
     /// this returns `None`.
     pub async fn recv(&mut self) -> Option<Event> {
         loop {
+            if let Some(message) = self
+                .shared
+                .replay
+                .lock()
+                .ok()
+                .and_then(|mut r| r.pop_front())
+            {
+                return Some(Event::Message(message));
+            }
             if let Ok(event) = self.rx.try_recv() {
                 return Some(event);
             }

@@ -28,7 +28,8 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Mailbox {
     last_id: MessageId,
-    queue: VecDeque<Message>,
+    /// Stored messages in id order, each with whether it was delivered.
+    queue: VecDeque<(Message, bool)>,
     /// Set under the mailbox lock by delete, so that an append which fetched
     /// the mailbox before the delete cannot succeed into a dead account.
     deleted: bool,
@@ -111,7 +112,7 @@ impl Store for MemoryStore {
         if mailbox.deleted {
             return Err(StoreError::NoSuchAccount(message.recipient));
         }
-        if message.queue && mailbox.queue.len() >= self.queue_limit {
+        if mailbox.queue.len() >= self.queue_limit {
             return Err(StoreError::QueueFull(message.recipient));
         }
         mailbox.last_id += 1;
@@ -121,25 +122,48 @@ impl Store for MemoryStore {
             body: message.body,
             timestamp_ms: message.timestamp_ms,
         };
-        if message.queue {
-            mailbox.queue.push_back(stored.clone());
-        }
+        mailbox.queue.push_back((stored.clone(), message.delivered));
         Ok(stored)
     }
 
-    async fn queued(&self, name: &Username, limit: usize) -> Result<Vec<Message>, StoreError> {
+    async fn take_undelivered(
+        &self,
+        name: &Username,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let mailbox = self.mailbox(name)?;
+        let mut mailbox = mailbox.lock().map_err(poisoned)?;
+        let mut taken = Vec::new();
+        for (message, delivered) in mailbox.queue.iter_mut() {
+            if taken.len() == limit {
+                break;
+            }
+            if !*delivered {
+                *delivered = true;
+                taken.push(message.clone());
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn unacked(&self, name: &Username) -> Result<Vec<Message>, StoreError> {
         let mailbox = self.mailbox(name)?;
         let mailbox = mailbox.lock().map_err(poisoned)?;
-        Ok(mailbox.queue.iter().take(limit).cloned().collect())
+        Ok(mailbox
+            .queue
+            .iter()
+            .filter(|(_, delivered)| *delivered)
+            .map(|(m, _)| m.clone())
+            .collect())
     }
 
     async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError> {
         let mailbox = self.mailbox(name)?;
         let mut mailbox = mailbox.lock().map_err(poisoned)?;
         let before = mailbox.queue.len();
-        while mailbox.queue.front().is_some_and(|m| m.id <= through) {
-            mailbox.queue.pop_front();
-        }
+        mailbox
+            .queue
+            .retain(|(m, delivered)| !(*delivered && m.id <= through));
         Ok(before - mailbox.queue.len())
     }
 }

@@ -8,6 +8,22 @@
 //! Every message a store records gets the next id in its recipient's
 //! sequence (strictly increasing per recipient, never reused while the
 //! account exists), and the server timestamp the engine chose.
+//!
+//! # A message's life
+//!
+//! ```text
+//!            append(delivered: false)          take_undelivered (fetch)
+//!  send ──►  [queued] ─────────────────────────────────────┐
+//!    │                                                     ▼
+//!    └────►  append(delivered: true)  ───────────────► [delivered] ──ack──► gone
+//!            (pushed live)                                 │
+//!                                                          └─ replayed by `unacked` at the
+//!                                                             recipient's next login
+//! ```
+//!
+//! A message leaves the store only when its recipient acknowledges it, so a
+//! message pushed to a connection that dies before the client saw it is
+//! delivered again.
 
 use async_trait::async_trait;
 use regex::Regex;
@@ -54,16 +70,18 @@ pub struct NewMessage {
     pub body: MessageBody,
     /// Server time of acceptance, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
-    /// `true`: keep it in the recipient's queue until acknowledged.
-    /// `false`: the engine hands it to a live session itself, so the store
-    /// only assigns its id (the id sequence stays shared with queued ones).
-    pub queue: bool,
+    /// `true`: the engine is pushing it to the recipient's live session
+    /// now, so it awaits only an acknowledgement. `false`: it waits in the
+    /// queue for a fetch.
+    pub delivered: bool,
 }
 
-/// Storage for accounts and per-recipient queues.
+/// Storage for accounts and per-recipient message queues.
 ///
 /// Implementations must be safe to call concurrently from many tasks and
-/// must not serialize work on different accounts behind one lock.
+/// must not serialize work on different accounts behind one lock. A method
+/// that returns `Ok` has made its change as durable as the store promises;
+/// one that returns `Err` has changed nothing.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Creates an account; exactly one of several concurrent creates of one
@@ -73,7 +91,8 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the account exists.
     async fn account_exists(&self, name: &Username) -> Result<bool, StoreError>;
 
-    /// Deletes the account and drops its queue; `false` if it did not exist.
+    /// Deletes the account and every message stored for it; `false` if it
+    /// did not exist.
     async fn delete_account(&self, name: &Username) -> Result<bool, StoreError>;
 
     /// Account names matching `pattern` (unanchored search), sorted, at
@@ -84,15 +103,25 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Username>, StoreError>;
 
-    /// Records a message and returns it with its id. Returns only once the
-    /// message is stored as durably as the store promises.
+    /// Records a message and returns it with its id; fails with
+    /// [`StoreError::QueueFull`] if the recipient already has as many
+    /// messages stored (queued or awaiting acknowledgement) as allowed.
     async fn append(&self, message: NewMessage) -> Result<Message, StoreError>;
 
-    /// Up to `limit` queued messages for `name`, oldest first, without
-    /// removing them.
-    async fn queued(&self, name: &Username, limit: usize) -> Result<Vec<Message>, StoreError>;
+    /// Up to `limit` queued messages for `name`, oldest first, now marked
+    /// delivered (they stay stored until acknowledged).
+    async fn take_undelivered(
+        &self,
+        name: &Username,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError>;
 
-    /// Removes every queued message of `name` whose id is at most `through`
-    /// (a cumulative acknowledgement); returns how many were removed.
+    /// Every delivered but unacknowledged message for `name`, oldest first:
+    /// what a new login must see again.
+    async fn unacked(&self, name: &Username) -> Result<Vec<Message>, StoreError>;
+
+    /// Removes every delivered message of `name` whose id is at most
+    /// `through` (a cumulative acknowledgement; queued messages the client
+    /// has not seen are kept); returns how many were removed.
     async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError>;
 }

@@ -76,17 +76,25 @@ async fn shutdown_is_announced_once_and_refuses_new_work() {
 #[tokio::test]
 async fn a_session_dropped_without_close_frees_its_account() {
     let chat = Chat::in_memory();
-    let (first, first_events) = chat.open_session();
+    let (first, _first_events) = chat.open_session();
     first.create("alice").await.unwrap();
+    // The event stream stays open: only the drop hook can free the name.
     drop(first);
-    drop(first_events);
     let (second, _events) = chat.open_session();
-    // The drop hook releases the name on a spawned task; a login whose
-    // holder's event stream is gone succeeds regardless.
-    assert_eq!(
-        second.login("alice").await.unwrap(),
-        SessionState::LoggedIn(name("alice"))
-    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match second.login("alice").await {
+            Ok(state) => break assert_eq!(state, SessionState::LoggedIn(name("alice"))),
+            Err(err) => {
+                assert_eq!(err.code(), ErrorCode::AlreadyLoggedIn);
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the drop hook never released alice"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+    }
 }
 
 #[tokio::test]
@@ -129,40 +137,59 @@ async fn a_full_queue_refuses_with_queue_full() {
         ChatError::QueueFull(name("bob"))
     );
     bob.login("bob").await.unwrap();
-    assert_eq!(bob.fetch(0).await.unwrap().len(), 3);
+    let fetched = bob.fetch(0).await.unwrap();
+    assert_eq!(fetched.len(), 3);
+    // Fetched but unacknowledged messages still count.
+    assert_eq!(
+        alice.send("bob", "still full").await.unwrap_err().code(),
+        ErrorCode::QueueFull
+    );
+    bob.ack(fetched[2].id).await.unwrap();
     bob.logout().await.unwrap();
     alice.send("bob", "room again").await.unwrap();
 }
 
 #[tokio::test]
-async fn store_ack_is_cumulative_and_deleted_accounts_take_nothing() {
+async fn store_keeps_messages_until_acked_and_deleted_accounts_take_nothing() {
     let store = MemoryStore::default();
     let bob = name("bob");
     store.create_account(&bob).await.unwrap();
-    let message = |queue| NewMessage {
+    let message = |delivered| NewMessage {
         recipient: bob.clone(),
         sender: name("alice"),
         body: chat_core::MessageBody::parse("hi").unwrap(),
         timestamp_ms: 1,
-        queue,
+        delivered,
     };
-    let first = store.append(message(true)).await.unwrap();
-    let live = store.append(message(false)).await.unwrap();
-    let third = store.append(message(true)).await.unwrap();
+    let queued = store.append(message(false)).await.unwrap();
+    let live = store.append(message(true)).await.unwrap();
+    let later = store.append(message(false)).await.unwrap();
     assert!(
-        first.id < live.id && live.id < third.id,
+        queued.id < live.id && live.id < later.id,
         "one id sequence for live and queued"
     );
     assert_eq!(
-        store.queued(&bob, 10).await.unwrap().len(),
-        2,
-        "live messages are not kept"
+        store.unacked(&bob).await.unwrap(),
+        std::slice::from_ref(&live)
     );
-    assert_eq!(store.ack(&bob, first.id).await.unwrap(), 1);
-    assert_eq!(store.queued(&bob, 10).await.unwrap()[0].id, third.id);
+    // An ack past a queued message the client never saw keeps it.
+    assert_eq!(store.ack(&bob, later.id).await.unwrap(), 1);
+    let taken = store.take_undelivered(&bob, 1).await.unwrap();
+    assert_eq!(taken, std::slice::from_ref(&queued));
+    assert_eq!(
+        store.take_undelivered(&bob, 10).await.unwrap(),
+        std::slice::from_ref(&later)
+    );
+    assert!(store.take_undelivered(&bob, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.unacked(&bob).await.unwrap(),
+        [queued.clone(), later.clone()]
+    );
+    assert_eq!(store.ack(&bob, queued.id).await.unwrap(), 1);
+    assert_eq!(store.unacked(&bob).await.unwrap(), [later]);
     assert!(store.delete_account(&bob).await.unwrap());
     assert_eq!(
-        store.append(message(true)).await.unwrap_err(),
+        store.append(message(false)).await.unwrap_err(),
         StoreError::NoSuchAccount(bob.clone())
     );
     assert!(!store.delete_account(&bob).await.unwrap());
@@ -202,8 +229,11 @@ async fn concurrent_sends_to_many_recipients_each_arrive_once() {
             session
         }));
     }
+    // Keep every session open until all messages are in: a dropped
+    // session logs out, and later messages to it would be queued instead.
+    let mut open = Vec::new();
     for sender in senders {
-        sender.await.unwrap();
+        open.push(sender.await.unwrap());
     }
     for receiver in receivers {
         let got = receiver.await.unwrap();

@@ -8,9 +8,9 @@
 
 use std::time::Duration;
 
-use chat_core::client::{ChatClient, ClientError, Push};
+use chat_core::client::{ChatClient, ClientError, Push, Seen};
 use chat_core::{
-    ErrorCode, LogoutReason, Message, MessageBody, SendReceipt, SessionState, Username,
+    ErrorCode, LogoutReason, Message, MessageBody, MessageId, SendReceipt, SessionState, Username,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -27,6 +27,7 @@ pub struct GrpcClient {
     stub: Stub<Channel>,
     token: Option<MetadataValue<Ascii>>,
     state: SessionState,
+    seen: Seen,
     push_tx: mpsc::UnboundedSender<Push>,
     pushes: mpsc::UnboundedReceiver<Push>,
     stream: Option<JoinHandle<()>>,
@@ -102,6 +103,7 @@ impl GrpcClient {
             stub: Stub::new(channel),
             token: None,
             state: SessionState::LoggedOut,
+            seen: Seen::default(),
             push_tx,
             pushes,
             stream: None,
@@ -138,6 +140,11 @@ impl GrpcClient {
         err
     }
 
+    fn adopt(&mut self, state: SessionState) {
+        self.seen.follow(&state);
+        self.state = state;
+    }
+
     fn forget_session(&mut self) {
         self.token = None;
         self.state = SessionState::LoggedOut;
@@ -150,7 +157,7 @@ impl GrpcClient {
             .parse()
             .map_err(|_| protocol("the session token is not ASCII"))?;
         self.token = Some(token);
-        self.state = state.clone();
+        self.adopt(state.clone());
         let stream = match self
             .stub
             .subscribe(self.request(pb::SubscribeRequest {}))
@@ -263,7 +270,7 @@ impl ChatClient for GrpcClient {
         match self.stub.send_message(request).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
-                self.state = state_from(reply.state)?;
+                self.adopt(state_from(reply.state)?);
                 Ok(SendReceipt {
                     id: reply.message_id,
                     timestamp_ms: reply.timestamp_ms,
@@ -281,7 +288,7 @@ impl ChatClient for GrpcClient {
         match self.stub.list_accounts(request).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
-                self.state = state_from(reply.state)?;
+                self.adopt(state_from(reply.state)?);
                 reply
                     .usernames
                     .iter()
@@ -300,21 +307,48 @@ impl ChatClient for GrpcClient {
         {
             Ok(reply) => {
                 let reply = reply.into_inner();
-                self.state = state_from(reply.state)?;
-                reply.messages.into_iter().map(message_from).collect()
+                self.adopt(state_from(reply.state)?);
+                let messages = reply
+                    .messages
+                    .into_iter()
+                    .map(message_from)
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(messages
+                    .into_iter()
+                    .filter(|m| self.seen.first(m.id))
+                    .collect())
+            }
+            Err(status) => Err(self.fail(status)),
+        }
+    }
+
+    async fn ack(&mut self, through: MessageId) -> Result<(), ClientError> {
+        match self
+            .stub
+            .acknowledge(self.request(pb::AcknowledgeRequest { through }))
+            .await
+        {
+            Ok(reply) => {
+                self.adopt(state_from(reply.into_inner().state)?);
+                self.seen.acked(through);
+                Ok(())
             }
             Err(status) => Err(self.fail(status)),
         }
     }
 
     async fn next_push(&mut self) -> Option<Push> {
-        let push = self.pushes.recv().await?;
-        if let Push::LoggedOut { user, .. } = &push
-            && self.state.user() == Some(user)
-        {
-            self.forget_session();
+        loop {
+            let push = self.pushes.recv().await?;
+            match &push {
+                Push::Message(m) if !self.seen.first(m.id) => continue,
+                Push::LoggedOut { user, .. } if self.state.user() == Some(user) => {
+                    self.forget_session()
+                }
+                _ => {}
+            }
+            return Some(push);
         }
-        Some(push)
     }
 
     fn state(&self) -> &SessionState {

@@ -284,19 +284,20 @@ impl ChatService {
         name: &str,
         create: bool,
     ) -> Result<Response<pb::LoginReply>, Status> {
+        // A live token is a logged-in session (the adapter ends sessions
+        // as soon as they log out), so this is the engine's
+        // `session_logged_in`, answered without touching the session.
         if let Some(entry) = bearer(request)?.and_then(|token| self.sessions.find(token)) {
-            let result = if create {
-                entry.session.create(name).await
-            } else {
-                entry.session.login(name).await
+            let err = match entry.session.state().await {
+                SessionState::LoggedIn(user) => ChatError::SessionLoggedIn(user),
+                SessionState::LoggedOut => {
+                    // Logged out by the engine (slow consumer) and not yet
+                    // ended: end it now and let the caller try again.
+                    self.sessions.end(&entry).await;
+                    ChatError::NotLoggedIn
+                }
             };
-            return match result {
-                Ok(_) => Err(to_status(
-                    ErrorCode::Internal,
-                    "a live session logged in twice",
-                )),
-                Err(err) => Err(from_chat_error(&err)),
-            };
+            return Err(from_chat_error(&err));
         }
         let (session, events) = self.chat.open_session();
         let result = if create {
@@ -448,6 +449,21 @@ impl ChatRpc for ChatService {
         }))
     }
 
+    async fn acknowledge(
+        &self,
+        request: Request<pb::AcknowledgeRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        let entry = self.authorize(&request)?;
+        entry
+            .session
+            .ack(request.get_ref().through)
+            .await
+            .map_err(|e| from_chat_error(&e))?;
+        Ok(Response::new(pb::StateReply {
+            state: pb_state(&entry.session.state().await),
+        }))
+    }
+
     type SubscribeStream = ReceiverStream<Result<pb::Push, Status>>;
 
     async fn subscribe(
@@ -475,6 +491,24 @@ impl ChatRpc for ChatService {
     }
 }
 
+/// Longest a push may wait for room in a stream whose client stopped
+/// reading; past it the stream (and so the session) ends. Its messages stay
+/// stored and are delivered again at the next login.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends one item into the stream unless the client is gone, stuck past
+/// [`PUSH_TIMEOUT`], or the server is stopping; `false` ends the stream.
+async fn push(
+    tx: &mpsc::Sender<Result<pb::Push, Status>>,
+    item: Result<pb::Push, Status>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        sent = tokio::time::timeout(PUSH_TIMEOUT, tx.send(item)) => matches!(sent, Ok(Ok(()))),
+        _ = stop.cancelled() => false,
+    }
+}
+
 /// Feeds a session's events into its stream until the session or the
 /// stream ends.
 async fn forward(
@@ -490,39 +524,37 @@ async fn forward(
                 return;
             }
             _ = stop.cancelled() => {
-                let _ = tx.send(Err(to_status(ErrorCode::ShuttingDown, "the server is shutting down"))).await;
+                let shutting_down = to_status(ErrorCode::ShuttingDown, "the server is shutting down");
+                // Best effort, and bounded: the client may not be reading.
+                let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Err(shutting_down))).await;
                 return;
             }
             event = events.recv() => event,
         };
-        let push = match event {
+        let event = match event {
             Some(Event::Message(message)) => pb::push::Event::Message(pb_message(message)),
             Some(Event::LoggedOut { user, reason }) => {
-                let push = pb::Push {
+                let message = pb::Push {
                     event: Some(pb::push::Event::LoggedOut(pb::LoggedOut {
                         username: user.to_string(),
                         reason: reason.as_str().to_string(),
                     })),
                 };
-                if tx.send(Ok(push)).await.is_ok() && reason != LogoutReason::Requested {
+                if push(&tx, Ok(message), &stop).await && reason != LogoutReason::Requested {
                     let why = format!("session ended: {}", reason.as_str().replace('_', " "));
-                    let _ = tx
-                        .send(Err(to_status(ErrorCode::Unauthenticated, why)))
-                        .await;
+                    push(&tx, Err(to_status(ErrorCode::Unauthenticated, why)), &stop).await;
                 }
                 return;
             }
             Some(Event::Shutdown) | None => {
-                let _ = tx
-                    .send(Err(to_status(
-                        ErrorCode::ShuttingDown,
-                        "the server is shutting down",
-                    )))
-                    .await;
+                let shutting_down =
+                    to_status(ErrorCode::ShuttingDown, "the server is shutting down");
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), tx.send(Err(shutting_down))).await;
                 return;
             }
         };
-        if tx.send(Ok(pb::Push { event: Some(push) })).await.is_err() {
+        if !push(&tx, Ok(pb::Push { event: Some(event) }), &stop).await {
             return;
         }
     }

@@ -61,6 +61,9 @@ impl Tuning {
     }
 }
 
+/// Longest a shutdown waits for the transports to close their connections.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A transport to serve on an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listen {
@@ -175,8 +178,21 @@ impl Bound {
         }
         stop.cancel();
         chat.shutdown();
-        while let Some(result) = servers.join_next().await {
-            result??;
+        // Each transport drains its own connections; a client that neither
+        // reads nor closes must not keep the process alive past this.
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while let Some(result) = servers.join_next().await {
+                result??;
+            }
+            anyhow::Ok(())
+        })
+        .await;
+        match drained {
+            Ok(result) => result?,
+            Err(_) => {
+                tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+                servers.shutdown().await;
+            }
         }
         tracing::info!("stopped");
         Ok(())

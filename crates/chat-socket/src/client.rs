@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chat_core::client::{ChatClient, ClientError, Push};
-use chat_core::{Message, SendReceipt, SessionState, Username};
+use chat_core::client::{ChatClient, ClientError, Push, Seen};
+use chat_core::{Message, MessageId, SendReceipt, SessionState, Username};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -44,6 +44,7 @@ pub struct SocketClient {
     pushes: mpsc::UnboundedReceiver<Push>,
     next_id: RequestId,
     state: SessionState,
+    seen: Seen,
     reader: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
 }
@@ -125,6 +126,7 @@ impl SocketClient {
             pushes,
             next_id: 0,
             state: SessionState::LoggedOut,
+            seen: Seen::default(),
             reader,
             heartbeat,
         })
@@ -137,6 +139,11 @@ impl SocketClient {
         self.heartbeat.abort();
         let _ = self.writer.lock().await.get_mut().shutdown().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
+    }
+
+    fn adopt(&mut self, state: SessionState) {
+        self.seen.follow(&state);
+        self.state = state;
     }
 
     fn request_id(&mut self) -> RequestId {
@@ -183,14 +190,14 @@ impl SocketClient {
                 message,
                 ..
             } => {
-                self.state = state;
+                self.adopt(state);
                 Err(ClientError::Server { code, message })
             }
             ServerFrame::Done { ref state, .. }
             | ServerFrame::Sent { ref state, .. }
             | ServerFrame::Accounts { ref state, .. }
             | ServerFrame::Messages { ref state, .. } => {
-                self.state = state.clone();
+                self.adopt(state.clone());
                 Ok(reply)
             }
             other => Err(ClientError::Protocol(format!(
@@ -352,19 +359,37 @@ impl ChatClient for SocketClient {
     async fn fetch(&mut self, max: u32) -> Result<Vec<Message>, ClientError> {
         let id = self.request_id();
         match self.call(id, ClientFrame::Fetch { id, max }).await? {
-            ServerFrame::Messages { messages, .. } => Ok(messages),
+            ServerFrame::Messages { messages, .. } => Ok(messages
+                .into_iter()
+                .filter(|m| self.seen.first(m.id))
+                .collect()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn ack(&mut self, through: MessageId) -> Result<(), ClientError> {
+        let id = self.request_id();
+        match self.call(id, ClientFrame::Ack { id, through }).await? {
+            ServerFrame::Done { .. } => {
+                self.seen.acked(through);
+                Ok(())
+            }
             other => Err(unexpected(other)),
         }
     }
 
     async fn next_push(&mut self) -> Option<Push> {
-        let push = self.pushes.recv().await?;
-        if let Push::LoggedOut { user, .. } = &push
-            && self.state.user() == Some(user)
-        {
-            self.state = SessionState::LoggedOut;
+        loop {
+            let push = self.pushes.recv().await?;
+            match &push {
+                Push::Message(m) if !self.seen.first(m.id) => continue,
+                Push::LoggedOut { user, .. } if self.state.user() == Some(user) => {
+                    self.adopt(SessionState::LoggedOut);
+                }
+                _ => {}
+            }
+            return Some(push);
         }
-        Some(push)
     }
 
     fn state(&self) -> &SessionState {

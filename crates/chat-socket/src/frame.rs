@@ -30,6 +30,7 @@ mod tag {
     pub const SEND: u8 = 0x14;
     pub const LIST: u8 = 0x15;
     pub const FETCH: u8 = 0x16;
+    pub const ACK: u8 = 0x17;
 
     pub const WELCOME: u8 = 0x81;
     pub const PONG: u8 = 0x82;
@@ -108,6 +109,13 @@ pub enum ClientFrame {
         id: RequestId,
         /// Most messages wanted; 0 = up to the server cap.
         max: u32,
+    },
+    /// Acknowledge every received message with an id up to `through`.
+    Ack {
+        /// Request id.
+        id: RequestId,
+        /// Highest message id acknowledged (cumulative).
+        through: u64,
     },
 }
 
@@ -409,6 +417,11 @@ impl ClientFrame {
                 dst.put_u32(*id);
                 dst.put_u32(*max);
             }
+            ClientFrame::Ack { id, through } => {
+                dst.put_u8(tag::ACK);
+                dst.put_u32(*id);
+                dst.put_u64(*through);
+            }
         }
         Ok(())
     }
@@ -457,6 +470,10 @@ impl ClientFrame {
             tag::FETCH => ClientFrame::Fetch {
                 id: f.u32("request id")?,
                 max: f.u32("max")?,
+            },
+            tag::ACK => ClientFrame::Ack {
+                id: f.u32("request id")?,
+                through: f.u64("through")?,
             },
             other => return Err(FrameError::UnknownTag(other)),
         };

@@ -149,18 +149,18 @@ async fn serve_connection(
                 Some(Ok(frame)) => {
                     deadline = Instant::now() + config.idle_timeout;
                     match answer(&session, frame, &mut greeted, config).await {
-                        Ok(reply) => write(&mut framed, reply).await,
+                        Ok(reply) => write(&mut framed, reply, config.idle_timeout).await,
                         Err(end) => Err(end),
                     }
                 }
             },
             event = events.recv() => match event {
-                Some(Event::Message(message)) => write(&mut framed, ServerFrame::PushMessage(message)).await,
+                Some(Event::Message(message)) => write(&mut framed, ServerFrame::PushMessage(message), config.idle_timeout).await,
                 // A logout the client asked for (logout, delete) was already
                 // answered; push only the ones it did not see coming.
                 Some(Event::LoggedOut { reason: LogoutReason::Requested | LogoutReason::AccountDeleted, .. }) => Ok(()),
                 Some(Event::LoggedOut { user, reason }) => {
-                    write(&mut framed, ServerFrame::PushLoggedOut { reason, user }).await
+                    write(&mut framed, ServerFrame::PushLoggedOut { reason, user }, config.idle_timeout).await
                 }
                 Some(Event::Shutdown) | None => {
                     Err(End::Goodbye(ErrorCode::ShuttingDown, "the server is shutting down".into()))
@@ -197,11 +197,22 @@ async fn serve_connection(
     }
 }
 
-async fn write(framed: &mut Framed<TcpStream, ServerCodec>, frame: ServerFrame) -> Result<(), End> {
-    match framed.send(frame).await {
-        Ok(()) => Ok(()),
-        Err(FrameError::Io(err)) => Err(End::Io(err)),
-        Err(err) => Err(End::Goodbye(ErrorCode::Internal, err.to_string())),
+/// Writes one frame. A peer that stops reading cannot stall its connection
+/// (and hold its account) forever: a write that cannot finish within the
+/// idle timeout ends the connection.
+async fn write(
+    framed: &mut Framed<TcpStream, ServerCodec>,
+    frame: ServerFrame,
+    timeout: Duration,
+) -> Result<(), End> {
+    match tokio::time::timeout(timeout, framed.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(FrameError::Io(err))) => Err(End::Io(err)),
+        Ok(Err(err)) => Err(End::Goodbye(ErrorCode::Internal, err.to_string())),
+        Err(_) => Err(End::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer stopped reading",
+        ))),
     }
 }
 
@@ -262,6 +273,7 @@ async fn answer(
         ClientFrame::Fetch { id, max } => {
             (id, session.fetch(max as usize).await.map(Reply::Messages))
         }
+        ClientFrame::Ack { id, through } => (id, session.ack(through).await.map(|_| Reply::Done)),
     };
     let state = session.state().await;
     Ok(match result {

@@ -59,6 +59,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             pattern
         }),
         (any::<u32>(), any::<u32>()).prop_map(|(id, max)| ClientFrame::Fetch { id, max }),
+        (any::<u32>(), any::<u64>()).prop_map(|(id, through)| ClientFrame::Ack { id, through }),
     ]
 }
 

@@ -58,6 +58,7 @@ fn client_examples() -> Vec<(&'static str, ClientFrame)> {
             },
         ),
         ("fetch", ClientFrame::Fetch { id: 7, max: 20 }),
+        ("ack", ClientFrame::Ack { id: 8, through: 3 }),
     ]
 }
 
