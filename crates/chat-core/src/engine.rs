@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ChatError;
 use crate::memory::MemoryStore;
-use crate::store::{NewMessage, Store};
+use crate::store::{NewMessage, SendId, Store};
 use crate::types::{Message, MessageBody, MessageId, SendReceipt, SessionState, Username};
 
 /// Number of lock stripes for login state; a power of two.
@@ -379,6 +379,20 @@ impl Session {
     /// queued. Either way the message is stored until `to` acknowledges it;
     /// success means the server stored it, not that it was read.
     pub async fn send(&self, to: &str, body: &str) -> Result<SendReceipt, ChatError> {
+        self.send_once(to, body, None).await
+    }
+
+    /// [`Session::send`] with an idempotency key: if a send with the same
+    /// key from the same user was accepted before (within
+    /// [`SEND_ID_RETENTION`](crate::SEND_ID_RETENTION)), nothing new is
+    /// stored or pushed and the original receipt is returned. A client
+    /// that lost its connection before the reply resends this way.
+    pub async fn send_once(
+        &self,
+        to: &str,
+        body: &str,
+        send_id: Option<SendId>,
+    ) -> Result<SendReceipt, ChatError> {
         let to = Username::parse(to)?;
         let body = MessageBody::parse(body)?;
         let state = self.lock_logged_in().await?;
@@ -391,6 +405,7 @@ impl Session {
             body,
             timestamp_ms: now_ms(),
             delivered: false,
+            send_id,
         };
         // Reserve the live slot before storing the message, so a message
         // stored as delivered is always pushed.
@@ -399,12 +414,11 @@ impl Session {
             match recipient.tx.try_reserve() {
                 Ok(permit) => {
                     message.delivered = true;
-                    let stored = store.append(message).await?;
-                    let receipt = SendReceipt {
-                        id: stored.id,
-                        timestamp_ms: stored.timestamp_ms,
-                    };
-                    permit.send(Event::Message(stored));
+                    let appended = store.append(message).await?;
+                    let receipt = receipt(&appended.message);
+                    if !appended.duplicate {
+                        permit.send(Event::Message(appended.message));
+                    }
                     return Ok(receipt);
                 }
                 Err(mpsc::error::TrySendError::Full(())) => {
@@ -419,11 +433,7 @@ impl Session {
                 }
             }
         }
-        let stored = store.append(message).await?;
-        Ok(SendReceipt {
-            id: stored.id,
-            timestamp_ms: stored.timestamp_ms,
-        })
+        Ok(receipt(&store.append(message).await?.message))
     }
 
     /// Takes up to `max` queued messages, oldest first (`max` = 0 means the
@@ -528,6 +538,13 @@ impl Drop for Session {
                 }
             });
         }
+    }
+}
+
+fn receipt(message: &Message) -> SendReceipt {
+    SendReceipt {
+        id: message.id,
+        timestamp_ms: message.timestamp_ms,
     }
 }
 

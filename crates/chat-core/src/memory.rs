@@ -6,13 +6,13 @@
 //! mailbox; create and delete take it for writing. The locks are std ones:
 //! no critical section awaits, and they are held for microseconds.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use regex::Regex;
 
-use crate::store::{NewMessage, Store, StoreError};
+use crate::store::{Appended, NewMessage, SEND_ID_RETENTION, SendId, Store, StoreError};
 use crate::types::{Message, MessageId, Username};
 
 /// Queue length per recipient past which sends get `queue_full`.
@@ -23,6 +23,28 @@ pub const DEFAULT_QUEUE_LIMIT: usize = 10_000;
 pub struct MemoryStore {
     accounts: RwLock<BTreeMap<Username, Arc<Mutex<Mailbox>>>>,
     queue_limit: usize,
+    send_ids: Mutex<SendIds>,
+}
+
+/// Remembered send ids, oldest first for expiry.
+#[derive(Debug, Default)]
+struct SendIds {
+    by_key: HashMap<(Username, SendId), (MessageId, u64)>,
+    order: VecDeque<(u64, Username, SendId)>,
+}
+
+impl SendIds {
+    fn prune(&mut self, now_ms: u64) {
+        let horizon = now_ms.saturating_sub(SEND_ID_RETENTION.as_millis() as u64);
+        while let Some((at, _, _)) = self.order.front() {
+            if *at >= horizon {
+                break;
+            }
+            if let Some((_, sender, id)) = self.order.pop_front() {
+                self.by_key.remove(&(sender, id));
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +69,7 @@ impl MemoryStore {
         Self {
             accounts: RwLock::new(BTreeMap::new()),
             queue_limit,
+            send_ids: Mutex::default(),
         }
     }
 
@@ -106,7 +129,28 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn append(&self, message: NewMessage) -> Result<Message, StoreError> {
+    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        // The send-id table lock is held across the append so that two
+        // concurrent resends of one id cannot both store.
+        let mut send_ids = match message.send_id {
+            Some(_) => Some(self.send_ids.lock().map_err(poisoned)?),
+            None => None,
+        };
+        if let (Some(ids), Some(send_id)) = (send_ids.as_mut(), message.send_id) {
+            ids.prune(message.timestamp_ms);
+            if let Some(&(id, timestamp_ms)) = ids.by_key.get(&(message.sender.clone(), send_id)) {
+                let original = Message {
+                    id,
+                    sender: message.sender,
+                    body: message.body,
+                    timestamp_ms,
+                };
+                return Ok(Appended {
+                    message: original,
+                    duplicate: true,
+                });
+            }
+        }
         let mailbox = self.mailbox(&message.recipient)?;
         let mut mailbox = mailbox.lock().map_err(poisoned)?;
         if mailbox.deleted {
@@ -123,7 +167,16 @@ impl Store for MemoryStore {
             timestamp_ms: message.timestamp_ms,
         };
         mailbox.queue.push_back((stored.clone(), message.delivered));
-        Ok(stored)
+        if let (Some(ids), Some(send_id)) = (send_ids.as_mut(), message.send_id) {
+            let key = (stored.sender.clone(), send_id);
+            ids.by_key.insert(key, (stored.id, stored.timestamp_ms));
+            ids.order
+                .push_back((stored.timestamp_ms, stored.sender.clone(), send_id));
+        }
+        Ok(Appended {
+            message: stored,
+            duplicate: false,
+        })
     }
 
     async fn take_undelivered(

@@ -74,6 +74,28 @@ pub struct NewMessage {
     /// now, so it awaits only an acknowledgement. `false`: it waits in the
     /// queue for a fetch.
     pub delivered: bool,
+    /// The sender's idempotency key, if it gave one: a second append with
+    /// the same sender and key (within [`SEND_ID_RETENTION`]) stores nothing
+    /// and returns the first one's result.
+    pub send_id: Option<SendId>,
+}
+
+/// A client-chosen idempotency key for a send (128 random bits).
+pub type SendId = u128;
+
+/// How long a store remembers send ids: a client that lost its connection
+/// before the reply may resend with the same id for this long and get the
+/// original result.
+pub const SEND_ID_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
+/// What [`Store::append`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The stored message (for a duplicate: its id and timestamp are the
+    /// original's).
+    pub message: Message,
+    /// `true` if the send id was seen before and nothing new was stored.
+    pub duplicate: bool,
 }
 
 /// Storage for accounts and per-recipient message queues.
@@ -105,8 +127,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a message and returns it with its id; fails with
     /// [`StoreError::QueueFull`] if the recipient already has as many
-    /// messages stored (queued or awaiting acknowledgement) as allowed.
-    async fn append(&self, message: NewMessage) -> Result<Message, StoreError>;
+    /// messages stored (queued or awaiting acknowledgement) as allowed. A
+    /// repeated send id returns the original result (see
+    /// [`NewMessage::send_id`]), checked before anything else.
+    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError>;
 
     /// Up to `limit` queued messages for `name`, oldest first, now marked
     /// delivered (they stay stored until acknowledged).

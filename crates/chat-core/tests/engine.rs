@@ -160,10 +160,11 @@ async fn store_keeps_messages_until_acked_and_deleted_accounts_take_nothing() {
         body: chat_core::MessageBody::parse("hi").unwrap(),
         timestamp_ms: 1,
         delivered,
+        send_id: None,
     };
-    let queued = store.append(message(false)).await.unwrap();
-    let live = store.append(message(true)).await.unwrap();
-    let later = store.append(message(false)).await.unwrap();
+    let queued = store.append(message(false)).await.unwrap().message;
+    let live = store.append(message(true)).await.unwrap().message;
+    let later = store.append(message(false)).await.unwrap().message;
     assert!(
         queued.id < live.id && live.id < later.id,
         "one id sequence for live and queued"
@@ -240,4 +241,28 @@ async fn concurrent_sends_to_many_recipients_each_arrive_once() {
         let expected: Vec<String> = (0..EACH).map(|n| n.to_string()).collect();
         assert_eq!(got, expected);
     }
+}
+
+#[tokio::test]
+async fn a_resent_send_id_is_stored_and_pushed_once() {
+    let chat = Chat::in_memory();
+    let (alice, _a) = chat.open_session();
+    let (bob, mut bob_events) = chat.open_session();
+    alice.create("alice").await.unwrap();
+    bob.create("bob").await.unwrap();
+    let first = alice.send_once("bob", "once", Some(42)).await.unwrap();
+    let again = alice.send_once("bob", "once", Some(42)).await.unwrap();
+    assert_eq!(first, again, "the original receipt");
+    let other = alice.send_once("bob", "twice", Some(43)).await.unwrap();
+    assert!(other.id > first.id);
+    let bodies = [bob_events.recv().await, bob_events.recv().await];
+    assert!(matches!(&bodies[0], Some(Event::Message(m)) if m.body.as_str() == "once"));
+    assert!(matches!(&bodies[1], Some(Event::Message(m)) if m.body.as_str() == "twice"));
+    // Another sender's identical key is its own.
+    let (carol, _c) = chat.open_session();
+    carol.create("carol").await.unwrap();
+    assert_ne!(
+        carol.send_once("bob", "mine", Some(42)).await.unwrap(),
+        first
+    );
 }

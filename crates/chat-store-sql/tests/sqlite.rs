@@ -1,0 +1,259 @@
+//! The SQLite store against a real database file: durability across
+//! reopening, group commit under concurrency, migrations, refusals.
+
+use std::sync::Arc;
+
+use chat_core::{MessageBody, NewMessage, Store, StoreError, Username};
+use chat_store_sql::{DATABASE_FILE, OpenError, SqliteOptions, SqliteStore, schema_version};
+
+fn name(s: &str) -> Username {
+    Username::parse(s).unwrap()
+}
+
+fn message(to: &str, body: &str, delivered: bool, send_id: Option<u128>) -> NewMessage {
+    NewMessage {
+        recipient: name(to),
+        sender: name("alice"),
+        body: MessageBody::parse(body).unwrap(),
+        timestamp_ms: 1_764_000_000_000,
+        delivered,
+        send_id,
+    }
+}
+
+#[tokio::test]
+async fn everything_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let bob = name("bob");
+    {
+        let store = SqliteStore::open(dir.path(), SqliteOptions::default())
+            .await
+            .unwrap();
+        store.create_account(&name("alice")).await.unwrap();
+        store.create_account(&bob).await.unwrap();
+        store
+            .append(message("bob", "queued", false, None))
+            .await
+            .unwrap();
+        store
+            .append(message("bob", "pushed", true, Some(7)))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.create_account(&bob).await.unwrap_err(),
+            StoreError::AccountExists(bob.clone())
+        );
+    }
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
+        .await
+        .unwrap();
+    assert!(store.account_exists(&bob).await.unwrap());
+    let accounts = store
+        .list_accounts(&regex::Regex::new("").unwrap(), 10)
+        .await
+        .unwrap();
+    assert_eq!(accounts, [name("alice"), bob.clone()]);
+    let unacked = store.unacked(&bob).await.unwrap();
+    assert_eq!(unacked.len(), 1);
+    assert_eq!(unacked[0].body.as_str(), "pushed");
+    let queued = store.take_undelivered(&bob, 10).await.unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].body.as_str(), "queued");
+    // The send id survived too: a resend is a duplicate.
+    let again = store
+        .append(message("bob", "pushed", true, Some(7)))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.message.id, unacked[0].id);
+    // Ids keep increasing after a reopen.
+    let next = store
+        .append(message("bob", "next", false, None))
+        .await
+        .unwrap();
+    assert_eq!(next.message.id, 3);
+}
+
+#[tokio::test]
+async fn limits_and_acks_behave_like_the_memory_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteOptions {
+        queue_limit: 2,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(dir.path(), options).await.unwrap();
+    let bob = name("bob");
+    store.create_account(&bob).await.unwrap();
+    let first = store
+        .append(message("bob", "1", true, None))
+        .await
+        .unwrap()
+        .message;
+    let second = store
+        .append(message("bob", "2", false, None))
+        .await
+        .unwrap()
+        .message;
+    assert_eq!(
+        store
+            .append(message("bob", "3", false, None))
+            .await
+            .unwrap_err(),
+        StoreError::QueueFull(bob.clone())
+    );
+    assert_eq!(
+        store
+            .append(message("nobody", "?", false, None))
+            .await
+            .unwrap_err(),
+        StoreError::NoSuchAccount(name("nobody"))
+    );
+    // A cumulative ack past a queued message the client never saw keeps it.
+    assert_eq!(store.ack(&bob, second.id).await.unwrap(), 1);
+    assert_eq!(
+        store.take_undelivered(&bob, 10).await.unwrap(),
+        [second.clone()]
+    );
+    assert!(store.take_undelivered(&bob, 10).await.unwrap().is_empty());
+    assert_eq!(store.ack(&bob, first.id).await.unwrap(), 0);
+    assert_eq!(store.ack(&bob, second.id).await.unwrap(), 1);
+    assert!(store.delete_account(&bob).await.unwrap());
+    assert!(!store.delete_account(&bob).await.unwrap());
+    assert!(!store.account_exists(&bob).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_are_committed_together_and_in_order() {
+    const SENDERS: usize = 64;
+    const EACH: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(dir.path(), SqliteOptions::default())
+            .await
+            .unwrap(),
+    );
+    for i in 0..SENDERS {
+        store.create_account(&name(&format!("r{i}"))).await.unwrap();
+    }
+    let tasks = (0..SENDERS).map(|i| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..EACH {
+                let stored = store
+                    .append(message(&format!("r{i}"), &n.to_string(), false, None))
+                    .await
+                    .unwrap();
+                ids.push(stored.message.id);
+            }
+            ids
+        })
+    });
+    for (i, task) in futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let ids = task.unwrap();
+        assert_eq!(
+            ids,
+            (1..=EACH as u64).collect::<Vec<_>>(),
+            "r{i}: one gapless sequence"
+        );
+        let stored = store
+            .take_undelivered(&name(&format!("r{i}")), 100)
+            .await
+            .unwrap();
+        let bodies: Vec<String> = stored.iter().map(|m| m.body.to_string()).collect();
+        assert_eq!(bodies, (0..EACH).map(|n| n.to_string()).collect::<Vec<_>>());
+    }
+}
+
+/// Schema version 1, as the first release created it, with data in it.
+const VERSION_1: &str = include_str!("../migrations/sqlite/0001_initial.sql");
+
+#[tokio::test]
+async fn a_version_1_database_is_migrated_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DATABASE_FILE);
+    {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        // Exactly what the first release ran: its one migration file,
+        // through sqlx's migrator (which records it as applied).
+        let first_release = dir.path().join("migrations-v1");
+        std::fs::create_dir(&first_release).unwrap();
+        std::fs::write(first_release.join("0001_initial.sql"), VERSION_1).unwrap();
+        let migrator = sqlx::migrate::Migrator::new(first_release.as_path())
+            .await
+            .unwrap();
+        migrator.run(&mut conn).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO accounts (name, last_id, created_ms) VALUES ('old', 1, 0), ('timer', 0, 0); \
+             INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) \
+             VALUES ('old', 1, 'timer', 'from version 1', 5, 0);",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
+        .await
+        .unwrap();
+    let old = name("old");
+    let kept = store.take_undelivered(&old, 10).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!((kept[0].id, kept[0].body.as_str()), (1, "from version 1"));
+    // Version 2's table works: send ids are remembered.
+    let mut resend = message("old", "idempotent", false, Some(99));
+    resend.sender = name("timer");
+    assert!(!store.append(resend.clone()).await.unwrap().duplicate);
+    assert!(store.append(resend).await.unwrap().duplicate);
+    assert_eq!(schema_version(), 2);
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_version_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(
+        SqliteStore::open(dir.path(), SqliteOptions::default())
+            .await
+            .unwrap(),
+    );
+    {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}", dir.path().join(DATABASE_FILE).display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (99, 'from the future', 1, x'00', 0)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let err = SqliteStore::open(dir.path(), SqliteOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            OpenError::TooNew {
+                found: 99,
+                known: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("newer server"), "{err}");
+}
+
+#[tokio::test]
+async fn an_unusable_data_directory_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"x").unwrap();
+    let err = SqliteStore::open(&file, SqliteOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OpenError::Directory { .. }), "{err}");
+}
