@@ -12,7 +12,14 @@ const SERVER: &str = env!("CARGO_BIN_EXE_chat-grpc-server");
 
 #[tokio::test]
 async fn serves_grpc_and_the_socket_protocol_then_stops_on_sigterm() {
-    let args = ["--listen", "127.0.0.1:0", "--socket-listen", "127.0.0.1:0"];
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--socket-listen",
+        "127.0.0.1:0",
+        "--data",
+        ":memory:",
+    ];
     let server = ServerProcess::start(SERVER, &args, 2).await;
     let mut alice = GrpcClient::connect(&server.addrs[0]).await.unwrap();
     let mut bob = SocketClient::connect(&server.addrs[1]).await.unwrap();

@@ -34,7 +34,12 @@ async fn a_python_client_discovers_and_calls_the_service_by_reflection() {
         eprintln!("SKIPPED a_python_client_discovers_and_calls_the_service_by_reflection: {why}");
         return;
     }
-    let server = ServerProcess::start(SERVER, &["--listen", "127.0.0.1:0"], 1).await;
+    let server = ServerProcess::start(
+        SERVER,
+        &["--listen", "127.0.0.1:0", "--data", ":memory:"],
+        1,
+    )
+    .await;
     let output = tokio::process::Command::new("python3")
         .args([SCRIPT, &server.addrs[0]])
         .output()

@@ -5,6 +5,10 @@
 //! after logging in (before the call returns, so no push can be missed); a
 //! task turns the stream into [`Push`]es. HTTP/2 keepalive detects a dead
 //! server.
+//!
+//! Sends are idempotent: each carries a random 128-bit send id, and a send
+//! whose connection or session failed before the reply is resent with the
+//! same id after logging in again (for up to [`RECONNECT_DEADLINE`]).
 
 use std::time::Duration;
 
@@ -14,6 +18,7 @@ use chat_core::{
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
@@ -21,6 +26,10 @@ use tonic::{Request, Status};
 use crate::pb;
 use crate::pb::chat_client::ChatClient as Stub;
 use crate::status::to_client_error;
+
+/// How long a send keeps trying to log in again and resend after its
+/// connection or session failed.
+pub const RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A connection to a chat server speaking gRPC.
 pub struct GrpcClient {
@@ -150,6 +159,43 @@ impl GrpcClient {
         self.state = SessionState::LoggedOut;
     }
 
+    /// Logs in again as `user` after a failure, retrying until `deadline`
+    /// (the server may be restarting, or may not have noticed the old
+    /// session's end yet).
+    async fn reenter(
+        &mut self,
+        user: &Username,
+        deadline: Instant,
+        cause: ClientError,
+    ) -> Result<(), ClientError> {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            if Instant::now() >= deadline {
+                return Err(ClientError::Connection(format!(
+                    "{cause}; no reconnect within {RECONNECT_DEADLINE:?}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            self.forget_session();
+            let request = self.request(pb::LoginRequest {
+                username: user.to_string(),
+            });
+            match self.stub.login(request).await {
+                Ok(reply) => match self.enter(reply.into_inner()).await {
+                    Ok(_) => return Ok(()),
+                    Err(ClientError::Connection(_)) => continue,
+                    Err(err) => return Err(err),
+                },
+                Err(status) => match to_client_error(&status) {
+                    ClientError::Connection(_) => continue,
+                    err if err.code() == Some(ErrorCode::AlreadyLoggedIn) => continue,
+                    err => return Err(err),
+                },
+            }
+        }
+    }
+
     /// Adopts a new session and opens its push stream.
     async fn enter(&mut self, reply: pb::LoginReply) -> Result<SessionState, ClientError> {
         let state = state_from(reply.state)?;
@@ -263,20 +309,36 @@ impl ChatClient for GrpcClient {
     }
 
     async fn send(&mut self, to: &str, body: &str) -> Result<SendReceipt, ClientError> {
-        let request = self.request(pb::SendMessageRequest {
-            recipient: to.to_owned(),
-            body: body.to_owned(),
-        });
-        match self.stub.send_message(request).await {
-            Ok(reply) => {
-                let reply = reply.into_inner();
-                self.adopt(state_from(reply.state)?);
-                Ok(SendReceipt {
-                    id: reply.message_id,
-                    timestamp_ms: reply.timestamp_ms,
-                })
+        let send_id: u128 = rand::random();
+        let deadline = Instant::now() + RECONNECT_DEADLINE;
+        let user = self.state.user().cloned();
+        loop {
+            let request = self.request(pb::SendMessageRequest {
+                recipient: to.to_owned(),
+                body: body.to_owned(),
+                send_id: send_id.to_be_bytes().to_vec(),
+            });
+            let status = match self.stub.send_message(request).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    self.adopt(state_from(reply.state)?);
+                    return Ok(SendReceipt {
+                        id: reply.message_id,
+                        timestamp_ms: reply.timestamp_ms,
+                    });
+                }
+                Err(status) => status,
+            };
+            let err = self.fail(status);
+            // The connection failed, or the session ended under us (the
+            // server restarted, or our stream died): the send may or may not
+            // be stored. Log in again and resend the same id.
+            let retry = matches!(err, ClientError::Connection(_))
+                || (err.code() == Some(ErrorCode::Unauthenticated) && user.is_some());
+            match (&user, retry) {
+                (Some(user), true) => self.reenter(user, deadline, err).await?,
+                _ => return Err(err),
             }
-            Err(status) => Err(self.fail(status)),
         }
     }
 

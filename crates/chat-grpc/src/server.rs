@@ -390,9 +390,19 @@ impl ChatRpc for ChatService {
     ) -> Result<Response<pb::SendMessageReply>, Status> {
         let entry = self.authorize(&request)?;
         let message = request.get_ref();
+        let send_id = match message.send_id.len() {
+            0 => None,
+            16 => message.send_id[..].try_into().ok().map(u128::from_be_bytes),
+            n => {
+                return Err(to_status(
+                    ErrorCode::Malformed,
+                    format!("send_id must be 16 bytes, not {n}"),
+                ));
+            }
+        };
         let receipt = entry
             .session
-            .send(&message.recipient, &message.body)
+            .send_once(&message.recipient, &message.body, send_id)
             .await
             .map_err(|e| from_chat_error(&e))?;
         Ok(Response::new(pb::SendMessageReply {

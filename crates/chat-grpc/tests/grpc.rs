@@ -110,6 +110,7 @@ async fn errors_carry_the_stable_code_and_the_fitting_status() {
             pb::SendMessageRequest {
                 recipient: "nobody".into(),
                 body: "hi".into(),
+                send_id: vec![],
             },
             &token,
         ))
@@ -121,11 +122,51 @@ async fn errors_carry_the_stable_code_and_the_fitting_status() {
         stub.send_message(pb::SendMessageRequest {
             recipient: "alice".into(),
             body: "hi".into(),
+            send_id: vec![],
         })
         .await,
         Code::Unauthenticated,
         ErrorCode::NotLoggedIn,
     );
+    expect_status(
+        stub.send_message(with_token(
+            pb::SendMessageRequest {
+                recipient: "alice".into(),
+                body: "hi".into(),
+                send_id: vec![1, 2, 3],
+            },
+            &token,
+        ))
+        .await,
+        Code::InvalidArgument,
+        ErrorCode::Malformed,
+    );
+    // A resend with the same 16-byte id returns the original receipt.
+    let once = |id: u8| pb::SendMessageRequest {
+        recipient: "alice".into(),
+        body: "once".into(),
+        send_id: vec![id; 16],
+    };
+    let first = stub
+        .send_message(with_token(once(7), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = stub
+        .send_message(with_token(once(7), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let other = stub
+        .send_message(with_token(once(8), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (first.message_id, first.timestamp_ms),
+        (again.message_id, again.timestamp_ms)
+    );
+    assert_eq!(other.message_id, first.message_id + 1);
     expect_status(
         stub.list_accounts(pb::ListAccountsRequest {
             pattern: "(".into(),

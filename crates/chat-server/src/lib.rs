@@ -7,12 +7,15 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chat_core::Chat;
+use chat_core::{Chat, MemoryStore, Store};
 use chat_grpc::GrpcConfig;
 use chat_socket::ServerConfig;
+use chat_store_sql::{SqliteOptions, SqliteStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +64,80 @@ impl Tuning {
     }
 }
 
+/// Where accounts and messages are kept: flags shared by both server
+/// binaries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Storage {
+    /// Data directory for the durable store (created if missing), or
+    /// `:memory:` to keep nothing across restarts.
+    #[arg(long, env = "CHAT_DATA", default_value = "chat-data")]
+    pub data: String,
+    /// Storage engine; `--data :memory:` implies `memory`.
+    #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
+    pub store: StoreKind,
+    /// Messages stored per recipient (queued or awaiting acknowledgement)
+    /// past which sends get `queue_full`.
+    #[arg(long, default_value_t = chat_core::DEFAULT_QUEUE_LIMIT)]
+    pub queue_limit: usize,
+}
+
+/// A storage engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// Embedded SQLite in the data directory: every acknowledged message
+    /// survives a crash.
+    Sqlite,
+    /// In memory: fast, and gone when the process stops.
+    Memory,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            data: "chat-data".into(),
+            store: StoreKind::Sqlite,
+            queue_limit: chat_core::DEFAULT_QUEUE_LIMIT,
+        }
+    }
+}
+
+impl Storage {
+    /// Keeps everything in memory.
+    pub fn memory() -> Self {
+        Self {
+            store: StoreKind::Memory,
+            ..Self::default()
+        }
+    }
+
+    /// A durable store in `dir`.
+    pub fn sqlite(dir: impl Into<String>) -> Self {
+        Self {
+            data: dir.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Opens the store and builds the engine on it.
+    pub async fn open(&self) -> anyhow::Result<Chat> {
+        let queue_limit = self.queue_limit.max(1);
+        let store: Arc<dyn Store> = if self.store == StoreKind::Memory || self.data == ":memory:" {
+            tracing::info!("keeping data in memory only");
+            Arc::new(MemoryStore::new(queue_limit))
+        } else {
+            let dir = Path::new(&self.data);
+            let options = SqliteOptions {
+                queue_limit,
+                ..SqliteOptions::default()
+            };
+            let store = SqliteStore::open(dir, options).await?;
+            tracing::info!(data = %dir.display(), "durable store open");
+            Arc::new(store)
+        };
+        Ok(Chat::new(store, chat_core::Config::default()))
+    }
+}
+
 /// Longest a shutdown waits for the transports to close their connections.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -85,10 +162,12 @@ pub fn init_logging() {
         .init();
 }
 
-/// Binds every listener (in order), prints one `listening on ADDRESS` line
-/// per listener to stdout in that order, serves one shared in-memory engine
-/// on all of them until Ctrl-C or SIGTERM, then shuts down cleanly.
-pub async fn run(listen: &[Listen], tuning: &Tuning) -> anyhow::Result<()> {
+/// Opens the store, binds every listener (in order), prints one
+/// `listening on ADDRESS` line per listener to stdout in that order, serves
+/// one shared engine on all of them until Ctrl-C or SIGTERM, then shuts
+/// down cleanly.
+pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyhow::Result<()> {
+    let chat = storage.open().await?;
     let bound = Bound::bind(listen).await?;
     {
         let mut stdout = std::io::stdout().lock();
@@ -97,9 +176,7 @@ pub async fn run(listen: &[Listen], tuning: &Tuning) -> anyhow::Result<()> {
         }
         stdout.flush()?;
     }
-    bound
-        .serve(Chat::in_memory(), tuning, shutdown_signal())
-        .await
+    bound.serve(chat, tuning, shutdown_signal()).await
 }
 
 /// Listeners bound and ready to serve.

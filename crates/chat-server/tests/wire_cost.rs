@@ -32,8 +32,9 @@ async fn socket_costs_are_as_specified_and_grpc_costs_more() {
     let payload = (RECIPIENT.len() + BODY.len()) as u64;
     // HELLO is 11 bytes, WELCOME 15.
     assert_eq!(cost(&socket, "connect"), (11, 15));
-    // SEND: 10 bytes beyond recipient and body; SENT: 4+1+4+1+(1+5)+8+8.
-    assert_eq!(cost(&socket, "send"), (10 + payload, 32));
+    // SEND ONCE: 26 bytes beyond recipient and body (10 as for SEND, plus
+    // the 16-byte send id); SENT: 4+1+4+1+(1+5)+8+8.
+    assert_eq!(cost(&socket, "send"), (26 + payload, 32));
     // PUSH MESSAGE: 4+1+8+8+(1+5) beyond the body.
     assert_eq!(
         cost(&socket, "live push (recipient side)"),

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 
-use chat_server::{Listen, Tuning};
+use chat_server::{Listen, Storage, Tuning};
 use clap::Parser;
 
 /// Chat server speaking the compact binary socket protocol.
@@ -23,6 +23,8 @@ struct Args {
     grpc_listen: Option<SocketAddr>,
     #[command(flatten)]
     tuning: Tuning,
+    #[command(flatten)]
+    storage: Storage,
 }
 
 #[tokio::main]
@@ -31,5 +33,5 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut listen = vec![Listen::Socket(args.listen)];
     listen.extend(args.grpc_listen.map(Listen::Grpc));
-    chat_server::run(&listen, &args.tuning).await
+    chat_server::run(&listen, &args.tuning, &args.storage).await
 }

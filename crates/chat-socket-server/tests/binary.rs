@@ -26,7 +26,8 @@ async fn expect_shutdown_goodbye(client: &mut impl ChatClient) {
 
 #[tokio::test]
 async fn prints_its_address_serves_and_stops_on_sigterm() {
-    let server = ServerProcess::start(SERVER, &["--listen", "127.0.0.1:0"], 1).await;
+    let server =
+        ServerProcess::start(SERVER, &["--listen", "127.0.0.1:0", "--store", "memory"], 1).await;
     let mut alice = SocketClient::connect(&server.addrs[0]).await.unwrap();
     alice.create("alice").await.unwrap();
     assert_eq!(alice.list("", 0).await.unwrap().len(), 1);
@@ -36,7 +37,14 @@ async fn prints_its_address_serves_and_stops_on_sigterm() {
 
 #[tokio::test]
 async fn serves_grpc_too_on_the_same_engine() {
-    let args = ["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"];
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--data",
+        ":memory:",
+    ];
     let server = ServerProcess::start(SERVER, &args, 2).await;
     let mut alice = SocketClient::connect(&server.addrs[0]).await.unwrap();
     let mut bob = GrpcClient::connect(&server.addrs[1]).await.unwrap();

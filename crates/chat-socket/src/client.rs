@@ -1,10 +1,15 @@
 //! The async client library for the socket protocol.
 //!
-//! [`SocketClient`] owns one connection. A reader task routes responses to
-//! the waiting call by request id and queues pushed events for
+//! [`SocketClient`] owns one connection at a time. A reader task routes
+//! responses to the waiting call by request id and queues pushed events for
 //! [`ChatClient::next_push`]; a heartbeat task pings the server at a third
 //! of the idle timeout the server announced, and declares the connection
 //! dead if the server stays silent for the whole timeout.
+//!
+//! Sends are idempotent: each carries a random 128-bit send id. If the
+//! connection fails before the reply, the client reconnects, logs in again
+//! and resends with the same id (for up to [`RECONNECT_DEADLINE`]), so the
+//! send either gets its original result or is stored once now.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,14 +42,24 @@ struct PendingMap {
     closed: Option<String>,
 }
 
+/// How long a send keeps trying to reconnect and resend after its
+/// connection failed.
+pub const RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
+
 /// A connection to a chat server speaking the socket protocol.
 pub struct SocketClient {
-    writer: Writer,
-    pending: Pending,
-    pushes: mpsc::UnboundedReceiver<Push>,
+    addr: String,
+    conn: Conn,
     next_id: RequestId,
     state: SessionState,
     seen: Seen,
+}
+
+/// One TCP connection and its tasks.
+struct Conn {
+    writer: Writer,
+    pending: Pending,
+    pushes: mpsc::UnboundedReceiver<Push>,
     reader: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
 }
@@ -57,7 +72,7 @@ impl std::fmt::Debug for SocketClient {
     }
 }
 
-impl Drop for SocketClient {
+impl Drop for Conn {
     fn drop(&mut self) {
         self.reader.abort();
         self.heartbeat.abort();
@@ -71,7 +86,52 @@ fn connection_error(err: impl std::fmt::Display) -> ClientError {
 impl SocketClient {
     /// Connects, performs the version handshake, and starts the reader and
     /// heartbeat tasks.
-    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Self, ClientError> {
+    pub async fn connect(addr: impl ToSocketAddrs + ToString) -> Result<Self, ClientError> {
+        let conn = Conn::open(addr.to_string().as_str()).await?;
+        Ok(Self {
+            addr: addr.to_string(),
+            conn,
+            next_id: 0,
+            state: SessionState::LoggedOut,
+            seen: Seen::default(),
+        })
+    }
+
+    /// Replaces a failed connection and logs in again as the same user,
+    /// retrying until [`RECONNECT_DEADLINE`] (the server may not have
+    /// noticed the old connection's end yet, or may be restarting).
+    async fn reconnect(&mut self, deadline: Instant, why: String) -> Result<(), ClientError> {
+        let Some(user) = self.state.user().cloned() else {
+            return Err(connection_error(why));
+        };
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            if Instant::now() >= deadline {
+                return Err(connection_error(format!(
+                    "{why}; no reconnect within {RECONNECT_DEADLINE:?}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            let Ok(conn) = Conn::open(&self.addr).await else {
+                continue;
+            };
+            self.conn = conn;
+            match self.login(user.as_str()).await {
+                Ok(_) => return Ok(()),
+                Err(ClientError::Connection(_)) => continue,
+                Err(err) if err.code() == Some(chat_core::ErrorCode::AlreadyLoggedIn) => {
+                    self.adopt(SessionState::LoggedIn(user.clone()));
+                    continue;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+impl Conn {
+    async fn open(addr: &str) -> Result<Self, ClientError> {
         let stream = TcpStream::connect(addr).await.map_err(connection_error)?;
         stream.set_nodelay(true).map_err(connection_error)?;
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30));
@@ -119,26 +179,30 @@ impl SocketClient {
             push_tx,
             Arc::clone(&last_heard),
         ));
-        let heartbeat = tokio::spawn(heartbeat(Arc::clone(&writer), last_heard, idle_timeout));
+        let heartbeat = tokio::spawn(heartbeat(
+            Arc::clone(&writer),
+            Arc::clone(&pending),
+            last_heard,
+            idle_timeout,
+        ));
         Ok(Self {
             writer,
             pending,
             pushes,
-            next_id: 0,
-            state: SessionState::LoggedOut,
-            seen: Seen::default(),
             reader,
             heartbeat,
         })
     }
+}
 
+impl SocketClient {
     /// Closes the connection gracefully: stops writing and waits (briefly)
     /// for the server to close its side, by which time the server has
     /// logged this session out.
     pub async fn close(mut self) {
-        self.heartbeat.abort();
-        let _ = self.writer.lock().await.get_mut().shutdown().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
+        self.conn.heartbeat.abort();
+        let _ = self.conn.writer.lock().await.get_mut().shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.conn.reader).await;
     }
 
     fn adopt(&mut self, state: SessionState) {
@@ -161,6 +225,7 @@ impl SocketClient {
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = self
+                .conn
                 .pending
                 .lock()
                 .map_err(|_| connection_error("client state poisoned"))?;
@@ -169,9 +234,9 @@ impl SocketClient {
             }
             pending.waiting.insert(id, tx);
         }
-        let sent = self.writer.lock().await.send(frame).await;
+        let sent = self.conn.writer.lock().await.send(frame).await;
         if let Err(err) = sent {
-            if let Ok(mut pending) = self.pending.lock() {
+            if let Ok(mut pending) = self.conn.pending.lock() {
                 pending.waiting.remove(&id);
             }
             return Err(match err {
@@ -180,7 +245,7 @@ impl SocketClient {
             });
         }
         let reply = rx.await.map_err(|_| {
-            let why = self.pending.lock().ok().and_then(|p| p.closed.clone());
+            let why = self.conn.pending.lock().ok().and_then(|p| p.closed.clone());
             connection_error(why.unwrap_or_else(|| "connection closed".into()))
         })?;
         match reply {
@@ -278,7 +343,12 @@ async fn read_loop(
     }
 }
 
-async fn heartbeat(writer: Writer, last_heard: Arc<Mutex<Instant>>, idle_timeout: Duration) {
+async fn heartbeat(
+    writer: Writer,
+    pending: Pending,
+    last_heard: Arc<Mutex<Instant>>,
+    idle_timeout: Duration,
+) {
     let period = (idle_timeout / 3).max(Duration::from_millis(10));
     let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
     let mut nonce = 0u32;
@@ -286,8 +356,16 @@ async fn heartbeat(writer: Writer, last_heard: Arc<Mutex<Instant>>, idle_timeout
         ticks.tick().await;
         let silent = last_heard.lock().map(|h| h.elapsed()).unwrap_or_default();
         if silent > idle_timeout {
-            // The server is gone without closing (a half-open connection):
-            // shut our side so the reader sees the end.
+            // The server is gone without closing (a half-open connection,
+            // where reads may block until TCP keepalive gives up): fail the
+            // waiting calls now, and close our side.
+            if let Ok(mut pending) = pending.lock() {
+                pending.closed = Some(format!(
+                    "the server was silent for {} ms",
+                    silent.as_millis()
+                ));
+                pending.waiting.clear();
+            }
             let _ = writer.lock().await.get_mut().shutdown().await;
             return;
         }
@@ -324,22 +402,33 @@ impl ChatClient for SocketClient {
     }
 
     async fn send(&mut self, to: &str, body: &str) -> Result<SendReceipt, ClientError> {
-        let id = self.request_id();
-        let frame = ClientFrame::Send {
-            id,
-            to: to.to_owned(),
-            body: body.to_owned(),
-        };
-        match self.call(id, frame).await? {
-            ServerFrame::Sent {
-                message_id,
-                timestamp_ms,
-                ..
-            } => Ok(SendReceipt {
-                id: message_id,
-                timestamp_ms,
-            }),
-            other => Err(unexpected(other)),
+        let send_id: u128 = rand::random();
+        let deadline = Instant::now() + RECONNECT_DEADLINE;
+        loop {
+            let id = self.request_id();
+            let frame = ClientFrame::SendOnce {
+                id,
+                send_id,
+                to: to.to_owned(),
+                body: body.to_owned(),
+            };
+            match self.call(id, frame).await {
+                Ok(ServerFrame::Sent {
+                    message_id,
+                    timestamp_ms,
+                    ..
+                }) => {
+                    return Ok(SendReceipt {
+                        id: message_id,
+                        timestamp_ms,
+                    });
+                }
+                Ok(other) => return Err(unexpected(other)),
+                // The send may or may not have been stored: resend the same
+                // id on a new connection and let the server tell.
+                Err(ClientError::Connection(why)) => self.reconnect(deadline, why).await?,
+                Err(err) => return Err(err),
+            }
         }
     }
 
@@ -380,7 +469,7 @@ impl ChatClient for SocketClient {
 
     async fn next_push(&mut self) -> Option<Push> {
         loop {
-            let push = self.pushes.recv().await?;
+            let push = self.conn.pushes.recv().await?;
             match &push {
                 Push::Message(m) if !self.seen.first(m.id) => continue,
                 Push::LoggedOut { user, .. } if self.state.user() == Some(user) => {

@@ -31,6 +31,7 @@ mod tag {
     pub const LIST: u8 = 0x15;
     pub const FETCH: u8 = 0x16;
     pub const ACK: u8 = 0x17;
+    pub const SEND_ONCE: u8 = 0x18;
 
     pub const WELCOME: u8 = 0x81;
     pub const PONG: u8 = 0x82;
@@ -109,6 +110,18 @@ pub enum ClientFrame {
         id: RequestId,
         /// Most messages wanted; 0 = up to the server cap.
         max: u32,
+    },
+    /// Send a message at most once: a resend with the same `send_id` (after
+    /// a lost reply) returns the first one's result.
+    SendOnce {
+        /// Request id.
+        id: RequestId,
+        /// Client-chosen idempotency key (128 random bits).
+        send_id: u128,
+        /// Recipient name.
+        to: String,
+        /// Message text.
+        body: String,
     },
     /// Acknowledge every received message with an id up to `through`.
     Ack {
@@ -269,6 +282,12 @@ impl<'a> Fields<'a> {
         a.copy_from_slice(b);
         Ok(u64::from_be_bytes(a))
     }
+    fn u128(&mut self, what: &str) -> Result<u128, FrameError> {
+        let b = self.take(16, what)?;
+        let mut a = [0u8; 16];
+        a.copy_from_slice(b);
+        Ok(u128::from_be_bytes(a))
+    }
     fn utf8(bytes: &[u8], what: &str) -> Result<String, FrameError> {
         String::from_utf8(bytes.to_vec())
             .map_err(|_| malformed(format!("{what} is not valid UTF-8")))
@@ -417,6 +436,18 @@ impl ClientFrame {
                 dst.put_u32(*id);
                 dst.put_u32(*max);
             }
+            ClientFrame::SendOnce {
+                id,
+                send_id,
+                to,
+                body,
+            } => {
+                dst.put_u8(tag::SEND_ONCE);
+                dst.put_u32(*id);
+                dst.put_u128(*send_id);
+                put_str8(dst, to)?;
+                dst.put_slice(body.as_bytes());
+            }
             ClientFrame::Ack { id, through } => {
                 dst.put_u8(tag::ACK);
                 dst.put_u32(*id);
@@ -470,6 +501,12 @@ impl ClientFrame {
             tag::FETCH => ClientFrame::Fetch {
                 id: f.u32("request id")?,
                 max: f.u32("max")?,
+            },
+            tag::SEND_ONCE => ClientFrame::SendOnce {
+                id: f.u32("request id")?,
+                send_id: f.u128("send id")?,
+                to: f.str8("recipient")?,
+                body: f.rest("body")?,
             },
             tag::ACK => ClientFrame::Ack {
                 id: f.u32("request id")?,

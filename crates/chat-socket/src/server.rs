@@ -273,6 +273,21 @@ async fn answer(
         ClientFrame::Fetch { id, max } => {
             (id, session.fetch(max as usize).await.map(Reply::Messages))
         }
+        ClientFrame::SendOnce {
+            id,
+            send_id,
+            to,
+            body,
+        } => (
+            id,
+            session
+                .send_once(&to, &body, Some(send_id))
+                .await
+                .map(|receipt| Reply::Sent {
+                    message_id: receipt.id,
+                    timestamp_ms: receipt.timestamp_ms,
+                }),
+        ),
         ClientFrame::Ack { id, through } => (id, session.ack(through).await.map(|_| Reply::Done)),
     };
     let state = session.state().await;

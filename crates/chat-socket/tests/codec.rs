@@ -60,6 +60,14 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         }),
         (any::<u32>(), any::<u32>()).prop_map(|(id, max)| ClientFrame::Fetch { id, max }),
         (any::<u32>(), any::<u64>()).prop_map(|(id, through)| ClientFrame::Ack { id, through }),
+        (any::<u32>(), any::<u128>(), ".{0,50}", ".{0,300}").prop_map(|(id, send_id, to, body)| {
+            ClientFrame::SendOnce {
+                id,
+                send_id,
+                to,
+                body,
+            }
+        }),
     ]
 }
 

@@ -59,6 +59,15 @@ fn client_examples() -> Vec<(&'static str, ClientFrame)> {
         ),
         ("fetch", ClientFrame::Fetch { id: 7, max: 20 }),
         ("ack", ClientFrame::Ack { id: 8, through: 3 }),
+        (
+            "send once",
+            ClientFrame::SendOnce {
+                id: 9,
+                send_id: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+                to: "bob".into(),
+                body: "hi".into(),
+            },
+        ),
     ]
 }
 
