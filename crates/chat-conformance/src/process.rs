@@ -49,6 +49,12 @@ impl ServerProcess {
         }
     }
 
+    /// Kills the process with SIGKILL (no chance to clean up) and waits for
+    /// it to be gone.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("SIGKILL the server");
+    }
+
     /// Sends SIGTERM and waits for the exit; asserts it was clean and that
     /// nothing else was printed to stdout.
     pub async fn terminate(mut self) {

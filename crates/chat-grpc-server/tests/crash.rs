@@ -1,0 +1,266 @@
+//! Nothing acknowledged is lost: the real server binary, on a durable
+//! store, serving both transports, is SIGKILLed in the middle of a load of
+//! concurrent senders and recipients (some online, some offline) and
+//! restarted on the same data. Afterwards every message whose send was
+//! acknowledged is delivered, each exactly once; nothing is delivered that
+//! was not sent; and the accounts are all there.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_conformance::process::ServerProcess;
+use chat_core::client::{ChatClient, Push};
+use chat_core::{ErrorCode, MessageId, Username};
+use chat_grpc::GrpcClient;
+use chat_socket::SocketClient;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_chat-grpc-server");
+/// Pairs per transport: sender i sends to recipient i. Recipients 0 and 1
+/// are online during the load, the others offline.
+const PAIRS: usize = 4;
+const ONLINE: usize = 2;
+
+/// What one recipient saw: message id → body.
+type Seen = Arc<Mutex<Vec<(MessageId, String)>>>;
+
+/// One transport's way of connecting.
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Socket,
+    Grpc,
+}
+
+impl Transport {
+    fn tag(self) -> &'static str {
+        match self {
+            Transport::Socket => "s",
+            Transport::Grpc => "g",
+        }
+    }
+}
+
+async fn start(data: &str, grpc: &str, socket: &str) -> ServerProcess {
+    let args = ["--listen", grpc, "--socket-listen", socket, "--data", data];
+    ServerProcess::start(SERVER, &args, 2).await
+}
+
+/// Sends numbered messages until told to stop; returns every body it tried
+/// and, for the acknowledged ones, the id the server gave.
+async fn sender<C: ChatClient>(
+    mut client: C,
+    to: String,
+    me: String,
+    stop: Arc<AtomicBool>,
+) -> (Vec<String>, Vec<(String, MessageId)>) {
+    let (mut tried, mut acked) = (Vec::new(), Vec::new());
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let body = format!("{me}#{n}");
+        n += 1;
+        tried.push(body.clone());
+        match client.send(&to, &body).await {
+            Ok(receipt) => acked.push((body, receipt.id)),
+            Err(err) => panic!("{me}: a send failed even after reconnecting: {err}"),
+        }
+    }
+    (tried, acked)
+}
+
+/// Records live messages, acknowledging each once recorded, until the
+/// connection dies.
+async fn online<C: ChatClient>(mut client: C, seen: Seen) {
+    while let Some(push) = client.next_push().await {
+        match push {
+            Push::Message(m) => {
+                seen.lock().unwrap().push((m.id, m.body.to_string()));
+                if client.ack(m.id).await.is_err() {
+                    return;
+                }
+            }
+            Push::LoggedOut { .. } | Push::Goodbye { .. } => return,
+        }
+    }
+}
+
+/// After the restart: logs in, takes the replay and the queue, and
+/// acknowledges everything.
+async fn collect<C: ChatClient>(mut client: C, name: &str) -> Vec<(MessageId, String)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Err(err) = client.login(name).await {
+        assert_eq!(
+            err.code(),
+            Some(ErrorCode::AlreadyLoggedIn),
+            "{name}: {err}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never logged out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Replayed messages are pushed right after login; take them until they
+    // stop, then everything still queued.
+    let mut got = Vec::new();
+    while let Ok(Some(Push::Message(m))) =
+        tokio::time::timeout(Duration::from_millis(300), client.next_push()).await
+    {
+        got.push((m.id, m.body.to_string()));
+    }
+    loop {
+        let fetched = client.fetch(0).await.expect("fetch");
+        if fetched.is_empty() {
+            break;
+        }
+        got.extend(fetched.into_iter().map(|m| (m.id, m.body.to_string())));
+    }
+    if let Some(max) = got.iter().map(|(id, _)| *id).max() {
+        client.ack(max).await.expect("ack");
+    }
+    got
+}
+
+async fn connect_socket(addr: &str) -> SocketClient {
+    SocketClient::connect(addr.to_string())
+        .await
+        .expect("socket connect")
+}
+
+async fn connect_grpc(addr: &str) -> GrpcClient {
+    GrpcClient::connect(addr).await.expect("grpc connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_sigkill() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_string_lossy().to_string();
+    let server = start(&data_dir, "127.0.0.1:0", "127.0.0.1:0").await;
+    let (grpc_addr, socket_addr) = (server.addrs[0].clone(), server.addrs[1].clone());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut senders = Vec::new();
+    let mut watchers = Vec::new();
+    let mut seen_before: HashMap<String, Seen> = HashMap::new();
+    for transport in [Transport::Socket, Transport::Grpc] {
+        for i in 0..PAIRS {
+            let (me, to) = (
+                format!("s{}{i}", transport.tag()),
+                format!("r{}{i}", transport.tag()),
+            );
+            let seen: Seen = Arc::default();
+            seen_before.insert(to.clone(), Arc::clone(&seen));
+            macro_rules! pair {
+                ($connect:expr, $addr:expr) => {{
+                    let mut recipient = $connect($addr).await;
+                    recipient.create(&to).await.unwrap();
+                    if i < ONLINE {
+                        watchers.push(tokio::spawn(online(recipient, seen)));
+                    } else {
+                        recipient.logout().await.unwrap();
+                    }
+                    let mut client = $connect($addr).await;
+                    client.create(&me).await.unwrap();
+                    senders.push(tokio::spawn(sender(
+                        client,
+                        to.clone(),
+                        me.clone(),
+                        Arc::clone(&stop),
+                    )));
+                }};
+            }
+            match transport {
+                Transport::Socket => pair!(connect_socket, &socket_addr),
+                Transport::Grpc => pair!(connect_grpc, &grpc_addr),
+            }
+        }
+    }
+
+    // Mid-load: no warning, no flush, no goodbye.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = start(&data_dir, &grpc_addr, &socket_addr).await;
+    // The senders reconnect and resend by themselves; let them go on a bit.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut tried: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut acked: HashMap<String, Vec<(String, MessageId)>> = HashMap::new();
+    for (task, transport, i) in [Transport::Socket, Transport::Grpc]
+        .into_iter()
+        .flat_map(|t| (0..PAIRS).map(move |i| (t, i)))
+        .zip(senders)
+        .map(|((t, i), task)| (task, t, i))
+    {
+        let (all, ok) = task.await.expect("sender");
+        let to = format!("r{}{i}", transport.tag());
+        assert!(!ok.is_empty(), "{to}'s sender got nothing acknowledged");
+        tried.insert(to.clone(), all.into_iter().collect());
+        acked.insert(to, ok);
+    }
+    for watcher in watchers {
+        watcher.await.expect("watcher");
+    }
+
+    let mut total_acked = 0;
+    for transport in [Transport::Socket, Transport::Grpc] {
+        for i in 0..PAIRS {
+            let to = format!("r{}{i}", transport.tag());
+            let after = match transport {
+                Transport::Socket => collect(connect_socket(&socket_addr).await, &to).await,
+                Transport::Grpc => collect(connect_grpc(&grpc_addr).await, &to).await,
+            };
+            // Exactly once after the restart.
+            let ids: BTreeSet<MessageId> = after.iter().map(|(id, _)| *id).collect();
+            assert_eq!(
+                ids.len(),
+                after.len(),
+                "{to}: a message came twice after the restart"
+            );
+            // One id per message, ever: nothing was stored twice.
+            let before = seen_before[&to].lock().unwrap().clone();
+            let mut id_of: BTreeMap<String, MessageId> = BTreeMap::new();
+            for (id, body) in before.iter().chain(&after) {
+                let first = *id_of.entry(body.clone()).or_insert(*id);
+                assert_eq!(first, *id, "{to}: {body:?} stored under two ids");
+                assert!(
+                    tried[&to].contains(body),
+                    "{to}: got {body:?}, which nobody sent"
+                );
+            }
+            // Every acknowledged send arrived, under the id it was given.
+            for (body, id) in &acked[&to] {
+                assert_eq!(
+                    id_of.get(body),
+                    Some(id),
+                    "{to}: acknowledged {body:?} (id {id}) was lost"
+                );
+            }
+            total_acked += acked[&to].len();
+        }
+    }
+    eprintln!("crash test: {total_acked} acknowledged sends checked across the SIGKILL");
+
+    // The accounts survived too.
+    let mut lister = connect_socket(&socket_addr).await;
+    let names: BTreeSet<String> = lister
+        .list("", 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(Username::to_string)
+        .collect();
+    for transport in [Transport::Socket, Transport::Grpc] {
+        for i in 0..PAIRS {
+            for who in [
+                format!("s{}{i}", transport.tag()),
+                format!("r{}{i}", transport.tag()),
+            ] {
+                assert!(names.contains(&who), "{who} did not survive: {names:?}");
+            }
+        }
+    }
+    drop(lister);
+    server.terminate().await;
+}
