@@ -191,6 +191,21 @@ async fn end_of_input_exits_cleanly_and_logs_out() {
         .unwrap()
         .unwrap();
     assert!(status.success());
+    // The exit logged carol out.
+    let mut again = ChatProcess::spawn(("socket", &socket));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let reply = again.run("login carol").await;
+        if reply == "ok logged in as carol" {
+            break;
+        }
+        assert!(reply.starts_with("error already_logged_in "), "{reply}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "carol never logged out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -127,7 +127,12 @@ type Stripe = Mutex<HashMap<Username, Arc<Shared>>>;
 /// The part of a session that others (senders, the stripe table) can reach.
 struct Shared {
     id: u64,
-    tx: mpsc::Sender<Event>,
+    /// Live messages, each tagged with the login it was pushed to.
+    tx: mpsc::Sender<(u64, Message)>,
+    /// Bumped at every login and logout, so a message pushed to an earlier
+    /// login of this session is not shown to a later one (it stays stored
+    /// and is replayed when its recipient logs in again).
+    login: AtomicU64,
     /// Set when someone else ended this session's login (slow consumer);
     /// the session clears its own state at its next operation.
     revoked: AtomicBool,
@@ -195,6 +200,7 @@ impl Chat {
             id: self.inner.next_session.fetch_add(1, Ordering::Relaxed),
             tx,
             revoked: AtomicBool::new(false),
+            login: AtomicU64::new(0),
             notice: StdMutex::new(None),
             replay: StdMutex::new(VecDeque::new()),
             notify: Notify::new(),
@@ -314,6 +320,7 @@ impl Session {
         let mut state = self.lock_logged_out().await?;
         let mut stripe = self.chat.stripe(&name).lock().await;
         self.chat.inner.store.create_account(&name).await?;
+        self.shared.login.fetch_add(1, Ordering::AcqRel);
         stripe.insert(name.clone(), Arc::clone(&self.shared));
         *state = Some(name);
         Ok(to_state(&state))
@@ -340,6 +347,7 @@ impl Session {
         // before (and is in this snapshot, if it was delivered) or happens
         // after and is pushed behind it, never both.
         let unacked = self.chat.inner.store.unacked(&name).await?;
+        self.shared.login.fetch_add(1, Ordering::AcqRel);
         stripe.insert(name.clone(), Arc::clone(&self.shared));
         if !unacked.is_empty() {
             if let Ok(mut replay) = self.shared.replay.lock() {
@@ -417,7 +425,8 @@ impl Session {
                     let appended = store.append(message).await?;
                     let receipt = receipt(&appended.message);
                     if !appended.duplicate {
-                        permit.send(Event::Message(appended.message));
+                        let login = recipient.login.load(Ordering::Acquire);
+                        permit.send((login, appended.message));
                     }
                     return Ok(receipt);
                 }
@@ -512,6 +521,7 @@ impl Session {
         if stripe.get(user).is_some_and(|s| s.id == self.shared.id) {
             stripe.remove(user);
         }
+        self.shared.login.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -558,7 +568,7 @@ fn to_state(state: &Option<Username>) -> SessionState {
 /// The stream of [`Event`]s pushed to one session. Bounded: a session that
 /// lets [`Config::session_event_capacity`] events pile up is logged out.
 pub struct Events {
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::Receiver<(u64, Message)>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     told_shutdown: bool,
@@ -588,8 +598,11 @@ impl Events {
             {
                 return Some(Event::Message(message));
             }
-            if let Ok(event) = self.rx.try_recv() {
-                return Some(event);
+            if let Ok((login, message)) = self.rx.try_recv() {
+                if self.current(login) {
+                    return Some(Event::Message(message));
+                }
+                continue;
             }
             if let Some((user, reason)) = self.take_notice() {
                 return Some(Event::LoggedOut { user, reason });
@@ -602,11 +615,20 @@ impl Events {
                 return Some(Event::Shutdown);
             }
             tokio::select! {
-                event = self.rx.recv() => return event,
+                pushed = self.rx.recv() => match pushed {
+                    Some((login, message)) if self.current(login) => return Some(Event::Message(message)),
+                    Some(_) => {}
+                    None => return None,
+                },
                 _ = self.shared.notify.notified() => {}
                 _ = self.shutdown.cancelled(), if !self.told_shutdown => {}
             }
         }
+    }
+
+    /// Whether a message pushed to login `login` is for the login now.
+    fn current(&self, login: u64) -> bool {
+        login == self.shared.login.load(Ordering::Acquire)
     }
 
     fn take_notice(&self) -> Option<(Username, LogoutReason)> {

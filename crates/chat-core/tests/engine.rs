@@ -266,3 +266,40 @@ async fn a_resent_send_id_is_stored_and_pushed_once() {
         first
     );
 }
+
+#[tokio::test]
+async fn messages_pushed_to_one_login_are_not_shown_to_the_next() {
+    let chat = Chat::in_memory();
+    let (alice, _a) = chat.open_session();
+    let (shared, mut events) = chat.open_session();
+    alice.create("alice").await.unwrap();
+    shared.create("carol").await.unwrap();
+    shared.logout().await.unwrap();
+    shared.create("bob").await.unwrap();
+    alice.send("bob", "for bob only").await.unwrap();
+    // Bob leaves before reading; carol logs in on the same connection.
+    shared.logout().await.unwrap();
+    shared.login("carol").await.unwrap();
+    alice.send("carol", "for carol").await.unwrap();
+    loop {
+        match events.recv().await {
+            Some(Event::Message(m)) => {
+                assert_eq!(
+                    m.body.as_str(),
+                    "for carol",
+                    "bob's message leaked to carol"
+                );
+                break;
+            }
+            Some(Event::LoggedOut { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // Bob's message was delivered but never acknowledged: bob gets it back.
+    let (bob, mut bob_events) = chat.open_session();
+    bob.login("bob").await.unwrap();
+    match bob_events.recv().await {
+        Some(Event::Message(m)) => assert_eq!(m.body.as_str(), "for bob only"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -416,24 +416,22 @@ async fn append(
             })));
         }
     }
-    let account: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT last_id, (SELECT COUNT(*) FROM messages WHERE recipient = ?1) FROM accounts WHERE name = ?1",
+    // One statement takes the next id and counts the message against the
+    // bound; it matches no row if the account is missing or full.
+    let id: Option<i64> = sqlx::query_scalar(
+        "UPDATE accounts SET last_id = last_id + 1, stored = stored + 1 WHERE name = ? AND stored < ? RETURNING last_id",
     )
     .bind(message.recipient.as_str())
+    .bind(i64::try_from(queue_limit).unwrap_or(i64::MAX))
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((last_id, stored)) = account else {
-        return Ok(Err(StoreError::NoSuchAccount(message.recipient.clone())));
+    let Some(id) = id else {
+        return Ok(Err(if exists(conn, &message.recipient).await? {
+            StoreError::QueueFull(message.recipient.clone())
+        } else {
+            StoreError::NoSuchAccount(message.recipient.clone())
+        }));
     };
-    if stored as usize >= queue_limit {
-        return Ok(Err(StoreError::QueueFull(message.recipient.clone())));
-    }
-    let id = last_id + 1;
-    sqlx::query("UPDATE accounts SET last_id = ? WHERE name = ?")
-        .bind(id)
-        .bind(message.recipient.as_str())
-        .execute(&mut *conn)
-        .await?;
     sqlx::query("INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) VALUES (?, ?, ?, ?, ?, ?)")
         .bind(message.recipient.as_str())
         .bind(id)

@@ -190,7 +190,7 @@ async fn a_version_1_database_is_migrated_with_its_data() {
             .unwrap();
         migrator.run(&mut conn).await.unwrap();
         sqlx::raw_sql(
-            "INSERT INTO accounts (name, last_id, created_ms) VALUES ('old', 1, 0), ('timer', 0, 0); \
+            "INSERT INTO accounts (name, last_id, stored, created_ms) VALUES ('old', 1, 1, 0), ('timer', 0, 0, 0); \
              INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) \
              VALUES ('old', 1, 'timer', 'from version 1', 5, 0);",
         )

@@ -3,6 +3,9 @@ CREATE TABLE accounts (
     name       TEXT    NOT NULL PRIMARY KEY,
     -- The last message id given out in this account's sequence.
     last_id    INTEGER NOT NULL DEFAULT 0,
+    -- How many messages are stored for it (queued or awaiting an ack), kept
+    -- here so the queue bound costs no count.
+    stored     INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL
 );
 
