@@ -30,12 +30,11 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use chat_core::{
-    Appended, Message, MessageBody, MessageId, NewMessage, SEND_ID_RETENTION, Store, StoreError,
-    Username,
+    Appended, Message, MessageBody, MessageId, NewMessage, Store, StoreError, Username,
 };
 use futures::TryStreamExt;
 use regex::Regex;
@@ -48,6 +47,10 @@ use sqlx::{Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 /// The embedded migrations.
+mod writer;
+
+use writer::{Done, Job, Op};
+
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// The database file inside the data directory.
@@ -194,7 +197,7 @@ impl SqliteStore {
             .await
             .map_err(open_err)?;
         let (writes, jobs) = mpsc::channel(options.max_batch.max(1) * 4);
-        tokio::spawn(write_loop(writer, jobs, options));
+        tokio::spawn(writer::run(writer, jobs, options));
         Ok(Self { readers, writes })
     }
 
@@ -212,258 +215,18 @@ fn writer_gone() -> StoreError {
     StoreError::Unavailable("the database writer stopped".into())
 }
 
-fn unavailable(err: sqlx::Error) -> StoreError {
+pub(crate) fn unavailable(err: sqlx::Error) -> StoreError {
     StoreError::Unavailable(format!("database error: {err}"))
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-/// A write for the writer task.
-enum Op {
-    Create(Username),
-    Delete(Username),
-    Append(NewMessage),
-    Take(Username, usize),
-    Ack(Username, MessageId),
-}
-
-/// A write's result.
-enum Done {
-    Unit,
-    Flag(bool),
-    Appended(Appended),
-    Messages(Vec<Message>),
-    Count(usize),
-}
-
-struct Job {
-    op: Op,
-    reply: oneshot::Sender<Result<Done, StoreError>>,
-}
-
-/// How often expired send ids are deleted.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
-
-async fn write_loop(
-    mut conn: SqliteConnection,
-    mut jobs: mpsc::Receiver<Job>,
-    options: SqliteOptions,
-) {
-    let mut last_prune = Instant::now();
-    while let Some(first) = jobs.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < options.max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        match apply_batch(&mut conn, &batch, &options).await {
-            Ok(results) => {
-                for (job, result) in batch.into_iter().zip(results) {
-                    let _ = job.reply.send(result);
-                }
-            }
-            Err(err) => {
-                tracing::error!(%err, writes = batch.len(), "a write batch failed and was rolled back");
-                let why = unavailable(err);
-                for job in batch {
-                    let _ = job.reply.send(Err(why.clone()));
-                }
-            }
-        }
-        if last_prune.elapsed() >= PRUNE_EVERY {
-            last_prune = Instant::now();
-            let horizon = now_ms().saturating_sub(SEND_ID_RETENTION.as_millis() as u64) as i64;
-            if let Err(err) = sqlx::query("DELETE FROM send_ids WHERE timestamp_ms < ?")
-                .bind(horizon)
-                .execute(&mut conn)
-                .await
-            {
-                tracing::warn!(%err, "could not prune expired send ids");
-            }
-        }
-    }
-}
-
-/// Applies a batch in one transaction. `Err` means the transaction failed
-/// and nothing of it is stored; `Ok` holds each write's own outcome.
-async fn apply_batch(
-    conn: &mut SqliteConnection,
-    batch: &[Job],
-    options: &SqliteOptions,
-) -> Result<Vec<Result<Done, StoreError>>, sqlx::Error> {
-    let mut tx = conn.begin().await?;
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        results.push(apply(&mut tx, &job.op, options).await?);
-    }
-    tx.commit().await?;
-    Ok(results)
-}
-
-async fn apply(
-    conn: &mut SqliteConnection,
-    op: &Op,
-    options: &SqliteOptions,
-) -> Result<Result<Done, StoreError>, sqlx::Error> {
-    Ok(match op {
-        Op::Create(name) => {
-            let created = sqlx::query("INSERT INTO accounts (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
-                .bind(name.as_str())
-                .bind(now_ms() as i64)
-                .execute(&mut *conn)
-                .await?;
-            if created.rows_affected() == 1 {
-                Ok(Done::Unit)
-            } else {
-                Err(StoreError::AccountExists(name.clone()))
-            }
-        }
-        Op::Delete(name) => {
-            sqlx::query("DELETE FROM messages WHERE recipient = ?")
-                .bind(name.as_str())
-                .execute(&mut *conn)
-                .await?;
-            let deleted = sqlx::query("DELETE FROM accounts WHERE name = ?")
-                .bind(name.as_str())
-                .execute(&mut *conn)
-                .await?;
-            Ok(Done::Flag(deleted.rows_affected() == 1))
-        }
-        Op::Append(message) => append(conn, message, options.queue_limit).await?,
-        Op::Take(name, limit) => {
-            if !exists(conn, name).await? {
-                return Ok(Err(StoreError::NoSuchAccount(name.clone())));
-            }
-            let rows = sqlx::query(
-                "SELECT id, sender, body, timestamp_ms FROM messages WHERE recipient = ? AND delivered = 0 ORDER BY id LIMIT ?",
-            )
-            .bind(name.as_str())
-            .bind(i64::try_from(*limit).unwrap_or(i64::MAX))
-            .fetch_all(&mut *conn)
-            .await?;
-            let messages = match rows
-                .iter()
-                .map(message_from_row)
-                .collect::<Result<Vec<_>, _>>()
-            {
-                Ok(messages) => messages,
-                Err(err) => return Ok(Err(err)),
-            };
-            if let Some(last) = messages.last() {
-                sqlx::query("UPDATE messages SET delivered = 1 WHERE recipient = ? AND delivered = 0 AND id <= ?")
-                    .bind(name.as_str())
-                    .bind(last.id as i64)
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            Ok(Done::Messages(messages))
-        }
-        Op::Ack(name, through) => {
-            if !exists(conn, name).await? {
-                return Ok(Err(StoreError::NoSuchAccount(name.clone())));
-            }
-            let removed = sqlx::query(
-                "DELETE FROM messages WHERE recipient = ? AND delivered = 1 AND id <= ?",
-            )
-            .bind(name.as_str())
-            .bind(i64::try_from(*through).unwrap_or(i64::MAX))
-            .execute(&mut *conn)
-            .await?;
-            Ok(Done::Count(removed.rows_affected() as usize))
-        }
-    })
-}
-
-async fn exists(conn: &mut SqliteConnection, name: &Username) -> Result<bool, sqlx::Error> {
-    let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM accounts WHERE name = ?")
-        .bind(name.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(found.is_some())
-}
-
-async fn append(
-    conn: &mut SqliteConnection,
-    message: &NewMessage,
-    queue_limit: usize,
-) -> Result<Result<Done, StoreError>, sqlx::Error> {
-    let send_id = message.send_id.map(|id| id.to_be_bytes().to_vec());
-    if let Some(send_id) = &send_id {
-        let original: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT message_id, timestamp_ms FROM send_ids WHERE sender = ? AND client_id = ?",
-        )
-        .bind(message.sender.as_str())
-        .bind(send_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some((id, timestamp_ms)) = original {
-            let message = Message {
-                id: id as u64,
-                sender: message.sender.clone(),
-                body: message.body.clone(),
-                timestamp_ms: timestamp_ms as u64,
-            };
-            return Ok(Ok(Done::Appended(Appended {
-                message,
-                duplicate: true,
-            })));
-        }
-    }
-    // One statement takes the next id and counts the message against the
-    // bound; it matches no row if the account is missing or full.
-    let id: Option<i64> = sqlx::query_scalar(
-        "UPDATE accounts SET last_id = last_id + 1, stored = stored + 1 WHERE name = ? AND stored < ? RETURNING last_id",
-    )
-    .bind(message.recipient.as_str())
-    .bind(i64::try_from(queue_limit).unwrap_or(i64::MAX))
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(id) = id else {
-        return Ok(Err(if exists(conn, &message.recipient).await? {
-            StoreError::QueueFull(message.recipient.clone())
-        } else {
-            StoreError::NoSuchAccount(message.recipient.clone())
-        }));
-    };
-    sqlx::query("INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) VALUES (?, ?, ?, ?, ?, ?)")
-        .bind(message.recipient.as_str())
-        .bind(id)
-        .bind(message.sender.as_str())
-        .bind(message.body.as_str())
-        .bind(message.timestamp_ms as i64)
-        .bind(message.delivered)
-        .execute(&mut *conn)
-        .await?;
-    if let Some(send_id) = &send_id {
-        sqlx::query("INSERT INTO send_ids (sender, client_id, recipient, message_id, timestamp_ms) VALUES (?, ?, ?, ?, ?)")
-            .bind(message.sender.as_str())
-            .bind(send_id)
-            .bind(message.recipient.as_str())
-            .bind(id)
-            .bind(message.timestamp_ms as i64)
-            .execute(&mut *conn)
-            .await?;
-    }
-    let stored = Message {
-        id: id as u64,
-        sender: message.sender.clone(),
-        body: message.body.clone(),
-        timestamp_ms: message.timestamp_ms,
-    };
-    Ok(Ok(Done::Appended(Appended {
-        message: stored,
-        duplicate: false,
-    })))
-}
-
-fn message_from_row(row: &SqliteRow) -> Result<Message, StoreError> {
+pub(crate) fn message_from_row(row: &SqliteRow) -> Result<Message, StoreError> {
     let corrupt = |what: &str| StoreError::Unavailable(format!("corrupt message row: {what}"));
     let id: i64 = row.try_get(0).map_err(unavailable)?;
     let sender: String = row.try_get(1).map_err(unavailable)?;

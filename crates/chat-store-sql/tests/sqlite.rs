@@ -117,6 +117,50 @@ async fn limits_and_acks_behave_like_the_memory_store() {
     assert!(store.take_undelivered(&bob, 10).await.unwrap().is_empty());
     assert_eq!(store.ack(&bob, first.id).await.unwrap(), 0);
     assert_eq!(store.ack(&bob, second.id).await.unwrap(), 1);
+    // Acknowledged messages free their room, also after a reopen.
+    store
+        .append(message("bob", "4", false, None))
+        .await
+        .unwrap();
+    store
+        .append(message("bob", "5", false, None))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .append(message("bob", "6", false, None))
+            .await
+            .is_err()
+    );
+    drop(store);
+    let store = SqliteStore::open(
+        dir.path(),
+        SqliteOptions {
+            queue_limit: 2,
+            ..SqliteOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        store
+            .append(message("bob", "7", false, None))
+            .await
+            .unwrap_err(),
+        StoreError::QueueFull(bob.clone())
+    );
+    let taken = store.take_undelivered(&bob, 10).await.unwrap();
+    assert_eq!(store.ack(&bob, taken[1].id).await.unwrap(), 2);
+    assert_eq!(
+        store
+            .append(message("bob", "8", false, None))
+            .await
+            .unwrap()
+            .message
+            .id,
+        5,
+        "failed appends take no id"
+    );
     assert!(store.delete_account(&bob).await.unwrap());
     assert!(!store.delete_account(&bob).await.unwrap());
     assert!(!store.account_exists(&bob).await.unwrap());
@@ -256,4 +300,88 @@ async fn an_unusable_data_directory_is_a_clear_error() {
         .await
         .unwrap_err();
     assert!(matches!(err, OpenError::Directory { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resends_in_one_batch_and_across_batches_store_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(dir.path(), SqliteOptions::default())
+            .await
+            .unwrap(),
+    );
+    store.create_account(&name("bob")).await.unwrap();
+    // Many concurrent appends with the same send id land in the same or
+    // in different batches; exactly one stores.
+    let tasks = (0..32).map(|_| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            store
+                .append(message("bob", "once", false, Some(5)))
+                .await
+                .unwrap()
+        })
+    });
+    let results: Vec<_> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(results.iter().filter(|a| !a.duplicate).count(), 1);
+    assert!(
+        results
+            .iter()
+            .all(|a| a.message.id == results[0].message.id)
+    );
+    assert_eq!(
+        store
+            .take_undelivered(&name("bob"), 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// A storage failure (here a trigger that makes every message insert fail,
+/// as a full disk would) fails the send with `store_unavailable`, stores
+/// nothing, and the server goes on working once the cause is gone.
+#[tokio::test]
+async fn a_failing_database_refuses_sends_clearly_and_recovers() {
+    use chat_core::{Chat, Config, ErrorCode};
+    use sqlx::Connection;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
+        .await
+        .unwrap();
+    let chat = Chat::new(Arc::new(store), Config::default());
+    let (alice, _a) = chat.open_session();
+    let (bob, _b) = chat.open_session();
+    alice.create("alice").await.unwrap();
+    bob.create("bob").await.unwrap();
+    bob.logout().await.unwrap();
+
+    let url = format!("sqlite://{}", dir.path().join(DATABASE_FILE).display());
+    let mut saboteur = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("CREATE TRIGGER full_disk BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;")
+        .execute(&mut saboteur)
+        .await
+        .unwrap();
+    let err = alice.send("bob", "lost?").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::StoreUnavailable, "{err}");
+    assert!(err.to_string().contains("disk is full"), "{err}");
+
+    sqlx::raw_sql("DROP TRIGGER full_disk")
+        .execute(&mut saboteur)
+        .await
+        .unwrap();
+    let receipt = alice.send("bob", "after the repair").await.unwrap();
+    bob.login("bob").await.unwrap();
+    let queued = bob.fetch(0).await.unwrap();
+    assert_eq!(queued.len(), 1, "the failed send stored nothing");
+    assert_eq!(
+        (queued[0].id, queued[0].body.as_str()),
+        (receipt.id, "after the repair")
+    );
 }
