@@ -1,7 +1,8 @@
 //! Project automation, run as `cargo xtask <task>`.
 //!
 //! - `ci`: exactly what `.ci/run` runs — format check, clippy with warnings
-//!   denied, docs with warnings denied, then the README's test command.
+//!   denied, docs with warnings denied, the benchmark in quick mode, then
+//!   the README's test command.
 
 use std::process::Command;
 
@@ -41,6 +42,7 @@ fn ci() -> anyhow::Result<()> {
             &["doc", "--workspace", "--no-deps"],
             &[("RUSTDOCFLAGS", "-D warnings")],
         ),
+        (&["bench", "--workspace"], &[("CHAT_BENCH_QUICK", "1")]),
         (&["test", "--workspace"], &[]),
     ];
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

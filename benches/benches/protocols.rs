@@ -1,0 +1,624 @@
+//! The protocol comparison: socket vs gRPC vs a raw TCP echo, on the memory
+//! and the durable store, measured in one run so every figure is also a
+//! ratio. Servers run as child processes (this binary in server mode), so
+//! their CPU time and memory are theirs alone; the load runs here.
+//!
+//! `cargo bench` at the workspace root runs it in full;
+//! `cargo bench -p chat-bench --bench protocols -- --quick` (or
+//! `CHAT_BENCH_QUICK=1`) runs a reduced version in well under a minute.
+//! Results: a table on stdout and `target/chat-bench/report.json`, which
+//! `cargo xtask bench-report` turns into docs/BENCHMARKS.md.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chat_bench::{
+    Bytes, Latency, Logins, MESSAGE_BYTES, Machine, Report, Served, ServerProcess, Sessions,
+    Throughput,
+};
+use chat_core::client::{ChatClient, Push};
+use chat_grpc::GrpcClient;
+use chat_socket::SocketClient;
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Settings {
+    samples: usize,
+    window: Duration,
+    pairs: &'static [usize],
+    sessions: usize,
+}
+
+const QUICK: Settings = Settings {
+    samples: 300,
+    window: Duration::from_millis(700),
+    pairs: &[1, 16, 256],
+    sessions: 1000,
+};
+const FULL: Settings = Settings {
+    samples: 5000,
+    window: Duration::from_secs(3),
+    pairs: &[1, 16, 256],
+    sessions: 10_000,
+};
+
+/// A client library the benchmark can open.
+trait Dial: ChatClient + Sized + Send + 'static {
+    const NAME: &'static str;
+    fn dial(addr: SocketAddr) -> impl Future<Output = Self> + Send;
+}
+
+impl Dial for SocketClient {
+    const NAME: &'static str = "socket";
+    async fn dial(addr: SocketAddr) -> Self {
+        SocketClient::connect(addr).await.expect("socket connect")
+    }
+}
+
+impl Dial for GrpcClient {
+    const NAME: &'static str = "grpc";
+    async fn dial(addr: SocketAddr) -> Self {
+        GrpcClient::connect(&addr.to_string())
+            .await
+            .expect("grpc connect")
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
+fn latency(transport: &str, store: &str, op: &str, h: &Histogram<u64>) -> Latency {
+    Latency {
+        transport: transport.into(),
+        store: store.into(),
+        op: op.into(),
+        samples: h.len(),
+        p50_us: h.value_at_quantile(0.5) as f64,
+        p99_us: h.value_at_quantile(0.99) as f64,
+        p999_us: h.value_at_quantile(0.999) as f64,
+    }
+}
+
+/// A 300-byte body that starts with `stamp` (µs since the run's epoch).
+fn body(stamp: u64) -> String {
+    let mut body = format!("{stamp:020}");
+    while body.len() + 2 <= MESSAGE_BYTES {
+        body.push('é');
+    }
+    body
+}
+
+fn stamp_of(body: &str) -> Option<u64> {
+    body.get(..20)?.parse().ok()
+}
+
+async fn next_message<C: ChatClient>(client: &mut C) -> chat_core::Message {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), client.next_push()).await {
+            Ok(Some(Push::Message(m))) => return m,
+            Ok(Some(_)) => continue,
+            other => panic!("no message: {other:?}"),
+        }
+    }
+}
+
+/// Per-operation round trips, one at a time.
+async fn latencies<C: Dial>(
+    addr: SocketAddr,
+    store: &str,
+    tag: &str,
+    samples: usize,
+) -> Vec<Latency> {
+    let mut a = C::dial(addr).await;
+    let mut b = C::dial(addr).await;
+    let mut out = Vec::new();
+
+    let mut h = histogram();
+    for n in 0..samples {
+        let t = Instant::now();
+        a.create(&format!("{tag}c{n}")).await.expect("create");
+        h.record(micros(t.elapsed())).ok();
+        a.logout().await.expect("logout");
+    }
+    out.push(latency(C::NAME, store, "create", &h));
+
+    let mut h = histogram();
+    for _ in 0..samples {
+        let t = Instant::now();
+        a.login(&format!("{tag}c0")).await.expect("login");
+        h.record(micros(t.elapsed())).ok();
+        a.logout().await.expect("logout");
+    }
+    out.push(latency(C::NAME, store, "login", &h));
+
+    let mut h = histogram();
+    for _ in 0..samples {
+        let t = Instant::now();
+        a.list(&format!("^{tag}c1"), 10).await.expect("list");
+        h.record(micros(t.elapsed())).ok();
+    }
+    out.push(latency(C::NAME, store, "list", &h));
+
+    a.create(&format!("{tag}alice"))
+        .await
+        .expect("create alice");
+    let bob = format!("{tag}bob");
+    b.create(&bob).await.expect("create bob");
+    let (mut send, mut deliver) = (histogram(), histogram());
+    let epoch = Instant::now();
+    for n in 0..samples {
+        let t = Instant::now();
+        a.send(&bob, &body(micros(epoch.elapsed())))
+            .await
+            .expect("send");
+        send.record(micros(t.elapsed())).ok();
+        let m = next_message(&mut b).await;
+        deliver.record(micros(t.elapsed())).ok();
+        if n % 64 == 63 {
+            b.ack(m.id).await.expect("ack");
+        }
+    }
+    out.push(latency(C::NAME, store, "send", &send));
+    out.push(latency(C::NAME, store, "send → delivery", &deliver));
+    out
+}
+
+/// A raw TCP echo of the same payload: the physical limit.
+async fn raw_latency(addr: SocketAddr, samples: usize) -> Latency {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect echo");
+    stream.set_nodelay(true).ok();
+    let payload = vec![b'x'; MESSAGE_BYTES];
+    let mut back = vec![0u8; MESSAGE_BYTES];
+    let mut h = histogram();
+    for _ in 0..samples {
+        let t = Instant::now();
+        stream.write_all(&payload).await.expect("write");
+        stream.read_exact(&mut back).await.expect("read");
+        h.record(micros(t.elapsed())).ok();
+    }
+    latency("raw", "-", "echo round trip", &h)
+}
+
+/// N sender/recipient pairs for the window: delivered messages per second,
+/// delivery latency, and server CPU per delivered message.
+async fn throughput<C: Dial>(
+    server: &ServerProcess,
+    store: &str,
+    tag: &str,
+    pairs: usize,
+    window: Duration,
+) -> Throughput {
+    let addr = server.addr;
+    let mut senders = Vec::new();
+    let mut recipients = Vec::new();
+    for i in 0..pairs {
+        let mut r = C::dial(addr).await;
+        r.create(&format!("{tag}r{i}"))
+            .await
+            .expect("create recipient");
+        recipients.push(r);
+        let mut s = C::dial(addr).await;
+        s.create(&format!("{tag}s{i}"))
+            .await
+            .expect("create sender");
+        senders.push(s);
+    }
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let cpu_before = server.cpu_seconds();
+    let start = Instant::now();
+    let deadline = start + window;
+    let mut receivers = Vec::new();
+    for mut r in recipients {
+        let delivered = Arc::clone(&delivered);
+        receivers.push(tokio::spawn(async move {
+            let mut h = histogram();
+            let mut last = 0;
+            loop {
+                let Ok(Some(push)) = tokio::time::timeout_at(deadline.into(), r.next_push()).await
+                else {
+                    break;
+                };
+                if let Push::Message(m) = push {
+                    if let Some(sent) = stamp_of(m.body.as_str()) {
+                        h.record(micros(epoch.elapsed()).saturating_sub(sent).max(1))
+                            .ok();
+                    }
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    last = m.id;
+                    if last % 64 == 0 {
+                        let _ = r.ack(last).await;
+                    }
+                }
+            }
+            if last > 0 {
+                let _ = r.ack(last).await;
+            }
+            h
+        }));
+    }
+    let mut tasks = Vec::new();
+    for (i, mut s) in senders.into_iter().enumerate() {
+        let stop = Arc::clone(&stop);
+        let to = format!("{tag}r{i}");
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if s.send(&to, &body(micros(epoch.elapsed()))).await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep_until(deadline.into()).await;
+    let count = delivered.load(Ordering::Relaxed);
+    let cpu = server.cpu_seconds() - cpu_before;
+    stop.store(true, Ordering::Relaxed);
+    let mut h = histogram();
+    for r in receivers {
+        h.add(r.await.expect("receiver")).ok();
+    }
+    for t in tasks {
+        t.await.ok();
+    }
+    let seconds = start.elapsed().min(window).as_secs_f64();
+    Throughput {
+        transport: C::NAME.into(),
+        store: store.into(),
+        pairs,
+        delivered: count,
+        per_second: count as f64 / seconds,
+        p50_us: h.value_at_quantile(0.5) as f64,
+        p99_us: h.value_at_quantile(0.99) as f64,
+        server_cpu_us_per_msg: if count > 0 {
+            cpu * 1e6 / count as f64
+        } else {
+            0.0
+        },
+    }
+}
+
+/// The same for the raw echo: N connections ping-ponging the payload.
+async fn raw_throughput(server: &ServerProcess, pairs: usize, window: Duration) -> Throughput {
+    let cpu_before = server.cpu_seconds();
+    let start = Instant::now();
+    let deadline = start + window;
+    let mut tasks = Vec::new();
+    for _ in 0..pairs {
+        let addr = server.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("connect echo");
+            stream.set_nodelay(true).ok();
+            let payload = vec![b'x'; MESSAGE_BYTES];
+            let mut back = vec![0u8; MESSAGE_BYTES];
+            let mut h = histogram();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                if stream.write_all(&payload).await.is_err()
+                    || stream.read_exact(&mut back).await.is_err()
+                {
+                    break;
+                }
+                h.record(micros(t.elapsed())).ok();
+                n += 1;
+            }
+            (n, h)
+        }));
+    }
+    let mut count = 0;
+    let mut h = histogram();
+    for t in tasks {
+        let (n, th) = t.await.expect("echo task");
+        count += n;
+        h.add(th).ok();
+    }
+    let cpu = server.cpu_seconds() - cpu_before;
+    let seconds = start.elapsed().as_secs_f64();
+    Throughput {
+        transport: "raw".into(),
+        store: "-".into(),
+        pairs,
+        delivered: count,
+        per_second: count as f64 / seconds,
+        p50_us: h.value_at_quantile(0.5) as f64,
+        p99_us: h.value_at_quantile(0.99) as f64,
+        server_cpu_us_per_msg: if count > 0 {
+            cpu * 1e6 / count as f64
+        } else {
+            0.0
+        },
+    }
+}
+
+/// Server RSS per idle logged-in session.
+async fn sessions<C: Dial>(server: &ServerProcess, count: usize) -> Sessions {
+    let before = server.rss_bytes();
+    let mut clients = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut c = C::dial(server.addr).await;
+        c.create(&format!("idle{i}")).await.expect("create idle");
+        clients.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_bytes();
+    drop(clients);
+    let delta = after.saturating_sub(before);
+    Sessions {
+        transport: C::NAME.into(),
+        sessions: count,
+        rss_delta: delta,
+        per_session: delta as f64 / count as f64,
+    }
+}
+
+/// Logins per second (no password), 16 concurrent clients for the window.
+async fn logins<C: Dial>(addr: SocketAddr, window: Duration) -> Logins {
+    const CLIENTS: usize = 16;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut c = C::dial(addr).await;
+        c.create(&format!("login{i}")).await.expect("create");
+        c.logout().await.expect("logout");
+        clients.push(c);
+    }
+    let start = Instant::now();
+    let deadline = start + window;
+    let tasks = clients.into_iter().enumerate().map(|(i, mut c)| {
+        tokio::spawn(async move {
+            let name = format!("login{i}");
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                c.login(&name).await.expect("login");
+                c.logout().await.expect("logout");
+                n += 1;
+            }
+            n
+        })
+    });
+    let mut total = 0;
+    for t in futures::future::join_all(tasks).await {
+        total += t.expect("login task");
+    }
+    Logins {
+        transport: C::NAME.into(),
+        clients: CLIENTS,
+        logins: total,
+        per_second: total as f64 / start.elapsed().as_secs_f64(),
+    }
+}
+
+async fn wire<C: Dial>(addr: SocketAddr) -> Vec<Bytes> {
+    chat_conformance::wire::measure(addr, |a| C::dial(a))
+        .await
+        .into_iter()
+        .map(|c| Bytes {
+            transport: C::NAME.into(),
+            op: c.operation.into(),
+            up: c.up,
+            down: c.down,
+        })
+        .collect()
+}
+
+async fn transport<C: Dial>(
+    report: &mut Report,
+    settings: &Settings,
+    data: &std::path::Path,
+) -> anyhow::Result<()> {
+    for store in ["memory", "durable"] {
+        let dir = data.join(format!("{}-{store}", C::NAME));
+        let arg = if store == "memory" {
+            "memory".to_string()
+        } else {
+            dir.to_string_lossy().to_string()
+        };
+        let served = if C::NAME == "grpc" {
+            Served::Grpc
+        } else {
+            Served::Socket
+        };
+        let server = ServerProcess::start(served, &arg)?;
+        eprintln!("  {} / {store}: latency", C::NAME);
+        report
+            .latency
+            .extend(latencies::<C>(server.addr, store, "l", settings.samples).await);
+        for (run, &pairs) in settings.pairs.iter().enumerate() {
+            eprintln!("  {} / {store}: throughput, {pairs} pairs", C::NAME);
+            report.throughput.push(
+                throughput::<C>(&server, store, &format!("t{run}"), pairs, settings.window).await,
+            );
+        }
+        if store == "memory" {
+            eprintln!("  {}: logins", C::NAME);
+            report
+                .logins
+                .push(logins::<C>(server.addr, settings.window).await);
+            drop(server);
+            // Fresh servers, so nothing earlier is in the lists or the RSS.
+            eprintln!("  {}: bytes per operation", C::NAME);
+            let fresh = ServerProcess::start(served, "memory")?;
+            report.bytes.extend(wire::<C>(fresh.addr).await);
+            drop(fresh);
+            eprintln!("  {}: {} idle sessions", C::NAME, settings.sessions);
+            let fresh = ServerProcess::start(served, "memory")?;
+            report
+                .sessions
+                .push(sessions::<C>(&fresh, settings.sessions).await);
+        }
+    }
+    Ok(())
+}
+
+fn find<'a>(report: &'a Report, transport: &str, store: &str, op: &str) -> Option<&'a Latency> {
+    report
+        .latency
+        .iter()
+        .find(|l| l.transport == transport && l.store == store && l.op == op)
+}
+
+fn print(report: &Report) {
+    println!(
+        "\n# Protocol comparison ({} mode) on {} × {}",
+        if report.quick { "quick" } else { "full" },
+        report.machine.cores,
+        report.machine.cpu
+    );
+    let raw = find(report, "raw", "-", "echo round trip");
+    println!("\n## Round-trip latency, µs (p50 / p99 / p99.9)");
+    println!(
+        "{:<8} {:<8} {:<16} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "transport", "store", "op", "p50", "p99", "p99.9", "p50 ÷ raw", "p99 ÷ raw"
+    );
+    for l in &report.latency {
+        let (r50, r99) = raw
+            .map(|r| (l.p50_us / r.p50_us, l.p99_us / r.p99_us))
+            .unwrap_or((0.0, 0.0));
+        println!(
+            "{:<8} {:<8} {:<16} {:>10.0} {:>10.0} {:>10.0} {:>11.2}× {:>11.2}×",
+            l.transport, l.store, l.op, l.p50_us, l.p99_us, l.p999_us, r50, r99
+        );
+    }
+    for store in ["memory", "durable"] {
+        if let (Some(g), Some(s)) = (
+            find(report, "grpc", store, "send → delivery"),
+            find(report, "socket", store, "send → delivery"),
+        ) {
+            println!(
+                "gRPC ÷ socket, send → delivery p50 ({store}): {:.2}×",
+                g.p50_us / s.p50_us
+            );
+        }
+    }
+    println!(
+        "\n## Throughput (delivered messages/s; delivery latency under load, µs; server CPU µs per message)"
+    );
+    println!(
+        "{:<8} {:<8} {:>6} {:>12} {:>9} {:>9} {:>10} {:>11} {:>11}",
+        "transport", "store", "pairs", "msgs/s", "p50", "p99", "cpu/msg", "÷ raw tput", "÷ raw cpu"
+    );
+    for t in &report.throughput {
+        let raw = report
+            .throughput
+            .iter()
+            .find(|r| r.transport == "raw" && r.pairs == t.pairs);
+        let (rt, rc) = raw
+            .map(|r| {
+                (
+                    t.per_second / r.per_second,
+                    t.server_cpu_us_per_msg / r.server_cpu_us_per_msg,
+                )
+            })
+            .unwrap_or((0.0, 0.0));
+        println!(
+            "{:<8} {:<8} {:>6} {:>12.0} {:>9.0} {:>9.0} {:>10.2} {:>10.2}× {:>10.2}×",
+            t.transport,
+            t.store,
+            t.pairs,
+            t.per_second,
+            t.p50_us,
+            t.p99_us,
+            t.server_cpu_us_per_msg,
+            rt,
+            rc
+        );
+    }
+    println!("\n## Bytes on the wire per operation (up / down)");
+    for b in &report.bytes {
+        println!("{:<8} {:<28} {:>6} {:>6}", b.transport, b.op, b.up, b.down);
+    }
+    println!("\n## Idle sessions and logins");
+    for s in &report.sessions {
+        println!(
+            "{:<8} {} sessions: {:.0} bytes of server RSS each",
+            s.transport, s.sessions, s.per_session
+        );
+    }
+    for l in &report.logins {
+        println!(
+            "{:<8} {:.0} logins/s with {} clients",
+            l.transport, l.per_second, l.clients
+        );
+    }
+}
+
+fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() -> anyhow::Result<()> {
+    chat_bench::serve_if_asked();
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` runs every bench target with its arguments; a plain
+    // `--bench` is cargo's, a `--list` is libtest's discovery: nothing to do.
+    if args.iter().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let quick =
+        args.iter().any(|a| a == "--quick") || std::env::var_os("CHAT_BENCH_QUICK").is_some();
+    let settings = if quick { &QUICK } else { &FULL };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("chat-bench-load")
+        .build()?;
+    let data = std::env::temp_dir().join(format!("chat-bench-{}", std::process::id()));
+    let mut report = Report {
+        date: today(),
+        machine: Machine::describe(),
+        quick,
+        latency: Vec::new(),
+        throughput: Vec::new(),
+        bytes: Vec::new(),
+        sessions: Vec::new(),
+        logins: Vec::new(),
+    };
+    runtime.block_on(async {
+        eprintln!("raw TCP echo");
+        let echo = ServerProcess::start(Served::Echo, "-")?;
+        report
+            .latency
+            .push(raw_latency(echo.addr, settings.samples).await);
+        for &pairs in settings.pairs {
+            report
+                .throughput
+                .push(raw_throughput(&echo, pairs, settings.window).await);
+        }
+        drop(echo);
+        eprintln!("socket transport");
+        transport::<SocketClient>(&mut report, settings, &data).await?;
+        eprintln!("gRPC transport");
+        transport::<GrpcClient>(&mut report, settings, &data).await?;
+        anyhow::Ok(())
+    })?;
+    let _ = std::fs::remove_dir_all(&data);
+    print(&report);
+    let out = std::env::var("CHAT_BENCH_OUT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/chat-bench/report.json")
+        });
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("\nreport written to {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! Shared parts of the protocol comparison benchmark: the machine
+//! description, servers run as child processes (so their CPU time and
+//! memory can be read from `/proc`), latency summaries, and the report
+//! written as JSON.
+//!
+//! The benchmark itself is `benches/protocols.rs` (`cargo bench` at the
+//! workspace root); `cargo xtask bench-report` turns its JSON into
+//! `docs/BENCHMARKS.md`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+/// The argument that turns the benchmark binary into a server process.
+pub const SERVE_ARG: &str = "--chat-bench-serve";
+
+/// Size of the message every benchmark sends, in bytes: a 300-byte direct
+/// message, the size the reference figures use.
+pub const MESSAGE_BYTES: usize = 300;
+
+/// Where the machine ran the benchmark.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    /// Logical cores.
+    pub cores: usize,
+    /// CPU model, from `/proc/cpuinfo`.
+    pub cpu: String,
+    /// Operating system and kernel.
+    pub os: String,
+    /// `rustc --version`.
+    pub rustc: String,
+}
+
+impl Machine {
+    /// Describes this machine.
+    pub fn describe() -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let os = std::fs::read_to_string("/etc/os-release")
+            .ok()
+            .and_then(|r| {
+                r.lines().find(|l| l.starts_with("PRETTY_NAME=")).map(|l| {
+                    l.trim_start_matches("PRETTY_NAME=")
+                        .trim_matches('"')
+                        .to_string()
+                })
+            })
+            .unwrap_or_else(|| std::env::consts::OS.into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let rustc = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        Self {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            cpu,
+            os: format!("{os}, Linux {}", kernel.trim()),
+            rustc,
+        }
+    }
+}
+
+/// Latency percentiles of one measured operation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Latency {
+    /// `socket`, `grpc` or `raw`.
+    pub transport: String,
+    /// `memory`, `durable` or `-`.
+    pub store: String,
+    /// The operation.
+    pub op: String,
+    /// How many samples.
+    pub samples: u64,
+    /// Median, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// 99.9th percentile, µs.
+    pub p999_us: f64,
+}
+
+/// Delivered messages per second with N sender/recipient pairs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Throughput {
+    /// `socket`, `grpc` or `raw`.
+    pub transport: String,
+    /// `memory`, `durable` or `-`.
+    pub store: String,
+    /// Concurrent pairs.
+    pub pairs: usize,
+    /// Messages delivered (echoed, for raw) in the window.
+    pub delivered: u64,
+    /// Per second.
+    pub per_second: f64,
+    /// Delivery latency under this load: median, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Server CPU time (user + system) per delivered message, µs.
+    pub server_cpu_us_per_msg: f64,
+}
+
+/// Bytes on the wire for one operation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bytes {
+    /// `socket` or `grpc`.
+    pub transport: String,
+    /// The operation.
+    pub op: String,
+    /// Client → server.
+    pub up: u64,
+    /// Server → client.
+    pub down: u64,
+}
+
+/// Server memory per idle logged-in session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sessions {
+    /// `socket` or `grpc`.
+    pub transport: String,
+    /// Sessions held.
+    pub sessions: usize,
+    /// Server RSS growth, bytes.
+    pub rss_delta: u64,
+    /// Per session, bytes.
+    pub per_session: f64,
+}
+
+/// Logins per second.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Logins {
+    /// `socket` or `grpc`.
+    pub transport: String,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Logins (each with its logout) completed.
+    pub logins: u64,
+    /// Per second.
+    pub per_second: f64,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// When (UTC, RFC 3339 date).
+    pub date: String,
+    /// Where.
+    pub machine: Machine,
+    /// Quick mode (fewer samples, shorter windows).
+    pub quick: bool,
+    /// Round-trip latency per operation.
+    pub latency: Vec<Latency>,
+    /// Throughput with N pairs.
+    pub throughput: Vec<Throughput>,
+    /// Bytes per operation.
+    pub bytes: Vec<Bytes>,
+    /// Memory per idle session.
+    pub sessions: Vec<Sessions>,
+    /// Logins per second.
+    pub logins: Vec<Logins>,
+}
+
+/// What a child server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// The socket transport.
+    Socket,
+    /// gRPC.
+    Grpc,
+    /// A raw TCP echo (the physical limit).
+    Echo,
+}
+
+impl Served {
+    fn arg(self) -> &'static str {
+        match self {
+            Served::Socket => "socket",
+            Served::Grpc => "grpc",
+            Served::Echo => "echo",
+        }
+    }
+}
+
+/// A server running as a child process of the benchmark.
+pub struct ServerProcess {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts this binary again in server mode: `served` on `store`
+    /// (`memory`, or a data directory for the durable store).
+    pub fn start(served: Served, store: &str) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args([SERVE_ARG, served.arg(), store])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(
+            child
+                .stdout
+                .take()
+                .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+        )
+        .read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| anyhow::anyhow!("unexpected server line {line:?}"))?
+            .parse()?;
+        Ok(Self { child, addr })
+    }
+
+    /// CPU time (user + system) the server has used so far, seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th fields overall, in clock ticks (100 per second).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// Resident memory now, bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // Closing stdin asks the server to stop; make sure it does.
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// In server mode (the binary was started with [`SERVE_ARG`]): serves until
+/// stdin closes, then exits the process. Otherwise returns.
+pub fn serve_if_asked() {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(at) = args.iter().position(|a| a == SERVE_ARG) else {
+        return;
+    };
+    let served = args.get(at + 1).map(String::as_str).unwrap_or("socket");
+    let store = args.get(at + 2).cloned().unwrap_or_else(|| "memory".into());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("chat-server")
+        .build()
+        .expect("server runtime");
+    let result = runtime.block_on(async move {
+        let listener_addr: SocketAddr = "127.0.0.1:0".parse()?;
+        let stop = async {
+            // The parent closes our stdin when it is done with us.
+            let _ = tokio::task::spawn_blocking(|| {
+                let mut sink = String::new();
+                while std::io::stdin()
+                    .read_line(&mut sink)
+                    .map(|n| n > 0)
+                    .unwrap_or(false)
+                {}
+            })
+            .await;
+        };
+        if served == "echo" {
+            let listener = tokio::net::TcpListener::bind(listener_addr).await?;
+            announce(listener.local_addr()?)?;
+            tokio::select! {
+                _ = echo(listener) => {}
+                _ = stop => {}
+            }
+            return anyhow::Ok(());
+        }
+        let storage = if store == "memory" {
+            chat_server::Storage::memory()
+        } else {
+            chat_server::Storage::sqlite(store)
+        };
+        let chat = storage.open().await?;
+        let listen = if served == "grpc" {
+            chat_server::Listen::Grpc(listener_addr)
+        } else {
+            chat_server::Listen::Socket(listener_addr)
+        };
+        let bound = chat_server::Bound::bind(&[listen]).await?;
+        announce(bound.local_addrs()?[0])?;
+        bound
+            .serve(chat, &chat_server::Tuning::default(), stop)
+            .await
+    });
+    if let Err(err) = result {
+        eprintln!("benchmark server failed: {err:#}");
+        std::process::exit(1);
+    }
+    std::process::exit(0);
+}
+
+fn announce(addr: SocketAddr) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on {addr}")?;
+    stdout.flush()
+}
+
+/// The raw TCP echo: every byte read is written back.
+async fn echo(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((mut stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if stream.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
