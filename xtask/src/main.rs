@@ -3,6 +3,10 @@
 //! - `ci`: exactly what `.ci/run` runs — format check, clippy with warnings
 //!   denied, docs with warnings denied, the benchmark in quick mode, then
 //!   the README's test command.
+//! - `bench-report [REPORT.json]`: turns the benchmark's JSON into
+//!   `docs/BENCHMARKS.md` and its SVG charts.
+
+mod bench_report;
 
 use std::process::Command;
 
@@ -12,8 +16,9 @@ fn main() -> anyhow::Result<()> {
     let task = std::env::args().nth(1);
     match task.as_deref() {
         Some("ci") => ci(),
-        Some(other) => bail!("unknown task {other:?}; tasks: ci"),
-        None => bail!("usage: cargo xtask <task>; tasks: ci"),
+        Some("bench-report") => bench_report::run(std::env::args().nth(2).as_deref()),
+        Some(other) => bail!("unknown task {other:?}; tasks: ci, bench-report"),
+        None => bail!("usage: cargo xtask <task>; tasks: ci, bench-report [REPORT.json]"),
     }
 }
 

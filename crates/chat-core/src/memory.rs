@@ -23,8 +23,13 @@ pub const DEFAULT_QUEUE_LIMIT: usize = 10_000;
 pub struct MemoryStore {
     accounts: RwLock<BTreeMap<Username, Arc<Mutex<Mailbox>>>>,
     queue_limit: usize,
-    send_ids: Mutex<SendIds>,
+    /// Remembered send ids, sharded by sender so that sends from
+    /// different users do not queue behind one lock.
+    send_ids: Box<[Mutex<SendIds>]>,
 }
+
+/// Lock shards for remembered send ids.
+const SEND_ID_SHARDS: usize = 64;
 
 /// Remembered send ids, oldest first for expiry.
 #[derive(Debug, Default)]
@@ -69,8 +74,15 @@ impl MemoryStore {
         Self {
             accounts: RwLock::new(BTreeMap::new()),
             queue_limit,
-            send_ids: Mutex::default(),
+            send_ids: (0..SEND_ID_SHARDS).map(|_| Mutex::default()).collect(),
         }
+    }
+
+    fn send_id_shard(&self, sender: &Username) -> &Mutex<SendIds> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        sender.hash(&mut hasher);
+        &self.send_ids[hasher.finish() as usize % SEND_ID_SHARDS]
     }
 
     fn mailbox(&self, name: &Username) -> Result<Arc<Mutex<Mailbox>>, StoreError> {
@@ -130,10 +142,14 @@ impl Store for MemoryStore {
     }
 
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
-        // The send-id table lock is held across the append so that two
+        // The sender's send-id shard is held across the append so that two
         // concurrent resends of one id cannot both store.
         let mut send_ids = match message.send_id {
-            Some(_) => Some(self.send_ids.lock().map_err(poisoned)?),
+            Some(_) => Some(
+                self.send_id_shard(&message.sender)
+                    .lock()
+                    .map_err(poisoned)?,
+            ),
             None => None,
         };
         if let (Some(ids), Some(send_id)) = (send_ids.as_mut(), message.send_id) {
