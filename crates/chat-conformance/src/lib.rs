@@ -47,6 +47,8 @@ macro_rules! conformance_tests {
             hundreds_of_clients_exactly_once,
             unacked_messages_are_delivered_again,
             fetched_messages_need_an_ack,
+            acks_never_cover_unseen_messages,
+            a_recreated_account_starts_afresh,
         );
     };
     (@each $start:path; $($name:ident),* $(,)?) => {

@@ -463,3 +463,64 @@ pub async fn fetched_messages_need_an_ack<K: Connector>(k: &K) {
         "acknowledged messages are gone"
     );
 }
+
+/// Logs in as `name`, waiting out a previous connection the server has not
+/// yet seen close.
+async fn login_when_free<C: ChatClient>(client: &mut C, name: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while let Err(err) = client.login(name).await {
+        assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn), "{err}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never logged out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A cumulative acknowledgement never deletes a message the client has not
+/// handed out: a replayed message with a lower id than a fetched one
+/// survives the fetch's acknowledgement if it was not read.
+pub async fn acks_never_cover_unseen_messages<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("alice").await.unwrap();
+    b.create("bob").await.unwrap();
+    a.send("bob", "pushed, never acknowledged").await.unwrap();
+    next_message(&mut b).await;
+    drop(b);
+    // While bob is away, a queued message with a higher id.
+    let mut c = k.connect().await;
+    login_when_free(&mut c, "bob").await;
+    c.logout().await.unwrap();
+    a.send("bob", "queued").await.unwrap();
+    c.login("bob").await.unwrap();
+    let fetched = c.fetch(0).await.unwrap();
+    assert_eq!(fetched.len(), 1);
+    c.ack(fetched[0].id).await.unwrap(); // the replayed message is still unread
+    drop(c);
+    let mut d = k.connect().await;
+    login_when_free(&mut d, "bob").await;
+    assert_eq!(
+        next_message(&mut d).await.body.as_str(),
+        "pushed, never acknowledged"
+    );
+}
+
+/// Deleting an account and creating it again on the same client starts a
+/// new id sequence that the client shows in full.
+pub async fn a_recreated_account_starts_afresh<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("alice").await.unwrap();
+    b.create("bob").await.unwrap();
+    a.send("bob", "first life").await.unwrap();
+    let first = next_message(&mut b).await;
+    b.ack(first.id).await.unwrap();
+    b.delete().await.unwrap();
+    b.create("bob").await.unwrap();
+    a.send("bob", "second life").await.unwrap();
+    let second = next_message(&mut b).await;
+    assert_eq!(second.body.as_str(), "second life");
+    assert_eq!(second.id, first.id, "ids start again for the new account");
+}

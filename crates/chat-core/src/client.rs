@@ -124,13 +124,24 @@ impl Seen {
     /// Follows the session state: logging in as a different user starts
     /// afresh; logging out and back in as the same one does not (what was
     /// shown but not acknowledged is replayed then, and dropped here).
-    pub fn follow(&mut self, state: &SessionState) {
-        if let Some(user) = state.user()
-            && self.user.as_ref() != Some(user)
-        {
-            self.user = Some(user.clone());
-            self.ids.clear();
+    /// Returns `true` when the user changed: pushes still queued for the
+    /// previous user must not be shown to this one.
+    pub fn follow(&mut self, state: &SessionState) -> bool {
+        match state.user() {
+            Some(user) if self.user.as_ref() != Some(user) => {
+                self.user = Some(user.clone());
+                self.ids.clear();
+                true
+            }
+            _ => false,
         }
+    }
+
+    /// Forgets everything: the account was deleted, and a new account of
+    /// the same name starts its ids again.
+    pub fn reset(&mut self) {
+        self.user = None;
+        self.ids.clear();
     }
 
     /// `true` the first time `id` is offered, `false` after.
@@ -141,5 +152,49 @@ impl Seen {
     /// Forgets ids up to `through`: acknowledged, they cannot come back.
     pub fn acked(&mut self, through: MessageId) {
         self.ids = self.ids.split_off(&through.saturating_add(1));
+    }
+}
+
+/// Ids of messages a client library has received but not yet handed to
+/// its user, shared between its reader task and the client. A cumulative
+/// acknowledgement must stop below the smallest of them: the server
+/// deletes every delivered message up to the acknowledged id, and these
+/// are delivered.
+#[derive(Debug, Default, Clone)]
+pub struct Unreturned {
+    ids: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<MessageId>>>,
+}
+
+impl Unreturned {
+    /// The reader received message `id`.
+    pub fn received(&self, id: MessageId) {
+        if let Ok(mut ids) = self.ids.lock() {
+            ids.insert(id);
+        }
+    }
+
+    /// Message `id` was handed to the user (or dropped as a repeat).
+    pub fn returned(&self, id: MessageId) {
+        if let Ok(mut ids) = self.ids.lock() {
+            ids.remove(&id);
+        }
+    }
+
+    /// Everything queued was thrown away (the user changed).
+    pub fn clear(&self) {
+        if let Ok(mut ids) = self.ids.lock() {
+            ids.clear();
+        }
+    }
+
+    /// How far an acknowledgement asked `through` may safely go; `None` if
+    /// not at all yet.
+    pub fn safe_ack(&self, through: MessageId) -> Option<MessageId> {
+        let lowest = self.ids.lock().ok().and_then(|ids| ids.first().copied());
+        let limit = match lowest {
+            Some(lowest) => through.min(lowest.saturating_sub(1)),
+            None => through,
+        };
+        (limit > 0).then_some(limit)
     }
 }

@@ -145,6 +145,12 @@ struct Shared {
 }
 
 impl Shared {
+    fn set_replay(&self, messages: VecDeque<Message>) {
+        if let Ok(mut replay) = self.replay.lock() {
+            *replay = messages;
+        }
+    }
+
     fn tell_logout(&self, user: Username, reason: LogoutReason) {
         if let Ok(mut notice) = self.notice.lock() {
             *notice = Some((user, reason));
@@ -320,6 +326,7 @@ impl Session {
         let mut state = self.lock_logged_out().await?;
         let mut stripe = self.chat.stripe(&name).lock().await;
         self.chat.inner.store.create_account(&name).await?;
+        self.shared.set_replay(VecDeque::new());
         self.shared.login.fetch_add(1, Ordering::AcqRel);
         stripe.insert(name.clone(), Arc::clone(&self.shared));
         *state = Some(name);
@@ -349,10 +356,11 @@ impl Session {
         let unacked = self.chat.inner.store.unacked(&name).await?;
         self.shared.login.fetch_add(1, Ordering::AcqRel);
         stripe.insert(name.clone(), Arc::clone(&self.shared));
-        if !unacked.is_empty() {
-            if let Ok(mut replay) = self.shared.replay.lock() {
-                *replay = unacked.into();
-            }
+        // Always replaced: whatever an earlier login left is not this
+        // user's to see.
+        let replaying = !unacked.is_empty();
+        self.shared.set_replay(unacked.into());
+        if replaying {
             self.shared.notify.notify_one();
         }
         *state = Some(name);
@@ -508,15 +516,15 @@ impl Session {
     fn sync(&self, state: &mut Option<Username>) {
         if self.shared.revoked.swap(false, Ordering::AcqRel) {
             *state = None;
+            self.shared.set_replay(VecDeque::new());
+            self.shared.login.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// Removes this session's claim on `user`, if it still holds it, and
     /// drops a replay nobody will read now (those messages stay stored).
     async fn release(&self, user: &Username) {
-        if let Ok(mut replay) = self.shared.replay.lock() {
-            replay.clear();
-        }
+        self.shared.set_replay(VecDeque::new());
         let mut stripe = self.chat.stripe(user).lock().await;
         if stripe.get(user).is_some_and(|s| s.id == self.shared.id) {
             stripe.remove(user);
@@ -583,6 +591,18 @@ impl std::fmt::Debug for Events {
 }
 
 impl Events {
+    /// Takes the whole replay loaded by the last login (delivered but
+    /// unacknowledged messages, oldest first) at once, so a transport can
+    /// hand it to the client before it answers the login: a client that
+    /// acknowledges cumulatively must have received these first.
+    pub fn take_replay(&mut self) -> Vec<Message> {
+        self.shared
+            .replay
+            .lock()
+            .map(|mut r| r.drain(..).collect())
+            .unwrap_or_default()
+    }
+
     /// The next event. Unacknowledged messages replayed at login come
     /// first, then live ones; messages pushed before a logout come before
     /// its [`Event::LoggedOut`]; [`Event::Shutdown`] comes once, after which

@@ -116,6 +116,13 @@ impl Store for MemoryStore {
 
     async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
         let removed = self.accounts.write().map_err(poisoned)?.remove(name);
+        if removed.is_some() {
+            // A new account of this name is a new sender: its send ids are
+            // its own.
+            let mut ids = self.send_id_shard(name).lock().map_err(poisoned)?;
+            ids.by_key.retain(|(sender, _), _| sender != name);
+            ids.order.retain(|(_, sender, _)| sender != name);
+        }
         match removed {
             Some(mailbox) => {
                 let mut mailbox = mailbox.lock().map_err(poisoned)?;

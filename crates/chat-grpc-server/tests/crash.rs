@@ -22,8 +22,9 @@ const SERVER: &str = env!("CARGO_BIN_EXE_chat-grpc-server");
 const PAIRS: usize = 4;
 const ONLINE: usize = 2;
 
-/// What one recipient saw: message id → body.
-type Seen = Arc<Mutex<Vec<(MessageId, String)>>>;
+/// What one recipient saw before the crash: (message id, body), and the
+/// highest id whose acknowledgement the server confirmed.
+type Seen = Arc<Mutex<(Vec<(MessageId, String)>, MessageId)>>;
 
 /// One transport's way of connecting.
 #[derive(Clone, Copy, Debug)]
@@ -42,7 +43,18 @@ impl Transport {
 }
 
 async fn start(data: &str, grpc: &str, socket: &str) -> ServerProcess {
-    let args = ["--listen", grpc, "--socket-listen", socket, "--data", data];
+    // A queue bound far above what the load can reach: this test is about
+    // loss, not limits.
+    let args = [
+        "--listen",
+        grpc,
+        "--socket-listen",
+        socket,
+        "--data",
+        data,
+        "--queue-limit",
+        "10000000",
+    ];
     ServerProcess::start(SERVER, &args, 2).await
 }
 
@@ -74,10 +86,11 @@ async fn online<C: ChatClient>(mut client: C, seen: Seen) {
     while let Some(push) = client.next_push().await {
         match push {
             Push::Message(m) => {
-                seen.lock().unwrap().push((m.id, m.body.to_string()));
+                seen.lock().unwrap().0.push((m.id, m.body.to_string()));
                 if client.ack(m.id).await.is_err() {
                     return;
                 }
+                seen.lock().unwrap().1 = m.id;
             }
             Push::LoggedOut { .. } | Push::Goodbye { .. } => return,
         }
@@ -100,11 +113,11 @@ async fn collect<C: ChatClient>(mut client: C, name: &str) -> Vec<(MessageId, St
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Replayed messages are pushed right after login; take them until they
-    // stop, then everything still queued.
+    // The replay has reached the client by the time login returns (it is
+    // sent before the login's answer); take it, then everything queued.
     let mut got = Vec::new();
     while let Ok(Some(Push::Message(m))) =
-        tokio::time::timeout(Duration::from_millis(300), client.next_push()).await
+        tokio::time::timeout(Duration::from_millis(50), client.next_push()).await
     {
         got.push((m.id, m.body.to_string()));
     }
@@ -219,7 +232,14 @@ async fn acknowledged_messages_survive_sigkill() {
                 "{to}: a message came twice after the restart"
             );
             // One id per message, ever: nothing was stored twice.
-            let before = seen_before[&to].lock().unwrap().clone();
+            let (before, acked_through) = seen_before[&to].lock().unwrap().clone();
+            // An acknowledgement the server confirmed is durable: those
+            // messages never come back.
+            if let Some((id, body)) = after.iter().find(|(id, _)| *id <= acked_through) {
+                panic!(
+                    "{to}: {body:?} (id {id}) came back after its acknowledgement was confirmed"
+                );
+            }
             let mut id_of: BTreeMap<String, MessageId> = BTreeMap::new();
             for (id, body) in before.iter().chain(&after) {
                 let first = *id_of.entry(body.clone()).or_insert(*id);

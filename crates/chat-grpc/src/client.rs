@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use chat_core::client::{ChatClient, ClientError, Push, Seen};
+use chat_core::client::{ChatClient, ClientError, Push, Seen, Unreturned};
 use chat_core::{
     ErrorCode, LogoutReason, Message, MessageBody, MessageId, SendReceipt, SessionState, Username,
 };
@@ -37,6 +37,8 @@ pub struct GrpcClient {
     token: Option<MetadataValue<Ascii>>,
     state: SessionState,
     seen: Seen,
+    /// Messages queued by the stream reader, not yet returned.
+    unreturned: Unreturned,
     push_tx: mpsc::UnboundedSender<Push>,
     pushes: mpsc::UnboundedReceiver<Push>,
     stream: Option<JoinHandle<()>>,
@@ -113,6 +115,7 @@ impl GrpcClient {
             token: None,
             state: SessionState::LoggedOut,
             seen: Seen::default(),
+            unreturned: Unreturned::default(),
             push_tx,
             pushes,
             stream: None,
@@ -178,6 +181,7 @@ impl GrpcClient {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
             self.forget_session();
+            self.end_stream();
             let request = self.request(pb::LoginRequest {
                 username: user.to_string(),
             });
@@ -196,6 +200,23 @@ impl GrpcClient {
         }
     }
 
+    /// Before a login or create: the previous session's stream is over;
+    /// stop its reader and drop what it queued (its goodbye or logout speak
+    /// of the ended session, and its messages are stored and replayed to
+    /// their user at its next login).
+    fn end_stream(&mut self) {
+        if self.state.user().is_some() {
+            // Still logged in: the server refuses the call with
+            // `session_logged_in`; the live session's stream stays.
+            return;
+        }
+        if let Some(old) = self.stream.take() {
+            old.abort();
+        }
+        while self.pushes.try_recv().is_ok() {}
+        self.unreturned.clear();
+    }
+
     /// Adopts a new session and opens its push stream.
     async fn enter(&mut self, reply: pb::LoginReply) -> Result<SessionState, ClientError> {
         let state = state_from(reply.state)?;
@@ -204,7 +225,7 @@ impl GrpcClient {
             .map_err(|_| protocol("the session token is not ASCII"))?;
         self.token = Some(token);
         self.adopt(state.clone());
-        let stream = match self
+        let mut stream = match self
             .stub
             .subscribe(self.request(pb::SubscribeRequest {}))
             .await
@@ -212,8 +233,43 @@ impl GrpcClient {
             Ok(response) => response.into_inner(),
             Err(status) => return Err(self.fail(status)),
         };
+        // Take the replay up to the server's "ready" before returning, so
+        // the caller cannot acknowledge past a replayed message it has not
+        // been offered.
+        let replay = async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(pb::Push {
+                        event: Some(pb::push::Event::Ready(_)),
+                    })) => return Ok(()),
+                    Ok(Some(pb::Push {
+                        event: Some(pb::push::Event::Message(m)),
+                    })) => {
+                        let message = message_from(m)?;
+                        self.unreturned.received(message.id);
+                        let _ = self.push_tx.send(Push::Message(message));
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        return Err(ClientError::Connection(
+                            "the push stream ended at once".into(),
+                        ));
+                    }
+                    Err(status) => return Err(to_client_error(&status)),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), replay)
+            .await
+            .map_err(|_| {
+                ClientError::Connection("no ready from the push stream within 30 s".into())
+            })??;
         let pushes = self.push_tx.clone();
-        self.stream = Some(tokio::spawn(read_pushes(stream, pushes)));
+        self.stream = Some(tokio::spawn(read_pushes(
+            stream,
+            pushes,
+            self.unreturned.clone(),
+        )));
         Ok(state)
     }
 }
@@ -221,13 +277,18 @@ impl GrpcClient {
 /// Turns the Subscribe stream into pushes. A logout the client asked for
 /// is not pushed (the call's reply said so); the stream's end after a
 /// forced logout is not a goodbye (the connection is fine).
-async fn read_pushes(mut stream: tonic::Streaming<pb::Push>, pushes: mpsc::UnboundedSender<Push>) {
+async fn read_pushes(
+    mut stream: tonic::Streaming<pb::Push>,
+    pushes: mpsc::UnboundedSender<Push>,
+    unreturned: Unreturned,
+) {
     loop {
         match stream.message().await {
             Ok(Some(pb::Push {
                 event: Some(pb::push::Event::Message(m)),
             })) => match message_from(m) {
                 Ok(message) => {
+                    unreturned.received(message.id);
                     let _ = pushes.send(Push::Message(message));
                 }
                 Err(err) => {
@@ -249,7 +310,9 @@ async fn read_pushes(mut stream: tonic::Streaming<pb::Push>, pushes: mpsc::Unbou
                 }
                 return;
             }
-            Ok(Some(pb::Push { event: None })) => {}
+            Ok(Some(pb::Push {
+                event: None | Some(pb::push::Event::Ready(_)),
+            })) => {}
             Ok(None) => return,
             Err(status) => {
                 let (code, message) = match to_client_error(&status) {
@@ -265,6 +328,7 @@ async fn read_pushes(mut stream: tonic::Streaming<pb::Push>, pushes: mpsc::Unbou
 
 impl ChatClient for GrpcClient {
     async fn create(&mut self, name: &str) -> Result<SessionState, ClientError> {
+        self.end_stream();
         let request = self.request(pb::CreateAccountRequest {
             username: name.to_owned(),
         });
@@ -275,6 +339,7 @@ impl ChatClient for GrpcClient {
     }
 
     async fn login(&mut self, name: &str) -> Result<SessionState, ClientError> {
+        self.end_stream();
         let request = self.request(pb::LoginRequest {
             username: name.to_owned(),
         });
@@ -302,6 +367,7 @@ impl ChatClient for GrpcClient {
         {
             Ok(reply) => {
                 self.forget_session();
+                self.seen.reset();
                 state_from(reply.into_inner().state)
             }
             Err(status) => Err(self.fail(status)),
@@ -385,6 +451,10 @@ impl ChatClient for GrpcClient {
     }
 
     async fn ack(&mut self, through: MessageId) -> Result<(), ClientError> {
+        // Never past a message this client holds but has not returned yet.
+        let Some(through) = self.unreturned.safe_ack(through) else {
+            return Ok(());
+        };
         match self
             .stub
             .acknowledge(self.request(pb::AcknowledgeRequest { through }))
@@ -402,6 +472,9 @@ impl ChatClient for GrpcClient {
     async fn next_push(&mut self) -> Option<Push> {
         loop {
             let push = self.pushes.recv().await?;
+            if let Push::Message(m) = &push {
+                self.unreturned.returned(m.id);
+            }
             match &push {
                 Push::Message(m) if !self.seen.first(m.id) => continue,
                 Push::LoggedOut { user, .. } if self.state.user() == Some(user) => {

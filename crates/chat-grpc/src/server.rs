@@ -334,9 +334,8 @@ impl ChatService {
     }
 }
 
-#[tonic::async_trait]
-impl ChatRpc for ChatService {
-    async fn create_account(
+impl ChatService {
+    async fn create_account_inner(
         &self,
         request: Request<pb::CreateAccountRequest>,
     ) -> Result<Response<pb::LoginReply>, Status> {
@@ -344,7 +343,7 @@ impl ChatRpc for ChatService {
         self.enter(&request, &name, true).await
     }
 
-    async fn login(
+    async fn login_inner(
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginReply>, Status> {
@@ -352,7 +351,7 @@ impl ChatRpc for ChatService {
         self.enter(&request, &name, false).await
     }
 
-    async fn logout(
+    async fn logout_inner(
         &self,
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::StateReply>, Status> {
@@ -368,7 +367,7 @@ impl ChatRpc for ChatService {
         }))
     }
 
-    async fn delete_account(
+    async fn delete_account_inner(
         &self,
         request: Request<pb::DeleteAccountRequest>,
     ) -> Result<Response<pb::StateReply>, Status> {
@@ -384,7 +383,7 @@ impl ChatRpc for ChatService {
         }))
     }
 
-    async fn send_message(
+    async fn send_message_inner(
         &self,
         request: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageReply>, Status> {
@@ -412,7 +411,7 @@ impl ChatRpc for ChatService {
         }))
     }
 
-    async fn list_accounts(
+    async fn list_accounts_inner(
         &self,
         request: Request<pb::ListAccountsRequest>,
     ) -> Result<Response<pb::ListAccountsReply>, Status> {
@@ -443,7 +442,7 @@ impl ChatRpc for ChatService {
         }))
     }
 
-    async fn fetch_messages(
+    async fn fetch_messages_inner(
         &self,
         request: Request<pb::FetchMessagesRequest>,
     ) -> Result<Response<pb::FetchMessagesReply>, Status> {
@@ -459,7 +458,7 @@ impl ChatRpc for ChatService {
         }))
     }
 
-    async fn acknowledge(
+    async fn acknowledge_inner(
         &self,
         request: Request<pb::AcknowledgeRequest>,
     ) -> Result<Response<pb::StateReply>, Status> {
@@ -472,6 +471,89 @@ impl ChatRpc for ChatService {
         Ok(Response::new(pb::StateReply {
             state: pb_state(&entry.session.state().await),
         }))
+    }
+}
+
+/// Runs an RPC's work on its own task. hyper drops a handler's future when
+/// its client disconnects; a send cut off between storing a message and
+/// pushing it, or a fetch between marking messages delivered and replying,
+/// would leave them stored as delivered but never seen. Detached, the work
+/// always completes; only the reply may be lost (and the client resends).
+async fn detached<T: Send + 'static>(
+    work: impl Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work).await.unwrap_or_else(|err| {
+        Err(to_status(
+            ErrorCode::Internal,
+            format!("request task failed: {err}"),
+        ))
+    })
+}
+
+#[tonic::async_trait]
+impl ChatRpc for ChatService {
+    async fn create_account(
+        &self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::LoginReply>, Status> {
+        let this = self.clone();
+        detached(async move { this.create_account_inner(request).await }).await
+    }
+
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginReply>, Status> {
+        let this = self.clone();
+        detached(async move { this.login_inner(request).await }).await
+    }
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        let this = self.clone();
+        detached(async move { this.logout_inner(request).await }).await
+    }
+
+    async fn delete_account(
+        &self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        let this = self.clone();
+        detached(async move { this.delete_account_inner(request).await }).await
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageReply>, Status> {
+        let this = self.clone();
+        detached(async move { this.send_message_inner(request).await }).await
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<pb::ListAccountsRequest>,
+    ) -> Result<Response<pb::ListAccountsReply>, Status> {
+        let this = self.clone();
+        detached(async move { this.list_accounts_inner(request).await }).await
+    }
+
+    async fn fetch_messages(
+        &self,
+        request: Request<pb::FetchMessagesRequest>,
+    ) -> Result<Response<pb::FetchMessagesReply>, Status> {
+        let this = self.clone();
+        detached(async move { this.fetch_messages_inner(request).await }).await
+    }
+
+    async fn acknowledge(
+        &self,
+        request: Request<pb::AcknowledgeRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        let this = self.clone();
+        detached(async move { this.acknowledge_inner(request).await }).await
     }
 
     type SubscribeStream = ReceiverStream<Result<pb::Push, Status>>;
@@ -508,7 +590,7 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Sends one item into the stream unless the client is gone, stuck past
 /// [`PUSH_TIMEOUT`], or the server is stopping; `false` ends the stream.
-async fn push(
+async fn push_into(
     tx: &mpsc::Sender<Result<pb::Push, Status>>,
     item: Result<pb::Push, Status>,
     stop: &CancellationToken,
@@ -527,6 +609,26 @@ async fn forward(
     tx: mpsc::Sender<Result<pb::Push, Status>>,
     stop: CancellationToken,
 ) {
+    // First the replay, then the marker that it is complete.
+    for message in events.take_replay() {
+        let push = pb::Push {
+            event: Some(pb::push::Event::Message(pb_message(message))),
+        };
+        if !push_into(&tx, Ok(push), &stop).await {
+            return;
+        }
+    }
+    if !push_into(
+        &tx,
+        Ok(pb::Push {
+            event: Some(pb::push::Event::Ready(pb::Ready {})),
+        }),
+        &stop,
+    )
+    .await
+    {
+        return;
+    }
     loop {
         let event = tokio::select! {
             _ = tx.closed() => {
@@ -550,9 +652,9 @@ async fn forward(
                         reason: reason.as_str().to_string(),
                     })),
                 };
-                if push(&tx, Ok(message), &stop).await && reason != LogoutReason::Requested {
+                if push_into(&tx, Ok(message), &stop).await && reason != LogoutReason::Requested {
                     let why = format!("session ended: {}", reason.as_str().replace('_', " "));
-                    push(&tx, Err(to_status(ErrorCode::Unauthenticated, why)), &stop).await;
+                    push_into(&tx, Err(to_status(ErrorCode::Unauthenticated, why)), &stop).await;
                 }
                 return;
             }
@@ -564,7 +666,7 @@ async fn forward(
                 return;
             }
         };
-        if !push(&tx, Ok(pb::Push { event: Some(event) }), &stop).await {
+        if !push_into(&tx, Ok(pb::Push { event: Some(event) }), &stop).await {
             return;
         }
     }

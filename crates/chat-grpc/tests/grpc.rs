@@ -295,6 +295,15 @@ async fn deleting_the_account_ends_the_stream_with_a_clear_status() {
         .await
         .unwrap()
         .into_inner();
+    // The stream opens with the "ready" marker (nothing to replay).
+    let first = tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        first.and_then(|p| p.event),
+        Some(push::Event::Ready(_))
+    ));
     stub.delete_account(with_token(pb::DeleteAccountRequest {}, &token))
         .await
         .unwrap();

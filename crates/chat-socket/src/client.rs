@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chat_core::client::{ChatClient, ClientError, Push, Seen};
-use chat_core::{Message, MessageId, SendReceipt, SessionState, Username};
+use chat_core::client::{ChatClient, ClientError, Push, Seen, Unreturned};
+use chat_core::{ErrorCode, Message, MessageId, SendReceipt, SessionState, Username};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -40,6 +40,8 @@ struct PendingMap {
     waiting: HashMap<RequestId, oneshot::Sender<ServerFrame>>,
     /// Set once the connection is gone, so later calls fail at once.
     closed: Option<String>,
+    /// The server's reason, if it closed the connection on purpose.
+    goodbye: Option<(ErrorCode, String)>,
 }
 
 /// How long a send keeps trying to reconnect and resend after its
@@ -60,6 +62,8 @@ struct Conn {
     writer: Writer,
     pending: Pending,
     pushes: mpsc::UnboundedReceiver<Push>,
+    /// Messages the reader queued that the client has not returned yet.
+    unreturned: Unreturned,
     reader: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
 }
@@ -120,7 +124,7 @@ impl SocketClient {
             match self.login(user.as_str()).await {
                 Ok(_) => return Ok(()),
                 Err(ClientError::Connection(_)) => continue,
-                Err(err) if err.code() == Some(chat_core::ErrorCode::AlreadyLoggedIn) => {
+                Err(err) if err.code() == Some(ErrorCode::AlreadyLoggedIn) => {
                     self.adopt(SessionState::LoggedIn(user.clone()));
                     continue;
                 }
@@ -173,10 +177,12 @@ impl Conn {
         let pending: Pending = Arc::default();
         let (push_tx, pushes) = mpsc::unbounded_channel();
         let last_heard = Arc::new(Mutex::new(Instant::now()));
+        let unreturned = Unreturned::default();
         let reader = tokio::spawn(read_loop(
             reader,
             Arc::clone(&pending),
             push_tx,
+            unreturned.clone(),
             Arc::clone(&last_heard),
         ));
         let heartbeat = tokio::spawn(heartbeat(
@@ -189,6 +195,7 @@ impl Conn {
             writer,
             pending,
             pushes,
+            unreturned,
             reader,
             heartbeat,
         })
@@ -210,6 +217,38 @@ impl SocketClient {
         self.state = state;
     }
 
+    /// Why calls on this connection fail: the server's goodbye if it closed
+    /// the connection on purpose (not worth a resend, unless it was only
+    /// stopping or timing out), else a connection error.
+    fn closed_error(&self) -> ClientError {
+        let pending = self.conn.pending.lock().ok();
+        let (goodbye, why) = match &pending {
+            Some(p) => (p.goodbye.clone(), p.closed.clone()),
+            None => (None, None),
+        };
+        match goodbye {
+            Some((code, message))
+                if !matches!(code, ErrorCode::ShuttingDown | ErrorCode::IdleTimeout) =>
+            {
+                ClientError::Server { code, message }
+            }
+            _ => connection_error(why.unwrap_or_else(|| "connection closed".into())),
+        }
+    }
+
+    /// Before a login or create: pushes still queued were for an earlier
+    /// login and must not be shown as this one's. Nothing is lost: they are
+    /// stored, and replayed to their user at its next login.
+    fn drop_queued_pushes(&mut self) {
+        if self.state.user().is_some() {
+            // Still logged in: the server refuses the call, and the queued
+            // pushes are this user's.
+            return;
+        }
+        while self.conn.pushes.try_recv().is_ok() {}
+        self.conn.unreturned.clear();
+    }
+
     fn request_id(&mut self) -> RequestId {
         self.next_id = self.next_id.wrapping_add(1).max(1);
         self.next_id
@@ -229,8 +268,9 @@ impl SocketClient {
                 .pending
                 .lock()
                 .map_err(|_| connection_error("client state poisoned"))?;
-            if let Some(why) = &pending.closed {
-                return Err(connection_error(why));
+            if pending.closed.is_some() {
+                drop(pending);
+                return Err(self.closed_error());
             }
             pending.waiting.insert(id, tx);
         }
@@ -244,10 +284,7 @@ impl SocketClient {
                 other => ClientError::Protocol(other.to_string()),
             });
         }
-        let reply = rx.await.map_err(|_| {
-            let why = self.conn.pending.lock().ok().and_then(|p| p.closed.clone());
-            connection_error(why.unwrap_or_else(|| "connection closed".into()))
-        })?;
+        let reply = rx.await.map_err(|_| self.closed_error())?;
         match reply {
             ServerFrame::Error {
                 state,
@@ -291,6 +328,7 @@ async fn read_loop(
     mut reader: FramedRead<OwnedReadHalf, ClientCodec>,
     pending: Pending,
     pushes: mpsc::UnboundedSender<Push>,
+    unreturned: Unreturned,
     last_heard: Arc<Mutex<Instant>>,
 ) {
     let why = loop {
@@ -325,6 +363,12 @@ async fn read_loop(
                 continue;
             }
         };
+        if let (Push::Goodbye { code, message }, Ok(mut pending)) = (&push, pending.lock()) {
+            pending.goodbye = Some((*code, message.clone()));
+        }
+        if let Push::Message(m) = &push {
+            unreturned.received(m.id);
+        }
         let _ = pushes.send(push);
     };
     // Drain whatever is still buffered on the socket so a clean close is not
@@ -384,11 +428,13 @@ async fn heartbeat(
 
 impl ChatClient for SocketClient {
     async fn create(&mut self, name: &str) -> Result<SessionState, ClientError> {
+        self.drop_queued_pushes();
         let name = name.to_owned();
         self.simple(|id| ClientFrame::Create { id, name }).await
     }
 
     async fn login(&mut self, name: &str) -> Result<SessionState, ClientError> {
+        self.drop_queued_pushes();
         let name = name.to_owned();
         self.simple(|id| ClientFrame::Login { id, name }).await
     }
@@ -398,7 +444,9 @@ impl ChatClient for SocketClient {
     }
 
     async fn delete(&mut self) -> Result<SessionState, ClientError> {
-        self.simple(|id| ClientFrame::Delete { id }).await
+        let state = self.simple(|id| ClientFrame::Delete { id }).await?;
+        self.seen.reset();
+        Ok(state)
     }
 
     async fn send(&mut self, to: &str, body: &str) -> Result<SendReceipt, ClientError> {
@@ -457,6 +505,10 @@ impl ChatClient for SocketClient {
     }
 
     async fn ack(&mut self, through: MessageId) -> Result<(), ClientError> {
+        // Never past a message this client holds but has not returned yet.
+        let Some(through) = self.conn.unreturned.safe_ack(through) else {
+            return Ok(());
+        };
         let id = self.request_id();
         match self.call(id, ClientFrame::Ack { id, through }).await? {
             ServerFrame::Done { .. } => {
@@ -470,6 +522,9 @@ impl ChatClient for SocketClient {
     async fn next_push(&mut self) -> Option<Push> {
         loop {
             let push = self.conn.pushes.recv().await?;
+            if let Push::Message(m) = &push {
+                self.conn.unreturned.returned(m.id);
+            }
             match &push {
                 Push::Message(m) if !self.seen.first(m.id) => continue,
                 Push::LoggedOut { user, .. } if self.state.user() == Some(user) => {

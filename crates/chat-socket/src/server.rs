@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_core::{Chat, ErrorCode, Event, LogoutReason, Session};
-use futures::{SinkExt, StreamExt};
+use chat_core::{Chat, ErrorCode, Event, Events, LogoutReason, Session};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -128,6 +128,11 @@ enum End {
     Goodbye(ErrorCode, String),
 }
 
+/// Most inputs handled between two flushes: replies and pushes that are
+/// ready together go out in one write, but a busy connection still flushes
+/// often.
+const MAX_BATCH: usize = 64;
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -141,39 +146,49 @@ async fn serve_connection(
     let mut deadline = Instant::now() + config.idle_timeout;
     let mut greeted = false;
     let end = loop {
-        let step = tokio::select! {
-            frame = framed.next() => match frame {
-                None => Err(End::Eof),
-                Some(Err(FrameError::Io(err))) => Err(End::Io(err)),
-                Some(Err(err)) => Err(End::Goodbye(err.code(), err.to_string())),
-                Some(Ok(frame)) => {
-                    deadline = Instant::now() + config.idle_timeout;
-                    match answer(&session, frame, &mut greeted, config).await {
-                        Ok(reply) => write(&mut framed, reply, config.idle_timeout).await,
-                        Err(end) => Err(end),
-                    }
-                }
-            },
-            event = events.recv() => match event {
-                Some(Event::Message(message)) => write(&mut framed, ServerFrame::PushMessage(message), config.idle_timeout).await,
-                // A logout the client asked for (logout, delete) was already
-                // answered; push only the ones it did not see coming.
-                Some(Event::LoggedOut { reason: LogoutReason::Requested | LogoutReason::AccountDeleted, .. }) => Ok(()),
-                Some(Event::LoggedOut { user, reason }) => {
-                    write(&mut framed, ServerFrame::PushLoggedOut { reason, user }, config.idle_timeout).await
-                }
-                Some(Event::Shutdown) | None => {
-                    Err(End::Goodbye(ErrorCode::ShuttingDown, "the server is shutting down".into()))
-                }
-            },
-            _ = tokio::time::sleep_until(deadline) => Err(End::Goodbye(
-                ErrorCode::IdleTimeout,
-                format!("no frame for {} ms", config.idle_timeout.as_millis()),
-            )),
-            _ = stop.cancelled() => {
-                Err(End::Goodbye(ErrorCode::ShuttingDown, "the server is shutting down".into()))
-            }
+        let input = tokio::select! {
+            frame = framed.next() => Input::Frame(frame),
+            event = events.recv() => Input::Event(event),
+            _ = tokio::time::sleep_until(deadline) => Input::Idle,
+            _ = stop.cancelled() => Input::Stop,
         };
+        let mut step = handle(
+            input,
+            &mut framed,
+            &session,
+            &mut events,
+            &mut greeted,
+            &mut deadline,
+            config,
+        )
+        .await;
+        // Whatever else is ready now is handled before one flush: a reply
+        // and the pushes behind it leave in one write.
+        for _ in 1..MAX_BATCH {
+            if step.is_err() {
+                break;
+            }
+            let input = if let Some(frame) = framed.next().now_or_never() {
+                Input::Frame(frame)
+            } else if let Some(event) = events.recv().now_or_never() {
+                Input::Event(event)
+            } else {
+                break;
+            };
+            step = handle(
+                input,
+                &mut framed,
+                &session,
+                &mut events,
+                &mut greeted,
+                &mut deadline,
+                config,
+            )
+            .await;
+        }
+        if step.is_ok() {
+            step = flush(&mut framed, config.idle_timeout).await;
+        }
         if let Err(end) = step {
             break end;
         }
@@ -197,15 +212,103 @@ async fn serve_connection(
     }
 }
 
-/// Writes one frame. A peer that stops reading cannot stall its connection
-/// (and hold its account) forever: a write that cannot finish within the
-/// idle timeout ends the connection.
-async fn write(
+/// What woke the connection task.
+enum Input {
+    Frame(Option<Result<ClientFrame, FrameError>>),
+    Event(Option<Event>),
+    Idle,
+    Stop,
+}
+
+/// Handles one input; replies and pushes are queued on the connection
+/// (written once the buffer fills or at the next flush).
+async fn handle(
+    input: Input,
+    framed: &mut Framed<TcpStream, ServerCodec>,
+    session: &Session,
+    events: &mut Events,
+    greeted: &mut bool,
+    deadline: &mut Instant,
+    config: &ServerConfig,
+) -> Result<(), End> {
+    let shutting_down = || {
+        End::Goodbye(
+            ErrorCode::ShuttingDown,
+            "the server is shutting down".into(),
+        )
+    };
+    match input {
+        Input::Frame(None) => Err(End::Eof),
+        Input::Frame(Some(Err(FrameError::Io(err)))) => Err(End::Io(err)),
+        Input::Frame(Some(Err(err))) => Err(End::Goodbye(err.code(), err.to_string())),
+        Input::Frame(Some(Ok(frame))) => {
+            *deadline = Instant::now() + config.idle_timeout;
+            let login = matches!(frame, ClientFrame::Login { .. });
+            let reply = answer(session, frame, greeted, config).await?;
+            if login && matches!(reply, ServerFrame::Done { .. }) {
+                // Replayed messages go before the login's answer, so the
+                // client has them all before it can acknowledge anything.
+                for message in events.take_replay() {
+                    feed(
+                        framed,
+                        ServerFrame::PushMessage(message),
+                        config.idle_timeout,
+                    )
+                    .await?;
+                }
+            }
+            feed(framed, reply, config.idle_timeout).await
+        }
+        Input::Event(Some(Event::Message(message))) => {
+            feed(
+                framed,
+                ServerFrame::PushMessage(message),
+                config.idle_timeout,
+            )
+            .await
+        }
+        // A logout the client asked for (logout, delete) was already
+        // answered; push only the ones it did not see coming.
+        Input::Event(Some(Event::LoggedOut {
+            reason: LogoutReason::Requested | LogoutReason::AccountDeleted,
+            ..
+        })) => Ok(()),
+        Input::Event(Some(Event::LoggedOut { user, reason })) => {
+            feed(
+                framed,
+                ServerFrame::PushLoggedOut { reason, user },
+                config.idle_timeout,
+            )
+            .await
+        }
+        Input::Event(Some(Event::Shutdown) | None) | Input::Stop => Err(shutting_down()),
+        Input::Idle => Err(End::Goodbye(
+            ErrorCode::IdleTimeout,
+            format!("no frame for {} ms", config.idle_timeout.as_millis()),
+        )),
+    }
+}
+
+/// Queues one frame. A peer that stops reading cannot stall its connection
+/// (and hold its account) forever: a write that cannot make progress within
+/// the idle timeout ends the connection.
+async fn feed(
     framed: &mut Framed<TcpStream, ServerCodec>,
     frame: ServerFrame,
     timeout: Duration,
 ) -> Result<(), End> {
-    match tokio::time::timeout(timeout, framed.send(frame)).await {
+    io_result(tokio::time::timeout(timeout, framed.feed(frame)).await)
+}
+
+/// Writes everything queued, under the same time limit.
+async fn flush(framed: &mut Framed<TcpStream, ServerCodec>, timeout: Duration) -> Result<(), End> {
+    io_result(tokio::time::timeout(timeout, SinkExt::<ServerFrame>::flush(framed)).await)
+}
+
+fn io_result(
+    result: Result<Result<(), FrameError>, tokio::time::error::Elapsed>,
+) -> Result<(), End> {
+    match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(FrameError::Io(err))) => Err(End::Io(err)),
         Ok(Err(err)) => Err(End::Goodbye(ErrorCode::Internal, err.to_string())),

@@ -396,6 +396,12 @@ async fn apply(
         }
         Op::Delete(name) => {
             counters.remove(name);
+            // A new account of this name is a new sender: its send ids are
+            // its own.
+            sqlx::query("DELETE FROM send_ids WHERE sender = ?")
+                .bind(name.as_str())
+                .execute(&mut *conn)
+                .await?;
             sqlx::query("DELETE FROM messages WHERE recipient = ?")
                 .bind(name.as_str())
                 .execute(&mut *conn)
