@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use chat_core::Chat;
-use chat_server::{Bound, Listen, Tuning};
+use chat_server::Listen;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpListener;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -64,19 +64,9 @@ impl ChatProcess {
 /// gRPC addresses.
 async fn start_server() -> (String, String) {
     let any = "127.0.0.1:0".parse().unwrap();
-    let bound = Bound::bind(&[Listen::Socket(any), Listen::Grpc(any)])
+    let addrs = chat_server::spawn(&[Listen::Socket(any), Listen::Grpc(any)], Chat::in_memory())
         .await
         .unwrap();
-    let addrs = bound.local_addrs().unwrap();
-    tokio::spawn(async move {
-        bound
-            .serve(
-                Chat::in_memory(),
-                &Tuning::default(),
-                std::future::pending(),
-            )
-            .await
-    });
     (addrs[0].to_string(), addrs[1].to_string())
 }
 

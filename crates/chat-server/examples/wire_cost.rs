@@ -7,7 +7,7 @@
 use chat_conformance::wire::{BODY, Cost, RECIPIENT, measure};
 use chat_core::Chat;
 use chat_grpc::GrpcClient;
-use chat_server::{Bound, Listen, Tuning};
+use chat_server::Listen;
 use chat_socket::SocketClient;
 
 #[tokio::main]
@@ -49,16 +49,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn start(listen: Listen) -> std::net::SocketAddr {
-    let bound = Bound::bind(&[listen]).await.expect("bind");
-    let addr = bound.local_addrs().expect("address")[0];
-    tokio::spawn(async move {
-        bound
-            .serve(
-                Chat::in_memory(),
-                &Tuning::default(),
-                std::future::pending(),
-            )
-            .await
-    });
-    addr
+    chat_server::spawn(&[listen], Chat::in_memory())
+        .await
+        .expect("start a server")[0]
 }

@@ -179,6 +179,23 @@ pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyho
     bound.serve(chat, tuning, shutdown_signal()).await
 }
 
+/// Binds `listen` and serves `chat` on them in the background until the
+/// process ends; returns the actual addresses, in order. For tests,
+/// examples and embedding, where nothing needs to stop the server.
+pub async fn spawn(listen: &[Listen], chat: Chat) -> anyhow::Result<Vec<SocketAddr>> {
+    let bound = Bound::bind(listen).await?;
+    let addrs = bound.local_addrs()?;
+    tokio::spawn(async move {
+        if let Err(err) = bound
+            .serve(chat, &Tuning::default(), std::future::pending())
+            .await
+        {
+            tracing::error!(%err, "background server failed");
+        }
+    });
+    Ok(addrs)
+}
+
 /// Listeners bound and ready to serve.
 #[derive(Debug)]
 pub struct Bound {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use chat_conformance::{Connector, conformance_tests};
 use chat_grpc::GrpcClient;
-use chat_server::{Bound, Listen, Storage, Tuning};
+use chat_server::{Listen, Storage};
 use chat_socket::SocketClient;
 
 /// A server on a temporary database; the directory lives as long as this.
@@ -21,15 +21,9 @@ async fn start<C>(listen: fn(SocketAddr) -> Listen) -> Durable<C> {
         .open()
         .await
         .expect("open the store");
-    let bound = Bound::bind(&[listen("127.0.0.1:0".parse().unwrap())])
+    let addr = chat_server::spawn(&[listen("127.0.0.1:0".parse().unwrap())], chat)
         .await
-        .expect("bind");
-    let addr = bound.local_addrs().expect("address")[0];
-    tokio::spawn(async move {
-        bound
-            .serve(chat, &Tuning::default(), std::future::pending())
-            .await
-    });
+        .expect("start")[0];
     Durable {
         addr,
         _data: data,

@@ -5,7 +5,7 @@
 use chat_conformance::wire::{BODY, RECIPIENT, measure};
 use chat_core::Chat;
 use chat_grpc::GrpcClient;
-use chat_server::{Bound, Listen, Tuning};
+use chat_server::Listen;
 use chat_socket::SocketClient;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,16 +53,7 @@ async fn socket_costs_are_as_specified_and_grpc_costs_more() {
 }
 
 async fn start(listen: Listen) -> std::net::SocketAddr {
-    let bound = Bound::bind(&[listen]).await.expect("bind");
-    let addr = bound.local_addrs().expect("address")[0];
-    tokio::spawn(async move {
-        bound
-            .serve(
-                Chat::in_memory(),
-                &Tuning::default(),
-                std::future::pending(),
-            )
-            .await
-    });
-    addr
+    chat_server::spawn(&[listen], Chat::in_memory())
+        .await
+        .expect("start a server")[0]
 }
