@@ -128,6 +128,10 @@ enum End {
     Goodbye(ErrorCode, String),
 }
 
+/// Initial read and write buffer size per connection, bytes (tokio-util's
+/// default is 8 KiB each).
+const CONNECTION_BUFFER: usize = 1024;
+
 /// Most inputs handled between two flushes: replies and pushes that are
 /// ready together go out in one write, but a busy connection still flushes
 /// often.
@@ -140,7 +144,13 @@ async fn serve_connection(
     config: &ServerConfig,
     stop: CancellationToken,
 ) {
-    let mut framed = Framed::new(stream, ServerCodec::new(config.max_request));
+    // Small initial buffers: most connections are idle most of the time,
+    // and a frame larger than this just grows the buffer it arrives in.
+    let mut framed = Framed::with_capacity(
+        stream,
+        ServerCodec::new(config.max_request),
+        CONNECTION_BUFFER,
+    );
     let (session, mut events) = chat.open_session();
     debug!(%peer, session = session.id(), "connected");
     let mut deadline = Instant::now() + config.idle_timeout;
