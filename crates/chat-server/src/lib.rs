@@ -167,6 +167,7 @@ pub fn init_logging() {
 /// one shared engine on all of them until Ctrl-C or SIGTERM, then shuts
 /// down cleanly.
 pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal().context("cannot install the signal handlers")?;
     let chat = storage.open().await?;
     let bound = Bound::bind(listen).await?;
     {
@@ -176,7 +177,7 @@ pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyho
         }
         stdout.flush()?;
     }
-    bound.serve(chat, tuning, shutdown_signal()).await
+    bound.serve(chat, tuning, shutdown).await
 }
 
 /// Binds `listen` and serves `chat` on them in the background until the
@@ -293,30 +294,29 @@ impl Bound {
     }
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(%err, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+/// Installs the Ctrl-C (SIGINT) and SIGTERM handlers now, and returns a
+/// future that completes when either arrives. Installing before the server
+/// announces its address matters: a signal that arrives before the handler
+/// exists kills the process instead of stopping it cleanly.
+#[cfg(unix)]
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("Ctrl-C: shutting down"),
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(%err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    })
+}
+
+/// Installs the Ctrl-C handler and returns a future that completes on it.
+#[cfg(not(unix))]
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("Ctrl-C: shutting down");
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
-        _ = term => tracing::info!("SIGTERM: shutting down"),
-    }
+    })
 }
