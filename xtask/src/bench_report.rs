@@ -139,6 +139,10 @@ fn lines(path: &Path, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> anyh
     Ok(())
 }
 
+/// Recipient and body bytes of the measured send: a 3-byte name and a
+/// 41-byte body (`chat_conformance::wire::{RECIPIENT, BODY}`).
+const SEND_PAYLOAD: f64 = 44.0;
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "**not met**" }
 }
@@ -348,7 +352,7 @@ pub fn run(input: Option<&str>) -> anyhow::Result<()> {
         .into_iter()
         .find(|b| s(b, "transport") == "socket" && s(b, "op") == "send")
     {
-        let overhead = f(b, "up") - 44.0;
+        let overhead = f(b, "up") - SEND_PAYLOAD;
         writeln!(
             md,
             "| socket send ≤ 12 bytes beyond recipient and body | {overhead:.0} bytes (SEND ONCE; plain SEND: 10) | {} |",

@@ -162,30 +162,12 @@ async fn serve_connection(
             _ = tokio::time::sleep_until(deadline) => Input::Idle,
             _ = stop.cancelled() => Input::Stop,
         };
-        let mut step = handle(
-            input,
-            &mut framed,
-            &session,
-            &mut events,
-            &mut greeted,
-            &mut deadline,
-            config,
-        )
-        .await;
         // Whatever else is ready now is handled before one flush: a reply
         // and the pushes behind it leave in one write.
-        for _ in 1..MAX_BATCH {
-            if step.is_err() {
-                break;
-            }
-            let input = if let Some(frame) = framed.next().now_or_never() {
-                Input::Frame(frame)
-            } else if let Some(event) = events.recv().now_or_never() {
-                Input::Event(event)
-            } else {
-                break;
-            };
-            step = handle(
+        let mut input = input;
+        let mut handled = 0;
+        let mut step = loop {
+            let step = handle(
                 input,
                 &mut framed,
                 &session,
@@ -195,7 +177,18 @@ async fn serve_connection(
                 config,
             )
             .await;
-        }
+            handled += 1;
+            if step.is_err() || handled == MAX_BATCH {
+                break step;
+            }
+            input = if let Some(frame) = framed.next().now_or_never() {
+                Input::Frame(frame)
+            } else if let Some(event) = events.recv().now_or_never() {
+                Input::Event(event)
+            } else {
+                break step;
+            };
+        };
         if step.is_ok() {
             step = flush(&mut framed, config.idle_timeout).await;
         }
