@@ -15,8 +15,30 @@ pub mod scenarios;
 pub mod wire;
 
 use std::future::Future;
+use std::time::Duration;
 
-use chat_core::client::ChatClient;
+use chat_core::client::{ChatClient, Push};
+use chat_core::{ErrorCode, Message};
+
+/// Longest a test waits for something that should happen promptly.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Waits for the next pushed message, failing on anything else.
+pub async fn next_message<C: ChatClient>(client: &mut C) -> Message {
+    match tokio::time::timeout(PATIENCE, client.next_push()).await {
+        Ok(Some(Push::Message(message))) => message,
+        Ok(other) => panic!("expected a pushed message, got {other:?}"),
+        Err(_) => panic!("no pushed message within {PATIENCE:?}"),
+    }
+}
+
+/// Waits for the server's goodbye, failing unless it carries `code`.
+pub async fn expect_goodbye<C: ChatClient>(client: &mut C, code: ErrorCode) {
+    match tokio::time::timeout(PATIENCE, client.next_push()).await {
+        Ok(Some(Push::Goodbye { code: got, .. })) if got == code => {}
+        other => panic!("expected a goodbye with {code}, got {other:?}"),
+    }
+}
 
 /// Opens client connections to one running server.
 pub trait Connector: Send + Sync + 'static {

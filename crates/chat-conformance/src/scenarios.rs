@@ -3,13 +3,10 @@
 
 use std::time::Duration;
 
-use chat_core::client::{ChatClient, ClientError, Push};
+use chat_core::client::{ChatClient, ClientError};
 use chat_core::{ErrorCode, Message, SessionState, Username};
 
-use crate::Connector;
-
-/// Longest wait for something that should happen promptly.
-const PATIENCE: Duration = Duration::from_secs(20);
+use crate::{Connector, PATIENCE, next_message};
 
 fn user(name: &str) -> SessionState {
     SessionState::LoggedIn(Username::parse(name).expect("valid test name"))
@@ -24,15 +21,6 @@ fn expect_code<T: std::fmt::Debug>(result: Result<T, ClientError>, code: ErrorCo
     match result {
         Err(ClientError::Server { code: got, message }) if got == code => message,
         other => panic!("expected error {code}, got {other:?}"),
-    }
-}
-
-/// Waits for the next pushed message, failing on anything else.
-async fn next_message<C: ChatClient>(client: &mut C) -> Message {
-    match tokio::time::timeout(PATIENCE, client.next_push()).await {
-        Ok(Some(Push::Message(message))) => message,
-        Ok(other) => panic!("expected a pushed message, got {other:?}"),
-        Err(_) => panic!("no pushed message within {PATIENCE:?}"),
     }
 }
 

@@ -266,6 +266,15 @@ impl Chat {
         &self.inner.stripes[hasher.finish() as usize & (STRIPES - 1)]
     }
 
+    /// Removes session `id`'s claim on `user`, if it still holds it (a
+    /// later login may have taken the name over).
+    async fn unclaim(&self, user: &Username, id: u64) {
+        let mut stripe = self.stripe(user).lock().await;
+        if stripe.get(user).is_some_and(|s| s.id == id) {
+            stripe.remove(user);
+        }
+    }
+
     fn check_running(&self) -> Result<(), ChatError> {
         if self.is_shutting_down() {
             Err(ChatError::ShuttingDown)
@@ -525,10 +534,7 @@ impl Session {
     /// drops a replay nobody will read now (those messages stay stored).
     async fn release(&self, user: &Username) {
         self.shared.set_replay(VecDeque::new());
-        let mut stripe = self.chat.stripe(user).lock().await;
-        if stripe.get(user).is_some_and(|s| s.id == self.shared.id) {
-            stripe.remove(user);
-        }
+        self.chat.unclaim(user, self.shared.id).await;
         self.shared.login.fetch_add(1, Ordering::AcqRel);
     }
 }
@@ -549,12 +555,7 @@ impl Drop for Session {
         let chat = self.chat.clone();
         let id = self.shared.id;
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let mut stripe = chat.stripe(&user).lock().await;
-                if stripe.get(&user).is_some_and(|s| s.id == id) {
-                    stripe.remove(&user);
-                }
-            });
+            handle.spawn(async move { chat.unclaim(&user, id).await });
         }
     }
 }

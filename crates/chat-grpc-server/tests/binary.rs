@@ -1,10 +1,8 @@
 //! The gRPC server binary as users run it: a real child process on port 0,
 //! with the socket protocol beside it.
 
-use std::time::Duration;
-
 use chat_conformance::process::ServerProcess;
-use chat_core::client::{ChatClient, Push};
+use chat_core::client::ChatClient;
 use chat_grpc::GrpcClient;
 use chat_socket::SocketClient;
 
@@ -26,12 +24,12 @@ async fn serves_grpc_and_the_socket_protocol_then_stops_on_sigterm() {
     alice.create("alice").await.unwrap();
     bob.create("bob").await.unwrap();
     bob.send("alice", "from the socket side").await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(30), alice.next_push())
-        .await
-        .unwrap()
-    {
-        Some(Push::Message(m)) => assert_eq!(m.body.as_str(), "from the socket side"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        chat_conformance::next_message(&mut alice)
+            .await
+            .body
+            .as_str(),
+        "from the socket side"
+    );
     server.terminate().await;
 }

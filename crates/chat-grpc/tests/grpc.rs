@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chat_core::client::{ChatClient, Push};
+use chat_core::client::ChatClient;
 use chat_core::{Chat, ErrorCode};
 use chat_grpc::pb::chat_client::ChatClient as Stub;
 use chat_grpc::pb::{self, push};
@@ -453,14 +453,5 @@ async fn shutdown_ends_streams_with_unavailable() {
     let mut alice = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
     alice.create("alice").await.unwrap();
     server.stop.take().unwrap().send(()).unwrap();
-    match tokio::time::timeout(PATIENCE, alice.next_push())
-        .await
-        .unwrap()
-    {
-        Some(Push::Goodbye {
-            code: ErrorCode::ShuttingDown,
-            ..
-        }) => {}
-        other => panic!("expected a shutdown goodbye, got {other:?}"),
-    }
+    chat_conformance::expect_goodbye(&mut alice, ErrorCode::ShuttingDown).await;
 }

@@ -35,7 +35,7 @@ async fn throughput(chat: Chat) -> f64 {
             }
         })
     });
-    for task in futures_join(tasks).await {
+    for task in futures::future::join_all(tasks).await {
         task.unwrap();
     }
     (SENDERS * EACH) as f64 / start.elapsed().as_secs_f64()
@@ -78,23 +78,13 @@ async fn over_socket(chat: Chat) -> f64 {
             }
         })
     });
-    for task in futures_join(tasks).await {
+    for task in futures::future::join_all(tasks).await {
         task.unwrap();
     }
     let rate = (SENDERS * EACH) as f64 / start.elapsed().as_secs_f64();
     let _ = stop.send(());
     let _ = server.await;
     rate
-}
-
-async fn futures_join<T>(
-    tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
-) -> Vec<Result<T, tokio::task::JoinError>> {
-    let mut out = Vec::new();
-    for task in tasks.collect::<Vec<_>>() {
-        out.push(task.await);
-    }
-    out
 }
 
 #[tokio::main]

@@ -4,18 +4,12 @@
 
 use std::time::Duration;
 
-use chat_core::client::{ChatClient, Push};
-use chat_core::{Chat, ErrorCode, Message};
+use chat_conformance::next_message;
+use chat_core::client::ChatClient;
+use chat_core::{Chat, ErrorCode};
 use chat_grpc::GrpcClient;
 use chat_server::{Bound, Listen, Tuning};
 use chat_socket::SocketClient;
-
-async fn next_message(client: &mut impl ChatClient) -> Message {
-    match tokio::time::timeout(Duration::from_secs(20), client.next_push()).await {
-        Ok(Some(Push::Message(m))) => m,
-        other => panic!("expected a message, got {other:?}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_and_grpc_users_chat_live_and_queued() {

@@ -1,28 +1,14 @@
 //! The socket server binary as users run it: a real child process on port
 //! 0, alone and with gRPC beside it.
 
-use std::time::Duration;
-
 use chat_conformance::process::ServerProcess;
+use chat_conformance::{expect_goodbye, next_message};
 use chat_core::ErrorCode;
-use chat_core::client::{ChatClient, Push};
+use chat_core::client::ChatClient;
 use chat_grpc::GrpcClient;
 use chat_socket::SocketClient;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_chat-socket-server");
-
-async fn expect_shutdown_goodbye(client: &mut impl ChatClient) {
-    match tokio::time::timeout(Duration::from_secs(30), client.next_push())
-        .await
-        .unwrap()
-    {
-        Some(Push::Goodbye {
-            code: ErrorCode::ShuttingDown,
-            ..
-        }) => {}
-        other => panic!("expected a shutdown goodbye, got {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn prints_its_address_serves_and_stops_on_sigterm() {
@@ -32,7 +18,7 @@ async fn prints_its_address_serves_and_stops_on_sigterm() {
     alice.create("alice").await.unwrap();
     assert_eq!(alice.list("", 0).await.unwrap().len(), 1);
     server.terminate().await;
-    expect_shutdown_goodbye(&mut alice).await;
+    expect_goodbye(&mut alice, ErrorCode::ShuttingDown).await;
 }
 
 #[tokio::test]
@@ -51,14 +37,11 @@ async fn serves_grpc_too_on_the_same_engine() {
     alice.create("alice").await.unwrap();
     bob.create("bob").await.unwrap();
     alice.send("bob", "from the socket side").await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(30), bob.next_push())
-        .await
-        .unwrap()
-    {
-        Some(Push::Message(m)) => assert_eq!(m.body.as_str(), "from the socket side"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        next_message(&mut bob).await.body.as_str(),
+        "from the socket side"
+    );
     server.terminate().await;
-    expect_shutdown_goodbye(&mut alice).await;
-    expect_shutdown_goodbye(&mut bob).await;
+    expect_goodbye(&mut alice, ErrorCode::ShuttingDown).await;
+    expect_goodbye(&mut bob, ErrorCode::ShuttingDown).await;
 }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chat_core::client::{ChatClient, Push};
+use chat_core::client::ChatClient;
 use chat_core::{Chat, ErrorCode, SessionState};
 use chat_socket::codec::ClientCodec;
 use chat_socket::{ClientFrame, PROTOCOL_VERSION, ServerConfig, ServerFrame, SocketClient, serve};
@@ -261,16 +261,7 @@ async fn shutdown_says_goodbye_and_drains() {
     let mut alice = SocketClient::connect(server.addr).await.unwrap();
     alice.create("alice").await.unwrap();
     server.stop.take().unwrap().send(()).unwrap();
-    match tokio::time::timeout(PATIENCE, alice.next_push())
-        .await
-        .unwrap()
-    {
-        Some(Push::Goodbye {
-            code: ErrorCode::ShuttingDown,
-            ..
-        }) => {}
-        other => panic!("expected a shutdown goodbye, got {other:?}"),
-    }
+    chat_conformance::expect_goodbye(&mut alice, ErrorCode::ShuttingDown).await;
     tokio::time::timeout(PATIENCE, server.done)
         .await
         .unwrap()
