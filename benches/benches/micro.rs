@@ -14,7 +14,6 @@ use tokio_util::codec::{Decoder, Encoder};
 fn codec(c: &mut Criterion) {
     let send = ClientFrame::SendOnce {
         id: 7,
-        send_id: 42,
         to: "bob".into(),
         body: "x".repeat(280),
     };

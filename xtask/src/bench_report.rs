@@ -355,7 +355,7 @@ pub fn run(input: Option<&str>) -> anyhow::Result<()> {
         let overhead = f(b, "up") - SEND_PAYLOAD;
         writeln!(
             md,
-            "| socket send ≤ 12 bytes beyond recipient and body | {overhead:.0} bytes (SEND ONCE; plain SEND: 10) | {} |",
+            "| socket send ≤ 12 bytes beyond recipient and body | {overhead:.0} bytes (SEND ONCE, idempotent) | {} |",
             verdict(overhead <= 12.0)
         )?;
     }

@@ -30,11 +30,12 @@ async fn socket_costs_are_as_specified_and_grpc_costs_more() {
             .unwrap()
     };
     let payload = (RECIPIENT.len() + BODY.len()) as u64;
-    // HELLO is 11 bytes, WELCOME 15.
-    assert_eq!(cost(&socket, "connect"), (11, 15));
-    // SEND ONCE: 26 bytes beyond recipient and body (10 as for SEND, plus
-    // the 16-byte send id); SENT: 4+1+4+1+(1+5)+8+8.
-    assert_eq!(cost(&socket, "send"), (26 + payload, 32));
+    // HELLO is 23 bytes with its 12-byte send key, WELCOME 15.
+    assert_eq!(cost(&socket, "connect"), (23, 15));
+    // SEND ONCE: 10 bytes beyond recipient and body, as for SEND (length 4,
+    // tag 1, request id 4, recipient length 1: the send key went once, in
+    // the hello); SENT: 4+1+4+1+(1+5)+8+8.
+    assert_eq!(cost(&socket, "send"), (10 + payload, 32));
     // PUSH MESSAGE: 4+1+8+8+(1+5) beyond the body.
     assert_eq!(
         cost(&socket, "live push (recipient side)"),

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::codec::{ClientCodec, DEFAULT_MAX_RESPONSE};
-use crate::frame::{ClientFrame, FrameError, PROTOCOL_VERSION, RequestId, ServerFrame};
+use crate::frame::{ClientFrame, FrameError, PROTOCOL_VERSION, RequestId, SendKey, ServerFrame};
 
 /// How long `connect` waits for the server's welcome.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,7 +52,14 @@ pub const RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
 pub struct SocketClient {
     addr: String,
     conn: Conn,
+    /// This client's send key, kept across reconnects so that a resent
+    /// SEND ONCE matches its original.
+    send_key: SendKey,
     next_id: RequestId,
+    /// Request ids wrapped around since `send_key` was chosen: the next
+    /// send needs a fresh key (and connection), or its id could repeat an
+    /// earlier send's.
+    key_spent: bool,
     state: SessionState,
     seen: Seen,
 }
@@ -91,11 +98,14 @@ impl SocketClient {
     /// Connects, performs the version handshake, and starts the reader and
     /// heartbeat tasks.
     pub async fn connect(addr: impl ToSocketAddrs + ToString) -> Result<Self, ClientError> {
-        let conn = Conn::open(addr.to_string().as_str()).await?;
+        let send_key: SendKey = rand::random();
+        let conn = Conn::open(addr.to_string().as_str(), send_key).await?;
         Ok(Self {
             addr: addr.to_string(),
             conn,
+            send_key,
             next_id: 0,
+            key_spent: false,
             state: SessionState::LoggedOut,
             seen: Seen::default(),
         })
@@ -117,7 +127,7 @@ impl SocketClient {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
-            let Ok(conn) = Conn::open(&self.addr).await else {
+            let Ok(conn) = Conn::open(&self.addr, self.send_key).await else {
                 continue;
             };
             self.conn = conn;
@@ -135,7 +145,7 @@ impl SocketClient {
 }
 
 impl Conn {
-    async fn open(addr: &str) -> Result<Self, ClientError> {
+    async fn open(addr: &str, send_key: SendKey) -> Result<Self, ClientError> {
         let stream = TcpStream::connect(addr).await.map_err(connection_error)?;
         stream.set_nodelay(true).map_err(connection_error)?;
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30));
@@ -148,6 +158,7 @@ impl Conn {
         writer
             .send(ClientFrame::Hello {
                 version: PROTOCOL_VERSION,
+                send_key: Some(send_key),
             })
             .await
             .map_err(connection_error)?;
@@ -250,8 +261,36 @@ impl SocketClient {
     }
 
     fn request_id(&mut self) -> RequestId {
-        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.next_id = self.next_id.wrapping_add(1);
+        if self.next_id == 0 {
+            self.next_id = 1;
+            self.key_spent = true;
+        }
         self.next_id
+    }
+
+    /// Once request ids have wrapped around, takes a new send key before the
+    /// next send. A key is announced in the hello, so this means a new
+    /// connection (and, if logged in, logging in again on it).
+    async fn renew_send_key(&mut self) -> Result<(), ClientError> {
+        if !self.key_spent {
+            return Ok(());
+        }
+        self.send_key = rand::random();
+        self.key_spent = false;
+        let deadline = Instant::now() + RECONNECT_DEADLINE;
+        match self.state.user().cloned() {
+            // The old connection goes, and with it the old login: log in
+            // again on the new one (retrying while the server lets go).
+            Some(_) => {
+                self.reconnect(deadline, "renewing the send key".into())
+                    .await
+            }
+            None => {
+                self.conn = Conn::open(&self.addr, self.send_key).await?;
+                Ok(())
+            }
+        }
     }
 
     /// Sends one request and waits for its response, adopting the state it
@@ -450,13 +489,17 @@ impl ChatClient for SocketClient {
     }
 
     async fn send(&mut self, to: &str, body: &str) -> Result<SendReceipt, ClientError> {
-        let send_id: u128 = rand::random();
+        // The request id is the send's sequence number under the send key:
+        // every attempt of this send uses the same one.
+        let mut id = self.request_id();
+        if self.key_spent {
+            self.renew_send_key().await?;
+            id = self.request_id();
+        }
         let deadline = Instant::now() + RECONNECT_DEADLINE;
         loop {
-            let id = self.request_id();
             let frame = ClientFrame::SendOnce {
                 id,
-                send_id,
                 to: to.to_owned(),
                 body: body.to_owned(),
             };
@@ -538,5 +581,47 @@ impl ChatClient for SocketClient {
 
     fn state(&self) -> &SessionState {
         &self.state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_core::Chat;
+
+    #[tokio::test]
+    async fn wrapping_request_ids_renew_the_send_key_and_keep_the_login() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(crate::serve(
+            listener,
+            Chat::in_memory(),
+            crate::ServerConfig::default(),
+            std::future::pending(),
+        ));
+        let mut bob = SocketClient::connect(addr).await.unwrap();
+        bob.create("bob").await.unwrap();
+        let mut alice = SocketClient::connect(addr).await.unwrap();
+        alice.create("alice").await.unwrap();
+        let before = alice.send_key;
+
+        // The next request id is the last before the wrap; the send after
+        // it would reuse id 1 under the old key, so it takes a new key.
+        alice.next_id = u32::MAX - 1;
+        let last = alice.send("bob", "last of the old key").await.unwrap();
+        assert_eq!(alice.send_key, before);
+        let first = alice.send("bob", "first of the new key").await.unwrap();
+        assert_ne!(alice.send_key, before, "a new key after the wrap");
+        assert_ne!(first.id, last.id, "a new message, not a repeat");
+        assert_eq!(alice.state().user().map(Username::as_str), Some("alice"));
+
+        let mut bodies = Vec::new();
+        while bodies.len() < 2 {
+            if let Some(Push::Message(m)) = bob.next_push().await {
+                bodies.push(m.body.as_str().to_owned());
+            }
+        }
+        assert_eq!(bodies, ["last of the old key", "first of the new key"]);
+        server.abort();
     }
 }

@@ -18,6 +18,21 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const MAGIC: [u8; 4] = *b"CHAT";
 /// Bytes of the length prefix in front of every frame.
 pub const LENGTH_PREFIX: usize = 4;
+/// Bytes of a send key (see [`ClientFrame::Hello`]).
+pub const SEND_KEY_LEN: usize = 12;
+
+/// A client's send key: 96 random bits announced once in the hello. With a
+/// SEND ONCE's request id it makes the send's idempotency key.
+pub type SendKey = [u8; SEND_KEY_LEN];
+
+/// The idempotency key of a SEND ONCE: the connection's send key followed
+/// by the request id, as one 128-bit number.
+pub fn send_id(key: &SendKey, request: RequestId) -> u128 {
+    let mut bytes = [0u8; 16];
+    bytes[..SEND_KEY_LEN].copy_from_slice(key);
+    bytes[SEND_KEY_LEN..].copy_from_slice(&request.to_be_bytes());
+    u128::from_be_bytes(bytes)
+}
 
 /// Client-to-server tags.
 mod tag {
@@ -56,6 +71,11 @@ pub enum ClientFrame {
     Hello {
         /// The protocol version the client speaks.
         version: u16,
+        /// Optional: the key that makes this connection's SEND ONCE requests
+        /// idempotent. A client keeps it across reconnects (so a resend
+        /// matches the original) and never reuses a request id for another
+        /// SEND ONCE under it.
+        send_key: Option<SendKey>,
     },
     /// Heartbeat; the server answers [`ServerFrame::Pong`] with the nonce.
     Ping {
@@ -111,13 +131,13 @@ pub enum ClientFrame {
         /// Most messages wanted; 0 = up to the server cap.
         max: u32,
     },
-    /// Send a message at most once: a resend with the same `send_id` (after
-    /// a lost reply) returns the first one's result.
+    /// Send a message at most once: its idempotency key is the hello's send
+    /// key and this request id ([`send_id`]), so a resend with the same id
+    /// on a connection with the same key (after a lost reply) returns the
+    /// first one's result.
     SendOnce {
-        /// Request id.
+        /// Request id; also the send's sequence number under the send key.
         id: RequestId,
-        /// Client-chosen idempotency key (128 random bits).
-        send_id: u128,
         /// Recipient name.
         to: String,
         /// Message text.
@@ -282,12 +302,6 @@ impl<'a> Fields<'a> {
         a.copy_from_slice(b);
         Ok(u64::from_be_bytes(a))
     }
-    fn u128(&mut self, what: &str) -> Result<u128, FrameError> {
-        let b = self.take(16, what)?;
-        let mut a = [0u8; 16];
-        a.copy_from_slice(b);
-        Ok(u128::from_be_bytes(a))
-    }
     fn utf8(bytes: &[u8], what: &str) -> Result<String, FrameError> {
         String::from_utf8(bytes.to_vec())
             .map_err(|_| malformed(format!("{what} is not valid UTF-8")))
@@ -392,10 +406,13 @@ impl ClientFrame {
     /// Appends the payload (tag and fields, no length prefix) to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
         match self {
-            ClientFrame::Hello { version } => {
+            ClientFrame::Hello { version, send_key } => {
                 dst.put_u8(tag::HELLO);
                 dst.put_slice(&MAGIC);
                 dst.put_u16(*version);
+                if let Some(key) = send_key {
+                    dst.put_slice(key);
+                }
             }
             ClientFrame::Ping { nonce } => {
                 dst.put_u8(tag::PING);
@@ -436,15 +453,9 @@ impl ClientFrame {
                 dst.put_u32(*id);
                 dst.put_u32(*max);
             }
-            ClientFrame::SendOnce {
-                id,
-                send_id,
-                to,
-                body,
-            } => {
+            ClientFrame::SendOnce { id, to, body } => {
                 dst.put_u8(tag::SEND_ONCE);
                 dst.put_u32(*id);
-                dst.put_u128(*send_id);
                 put_str8(dst, to)?;
                 dst.put_slice(body.as_bytes());
             }
@@ -467,9 +478,21 @@ impl ClientFrame {
                         "hello does not start with the magic bytes \"CHAT\"",
                     ));
                 }
-                ClientFrame::Hello {
-                    version: f.u16("version")?,
-                }
+                let version = f.u16("version")?;
+                let send_key = match f.buf.len() {
+                    0 => None,
+                    SEND_KEY_LEN => Some(
+                        f.take(SEND_KEY_LEN, "send key")?
+                            .try_into()
+                            .map_err(|_| malformed("truncated send key"))?,
+                    ),
+                    n => {
+                        return Err(malformed(format!(
+                            "a hello's send key is {SEND_KEY_LEN} bytes, not {n}"
+                        )));
+                    }
+                };
+                ClientFrame::Hello { version, send_key }
             }
             tag::PING => ClientFrame::Ping {
                 nonce: f.u32("nonce")?,
@@ -504,7 +527,6 @@ impl ClientFrame {
             },
             tag::SEND_ONCE => ClientFrame::SendOnce {
                 id: f.u32("request id")?,
-                send_id: f.u128("send id")?,
                 to: f.str8("recipient")?,
                 body: f.rest("body")?,
             },

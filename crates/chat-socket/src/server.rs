@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::codec::{DEFAULT_MAX_REQUEST, ServerCodec};
-use crate::frame::{ClientFrame, FrameError, PROTOCOL_VERSION, ServerFrame};
+use crate::frame::{ClientFrame, FrameError, PROTOCOL_VERSION, SendKey, ServerFrame, send_id};
 
 /// Settings of the socket server.
 #[derive(Debug, Clone)]
@@ -154,7 +154,7 @@ async fn serve_connection(
     let (session, mut events) = chat.open_session();
     debug!(%peer, session = session.id(), "connected");
     let mut deadline = Instant::now() + config.idle_timeout;
-    let mut greeted = false;
+    let mut greeting = Greeting::default();
     let end = loop {
         let input = tokio::select! {
             frame = framed.next() => Input::Frame(frame),
@@ -172,7 +172,7 @@ async fn serve_connection(
                 &mut framed,
                 &session,
                 &mut events,
-                &mut greeted,
+                &mut greeting,
                 &mut deadline,
                 config,
             )
@@ -230,7 +230,7 @@ async fn handle(
     framed: &mut Framed<TcpStream, ServerCodec>,
     session: &Session,
     events: &mut Events,
-    greeted: &mut bool,
+    greeting: &mut Greeting,
     deadline: &mut Instant,
     config: &ServerConfig,
 ) -> Result<(), End> {
@@ -247,7 +247,7 @@ async fn handle(
         Input::Frame(Some(Ok(frame))) => {
             *deadline = Instant::now() + config.idle_timeout;
             let login = matches!(frame, ClientFrame::Login { .. });
-            let reply = answer(session, frame, greeted, config).await?;
+            let reply = answer(session, frame, greeting, config).await?;
             if login && matches!(reply, ServerFrame::Done { .. }) {
                 // Replayed messages go before the login's answer, so the
                 // client has them all before it can acknowledge anything.
@@ -322,17 +322,28 @@ fn io_result(
     }
 }
 
+/// What the connection's hello said.
+#[derive(Default)]
+struct Greeting {
+    greeted: bool,
+    /// The key of this connection's SEND ONCE requests, if it gave one.
+    send_key: Option<SendKey>,
+}
+
 /// Runs one request against the session and builds its reply.
 async fn answer(
     session: &Session,
     frame: ClientFrame,
-    greeted: &mut bool,
+    greeting: &mut Greeting,
     config: &ServerConfig,
 ) -> Result<ServerFrame, End> {
-    if !*greeted {
+    if !greeting.greeted {
         return match frame {
-            ClientFrame::Hello { version } if version == PROTOCOL_VERSION => {
-                *greeted = true;
+            ClientFrame::Hello { version, send_key } if version == PROTOCOL_VERSION => {
+                *greeting = Greeting {
+                    greeted: true,
+                    send_key,
+                };
                 Ok(ServerFrame::Welcome {
                     version: PROTOCOL_VERSION,
                     max_frame: u32::try_from(config.max_request).unwrap_or(u32::MAX),
@@ -340,7 +351,7 @@ async fn answer(
                         .unwrap_or(u32::MAX),
                 })
             }
-            ClientFrame::Hello { version } => Err(End::Goodbye(
+            ClientFrame::Hello { version, .. } => Err(End::Goodbye(
                 ErrorCode::UnsupportedVersion,
                 format!("this server speaks protocol version {PROTOCOL_VERSION}, not {version}"),
             )),
@@ -379,21 +390,27 @@ async fn answer(
         ClientFrame::Fetch { id, max } => {
             (id, session.fetch(max as usize).await.map(Reply::Messages))
         }
-        ClientFrame::SendOnce {
-            id,
-            send_id,
-            to,
-            body,
-        } => (
-            id,
-            session
-                .send_once(&to, &body, Some(send_id))
-                .await
-                .map(|receipt| Reply::Sent {
-                    message_id: receipt.id,
-                    timestamp_ms: receipt.timestamp_ms,
-                }),
-        ),
+        ClientFrame::SendOnce { id, to, body } => {
+            let Some(key) = &greeting.send_key else {
+                return Ok(ServerFrame::Error {
+                    id,
+                    state: session.state().await,
+                    code: ErrorCode::Malformed,
+                    message: "SEND ONCE needs a send key, and this connection's hello gave none"
+                        .into(),
+                });
+            };
+            (
+                id,
+                session
+                    .send_once(&to, &body, Some(send_id(key, id)))
+                    .await
+                    .map(|receipt| Reply::Sent {
+                        message_id: receipt.id,
+                        timestamp_ms: receipt.timestamp_ms,
+                    }),
+            )
+        }
         ClientFrame::Ack { id, through } => (id, session.ack(through).await.map(|_| Reply::Done)),
     };
     let state = session.state().await;

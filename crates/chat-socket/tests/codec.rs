@@ -42,7 +42,8 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
     // Requests carry raw text: the server, not the codec, validates names
     // and bodies. Only the str8 recipient is bounded by the encoding.
     prop_oneof![
-        any::<u16>().prop_map(|version| ClientFrame::Hello { version }),
+        (any::<u16>(), proptest::option::of(any::<[u8; 12]>()))
+            .prop_map(|(version, send_key)| ClientFrame::Hello { version, send_key }),
         any::<u32>().prop_map(|nonce| ClientFrame::Ping { nonce }),
         (any::<u32>(), ".{0,60}").prop_map(|(id, name)| ClientFrame::Create { id, name }),
         (any::<u32>(), ".{0,60}").prop_map(|(id, name)| ClientFrame::Login { id, name }),
@@ -60,13 +61,10 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         }),
         (any::<u32>(), any::<u32>()).prop_map(|(id, max)| ClientFrame::Fetch { id, max }),
         (any::<u32>(), any::<u64>()).prop_map(|(id, through)| ClientFrame::Ack { id, through }),
-        (any::<u32>(), any::<u128>(), ".{0,50}", ".{0,300}").prop_map(|(id, send_id, to, body)| {
-            ClientFrame::SendOnce {
-                id,
-                send_id,
-                to,
-                body,
-            }
+        (any::<u32>(), ".{0,50}", ".{0,300}").prop_map(|(id, to, body)| ClientFrame::SendOnce {
+            id,
+            to,
+            body
         }),
     ]
 }

@@ -23,7 +23,20 @@ fn hex(bytes: &[u8]) -> String {
 
 fn client_examples() -> Vec<(&'static str, ClientFrame)> {
     vec![
-        ("hello", ClientFrame::Hello { version: 1 }),
+        (
+            "hello",
+            ClientFrame::Hello {
+                version: 1,
+                send_key: Some(*b"\x5e\x6b\x07\x11\x22\x33\x44\x55\x66\x77\x88\x99"),
+            },
+        ),
+        (
+            "hello without a send key",
+            ClientFrame::Hello {
+                version: 1,
+                send_key: None,
+            },
+        ),
         ("ping", ClientFrame::Ping { nonce: 7 }),
         (
             "create",
@@ -63,7 +76,6 @@ fn client_examples() -> Vec<(&'static str, ClientFrame)> {
             "send once",
             ClientFrame::SendOnce {
                 id: 9,
-                send_id: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
                 to: "bob".into(),
                 body: "hi".into(),
             },
@@ -199,4 +211,16 @@ fn every_error_code_is_documented() {
         let row = format!("| {} | `{}` |", code.as_u16(), code.as_str());
         assert!(doc.contains(&row), "docs/PROTOCOL.md lacks the row {row}");
     }
+}
+
+#[test]
+fn the_documented_send_id_is_the_key_then_the_request_id() {
+    let key = *b"\x5e\x6b\x07\x11\x22\x33\x44\x55\x66\x77\x88\x99";
+    let id = chat_socket::frame::send_id(&key, 9);
+    assert_eq!(id, 0x5e6b_0711_2233_4455_6677_8899_0000_0009);
+    let documented = format!("its send id is `{id:032x}`");
+    assert!(
+        doc().contains(&documented),
+        "docs/PROTOCOL.md should say: {documented}"
+    );
 }

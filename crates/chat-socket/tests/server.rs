@@ -7,6 +7,7 @@ use std::time::Duration;
 use chat_core::client::ChatClient;
 use chat_core::{Chat, ErrorCode, SessionState};
 use chat_socket::codec::ClientCodec;
+use chat_socket::frame::SendKey;
 use chat_socket::{ClientFrame, PROTOCOL_VERSION, ServerConfig, ServerFrame, SocketClient, serve};
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
@@ -46,9 +47,14 @@ async fn raw(addr: SocketAddr) -> Raw {
 }
 
 async fn greeted(addr: SocketAddr) -> Raw {
+    greeted_with(addr, None).await
+}
+
+async fn greeted_with(addr: SocketAddr, send_key: Option<SendKey>) -> Raw {
     let mut conn = raw(addr).await;
     conn.send(ClientFrame::Hello {
         version: PROTOCOL_VERSION,
+        send_key,
     })
     .await
     .unwrap();
@@ -109,7 +115,12 @@ async fn first_frame_must_be_hello() {
 async fn other_versions_are_refused() {
     let server = start(ServerConfig::default()).await;
     let mut conn = raw(server.addr).await;
-    conn.send(ClientFrame::Hello { version: 99 }).await.unwrap();
+    conn.send(ClientFrame::Hello {
+        version: 99,
+        send_key: None,
+    })
+    .await
+    .unwrap();
     expect_goodbye(&mut conn, ErrorCode::UnsupportedVersion).await;
 }
 
@@ -170,6 +181,7 @@ async fn silent_peers_are_dropped_and_logged_out() {
     let mut conn = raw(server.addr).await;
     conn.send(ClientFrame::Hello {
         version: PROTOCOL_VERSION,
+        send_key: None,
     })
     .await
     .unwrap();
@@ -271,4 +283,153 @@ async fn shutdown_says_goodbye_and_drains() {
         TcpStream::connect(server.addr).await.is_err(),
         "no longer listening"
     );
+}
+
+/// Sends one request and returns its answer.
+async fn call(conn: &mut Raw, frame: ClientFrame) -> ServerFrame {
+    conn.send(frame).await.unwrap();
+    next(conn).await.expect("an answer")
+}
+
+/// A SEND ONCE as raw frames; the message id its SENT names.
+async fn send_once(conn: &mut Raw, id: u32, body: &str) -> u64 {
+    let frame = ClientFrame::SendOnce {
+        id,
+        to: "bob".into(),
+        body: body.into(),
+    };
+    match call(conn, frame).await {
+        ServerFrame::Sent {
+            id: answered,
+            message_id,
+            ..
+        } if answered == id => message_id,
+        other => panic!("expected SENT for request {id}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn send_once_is_keyed_by_the_hellos_send_key_and_the_request_id() {
+    let server = start(ServerConfig::default()).await;
+    let key: SendKey = *b"0123456789ab";
+    let login = |id| ClientFrame::Login {
+        id,
+        name: "alice".into(),
+    };
+
+    let mut bob = greeted(server.addr).await;
+    let created = call(
+        &mut bob,
+        ClientFrame::Create {
+            id: 1,
+            name: "bob".into(),
+        },
+    )
+    .await;
+    assert!(matches!(created, ServerFrame::Done { .. }), "{created:?}");
+    call(&mut bob, ClientFrame::Logout { id: 2 }).await;
+
+    let mut first = greeted_with(server.addr, Some(key)).await;
+    let created = call(
+        &mut first,
+        ClientFrame::Create {
+            id: 1,
+            name: "alice".into(),
+        },
+    )
+    .await;
+    assert!(matches!(created, ServerFrame::Done { .. }), "{created:?}");
+    let original = send_once(&mut first, 7, "one").await;
+    assert_eq!(
+        send_once(&mut first, 7, "one").await,
+        original,
+        "same connection"
+    );
+    call(&mut first, ClientFrame::Logout { id: 8 }).await;
+    drop(first);
+
+    // A new connection with the same key: the resend of request 7 is the
+    // same message; request 8 is a new send.
+    let mut again = greeted_with(server.addr, Some(key)).await;
+    assert!(matches!(
+        call(&mut again, login(1)).await,
+        ServerFrame::Done { .. }
+    ));
+    assert_eq!(
+        send_once(&mut again, 7, "one").await,
+        original,
+        "after reconnecting"
+    );
+    let second = send_once(&mut again, 8, "two").await;
+    assert_ne!(second, original);
+    call(&mut again, ClientFrame::Logout { id: 9 }).await;
+
+    // Another key: request 7 is another send.
+    let mut other = greeted_with(server.addr, Some(*b"another key!")).await;
+    assert!(matches!(
+        call(&mut other, login(1)).await,
+        ServerFrame::Done { .. }
+    ));
+    let third = send_once(&mut other, 7, "three").await;
+    assert!(third != original && third != second);
+
+    // Without a key, SEND ONCE is refused, stores nothing, and the
+    // connection goes on.
+    let mut keyless = greeted(server.addr).await;
+    let refused = call(
+        &mut keyless,
+        ClientFrame::SendOnce {
+            id: 3,
+            to: "bob".into(),
+            body: "four".into(),
+        },
+    )
+    .await;
+    assert!(
+        matches!(
+            refused,
+            ServerFrame::Error {
+                id: 3,
+                code: ErrorCode::Malformed,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        call(&mut keyless, ClientFrame::Ping { nonce: 5 }).await,
+        ServerFrame::Pong { nonce: 5 }
+    ));
+
+    assert!(matches!(
+        call(
+            &mut bob,
+            ClientFrame::Login {
+                id: 3,
+                name: "bob".into()
+            }
+        )
+        .await,
+        ServerFrame::Done { .. }
+    ));
+    match call(&mut bob, ClientFrame::Fetch { id: 4, max: 0 }).await {
+        ServerFrame::Messages { messages, .. } => {
+            let bodies: Vec<&str> = messages.iter().map(|m| m.body.as_str()).collect();
+            assert_eq!(bodies, ["one", "two", "three"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_send_key_of_the_wrong_length_is_malformed() {
+    let server = start(ServerConfig::default()).await;
+    let mut conn = raw(server.addr).await;
+    let mut hello = vec![0, 0, 0, 12, 0x01];
+    hello.extend_from_slice(b"CHAT");
+    hello.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    hello.extend_from_slice(&[1, 2, 3, 4, 5]);
+    conn.get_mut().write_all(&hello).await.unwrap();
+    expect_goodbye(&mut conn, ErrorCode::Malformed).await;
+    still_serves(server.addr).await;
 }
