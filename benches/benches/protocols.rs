@@ -35,13 +35,13 @@ struct Settings {
 const QUICK: Settings = Settings {
     samples: 300,
     window: Duration::from_millis(700),
-    pairs: &[1, 16, 256],
+    pairs: &[1, 16, 32, 256],
     sessions: 1000,
 };
 const FULL: Settings = Settings {
     samples: 5000,
     window: Duration::from_secs(3),
-    pairs: &[1, 16, 256],
+    pairs: &[1, 16, 32, 256],
     sessions: 10_000,
 };
 
@@ -563,6 +563,52 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
+/// `CHAT_BENCH_PROFILE=<raw|socket|grpc>/<memory|durable>/<pairs>/<seconds>`:
+/// runs that one throughput load alone, for a profiler. It prints the
+/// server's pid, waits two seconds (attach now, e.g. `perf record -p PID`
+/// or `perf stat -e 'syscalls:sys_enter_*' -p PID`), runs the load, and
+/// prints its figures.
+async fn profile(spec: &str) -> anyhow::Result<()> {
+    let parts: Vec<&str> = spec.split('/').collect();
+    let [transport, store, pairs, seconds] = parts[..] else {
+        anyhow::bail!(
+            "CHAT_BENCH_PROFILE is transport/store/pairs/seconds, e.g. socket/memory/256/10"
+        );
+    };
+    let pairs: usize = pairs.parse()?;
+    let window = Duration::from_secs_f64(seconds.parse()?);
+    let data = std::env::temp_dir().join(format!("chat-bench-profile-{}", std::process::id()));
+    let store_arg = match store {
+        "memory" => "memory".to_string(),
+        "durable" => data.to_string_lossy().to_string(),
+        other => anyhow::bail!("unknown store {other:?} (memory or durable)"),
+    };
+    let served = match transport {
+        "raw" => Served::Echo,
+        "socket" => Served::Socket,
+        "grpc" => Served::Grpc,
+        other => anyhow::bail!("unknown transport {other:?} (raw, socket or grpc)"),
+    };
+    let server = ServerProcess::start(served, &store_arg)?;
+    println!(
+        "server pid {} ({transport}/{store}, {pairs} pairs, {seconds} s)",
+        server.pid()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = match served {
+        Served::Echo => raw_throughput(&server, pairs, window).await,
+        Served::Socket => throughput::<SocketClient>(&server, store, "p", pairs, window).await,
+        Served::Grpc => throughput::<GrpcClient>(&server, store, "p", pairs, window).await,
+    };
+    println!(
+        "{} messages, {:.0}/s, delivery p50 {:.0} µs p99 {:.0} µs, server CPU {:.2} µs/message",
+        t.delivered, t.per_second, t.p50_us, t.p99_us, t.server_cpu_us_per_msg
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     chat_bench::serve_if_asked();
     let args: Vec<String> = std::env::args().collect();
@@ -578,6 +624,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .thread_name("chat-bench-load")
         .build()?;
+    if let Ok(spec) = std::env::var("CHAT_BENCH_PROFILE") {
+        return runtime.block_on(profile(&spec));
+    }
     let data = std::env::temp_dir().join(format!("chat-bench-{}", std::process::id()));
     let mut report = Report {
         date: today(),

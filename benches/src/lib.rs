@@ -227,6 +227,11 @@ impl ServerProcess {
         Ok(Self { child, addr })
     }
 
+    /// The server's process id (to attach a profiler).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// CPU time (user + system) the server has used so far, seconds.
     pub fn cpu_seconds(&self) -> f64 {
         let stat =

@@ -155,12 +155,27 @@ async fn serve_connection(
     debug!(%peer, session = session.id(), "connected");
     let mut deadline = Instant::now() + config.idle_timeout;
     let mut greeting = Greeting::default();
+    // Both waits are made once, not per loop: registering a timer or a
+    // cancellation waiter takes a lock shared with other connections. The
+    // timer is re-armed only when it fires before the (moved) deadline; the
+    // child token's lock is this connection's alone.
+    let stop = stop.child_token();
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    let idle = tokio::time::sleep_until(deadline);
+    tokio::pin!(idle);
     let end = loop {
         let input = tokio::select! {
             frame = framed.next() => Input::Frame(frame),
             event = events.recv() => Input::Event(event),
-            _ = tokio::time::sleep_until(deadline) => Input::Idle,
-            _ = stop.cancelled() => Input::Stop,
+            () = &mut idle => {
+                if Instant::now() < deadline {
+                    idle.as_mut().reset(deadline);
+                    continue;
+                }
+                Input::Idle
+            }
+            () = &mut stopped => Input::Stop,
         };
         // Whatever else is ready now is handled before one flush: a reply
         // and the pushes behind it leave in one write.

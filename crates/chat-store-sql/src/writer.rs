@@ -1,16 +1,26 @@
 //! The writer task: the only connection that writes, committing whatever
 //! writes are waiting as one transaction (group commit).
 //!
-//! A batch is applied in arrival order. Appends are the hot path, so they
-//! cost no statement of their own: the writer keeps each account's counters
-//! (last id, messages stored) in memory — it is the only writer, so its
-//! cache cannot go stale — and gathers the batch's new rows, which go to the
-//! database as a few multi-row statements: one send-id lookup for the whole
-//! batch up front, then one insert of messages, one of send ids, and one
-//! update of the touched accounts. Any other write first flushes the rows
-//! gathered so far, so it sees them. If anything fails, the transaction is
-//! rolled back, the cache is dropped (it may hold rolled-back counters), and
-//! every write in the batch fails.
+//! Appends are the hot path, so they cost no statement of their own: the
+//! writer keeps each account's counters (last id, messages stored) in
+//! memory — it is the only writer, so its cache cannot go stale — and
+//! gathers the batch's new rows, which go to the database as a few
+//! multi-row statements. Each query sent to sqlx's SQLite worker is a
+//! round trip between threads, so a batch of appends costs two: `BEGIN`
+//! with one send-id lookup for the whole batch, then the inserts of
+//! messages and send ids, the update of the touched accounts, and `COMMIT`,
+//! as one multi-statement query.
+//!
+//! Acknowledgements are applied first, whatever their place in the batch:
+//! the writes in a batch are concurrent (each caller waits for its answer
+//! before it writes again), and an ack can only name messages its recipient
+//! has seen, which an earlier batch committed. An ack is one
+//! `DELETE … RETURNING`; its counter change rides on the batch's account
+//! update. Any other write (create, delete, take) first flushes the rows
+//! gathered so far, so it sees them.
+//!
+//! If anything fails, the transaction is rolled back, the cache is dropped
+//! (it may hold rolled-back counters), and every write in the batch fails.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -19,7 +29,7 @@ use chat_core::{
     Appended, Message, MessageId, NewMessage, SEND_ID_RETENTION, StoreError, Username,
 };
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
-use sqlx::{Connection, QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Row, Sqlite};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{SqliteOptions, message_from_row, now_ms, unavailable};
@@ -131,20 +141,43 @@ impl Writer {
         &mut self,
         batch: &[Job],
     ) -> Result<Vec<Result<Done, StoreError>>, sqlx::Error> {
+        let applied = self.apply_in_transaction(batch).await;
+        if applied.is_err() {
+            // The transaction may still be open (a statement failed) or
+            // already gone (SQLite rolled it back): end it either way.
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
+        }
+        applied
+    }
+
+    async fn apply_in_transaction(
+        &mut self,
+        batch: &[Job],
+    ) -> Result<Vec<Result<Done, StoreError>>, sqlx::Error> {
         let Self {
             conn,
             options,
             counters,
         } = self;
-        let mut tx = conn.begin().await?;
-        let mut known = known_send_ids(&mut tx, batch).await?;
+        let mut known = begin_and_find_send_ids(conn, batch).await?;
         let mut pending = Pending::default();
-        let mut results = Vec::with_capacity(batch.len());
+        let mut results: Vec<Option<Result<Done, StoreError>>> = Vec::with_capacity(batch.len());
         for job in batch {
-            let result = match &job.op {
+            results.push(match &job.op {
+                Op::Ack(name, through) => {
+                    Some(ack(conn, counters, &mut pending, name, *through).await?)
+                }
+                _ => None,
+            });
+        }
+        for (job, result) in batch.iter().zip(results.iter_mut()) {
+            if result.is_some() {
+                continue;
+            }
+            *result = Some(match &job.op {
                 Op::Append(message) => {
                     append(
-                        &mut tx,
+                        conn,
                         counters,
                         &mut known,
                         &mut pending,
@@ -154,21 +187,20 @@ impl Writer {
                     .await?
                 }
                 other => {
-                    flush(&mut tx, counters, &mut pending).await?;
-                    apply(&mut tx, counters, other).await?
+                    flush(conn, counters, &mut pending, false).await?;
+                    apply(conn, counters, other).await?
                 }
-            };
-            results.push(result);
+            });
         }
-        flush(&mut tx, counters, &mut pending).await?;
-        tx.commit().await?;
-        Ok(results)
+        flush(conn, counters, &mut pending, true).await?;
+        Ok(results.into_iter().flatten().collect())
     }
 }
 
-/// Send ids of this batch's appends that were stored before, with the
-/// original message id and timestamp: one query for the whole batch.
-async fn known_send_ids(
+/// Opens the batch's transaction and finds which of its appends' send ids
+/// were stored before (with the original message id and timestamp), in one
+/// round trip.
+async fn begin_and_find_send_ids(
     conn: &mut SqliteConnection,
     batch: &[Job],
 ) -> Result<HashMap<(Username, [u8; 16]), (i64, i64)>, sqlx::Error> {
@@ -180,12 +212,15 @@ async fn known_send_ids(
         })
         .collect();
     let mut known = HashMap::new();
-    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+    if keys.is_empty() {
+        sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
+        return Ok(known);
+    }
+    for (n, chunk) in keys.chunks(ROWS_PER_STATEMENT).enumerate() {
         // A join against the keys as a VALUES table, so that each key is
         // one primary-key probe.
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT s.sender, s.client_id, s.message_id, s.timestamp_ms FROM (VALUES ",
-        );
+        let mut query = QueryBuilder::<Sqlite>::new(if n == 0 { "BEGIN; " } else { "" });
+        query.push("SELECT s.sender, s.client_id, s.message_id, s.timestamp_ms FROM (VALUES ");
         let mut values = query.separated(", ");
         for (sender, id) in chunk {
             values
@@ -303,17 +338,19 @@ async fn append(
     })))
 }
 
-/// Writes the gathered rows: messages, send ids, then the touched
-/// accounts' counters, each as multi-row statements.
+/// Writes the gathered rows (messages, send ids, then the touched accounts'
+/// counters, each as multi-row statements) as one multi-statement query;
+/// with `commit`, the transaction's `COMMIT` goes in the same query.
 async fn flush(
     conn: &mut SqliteConnection,
     counters: &HashMap<Username, Counters>,
     pending: &mut Pending,
+    commit: bool,
 ) -> Result<(), sqlx::Error> {
+    let mut query = QueryBuilder::<Sqlite>::new("");
+    let mut statements = 0;
     for chunk in pending.messages.chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) ",
-        );
+        query.push("INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) ");
         query.push_values(chunk, |mut row, (recipient, id, m)| {
             row.push_bind(recipient.as_str())
                 .push_bind(*id)
@@ -322,12 +359,12 @@ async fn flush(
                 .push_bind(m.timestamp_ms as i64)
                 .push_bind(m.delivered);
         });
-        query.build().persistent(false).execute(&mut *conn).await?;
+        query.push("; ");
+        statements += 1;
     }
     for chunk in pending.send_ids.chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO send_ids (sender, client_id, recipient, message_id, timestamp_ms) ",
-        );
+        query
+            .push("INSERT INTO send_ids (sender, client_id, recipient, message_id, timestamp_ms) ");
         query.push_values(
             chunk,
             |mut row, (sender, id, recipient, message_id, timestamp_ms)| {
@@ -338,7 +375,8 @@ async fn flush(
                     .push_bind(*timestamp_ms);
             },
         );
-        query.build().persistent(false).execute(&mut *conn).await?;
+        query.push("; ");
+        statements += 1;
     }
     pending.touched.sort_unstable();
     pending.touched.dedup();
@@ -350,20 +388,57 @@ async fn flush(
     for chunk in touched.chunks(ROWS_PER_STATEMENT) {
         // Every touched account exists (its counters came from its row), so
         // the upsert only ever updates.
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO accounts (name, last_id, stored, created_ms) ",
-        );
+        query.push("INSERT INTO accounts (name, last_id, stored, created_ms) ");
         query.push_values(chunk, |mut row, (name, c)| {
             row.push_bind(name.as_str())
                 .push_bind(c.last_id)
                 .push_bind(c.stored)
                 .push_bind(0_i64);
         });
-        query.push(" ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id, stored = excluded.stored");
+        query.push(
+            " ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id, stored = excluded.stored; ",
+        );
+        statements += 1;
+    }
+    if commit {
+        query.push("COMMIT");
+        statements += 1;
+    }
+    if statements > 0 {
         query.build().persistent(false).execute(&mut *conn).await?;
     }
     *pending = Pending::default();
     Ok(())
+}
+
+/// An acknowledgement: deletes the acknowledged messages; the account's
+/// stored count changes in the cache and is written with the batch's other
+/// counters.
+async fn ack(
+    conn: &mut SqliteConnection,
+    counters: &mut HashMap<Username, Counters>,
+    pending: &mut Pending,
+    name: &Username,
+    through: MessageId,
+) -> Result<Result<Done, StoreError>, sqlx::Error> {
+    if counters_of(conn, counters, name).await?.is_none() {
+        return Ok(Err(StoreError::NoSuchAccount(name.clone())));
+    }
+    let removed = sqlx::query(
+        "DELETE FROM messages WHERE recipient = ? AND delivered = 1 AND id <= ? RETURNING id",
+    )
+    .bind(name.as_str())
+    .bind(i64::try_from(through).unwrap_or(i64::MAX))
+    .fetch_all(&mut *conn)
+    .await?
+    .len();
+    if removed > 0
+        && let Some(account) = counters.get_mut(name)
+    {
+        account.stored -= removed as i64;
+        pending.touched.push(name.clone());
+    }
+    Ok(Ok(Done::Count(removed)))
 }
 
 /// Every write but append.
@@ -373,7 +448,7 @@ async fn apply(
     op: &Op,
 ) -> Result<Result<Done, StoreError>, sqlx::Error> {
     Ok(match op {
-        Op::Append(_) => unreachable_append(),
+        Op::Append(_) => unreachable_op("an append"),
         Op::Create(name) => {
             let created =
                 sqlx::query("INSERT INTO accounts (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
@@ -441,36 +516,14 @@ async fn apply(
             }
             Ok(Done::Messages(messages))
         }
-        Op::Ack(name, through) => {
-            if counters_of(conn, counters, name).await?.is_none() {
-                return Ok(Err(StoreError::NoSuchAccount(name.clone())));
-            }
-            let removed = sqlx::query(
-                "DELETE FROM messages WHERE recipient = ? AND delivered = 1 AND id <= ?",
-            )
-            .bind(name.as_str())
-            .bind(i64::try_from(*through).unwrap_or(i64::MAX))
-            .execute(&mut *conn)
-            .await?
-            .rows_affected() as i64;
-            if removed > 0 {
-                sqlx::query("UPDATE accounts SET stored = stored - ? WHERE name = ?")
-                    .bind(removed)
-                    .bind(name.as_str())
-                    .execute(&mut *conn)
-                    .await?;
-                if let Some(account) = counters.get_mut(name) {
-                    account.stored -= removed;
-                }
-            }
-            Ok(Done::Count(removed as usize))
-        }
+        Op::Ack(..) => unreachable_op("an ack"),
     })
 }
 
-/// Appends never reach [`apply`]; they are gathered by [`append`].
-fn unreachable_append() -> Result<Done, StoreError> {
-    Err(StoreError::Unavailable(
-        "internal: an append reached the generic write path".into(),
-    ))
+/// Appends and acks never reach [`apply`]; they are applied by [`append`]
+/// and [`ack`].
+fn unreachable_op(what: &str) -> Result<Done, StoreError> {
+    Err(StoreError::Unavailable(format!(
+        "internal: {what} reached the generic write path"
+    )))
 }

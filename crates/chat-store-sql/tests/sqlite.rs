@@ -385,3 +385,74 @@ async fn a_failing_database_refuses_sends_clearly_and_recovers() {
         (receipt.id, "after the repair")
     );
 }
+
+/// Acks are applied ahead of the appends they share a batch with, and
+/// their counter changes ride on the batch's account update: under
+/// concurrent acks and appends, the stored counts stay exact, also after a
+/// reopen (the queue bound is checked against them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_and_appends_in_one_batch_keep_the_counts_exact() {
+    const RECIPIENTS: usize = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteOptions {
+        queue_limit: 10,
+        ..SqliteOptions::default()
+    };
+    let store = Arc::new(
+        SqliteStore::open(dir.path(), options.clone())
+            .await
+            .unwrap(),
+    );
+    for i in 0..RECIPIENTS {
+        let recipient = name(&format!("r{i}"));
+        store.create_account(&recipient).await.unwrap();
+        for n in 0..5 {
+            store
+                .append(message(&format!("r{i}"), &format!("old {n}"), true, None))
+                .await
+                .unwrap();
+        }
+    }
+    let tasks = (0..RECIPIENTS).flat_map(|i| {
+        let acker = Arc::clone(&store);
+        let sender = Arc::clone(&store);
+        [
+            tokio::spawn(async move { acker.ack(&name(&format!("r{i}")), 5).await.unwrap() }),
+            tokio::spawn(async move {
+                for n in 0..5 {
+                    sender
+                        .append(message(&format!("r{i}"), &format!("new {n}"), true, None))
+                        .await
+                        .unwrap();
+                }
+                0
+            }),
+        ]
+    });
+    let removed: usize = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .sum();
+    assert_eq!(removed, RECIPIENTS * 5, "every old message, and only those");
+    drop(store);
+
+    let store = SqliteStore::open(dir.path(), options).await.unwrap();
+    for i in 0..RECIPIENTS {
+        let to = format!("r{i}");
+        for n in 0..5 {
+            store
+                .append(message(&to, &format!("more {n}"), false, None))
+                .await
+                .unwrap_or_else(|err| panic!("{to}: room for 5 more: {err}"));
+        }
+        assert_eq!(
+            store
+                .append(message(&to, "one too many", false, None))
+                .await
+                .unwrap_err(),
+            StoreError::QueueFull(name(&to)),
+            "{to}: 5 new + 5 more fill the queue of 10"
+        );
+    }
+}
