@@ -234,9 +234,9 @@ async fn a_version_1_database_is_migrated_with_its_data() {
             .unwrap();
         migrator.run(&mut conn).await.unwrap();
         sqlx::raw_sql(
-            "INSERT INTO accounts (name, last_id, stored, created_ms) VALUES ('old', 1, 1, 0), ('timer', 0, 0, 0); \
+            "INSERT INTO accounts (name, last_id, stored, created_ms) VALUES ('old', 2, 2, 0), ('timer', 0, 0, 0); \
              INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) \
-             VALUES ('old', 1, 'timer', 'from version 1', 5, 0);",
+             VALUES ('old', 1, 'timer', 'from version 1', 5, 0), ('old', 2, 'timer', 'pushed, not acked', 6, 1);",
         )
         .execute(&mut conn)
         .await
@@ -246,15 +246,25 @@ async fn a_version_1_database_is_migrated_with_its_data() {
         .await
         .unwrap();
     let old = name("old");
+    // Version 3 kept the delivered flag: the pushed message awaits its ack.
+    let unacked = store.unacked(&old).await.unwrap();
+    assert_eq!(
+        unacked.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [2],
+        "only the pushed message is awaiting an ack "
+    );
     let kept = store.take_undelivered(&old, 10).await.unwrap();
     assert_eq!(kept.len(), 1);
     assert_eq!((kept[0].id, kept[0].body.as_str()), (1, "from version 1"));
-    // Version 2's table works: send ids are remembered.
+    // Version 2's table works: send ids are remembered; ids go on.
     let mut resend = message("old", "idempotent", false, Some(99));
     resend.sender = name("timer");
-    assert!(!store.append(resend.clone()).await.unwrap().duplicate);
+    let first = store.append(resend.clone()).await.unwrap();
+    assert!(!first.duplicate);
+    assert_eq!(first.message.id, 3);
     assert!(store.append(resend).await.unwrap().duplicate);
-    assert_eq!(schema_version(), 2);
+    assert_eq!(store.ack(&old, 3).await.unwrap(), 2, "both delivered ones");
+    assert_eq!(schema_version(), 3);
 }
 
 #[tokio::test]
@@ -280,11 +290,7 @@ async fn a_database_from_a_newer_version_is_refused_untouched() {
     assert!(
         matches!(
             err,
-            OpenError::TooNew {
-                found: 99,
-                known: 2,
-                ..
-            }
+            OpenError::TooNew { found: 99, known, .. } if known == schema_version()
         ),
         "{err}"
     );
