@@ -290,7 +290,7 @@ pub fn run(input: Option<&str>) -> anyhow::Result<()> {
             verdict(b <= 1.5)
         )?;
     }
-    for pairs in [32, 256] {
+    for pairs in [16, 32, 256] {
         if let (Some(sk), Some(r)) = (
             throughput(&report, "socket", "memory", pairs),
             throughput(&report, "raw", "-", pairs),

@@ -52,6 +52,11 @@ pub enum ChatError {
     /// The server is shutting down and takes no new work.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// Send: this idempotency key was used before for a different message
+    /// (another recipient or body) within the retention window; nothing was
+    /// stored. A client must never reuse a send id for another message.
+    #[error("send id already used for a different message to {0}; nothing was sent")]
+    SendIdReused(Username),
 }
 
 impl ChatError {
@@ -70,6 +75,7 @@ impl ChatError {
             ChatError::QueueFull(_) => ErrorCode::QueueFull,
             ChatError::StoreUnavailable(_) => ErrorCode::StoreUnavailable,
             ChatError::ShuttingDown => ErrorCode::ShuttingDown,
+            ChatError::SendIdReused(_) => ErrorCode::SendIdReused,
         }
     }
 }
@@ -139,6 +145,8 @@ error_codes! {
     StoreUnavailable = 11, "store_unavailable";
     /// See [`ChatError::ShuttingDown`].
     ShuttingDown = 12, "shutting_down";
+    /// See [`ChatError::SendIdReused`].
+    SendIdReused = 13, "send_id_reused";
     /// Transport: a frame or message could not be decoded.
     Malformed = 100, "malformed";
     /// Transport: a frame was larger than the receiver accepts.

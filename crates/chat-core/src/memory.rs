@@ -34,7 +34,9 @@ const SEND_ID_SHARDS: usize = 64;
 /// Remembered send ids, oldest first for expiry.
 #[derive(Debug, Default)]
 struct SendIds {
-    by_key: HashMap<(Username, SendId), (MessageId, u64)>,
+    /// The first send's id and timestamp, and its recipient and body
+    /// fingerprint (to tell a resend from a reuse).
+    by_key: HashMap<(Username, SendId), (MessageId, u64, Username, u32)>,
     order: VecDeque<(u64, Username, SendId)>,
 }
 
@@ -161,7 +163,13 @@ impl Store for MemoryStore {
         };
         if let (Some(ids), Some(send_id)) = (send_ids.as_mut(), message.send_id) {
             ids.prune(message.timestamp_ms);
-            if let Some(&(id, timestamp_ms)) = ids.by_key.get(&(message.sender.clone(), send_id)) {
+            if let Some((id, timestamp_ms, recipient, fingerprint)) =
+                ids.by_key.get(&(message.sender.clone(), send_id))
+            {
+                if *recipient != message.recipient || *fingerprint != message.body_fingerprint() {
+                    return Err(StoreError::SendIdReused(message.recipient));
+                }
+                let (id, timestamp_ms) = (*id, *timestamp_ms);
                 let original = Message {
                     id,
                     sender: message.sender,
@@ -183,6 +191,7 @@ impl Store for MemoryStore {
             return Err(StoreError::QueueFull(message.recipient));
         }
         mailbox.last_id += 1;
+        let fingerprint = message.send_id.map(|_| message.body_fingerprint());
         let stored = Message {
             id: mailbox.last_id,
             sender: message.sender,
@@ -192,7 +201,15 @@ impl Store for MemoryStore {
         mailbox.queue.push_back((stored.clone(), message.delivered));
         if let (Some(ids), Some(send_id)) = (send_ids.as_mut(), message.send_id) {
             let key = (stored.sender.clone(), send_id);
-            ids.by_key.insert(key, (stored.id, stored.timestamp_ms));
+            ids.by_key.insert(
+                key,
+                (
+                    stored.id,
+                    stored.timestamp_ms,
+                    message.recipient.clone(),
+                    fingerprint.unwrap_or_default(),
+                ),
+            );
             ids.order
                 .push_back((stored.timestamp_ms, stored.sender.clone(), send_id));
         }

@@ -46,6 +46,10 @@ pub enum StoreError {
     /// The backing storage failed; nothing was changed.
     #[error("{0}")]
     Unavailable(String),
+    /// The send id was stored before with another recipient or body
+    /// (the name is the new message's recipient).
+    #[error("send id reused for a different message to {0}")]
+    SendIdReused(Username),
 }
 
 impl From<StoreError> for ChatError {
@@ -55,6 +59,7 @@ impl From<StoreError> for ChatError {
             StoreError::NoSuchAccount(name) => ChatError::NoSuchUser(name),
             StoreError::QueueFull(name) => ChatError::QueueFull(name),
             StoreError::Unavailable(why) => ChatError::StoreUnavailable(why),
+            StoreError::SendIdReused(name) => ChatError::SendIdReused(name),
         }
     }
 }
@@ -76,12 +81,23 @@ pub struct NewMessage {
     pub delivered: bool,
     /// The sender's idempotency key, if it gave one: a second append with
     /// the same sender and key (within [`SEND_ID_RETENTION`]) stores nothing
-    /// and returns the first one's result.
+    /// and returns the first one's result, if it is the same message (same
+    /// recipient and body); if not, it fails with
+    /// [`StoreError::SendIdReused`].
     pub send_id: Option<SendId>,
 }
 
-/// A client-chosen idempotency key for a send (128 random bits).
+/// A client-chosen idempotency key for a send (16 bytes).
 pub type SendId = u128;
+
+impl NewMessage {
+    /// A stable 32-bit fingerprint (CRC-32) of the body. A store keeps it
+    /// with a send id, so that a resend can be told from a different
+    /// message that reuses the id ([`StoreError::SendIdReused`]).
+    pub fn body_fingerprint(&self) -> u32 {
+        crc32fast::hash(self.body.as_str().as_bytes())
+    }
+}
 
 /// How long a store remembers send ids: a client that lost its connection
 /// before the reply may resend with the same id for this long and get the

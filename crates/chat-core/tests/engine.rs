@@ -265,6 +265,23 @@ async fn a_resent_send_id_is_stored_and_pushed_once() {
         carol.send_once("bob", "mine", Some(42)).await.unwrap(),
         first
     );
+    // The same key for a different message (body or recipient) is refused,
+    // and nothing is stored or pushed.
+    for (to, body) in [("bob", "not once"), ("carol", "once")] {
+        let err = alice.send_once(to, body, Some(42)).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::SendIdReused, "{to}: {err}");
+    }
+    alice.send_once("bob", "after", Some(44)).await.unwrap();
+    let next = bob_events.recv().await;
+    assert!(
+        matches!(&next, Some(Event::Message(m)) if m.body.as_str() == "mine"),
+        "{next:?}"
+    );
+    let next = bob_events.recv().await;
+    assert!(
+        matches!(&next, Some(Event::Message(m)) if m.body.as_str() == "after"),
+        "{next:?}"
+    );
 }
 
 #[tokio::test]

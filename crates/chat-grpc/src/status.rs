@@ -28,6 +28,7 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::InvalidPattern
         | ErrorCode::Malformed => Code::InvalidArgument,
         ErrorCode::UsernameTaken => Code::AlreadyExists,
+        ErrorCode::SendIdReused => Code::InvalidArgument,
         ErrorCode::NoSuchUser => Code::NotFound,
         ErrorCode::AlreadyLoggedIn
         | ErrorCode::SessionLoggedIn

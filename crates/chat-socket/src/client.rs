@@ -6,10 +6,12 @@
 //! of the idle timeout the server announced, and declares the connection
 //! dead if the server stays silent for the whole timeout.
 //!
-//! Sends are idempotent: each carries a random 128-bit send id. If the
-//! connection fails before the reply, the client reconnects, logs in again
-//! and resends with the same id (for up to [`RECONNECT_DEADLINE`]), so the
-//! send either gets its original result or is stored once now.
+//! Sends are idempotent: the client announces a random send key in the
+//! hello of every connection it opens, and each send (SEND ONCE) is known to
+//! the server by that key and its request id. If the connection fails
+//! before the reply, the client reconnects with the same key, logs in again
+//! and resends with the same request id (for up to [`RECONNECT_DEADLINE`]),
+//! so the send either gets its original result or is stored once now.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -276,20 +278,31 @@ impl SocketClient {
         if !self.key_spent {
             return Ok(());
         }
-        self.send_key = rand::random();
+        // Until a connection announcing the new key is open, nothing may be
+        // sent under the old key with the wrapped ids: `key_spent` stays set
+        // (and the send fails) if it cannot be opened.
+        let key: SendKey = rand::random();
+        let conn = Conn::open(&self.addr, key).await?;
+        // The old connection ends here, and with it its login.
+        self.conn = conn;
+        self.send_key = key;
         self.key_spent = false;
+        let Some(user) = self.state.user().cloned() else {
+            return Ok(());
+        };
+        // Log in again on the new connection, retrying (on further new
+        // connections with the same key) while the server lets go of the
+        // old session.
         let deadline = Instant::now() + RECONNECT_DEADLINE;
-        match self.state.user().cloned() {
-            // The old connection goes, and with it the old login: log in
-            // again on the new one (retrying while the server lets go).
-            Some(_) => {
-                self.reconnect(deadline, "renewing the send key".into())
+        match self.login(user.as_str()).await {
+            Ok(_) => Ok(()),
+            Err(ClientError::Connection(why)) => self.reconnect(deadline, why).await,
+            Err(err) if err.code() == Some(ErrorCode::AlreadyLoggedIn) => {
+                self.adopt(SessionState::LoggedIn(user));
+                self.reconnect(deadline, "the server still held the old login".into())
                     .await
             }
-            None => {
-                self.conn = Conn::open(&self.addr, self.send_key).await?;
-                Ok(())
-            }
+            Err(err) => Err(err),
         }
     }
 

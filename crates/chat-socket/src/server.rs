@@ -407,13 +407,10 @@ async fn answer(
         }
         ClientFrame::SendOnce { id, to, body } => {
             let Some(key) = &greeting.send_key else {
-                return Ok(ServerFrame::Error {
-                    id,
-                    state: session.state().await,
-                    code: ErrorCode::Malformed,
-                    message: "SEND ONCE needs a send key, and this connection's hello gave none"
-                        .into(),
-                });
+                return Err(End::Goodbye(
+                    ErrorCode::Malformed,
+                    "SEND ONCE needs a send key, and this connection's hello gave none".into(),
+                ));
             };
             (
                 id,

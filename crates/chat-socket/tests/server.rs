@@ -373,33 +373,23 @@ async fn send_once_is_keyed_by_the_hellos_send_key_and_the_request_id() {
     let third = send_once(&mut other, 7, "three").await;
     assert!(third != original && third != second);
 
-    // Without a key, SEND ONCE is refused, stores nothing, and the
-    // connection goes on.
+    // Without a key, SEND ONCE is a protocol error: the connection ends
+    // and nothing is stored.
+    call(&mut other, ClientFrame::Logout { id: 2 }).await;
     let mut keyless = greeted(server.addr).await;
-    let refused = call(
-        &mut keyless,
-        ClientFrame::SendOnce {
+    assert!(matches!(
+        call(&mut keyless, login(1)).await,
+        ServerFrame::Done { .. }
+    ));
+    keyless
+        .send(ClientFrame::SendOnce {
             id: 3,
             to: "bob".into(),
             body: "four".into(),
-        },
-    )
-    .await;
-    assert!(
-        matches!(
-            refused,
-            ServerFrame::Error {
-                id: 3,
-                code: ErrorCode::Malformed,
-                ..
-            }
-        ),
-        "{refused:?}"
-    );
-    assert!(matches!(
-        call(&mut keyless, ClientFrame::Ping { nonce: 5 }).await,
-        ServerFrame::Pong { nonce: 5 }
-    ));
+        })
+        .await
+        .unwrap();
+    expect_goodbye(&mut keyless, ErrorCode::Malformed).await;
 
     assert!(matches!(
         call(

@@ -62,6 +62,17 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Rows per multi-row statement (SQLite allows 32,766 parameters).
 const ROWS_PER_STATEMENT: usize = 500;
 
+/// A send id stored before: the message it made, and what it was (to tell
+/// a resend from a different message reusing the id).
+#[derive(Clone)]
+struct KnownSend {
+    message_id: i64,
+    timestamp_ms: i64,
+    recipient: String,
+    /// CRC-32 of the body; `None` for rows from schema version 2.
+    body_crc: Option<i64>,
+}
+
 /// An account's counters, as committed plus this batch's changes.
 #[derive(Clone, Copy)]
 struct Counters {
@@ -73,7 +84,7 @@ struct Counters {
 #[derive(Default)]
 struct Pending {
     messages: Vec<(Username, i64, NewMessage)>,
-    send_ids: Vec<(Username, [u8; 16], Username, i64, i64)>,
+    send_ids: Vec<(Username, [u8; 16], Username, i64, i64, u32)>,
     touched: Vec<Username>,
 }
 
@@ -203,7 +214,7 @@ impl Writer {
 async fn begin_and_find_send_ids(
     conn: &mut SqliteConnection,
     batch: &[Job],
-) -> Result<HashMap<(Username, [u8; 16]), (i64, i64)>, sqlx::Error> {
+) -> Result<HashMap<(Username, [u8; 16]), KnownSend>, sqlx::Error> {
     let keys: Vec<(&Username, [u8; 16])> = batch
         .iter()
         .filter_map(|job| match &job.op {
@@ -220,7 +231,9 @@ async fn begin_and_find_send_ids(
         // A join against the keys as a VALUES table, so that each key is
         // one primary-key probe.
         let mut query = QueryBuilder::<Sqlite>::new(if n == 0 { "BEGIN; " } else { "" });
-        query.push("SELECT s.sender, s.client_id, s.message_id, s.timestamp_ms FROM (VALUES ");
+        query.push(
+            "SELECT s.sender, s.client_id, s.message_id, s.timestamp_ms, s.recipient, s.body_crc FROM (VALUES ",
+        );
         let mut values = query.separated(", ");
         for (sender, id) in chunk {
             values
@@ -240,21 +253,25 @@ async fn begin_and_find_send_ids(
             .fetch_all(&mut *conn)
             .await?
         {
-            let (sender, id, message_id, timestamp_ms) = send_id_row(&row)?;
+            let (sender, id, known_send) = send_id_row(&row)?;
             if let (Ok(sender), Ok(id)) = (Username::parse(&sender), <[u8; 16]>::try_from(id)) {
-                known.insert((sender, id), (message_id, timestamp_ms));
+                known.insert((sender, id), known_send);
             }
         }
     }
     Ok(known)
 }
 
-fn send_id_row(row: &SqliteRow) -> Result<(String, Vec<u8>, i64, i64), sqlx::Error> {
+fn send_id_row(row: &SqliteRow) -> Result<(String, Vec<u8>, KnownSend), sqlx::Error> {
     Ok((
         row.try_get(0)?,
         row.try_get(1)?,
-        row.try_get(2)?,
-        row.try_get(3)?,
+        KnownSend {
+            message_id: row.try_get(2)?,
+            timestamp_ms: row.try_get(3)?,
+            recipient: row.try_get(4)?,
+            body_crc: row.try_get(5)?,
+        },
     ))
 }
 
@@ -282,20 +299,26 @@ async fn counters_of<'a>(
 async fn append(
     conn: &mut SqliteConnection,
     counters: &mut HashMap<Username, Counters>,
-    known: &mut HashMap<(Username, [u8; 16]), (i64, i64)>,
+    known: &mut HashMap<(Username, [u8; 16]), KnownSend>,
     pending: &mut Pending,
     message: &NewMessage,
     queue_limit: usize,
 ) -> Result<Result<Done, StoreError>, sqlx::Error> {
     let send_id = message.send_id.map(u128::to_be_bytes);
     if let Some(send_id) = send_id
-        && let Some(&(id, timestamp_ms)) = known.get(&(message.sender.clone(), send_id))
+        && let Some(first) = known.get(&(message.sender.clone(), send_id))
     {
+        let same_body = first
+            .body_crc
+            .is_none_or(|crc| crc == i64::from(message.body_fingerprint()));
+        if first.recipient != message.recipient.as_str() || !same_body {
+            return Ok(Err(StoreError::SendIdReused(message.recipient.clone())));
+        }
         let original = Message {
-            id: id as u64,
+            id: first.message_id as u64,
             sender: message.sender.clone(),
             body: message.body.clone(),
-            timestamp_ms: timestamp_ms as u64,
+            timestamp_ms: first.timestamp_ms as u64,
         };
         return Ok(Ok(Done::Appended(Appended {
             message: original,
@@ -317,13 +340,23 @@ async fn append(
         .push((message.recipient.clone(), id, message.clone()));
     if let Some(send_id) = send_id {
         let timestamp_ms = message.timestamp_ms as i64;
-        known.insert((message.sender.clone(), send_id), (id, timestamp_ms));
+        let body_crc = message.body_fingerprint();
+        known.insert(
+            (message.sender.clone(), send_id),
+            KnownSend {
+                message_id: id,
+                timestamp_ms,
+                recipient: message.recipient.as_str().to_owned(),
+                body_crc: Some(i64::from(body_crc)),
+            },
+        );
         pending.send_ids.push((
             message.sender.clone(),
             send_id,
             message.recipient.clone(),
             id,
             timestamp_ms,
+            body_crc,
         ));
     }
     let stored = Message {
@@ -363,16 +396,18 @@ async fn flush(
         statements += 1;
     }
     for chunk in pending.send_ids.chunks(ROWS_PER_STATEMENT) {
-        query
-            .push("INSERT INTO send_ids (sender, client_id, recipient, message_id, timestamp_ms) ");
+        query.push(
+            "INSERT INTO send_ids (sender, client_id, recipient, message_id, timestamp_ms, body_crc) ",
+        );
         query.push_values(
             chunk,
-            |mut row, (sender, id, recipient, message_id, timestamp_ms)| {
+            |mut row, (sender, id, recipient, message_id, timestamp_ms, body_crc)| {
                 row.push_bind(sender.as_str())
                     .push_bind(id.to_vec())
                     .push_bind(recipient.as_str())
                     .push_bind(*message_id)
-                    .push_bind(*timestamp_ms);
+                    .push_bind(*timestamp_ms)
+                    .push_bind(i64::from(*body_crc));
             },
         );
         query.push("; ");

@@ -339,6 +339,17 @@ async fn resends_in_one_batch_and_across_batches_store_once() {
             .iter()
             .all(|a| a.message.id == results[0].message.id)
     );
+    // The id with another body, or for another recipient, is not a resend.
+    store.create_account(&name("carol")).await.unwrap();
+    for (to, body) in [("bob", "not once"), ("carol", "once")] {
+        assert_eq!(
+            store
+                .append(message(to, body, false, Some(5)))
+                .await
+                .unwrap_err(),
+            StoreError::SendIdReused(name(to)),
+        );
+    }
     assert_eq!(
         store
             .take_undelivered(&name("bob"), 100)
@@ -346,6 +357,13 @@ async fn resends_in_one_batch_and_across_batches_store_once() {
             .unwrap()
             .len(),
         1
+    );
+    assert!(
+        store
+            .take_undelivered(&name("carol"), 100)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 
