@@ -637,9 +637,18 @@ impl ServerFrame {
     /// Parses one payload (tag and fields).
     pub fn decode(payload: &[u8]) -> Result<Self, FrameError> {
         let mut f = Fields { buf: payload };
-        let code = |f: &mut Fields<'_>| -> Result<ErrorCode, FrameError> {
+        // A code this client does not know (from a newer server) is still an
+        // error: it reads as `internal`, with the number kept in the text.
+        let code_and_text = |f: &mut Fields<'_>, what: &str| -> Result<_, FrameError> {
             let n = f.u16("error code")?;
-            ErrorCode::from_u16(n).ok_or_else(|| malformed(format!("unknown error code {n}")))
+            let text = f.rest(what)?;
+            Ok(match ErrorCode::from_u16(n) {
+                Some(code) => (code, text),
+                None => (
+                    ErrorCode::Internal,
+                    format!("error code {n}, unknown to this client: {text}"),
+                ),
+            })
         };
         let frame = match f.u8("tag")? {
             tag::WELCOME => ServerFrame::Welcome {
@@ -686,12 +695,17 @@ impl ServerFrame {
                     messages,
                 }
             }
-            tag::ERROR => ServerFrame::Error {
-                id: f.u32("request id")?,
-                state: f.state()?,
-                code: code(&mut f)?,
-                message: f.rest("error text")?,
-            },
+            tag::ERROR => {
+                let id = f.u32("request id")?;
+                let state = f.state()?;
+                let (code, message) = code_and_text(&mut f, "error text")?;
+                ServerFrame::Error {
+                    id,
+                    state,
+                    code,
+                    message,
+                }
+            }
             tag::PUSH_MESSAGE => ServerFrame::PushMessage(f.message(true)?),
             tag::PUSH_LOGGED_OUT => {
                 let reason = match f.u8("logout reason")? {
@@ -704,10 +718,10 @@ impl ServerFrame {
                 let user = Username::parse(&raw).map_err(|e| malformed(format!("user: {e}")))?;
                 ServerFrame::PushLoggedOut { reason, user }
             }
-            tag::GOODBYE => ServerFrame::Goodbye {
-                code: code(&mut f)?,
-                message: f.rest("goodbye text")?,
-            },
+            tag::GOODBYE => {
+                let (code, message) = code_and_text(&mut f, "goodbye text")?;
+                ServerFrame::Goodbye { code, message }
+            }
             other => return Err(FrameError::UnknownTag(other)),
         };
         f.end()?;

@@ -333,3 +333,35 @@ fn encoder_refuses_a_recipient_too_long_for_its_length_byte() {
     assert!(ClientCodec::new(8192).encode(frame, &mut wire).is_err());
     assert!(wire.is_empty(), "a failed encode leaves nothing behind");
 }
+
+#[test]
+fn error_codes_from_a_newer_server_are_still_errors() {
+    // ERROR, request 5, logged out, code 999, "later"; then GOODBYE 999.
+    let mut wire = BytesMut::new();
+    for payload in [
+        &[
+            0x9f, 0, 0, 0, 5, 0, 0x03, 0xe7, b'l', b'a', b't', b'e', b'r',
+        ][..],
+        &[0xa2, 0x03, 0xe7, b'b', b'y', b'e'][..],
+    ] {
+        wire.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        wire.extend_from_slice(payload);
+    }
+    let mut codec = ClientCodec::new(1 << 20);
+    match codec.decode(&mut wire).unwrap() {
+        Some(ServerFrame::Error {
+            id: 5,
+            code: ErrorCode::Internal,
+            message,
+            ..
+        }) => assert_eq!(message, "error code 999, unknown to this client: later"),
+        other => panic!("{other:?}"),
+    }
+    match codec.decode(&mut wire).unwrap() {
+        Some(ServerFrame::Goodbye {
+            code: ErrorCode::Internal,
+            message,
+        }) => assert!(message.starts_with("error code 999"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -134,9 +134,8 @@ pub(crate) async fn run(
         }
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();
-            let horizon = now_ms().saturating_sub(SEND_ID_RETENTION.as_millis() as u64) as i64;
             if let Err(err) = sqlx::query("DELETE FROM send_ids WHERE timestamp_ms < ?")
-                .bind(horizon)
+                .bind(retention_horizon())
                 .execute(&mut writer.conn)
                 .await
             {
@@ -208,6 +207,11 @@ impl Writer {
     }
 }
 
+/// The oldest send-id timestamp still remembered, ms since the epoch.
+fn retention_horizon() -> i64 {
+    now_ms().saturating_sub(SEND_ID_RETENTION.as_millis() as u64) as i64
+}
+
 /// Opens the batch's transaction and finds which of its appends' send ids
 /// were stored before (with the original message id and timestamp), in one
 /// round trip.
@@ -247,6 +251,7 @@ async fn begin_and_find_send_ids(
         query.push(
             ") AS k CROSS JOIN send_ids AS s ON s.sender = k.column1 AND s.client_id = k.column2",
         );
+
         for row in query
             .build()
             .persistent(false)
@@ -305,8 +310,14 @@ async fn append(
     queue_limit: usize,
 ) -> Result<Result<Done, StoreError>, sqlx::Error> {
     let send_id = message.send_id.map(u128::to_be_bytes);
+    // A send id past its retention (not pruned yet) is forgotten, as the
+    // memory store forgets it: measured from the new message's time.
+    let retained_since =
+        (message.timestamp_ms as i64).saturating_sub(SEND_ID_RETENTION.as_millis() as i64);
     if let Some(send_id) = send_id
-        && let Some(first) = known.get(&(message.sender.clone(), send_id))
+        && let Some(first) = known
+            .get(&(message.sender.clone(), send_id))
+            .filter(|first| first.timestamp_ms >= retained_since)
     {
         let same_body = first
             .body_crc
@@ -410,7 +421,12 @@ async fn flush(
                     .push_bind(i64::from(*body_crc));
             },
         );
-        query.push("; ");
+        // An expired id that was not pruned yet is taken over.
+        query.push(
+            " ON CONFLICT (sender, client_id) DO UPDATE SET recipient = excluded.recipient, \
+             message_id = excluded.message_id, timestamp_ms = excluded.timestamp_ms, \
+             body_crc = excluded.body_crc; ",
+        );
         statements += 1;
     }
     pending.touched.sort_unstable();

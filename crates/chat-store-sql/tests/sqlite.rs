@@ -264,7 +264,7 @@ async fn a_version_1_database_is_migrated_with_its_data() {
     assert_eq!(first.message.id, 3);
     assert!(store.append(resend).await.unwrap().duplicate);
     assert_eq!(store.ack(&old, 3).await.unwrap(), 2, "both delivered ones");
-    assert_eq!(schema_version(), 3);
+    assert_eq!(schema_version(), 4);
 }
 
 #[tokio::test]
@@ -479,4 +479,69 @@ async fn acks_and_appends_in_one_batch_keep_the_counts_exact() {
             "{to}: 5 new + 5 more fill the queue of 10"
         );
     }
+}
+
+/// A send id is remembered for its retention, measured from the new
+/// message's time: later, the id may be used again (pruned or not yet).
+#[tokio::test]
+async fn an_expired_send_id_is_a_new_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
+        .await
+        .unwrap();
+    store.create_account(&name("bob")).await.unwrap();
+    let first = store
+        .append(message("bob", "first", false, Some(7)))
+        .await
+        .unwrap();
+    let mut later = message("bob", "a day later", false, Some(7));
+    later.timestamp_ms += chat_core::SEND_ID_RETENTION.as_millis() as u64 + 1;
+    let again = store.append(later.clone()).await.unwrap();
+    assert!(!again.duplicate);
+    assert_ne!(again.message.id, first.message.id);
+    // And the new use is remembered in its turn.
+    assert!(store.append(later).await.unwrap().duplicate);
+}
+
+/// Send ids stored by schema version 2 have no body fingerprint: a resend
+/// is checked by its recipient alone.
+#[tokio::test]
+async fn send_ids_from_version_2_are_checked_by_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
+        .await
+        .unwrap();
+    for who in ["alice", "bob", "carol"] {
+        store.create_account(&name(who)).await.unwrap();
+    }
+    drop(store);
+    {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}", dir.path().join(DATABASE_FILE).display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "INSERT INTO send_ids (sender, client_id, recipient, message_id, timestamp_ms, body_crc) \
+             VALUES ('alice', ?, 'bob', 41, 1764000000000, NULL)",
+        )
+        .bind(9u128.to_be_bytes().to_vec())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
+        .await
+        .unwrap();
+    let resend = store
+        .append(message("bob", "whatever it said", false, Some(9)))
+        .await
+        .unwrap();
+    assert!(resend.duplicate);
+    assert_eq!(resend.message.id, 41);
+    assert_eq!(
+        store
+            .append(message("carol", "whatever it said", false, Some(9)))
+            .await
+            .unwrap_err(),
+        StoreError::SendIdReused(name("carol"))
+    );
 }

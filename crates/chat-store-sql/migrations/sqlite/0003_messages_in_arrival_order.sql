@@ -23,8 +23,3 @@ DROP TABLE messages;
 ALTER TABLE messages_v3 RENAME TO messages;
 
 CREATE UNIQUE INDEX messages_by_recipient ON messages (recipient, id);
-
--- A resend must be the same message as the send it repeats: keep a CRC-32
--- of the body with each send id (rows from version 2 have none, and are
--- checked by recipient alone).
-ALTER TABLE send_ids ADD COLUMN body_crc INTEGER;
