@@ -166,7 +166,7 @@ impl Store for MemoryStore {
             if let Some((id, timestamp_ms, recipient, fingerprint)) =
                 ids.by_key.get(&(message.sender.clone(), send_id))
             {
-                if *recipient != message.recipient || *fingerprint != message.body_fingerprint() {
+                if *recipient != message.recipient || *fingerprint != message.body.fingerprint() {
                     return Err(StoreError::SendIdReused(message.recipient));
                 }
                 let (id, timestamp_ms) = (*id, *timestamp_ms);
@@ -191,7 +191,6 @@ impl Store for MemoryStore {
             return Err(StoreError::QueueFull(message.recipient));
         }
         mailbox.last_id += 1;
-        let fingerprint = message.send_id.map(|_| message.body_fingerprint());
         let stored = Message {
             id: mailbox.last_id,
             sender: message.sender,
@@ -207,7 +206,7 @@ impl Store for MemoryStore {
                     stored.id,
                     stored.timestamp_ms,
                     message.recipient.clone(),
-                    fingerprint.unwrap_or_default(),
+                    stored.body.fingerprint(),
                 ),
             );
             ids.order

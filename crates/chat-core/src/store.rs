@@ -90,15 +90,6 @@ pub struct NewMessage {
 /// A client-chosen idempotency key for a send (16 bytes).
 pub type SendId = u128;
 
-impl NewMessage {
-    /// A stable 32-bit fingerprint (CRC-32) of the body. A store keeps it
-    /// with a send id, so that a resend can be told from a different
-    /// message that reuses the id ([`StoreError::SendIdReused`]).
-    pub fn body_fingerprint(&self) -> u32 {
-        crc32fast::hash(self.body.as_str().as_bytes())
-    }
-}
-
 /// How long a store remembers send ids: a client that lost its connection
 /// before the reply may resend with the same id for this long and get the
 /// original result.

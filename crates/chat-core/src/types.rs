@@ -76,6 +76,13 @@ impl AsRef<str> for Username {
 pub struct MessageBody(Arc<str>);
 
 impl MessageBody {
+    /// A stable 32-bit fingerprint (CRC-32) of the text. Stores keep it with
+    /// a send id, so that a resend can be told from a different message
+    /// reusing the id (`StoreError::SendIdReused`).
+    pub fn fingerprint(&self) -> u32 {
+        crc32fast::hash(self.0.as_bytes())
+    }
+
     /// Checks `raw` and wraps it, or says exactly what is wrong with it.
     pub fn parse(raw: &str) -> Result<Self, ChatError> {
         let count = raw.chars().count();

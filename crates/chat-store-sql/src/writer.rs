@@ -321,7 +321,7 @@ async fn append(
     {
         let same_body = first
             .body_crc
-            .is_none_or(|crc| crc == i64::from(message.body_fingerprint()));
+            .is_none_or(|crc| crc == i64::from(message.body.fingerprint()));
         if first.recipient != message.recipient.as_str() || !same_body {
             return Ok(Err(StoreError::SendIdReused(message.recipient.clone())));
         }
@@ -351,7 +351,7 @@ async fn append(
         .push((message.recipient.clone(), id, message.clone()));
     if let Some(send_id) = send_id {
         let timestamp_ms = message.timestamp_ms as i64;
-        let body_crc = message.body_fingerprint();
+        let body_crc = message.body.fingerprint();
         known.insert(
             (message.sender.clone(), send_id),
             KnownSend {

@@ -1,6 +1,7 @@
 //! The SQLite store against a real database file: durability across
 //! reopening, group commit under concurrency, migrations, refusals.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use chat_core::{MessageBody, NewMessage, Store, StoreError, Username};
@@ -8,6 +9,20 @@ use chat_store_sql::{DATABASE_FILE, OpenError, SqliteOptions, SqliteStore, schem
 
 fn name(s: &str) -> Username {
     Username::parse(s).unwrap()
+}
+
+/// The store in `dir` with default options.
+async fn open(dir: &Path) -> SqliteStore {
+    SqliteStore::open(dir, SqliteOptions::default())
+        .await
+        .unwrap()
+}
+
+/// A connection of our own to the database in `dir`, beside the store's.
+async fn raw_connection(dir: &Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}", dir.join(DATABASE_FILE).display());
+    sqlx::SqliteConnection::connect(&url).await.unwrap()
 }
 
 fn message(to: &str, body: &str, delivered: bool, send_id: Option<u128>) -> NewMessage {
@@ -26,9 +41,7 @@ async fn everything_survives_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let bob = name("bob");
     {
-        let store = SqliteStore::open(dir.path(), SqliteOptions::default())
-            .await
-            .unwrap();
+        let store = open(dir.path()).await;
         store.create_account(&name("alice")).await.unwrap();
         store.create_account(&bob).await.unwrap();
         store
@@ -44,9 +57,7 @@ async fn everything_survives_reopening() {
             StoreError::AccountExists(bob.clone())
         );
     }
-    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
-        .await
-        .unwrap();
+    let store = open(dir.path()).await;
     assert!(store.account_exists(&bob).await.unwrap());
     let accounts = store
         .list_accounts(&regex::Regex::new("").unwrap(), 10)
@@ -171,11 +182,7 @@ async fn concurrent_appends_are_committed_together_and_in_order() {
     const SENDERS: usize = 64;
     const EACH: usize = 20;
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        SqliteStore::open(dir.path(), SqliteOptions::default())
-            .await
-            .unwrap(),
-    );
+    let store = Arc::new(open(dir.path()).await);
     for i in 0..SENDERS {
         store.create_account(&name(&format!("r{i}"))).await.unwrap();
     }
@@ -242,9 +249,7 @@ async fn a_version_1_database_is_migrated_with_its_data() {
         .await
         .unwrap();
     }
-    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
-        .await
-        .unwrap();
+    let store = open(dir.path()).await;
     let old = name("old");
     // Version 3 kept the delivered flag: the pushed message awaits its ack.
     let unacked = store.unacked(&old).await.unwrap();
@@ -270,15 +275,9 @@ async fn a_version_1_database_is_migrated_with_its_data() {
 #[tokio::test]
 async fn a_database_from_a_newer_version_is_refused_untouched() {
     let dir = tempfile::tempdir().unwrap();
-    drop(
-        SqliteStore::open(dir.path(), SqliteOptions::default())
-            .await
-            .unwrap(),
-    );
+    drop(open(dir.path()).await);
     {
-        use sqlx::Connection;
-        let url = format!("sqlite://{}", dir.path().join(DATABASE_FILE).display());
-        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let mut conn = raw_connection(dir.path()).await;
         sqlx::query("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (99, 'from the future', 1, x'00', 0)")
             .execute(&mut conn)
             .await
@@ -311,11 +310,7 @@ async fn an_unusable_data_directory_is_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resends_in_one_batch_and_across_batches_store_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        SqliteStore::open(dir.path(), SqliteOptions::default())
-            .await
-            .unwrap(),
-    );
+    let store = Arc::new(open(dir.path()).await);
     store.create_account(&name("bob")).await.unwrap();
     // Many concurrent appends with the same send id land in the same or
     // in different batches; exactly one stores.
@@ -373,12 +368,9 @@ async fn resends_in_one_batch_and_across_batches_store_once() {
 #[tokio::test]
 async fn a_failing_database_refuses_sends_clearly_and_recovers() {
     use chat_core::{Chat, Config, ErrorCode};
-    use sqlx::Connection;
 
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
-        .await
-        .unwrap();
+    let store = open(dir.path()).await;
     let chat = Chat::new(Arc::new(store), Config::default());
     let (alice, _a) = chat.open_session();
     let (bob, _b) = chat.open_session();
@@ -386,8 +378,7 @@ async fn a_failing_database_refuses_sends_clearly_and_recovers() {
     bob.create("bob").await.unwrap();
     bob.logout().await.unwrap();
 
-    let url = format!("sqlite://{}", dir.path().join(DATABASE_FILE).display());
-    let mut saboteur = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let mut saboteur = raw_connection(dir.path()).await;
     sqlx::raw_sql("CREATE TRIGGER full_disk BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;")
         .execute(&mut saboteur)
         .await
@@ -486,9 +477,7 @@ async fn acks_and_appends_in_one_batch_keep_the_counts_exact() {
 #[tokio::test]
 async fn an_expired_send_id_is_a_new_send() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
-        .await
-        .unwrap();
+    let store = open(dir.path()).await;
     store.create_account(&name("bob")).await.unwrap();
     let first = store
         .append(message("bob", "first", false, Some(7)))
@@ -508,17 +497,13 @@ async fn an_expired_send_id_is_a_new_send() {
 #[tokio::test]
 async fn send_ids_from_version_2_are_checked_by_recipient() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
-        .await
-        .unwrap();
+    let store = open(dir.path()).await;
     for who in ["alice", "bob", "carol"] {
         store.create_account(&name(who)).await.unwrap();
     }
     drop(store);
     {
-        use sqlx::Connection;
-        let url = format!("sqlite://{}", dir.path().join(DATABASE_FILE).display());
-        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let mut conn = raw_connection(dir.path()).await;
         sqlx::query(
             "INSERT INTO send_ids (sender, client_id, recipient, message_id, timestamp_ms, body_crc) \
              VALUES ('alice', ?, 'bob', 41, 1764000000000, NULL)",
@@ -528,9 +513,7 @@ async fn send_ids_from_version_2_are_checked_by_recipient() {
         .await
         .unwrap();
     }
-    let store = SqliteStore::open(dir.path(), SqliteOptions::default())
-        .await
-        .unwrap();
+    let store = open(dir.path()).await;
     let resend = store
         .append(message("bob", "whatever it said", false, Some(9)))
         .await
