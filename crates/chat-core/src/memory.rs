@@ -7,6 +7,7 @@
 //! no critical section awaits, and they are held for microseconds.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
@@ -23,6 +24,10 @@ pub const DEFAULT_QUEUE_LIMIT: usize = 10_000;
 pub struct MemoryStore {
     accounts: RwLock<BTreeMap<Username, Arc<Mutex<Mailbox>>>>,
     queue_limit: usize,
+    /// The highest id any deleted account had: a new account's ids start
+    /// above it, so ids never repeat for a name (see the `Store` docs).
+    /// Read and raised under the account map's write lock.
+    id_floor: AtomicU64,
     /// Remembered send ids, sharded by sender so that sends from
     /// different users do not queue behind one lock.
     send_ids: Box<[Mutex<SendIds>]>,
@@ -41,16 +46,25 @@ struct SendIds {
 }
 
 impl SendIds {
-    fn prune(&mut self, now_ms: u64) {
+    /// Forgets send ids past their retention; returns how many.
+    fn prune(&mut self, now_ms: u64) -> usize {
         let horizon = now_ms.saturating_sub(SEND_ID_RETENTION.as_millis() as u64);
+        let mut pruned = 0;
         while let Some((at, _, _)) = self.order.front() {
             if *at >= horizon {
                 break;
             }
             if let Some((_, sender, id)) = self.order.pop_front() {
                 self.by_key.remove(&(sender, id));
+                pruned += 1;
             }
         }
+        if pruned > 0 && self.order.len() < self.order.capacity() / 4 {
+            // Give the memory back after a burst, not only the entries.
+            self.order.shrink_to_fit();
+            self.by_key.shrink_to_fit();
+        }
+        pruned
     }
 }
 
@@ -76,6 +90,7 @@ impl MemoryStore {
         Self {
             accounts: RwLock::new(BTreeMap::new()),
             queue_limit,
+            id_floor: AtomicU64::new(0),
             send_ids: (0..SEND_ID_SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
@@ -108,7 +123,11 @@ impl Store for MemoryStore {
         if accounts.contains_key(name) {
             return Err(StoreError::AccountExists(name.clone()));
         }
-        accounts.insert(name.clone(), Arc::default());
+        let mailbox = Mailbox {
+            last_id: self.id_floor.load(Ordering::Acquire),
+            ..Mailbox::default()
+        };
+        accounts.insert(name.clone(), Arc::new(Mutex::new(mailbox)));
         Ok(())
     }
 
@@ -117,7 +136,15 @@ impl Store for MemoryStore {
     }
 
     async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
-        let removed = self.accounts.write().map_err(poisoned)?.remove(name);
+        let mut accounts = self.accounts.write().map_err(poisoned)?;
+        let removed = accounts.remove(name);
+        if let Some(mailbox) = &removed {
+            // Raised before the write lock is released, so a create of the
+            // same name (which needs that lock) starts above it.
+            let last_id = mailbox.lock().map_err(poisoned)?.last_id;
+            self.id_floor.fetch_max(last_id, Ordering::AcqRel);
+        }
+        drop(accounts);
         if removed.is_some() {
             // A new account of this name is a new sender: its send ids are
             // its own.
@@ -257,5 +284,13 @@ impl Store for MemoryStore {
             .queue
             .retain(|(m, delivered)| !(*delivered && m.id <= through));
         Ok(before - mailbox.queue.len())
+    }
+
+    async fn prune_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let mut pruned = 0;
+        for shard in &self.send_ids {
+            pruned += shard.lock().map_err(poisoned)?.prune(now_ms);
+        }
+        Ok(pruned)
     }
 }

@@ -6,8 +6,13 @@
 //! it unchanged; [`MemoryStore`](crate::MemoryStore) is the in-memory one.
 //!
 //! Every message a store records gets the next id in its recipient's
-//! sequence (strictly increasing per recipient, never reused while the
-//! account exists), and the server timestamp the engine chose.
+//! sequence, and the server timestamp the engine chose. Ids increase
+//! strictly per recipient and **never repeat for a name**, not even across
+//! deleting and re-creating the account: a new account's ids start above
+//! every id the store gave any account deleted before it. A client that
+//! remembers ids it has seen (to drop redeliveries) or acknowledges
+//! cumulatively can therefore never mistake a new account's messages for
+//! an old one's. In a new store the first id is 1.
 //!
 //! # A message's life
 //!
@@ -155,4 +160,22 @@ pub trait Store: Send + Sync + 'static {
     /// `through` (a cumulative acknowledgement; queued messages the client
     /// has not seen are kept); returns how many were removed.
     async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError>;
+
+    /// Forgets what has expired by `now_ms` (send ids older than
+    /// [`SEND_ID_RETENTION`], caches of idle accounts) and returns how many
+    /// entries went. The engine calls it periodically, so memory and disk
+    /// do not wait for the same sender to write again; a store that
+    /// prunes on its own may do nothing here.
+    async fn prune_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let _ = now_ms;
+        Ok(0)
+    }
+
+    /// Completes when the store can no longer serve any write (its writer
+    /// died), with the reason; never completes for a store that cannot
+    /// fail that way. Servers turn it into health `NOT_SERVING` and an
+    /// error log line.
+    async fn failed(&self) -> String {
+        std::future::pending().await
+    }
 }
