@@ -71,6 +71,7 @@ macro_rules! conformance_tests {
             fetched_messages_need_an_ack,
             acks_never_cover_unseen_messages,
             a_recreated_account_starts_afresh,
+            a_returning_client_sees_a_recreated_accounts_messages,
         );
     };
     (@each $start:path; $($name:ident),* $(,)?) => {

@@ -139,8 +139,14 @@ struct Shared {
     /// Set when someone else ended this session's login (slow consumer);
     /// the session clears its own state at its next operation.
     revoked: AtomicBool,
-    /// The latest logout to tell the event stream about.
-    notice: StdMutex<Option<(Username, LogoutReason)>>,
+    /// Bumped at every login (and only then): the number of the login now
+    /// or last held. A logout notice carries the number of the login it
+    /// ends, so one still unread when a newer login starts is dropped
+    /// instead of telling the new login it ended.
+    logins: AtomicU64,
+    /// The latest logout to tell the event stream about, with the number
+    /// of the login it ended.
+    notice: StdMutex<Option<Notice>>,
     /// Messages delivered before but never acknowledged, loaded at login,
     /// which the event stream yields before any live message.
     replay: StdMutex<VecDeque<Message>>,
@@ -154,12 +160,33 @@ impl Shared {
         }
     }
 
+    /// Tells the event stream that the login now held (as `user`) ended.
     fn tell_logout(&self, user: Username, reason: LogoutReason) {
+        let login = self.logins.load(Ordering::Acquire);
         if let Ok(mut notice) = self.notice.lock() {
-            *notice = Some((user, reason));
+            *notice = Some(Notice {
+                user,
+                reason,
+                login,
+            });
         }
         self.notify.notify_one();
     }
+
+    /// Starts a new login's number (before the login is visible to senders).
+    fn begin_login(&self) {
+        self.logins.fetch_add(1, Ordering::AcqRel);
+        self.login.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A logout for the event stream to tell.
+#[derive(Debug)]
+struct Notice {
+    user: Username,
+    reason: LogoutReason,
+    /// The number of the login it ended ([`Shared::logins`]).
+    login: u64,
 }
 
 impl std::fmt::Debug for Chat {
@@ -178,17 +205,30 @@ impl Default for Chat {
 
 impl Chat {
     /// An engine over `store` with `config`.
+    ///
+    /// Made inside a tokio runtime, it also starts the store's
+    /// housekeeping: every [`PRUNE_INTERVAL`] it asks the store to forget
+    /// what has expired ([`Store::prune_expired`]), until the last handle
+    /// is dropped or the engine shuts down.
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
         let stripes = (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect();
-        Self {
-            inner: Arc::new(Inner {
-                store,
-                config,
-                stripes,
-                next_session: AtomicU64::new(1),
-                shutdown: CancellationToken::new(),
-            }),
+        let inner = Arc::new(Inner {
+            store,
+            config,
+            stripes,
+            next_session: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(housekeeping(Arc::downgrade(&inner)));
         }
+        Self { inner }
+    }
+
+    /// Completes when the store can no longer serve writes, with the
+    /// reason (see [`Store::failed`]); servers report it as unhealthy.
+    pub async fn store_failed(&self) -> String {
+        self.inner.store.failed().await
     }
 
     /// An engine over a fresh [`MemoryStore`] with default settings.
@@ -209,6 +249,7 @@ impl Chat {
             id: self.inner.next_session.fetch_add(1, Ordering::Relaxed),
             tx,
             revoked: AtomicBool::new(false),
+            logins: AtomicU64::new(0),
             login: AtomicU64::new(0),
             notice: StdMutex::new(None),
             replay: StdMutex::new(VecDeque::new()),
@@ -289,6 +330,29 @@ impl Chat {
     }
 }
 
+/// How often the engine asks its store to prune expired state.
+pub const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Prunes the store every [`PRUNE_INTERVAL`] while the engine lives. Holds
+/// the engine only weakly, so dropping the last [`Chat`] ends it.
+async fn housekeeping(inner: std::sync::Weak<Inner>) {
+    let mut ticks = tokio::time::interval(PRUNE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.shutdown.is_cancelled() {
+            return;
+        }
+        match inner.store.prune_expired(now_ms()).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "pruned expired store entries"),
+            Err(err) => tracing::warn!(%err, "could not prune expired store entries"),
+        }
+    }
+}
+
 fn cap(requested: usize, server_cap: usize) -> usize {
     if requested == 0 {
         server_cap
@@ -341,7 +405,7 @@ impl Session {
         let mut stripe = self.chat.stripe(&name).lock().await;
         self.chat.inner.store.create_account(&name).await?;
         self.shared.set_replay(VecDeque::new());
-        self.shared.login.fetch_add(1, Ordering::AcqRel);
+        self.shared.begin_login();
         stripe.insert(name.clone(), Arc::clone(&self.shared));
         *state = Some(name);
         Ok(to_state(&state))
@@ -349,7 +413,8 @@ impl Session {
 
     /// Logs this session in as the existing account `name`. Messages
     /// delivered to `name` earlier but never acknowledged come first on the
-    /// event stream, in order, before any new live message.
+    /// event stream, in order, before any new live message;
+    /// [`Session::replay_pending`] says how many, right after the login.
     pub async fn login(&self, name: &str) -> Result<SessionState, ChatError> {
         let name = Username::parse(name)?;
         let mut state = self.lock_logged_out().await?;
@@ -368,7 +433,7 @@ impl Session {
         // before (and is in this snapshot, if it was delivered) or happens
         // after and is pushed behind it, never both.
         let unacked = self.chat.inner.store.unacked(&name).await?;
-        self.shared.login.fetch_add(1, Ordering::AcqRel);
+        self.shared.begin_login();
         stripe.insert(name.clone(), Arc::clone(&self.shared));
         // Always replaced: whatever an earlier login left is not this
         // user's to see.
@@ -379,6 +444,23 @@ impl Session {
         }
         *state = Some(name);
         Ok(to_state(&state))
+    }
+
+    /// How many replayed messages (delivered before, never acknowledged)
+    /// the event stream will yield before any live one. Read right after a
+    /// login, it is what the login's answer tells the client to expect, so
+    /// that the client can hold its acknowledgements until it has them all
+    /// (a cumulative acknowledgement past one it has not seen would delete
+    /// it).
+    pub fn replay_pending(&self) -> usize {
+        self.shared.replay.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// Whether someone else ended this session's login (it was logged out
+    /// as a slow consumer) and the session has not noticed yet: its next
+    /// operation will find it logged out.
+    pub fn login_revoked(&self) -> bool {
+        self.shared.revoked.load(Ordering::Acquire)
     }
 
     /// Logs this session out.
@@ -631,8 +713,16 @@ impl Events {
                 }
                 continue;
             }
-            if let Some((user, reason)) = self.take_notice() {
-                return Some(Event::LoggedOut { user, reason });
+            if let Some(notice) = self.take_notice() {
+                // A notice for a login older than the one now held would
+                // tell the new login it ended: drop it.
+                if notice.login == self.shared.logins.load(Ordering::Acquire) {
+                    return Some(Event::LoggedOut {
+                        user: notice.user,
+                        reason: notice.reason,
+                    });
+                }
+                continue;
             }
             if self.shutdown.is_cancelled() {
                 if self.told_shutdown {
@@ -658,7 +748,7 @@ impl Events {
         login == self.shared.login.load(Ordering::Acquire)
     }
 
-    fn take_notice(&self) -> Option<(Username, LogoutReason)> {
+    fn take_notice(&self) -> Option<Notice> {
         self.shared.notice.lock().ok()?.take()
     }
 }

@@ -57,7 +57,7 @@ mod memory;
 mod store;
 mod types;
 
-pub use engine::{Chat, Config, Event, Events, LogoutReason, STRIPES, Session};
+pub use engine::{Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session};
 pub use error::{ChatError, ErrorCode};
 pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
 pub use store::{Appended, NewMessage, SEND_ID_RETENTION, SendId, Store, StoreError};

@@ -320,3 +320,195 @@ async fn messages_pushed_to_one_login_are_not_shown_to_the_next() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A slow-consumer logout notice that the event stream has not yielded by
+/// the time the session logs in again belongs to the old login: it is
+/// dropped, not told to the new one (which would believe it was logged out
+/// while the server holds its login).
+#[tokio::test]
+async fn a_stale_logout_notice_is_not_told_to_the_next_login() {
+    let config = Config {
+        session_event_capacity: 1,
+        ..Config::default()
+    };
+    let chat = Chat::new(Arc::new(MemoryStore::default()), config);
+    let (alice, _alice_events) = chat.open_session();
+    let (bob, mut bob_events) = chat.open_session();
+    alice.create("alice").await.unwrap();
+    bob.create("bob").await.unwrap();
+    alice.send("bob", "fills the channel").await.unwrap();
+    alice.send("bob", "makes bob slow").await.unwrap();
+    // Bob's connection answers a login before it gets to his events.
+    bob.login("bob").await.unwrap();
+    assert_eq!(
+        bob.replay_pending(),
+        1,
+        "the pushed, unacknowledged message"
+    );
+    let mut seen = Vec::new();
+    while let Some(Some(event)) = futures_now(bob_events.recv()) {
+        seen.push(event);
+    }
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::LoggedOut { .. })),
+        "no stale logout for the new login: {seen:?}"
+    );
+    assert_eq!(
+        seen,
+        [Event::Message(chat_core::Message {
+            id: 1,
+            sender: name("alice"),
+            body: chat_core::MessageBody::parse("fills the channel").unwrap(),
+            timestamp_ms: match &seen[0] {
+                Event::Message(m) => m.timestamp_ms,
+                _ => 0,
+            },
+        })],
+        "the message pushed to the old login is replayed to the new one, once"
+    );
+    assert_eq!(bob.state().await, SessionState::LoggedIn(name("bob")));
+}
+
+/// Polls a future once.
+fn futures_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Ids never repeat for a name: a re-created account's first id is above
+/// every id the deleted one had, so no client can take them for repeats.
+#[tokio::test]
+async fn a_recreated_accounts_ids_start_above_the_deleted_ones() {
+    let store = MemoryStore::default();
+    let bob = name("bob");
+    store.create_account(&bob).await.unwrap();
+    for _ in 0..3 {
+        store
+            .append(new_message("bob", "alice", None, 1))
+            .await
+            .unwrap();
+    }
+    assert!(store.delete_account(&bob).await.unwrap());
+    store.create_account(&bob).await.unwrap();
+    let appended = store
+        .append(new_message("bob", "alice", None, 2))
+        .await
+        .unwrap();
+    assert_eq!(appended.message.id, 4);
+    // Another account's ids are its own, and never below the floor either.
+    store.create_account(&name("carol")).await.unwrap();
+    let carol = store
+        .append(new_message("carol", "alice", None, 3))
+        .await
+        .unwrap();
+    assert_eq!(carol.message.id, 4);
+}
+
+fn new_message(to: &str, from: &str, send_id: Option<u128>, timestamp_ms: u64) -> NewMessage {
+    NewMessage {
+        recipient: name(to),
+        sender: name(from),
+        body: chat_core::MessageBody::parse("hello").unwrap(),
+        timestamp_ms,
+        delivered: false,
+        send_id,
+    }
+}
+
+/// Send ids are forgotten after their retention by the periodic prune, not
+/// only when the same sender writes again; once forgotten, the same id
+/// makes a new message.
+#[tokio::test]
+async fn expired_send_ids_are_pruned_by_time() {
+    let store = MemoryStore::default();
+    store.create_account(&name("bob")).await.unwrap();
+    let day = chat_core::SEND_ID_RETENTION.as_millis() as u64;
+    let first = store
+        .append(new_message("bob", "alice", Some(7), 1_000))
+        .await
+        .unwrap();
+    let resent = store
+        .append(new_message("bob", "alice", Some(7), 2_000))
+        .await
+        .unwrap();
+    assert!(resent.duplicate);
+    assert_eq!(
+        store.prune_expired(1_000 + day).await.unwrap(),
+        0,
+        "not yet"
+    );
+    assert_eq!(store.prune_expired(1_001 + day).await.unwrap(), 1);
+    let later = store
+        .append(new_message("bob", "alice", Some(7), 2_000 + day))
+        .await
+        .unwrap();
+    assert!(!later.duplicate);
+    assert_ne!(later.message.id, first.message.id);
+}
+
+/// The engine prunes its store on a timer while it lives.
+#[tokio::test(start_paused = true)]
+async fn the_engine_prunes_its_store_periodically() {
+    let store = Arc::new(CountingStore::default());
+    let chat = Chat::new(store.clone(), Config::default());
+    tokio::time::sleep(chat_core::PRUNE_INTERVAL * 3 + Duration::from_millis(1)).await;
+    assert_eq!(
+        store.prunes.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "one prune per interval"
+    );
+    drop(chat);
+}
+
+/// A memory store that counts the engine's prune calls.
+#[derive(Default)]
+struct CountingStore {
+    inner: MemoryStore,
+    prunes: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Store for CountingStore {
+    async fn create_account(&self, name: &Username) -> Result<(), StoreError> {
+        self.inner.create_account(name).await
+    }
+    async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {
+        self.inner.account_exists(name).await
+    }
+    async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
+        self.inner.delete_account(name).await
+    }
+    async fn list_accounts(
+        &self,
+        pattern: &regex::Regex,
+        limit: usize,
+    ) -> Result<Vec<Username>, StoreError> {
+        self.inner.list_accounts(pattern, limit).await
+    }
+    async fn append(&self, message: NewMessage) -> Result<chat_core::Appended, StoreError> {
+        self.inner.append(message).await
+    }
+    async fn take_undelivered(
+        &self,
+        name: &Username,
+        limit: usize,
+    ) -> Result<Vec<chat_core::Message>, StoreError> {
+        self.inner.take_undelivered(name, limit).await
+    }
+    async fn unacked(&self, name: &Username) -> Result<Vec<chat_core::Message>, StoreError> {
+        self.inner.unacked(name).await
+    }
+    async fn ack(&self, name: &Username, through: u64) -> Result<usize, StoreError> {
+        self.inner.ack(name, through).await
+    }
+    async fn prune_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
+        self.prunes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.prune_expired(now_ms).await
+    }
+}
