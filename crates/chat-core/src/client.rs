@@ -156,45 +156,98 @@ impl Seen {
 }
 
 /// Ids of messages a client library has received but not yet handed to
-/// its user, shared between its reader task and the client. A cumulative
-/// acknowledgement must stop below the smallest of them: the server
-/// deletes every delivered message up to the acknowledged id, and these
-/// are delivered.
+/// its user, shared between its connection task and the client, and how
+/// many replayed messages a login announced that have not arrived yet.
+///
+/// A cumulative acknowledgement must stop below the smallest unreturned
+/// id: the server deletes every delivered message up to the acknowledged
+/// id, and these are delivered. And none may go out while a login's replay
+/// is still arriving: the replayed messages are delivered ones this client
+/// has not seen, and a fetch answered meanwhile can return higher ids.
 #[derive(Debug, Default, Clone)]
 pub struct Unreturned {
-    ids: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<MessageId>>>,
+    inner: std::sync::Arc<std::sync::Mutex<UnreturnedInner>>,
+}
+
+#[derive(Debug, Default)]
+struct UnreturnedInner {
+    ids: std::collections::BTreeSet<MessageId>,
+    /// Replayed messages announced by the last login, not yet received.
+    replay_left: u64,
 }
 
 impl Unreturned {
-    /// The reader received message `id`.
+    /// A login's answer announced `count` replayed messages, which arrive
+    /// next, before any live one.
+    pub fn expect_replay(&self, count: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.replay_left = count;
+        }
+    }
+
+    /// The connection received message `id` (replayed messages come first).
     pub fn received(&self, id: MessageId) {
-        if let Ok(mut ids) = self.ids.lock() {
-            ids.insert(id);
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.ids.insert(id);
+            inner.replay_left = inner.replay_left.saturating_sub(1);
         }
     }
 
     /// Message `id` was handed to the user (or dropped as a repeat).
     pub fn returned(&self, id: MessageId) {
-        if let Ok(mut ids) = self.ids.lock() {
-            ids.remove(&id);
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.ids.remove(&id);
         }
     }
 
-    /// Everything queued was thrown away (the user changed).
+    /// Everything queued was thrown away (the user changed, or the login
+    /// ended before its replay arrived).
     pub fn clear(&self) {
-        if let Ok(mut ids) = self.ids.lock() {
-            ids.clear();
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.ids.clear();
+            inner.replay_left = 0;
         }
     }
 
     /// How far an acknowledgement asked `through` may safely go; `None` if
     /// not at all yet.
     pub fn safe_ack(&self, through: MessageId) -> Option<MessageId> {
-        let lowest = self.ids.lock().ok().and_then(|ids| ids.first().copied());
-        let limit = match lowest {
+        let inner = self.inner.lock().ok()?;
+        if inner.replay_left > 0 {
+            return None;
+        }
+        let limit = match inner.ids.first() {
             Some(lowest) => through.min(lowest.saturating_sub(1)),
             None => through,
         };
         (limit > 0).then_some(limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_wait_for_the_announced_replay_and_stop_below_unreturned_ids() {
+        let unreturned = Unreturned::default();
+        assert_eq!(unreturned.safe_ack(9), Some(9));
+        unreturned.expect_replay(2);
+        assert_eq!(unreturned.safe_ack(9), None, "replay still arriving");
+        unreturned.received(3);
+        assert_eq!(unreturned.safe_ack(9), None, "one replayed message to come");
+        unreturned.received(5);
+        assert_eq!(unreturned.safe_ack(9), Some(2), "below the unreturned 3");
+        unreturned.returned(3);
+        assert_eq!(unreturned.safe_ack(9), Some(4));
+        unreturned.returned(5);
+        assert_eq!(unreturned.safe_ack(9), Some(9));
+        unreturned.expect_replay(1);
+        unreturned.clear();
+        assert_eq!(
+            unreturned.safe_ack(9),
+            Some(9),
+            "a cleared login expects nothing"
+        );
     }
 }

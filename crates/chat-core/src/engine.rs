@@ -51,6 +51,10 @@ pub struct Config {
     /// Memory bound of one compiled list pattern, in bytes (the `regex`
     /// crate's size limits), so that no pattern can exhaust memory.
     pub max_pattern_memory: usize,
+    /// The clock that stamps messages, in milliseconds since the Unix
+    /// epoch (default: the system clock). A fixed clock makes a server's
+    /// bytes reproducible, as the protocol document's transcript needs.
+    pub clock: fn() -> u64,
 }
 
 impl Default for Config {
@@ -61,6 +65,7 @@ impl Default for Config {
             max_fetch_results: 256,
             max_pattern_len: 256,
             max_pattern_memory: 1 << 20,
+            clock: now_ms,
         }
     }
 }
@@ -241,6 +246,12 @@ impl Chat {
         &self.inner.config
     }
 
+    /// Most messages the store keeps per recipient (see
+    /// [`Store::queue_limit`]).
+    pub fn queue_limit(&self) -> usize {
+        self.inner.store.queue_limit()
+    }
+
     /// Opens a session (one per connection) and the stream of events pushed
     /// to it. Call [`Session::close`] when the connection ends.
     pub fn open_session(&self) -> (Session, Events) {
@@ -345,7 +356,7 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         if inner.shutdown.is_cancelled() {
             return;
         }
-        match inner.store.prune_expired(now_ms()).await {
+        match inner.store.prune_expired((inner.config.clock)()).await {
             Ok(0) => {}
             Ok(pruned) => tracing::debug!(pruned, "pruned expired store entries"),
             Err(err) => tracing::warn!(%err, "could not prune expired store entries"),
@@ -361,7 +372,8 @@ fn cap(requested: usize, server_cap: usize) -> usize {
     }
 }
 
-fn now_ms() -> u64 {
+/// The system clock, in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -515,7 +527,7 @@ impl Session {
             recipient: to.clone(),
             sender,
             body,
-            timestamp_ms: now_ms(),
+            timestamp_ms: (self.chat.inner.config.clock)(),
             delivered: false,
             send_id,
         };

@@ -163,6 +163,11 @@ error_codes! {
     Unauthenticated = 106, "unauthenticated";
     /// Transport: the server failed in a way that is not the client's fault.
     Internal = 107, "internal";
+    /// Transport: the server holds as many connections as it may; try
+    /// again later.
+    ServerFull = 108, "server_full";
+    /// Transport: the connection did not finish its handshake in time.
+    HandshakeTimeout = 109, "handshake_timeout";
 }
 
 impl fmt::Display for ErrorCode {

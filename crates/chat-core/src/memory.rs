@@ -286,6 +286,10 @@ impl Store for MemoryStore {
         Ok(before - mailbox.queue.len())
     }
 
+    fn queue_limit(&self) -> usize {
+        self.queue_limit
+    }
+
     async fn prune_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
         let mut pruned = 0;
         for shard in &self.send_ids {

@@ -161,6 +161,12 @@ pub trait Store: Send + Sync + 'static {
     /// has not seen are kept); returns how many were removed.
     async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError>;
 
+    /// Most messages stored per recipient (queued or awaiting an ack);
+    /// servers announce it to clients.
+    fn queue_limit(&self) -> usize {
+        crate::memory::DEFAULT_QUEUE_LIMIT
+    }
+
     /// Forgets what has expired by `now_ms` (send ids older than
     /// [`SEND_ID_RETENTION`], caches of idle accounts) and returns how many
     /// entries went. The engine calls it periodically, so memory and disk

@@ -35,10 +35,13 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::UnsupportedVersion
         | ErrorCode::HandshakeRequired => Code::FailedPrecondition,
         ErrorCode::NotLoggedIn | ErrorCode::Unauthenticated => Code::Unauthenticated,
-        ErrorCode::QueueFull | ErrorCode::FrameTooLarge => Code::ResourceExhausted,
-        ErrorCode::StoreUnavailable | ErrorCode::ShuttingDown | ErrorCode::IdleTimeout => {
-            Code::Unavailable
+        ErrorCode::QueueFull | ErrorCode::FrameTooLarge | ErrorCode::ServerFull => {
+            Code::ResourceExhausted
         }
+        ErrorCode::StoreUnavailable
+        | ErrorCode::ShuttingDown
+        | ErrorCode::IdleTimeout
+        | ErrorCode::HandshakeTimeout => Code::Unavailable,
         ErrorCode::UnknownOperation => Code::Unimplemented,
         _ => Code::Internal,
     }

@@ -1,54 +1,85 @@
 //! The async client library for the socket protocol.
 //!
-//! [`SocketClient`] owns one connection at a time. A reader task routes
-//! responses to the waiting call by request id and queues pushed events for
-//! [`ChatClient::next_push`]; a heartbeat task pings the server at a third
-//! of the idle timeout the server announced, and declares the connection
+//! [`SocketClient`] owns one connection at a time, served by one task that
+//! owns the socket: it writes the requests it is handed on a channel,
+//! routes each response to the call waiting for it (by request id), queues
+//! pushed events for [`ChatClient::next_push`], and pings the server at a
+//! third of the idle timeout the server announced, declaring the connection
 //! dead if the server stays silent for the whole timeout.
 //!
-//! Sends are idempotent: the client announces a random send key in the
-//! hello of every connection it opens, and each send (SEND ONCE) is known to
-//! the server by that key and its request id. If the connection fails
-//! before the reply, the client reconnects with the same key, logs in again
-//! and resends with the same request id (for up to [`RECONNECT_DEADLINE`]),
-//! so the send either gets its original result or is stored once now.
+//! # Backpressure
+//!
+//! Pushed events wait in a bounded queue ([`PUSH_QUEUE`] events). An
+//! application that stops calling `next_push` fills it; the connection task
+//! then stops reading the socket, so answers to its requests wait behind
+//! the unread pushes too. The server sees a slow consumer: once its own
+//! queue for the session fills it logs the session out (the messages stay
+//! stored and are delivered at the next login), and if the client still
+//! reads nothing for the server's idle timeout, it closes the connection.
+//! Nothing is lost either way; memory stays bounded on both sides.
+//!
+//! # Idempotent sends
+//!
+//! The client offers the `idempotent_send` feature with a random send key
+//! in the hello of every connection it opens, and each send (SEND ONCE) is
+//! known to the server by that key and its request id. If the connection
+//! fails before the reply, the client reconnects with the same key, logs in
+//! again and resends with the same request id (for up to
+//! [`RECONNECT_DEADLINE`]), so the send either gets its original result or
+//! is stored once now.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chat_core::client::{ChatClient, ClientError, Push, Seen, Unreturned};
 use chat_core::{ErrorCode, Message, MessageId, SendReceipt, SessionState, Username};
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::Framed;
 
 use crate::codec::{ClientCodec, DEFAULT_MAX_RESPONSE};
-use crate::frame::{ClientFrame, FrameError, PROTOCOL_VERSION, RequestId, SendKey, ServerFrame};
+use crate::frame::{
+    ClientFrame, FrameError, OLDEST_VERSION, PROTOCOL_VERSION, RequestId, SendKey, ServerFrame,
+    feature,
+};
 
 /// How long `connect` waits for the server's welcome.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Writer = Arc<tokio::sync::Mutex<FramedWrite<OwnedWriteHalf, ClientCodec>>>;
-type Pending = Arc<Mutex<PendingMap>>;
-
-#[derive(Default)]
-struct PendingMap {
-    waiting: HashMap<RequestId, oneshot::Sender<ServerFrame>>,
-    /// Set once the connection is gone, so later calls fail at once.
-    closed: Option<String>,
-    /// The server's reason, if it closed the connection on purpose.
-    goodbye: Option<(ErrorCode, String)>,
-}
+/// How many pushed events a client holds for its application before it
+/// stops reading the connection (see the module docs).
+pub const PUSH_QUEUE: usize = 1024;
 
 /// How long a send keeps trying to reconnect and resend after its
 /// connection failed.
 pub const RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What the server said in its welcome: the version and features chosen,
+/// and the limits that apply to this connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// The protocol version spoken.
+    pub version: u16,
+    /// The features the server accepted (see [`feature`]).
+    pub features: u32,
+    /// Largest request payload the server accepts, in bytes.
+    pub max_frame: u32,
+    /// Silence after which the server drops the connection.
+    pub idle_timeout: Duration,
+    /// Messages stored per recipient before sends to it get `queue_full`.
+    pub queue_limit: u32,
+    /// Most names one list returns.
+    pub max_list: u32,
+    /// Most messages one fetch returns.
+    pub max_fetch: u32,
+    /// The server's name and version.
+    pub server: String,
+}
 
 /// A connection to a chat server speaking the socket protocol.
 pub struct SocketClient {
@@ -66,29 +97,49 @@ pub struct SocketClient {
     seen: Seen,
 }
 
-/// One TCP connection and its tasks.
+/// One TCP connection, served by its task.
 struct Conn {
-    writer: Writer,
-    pending: Pending,
-    pushes: mpsc::UnboundedReceiver<Push>,
-    /// Messages the reader queued that the client has not returned yet.
+    requests: mpsc::Sender<Request>,
+    pushes: mpsc::Receiver<Push>,
+    /// Messages the task queued that the client has not returned yet.
     unreturned: Unreturned,
-    reader: JoinHandle<()>,
-    heartbeat: JoinHandle<()>,
+    /// Why the connection ended, set once by its task.
+    closed: Arc<OnceLock<Closed>>,
+    info: ServerInfo,
+    task: TaskGuard,
+}
+
+/// The connection task, aborted when its connection is dropped.
+struct TaskGuard(JoinHandle<()>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A request for the connection task: a frame to write, and who waits for
+/// the answer.
+struct Request {
+    id: RequestId,
+    frame: ClientFrame,
+    reply: oneshot::Sender<ServerFrame>,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone)]
+struct Closed {
+    why: String,
+    /// The server's reason, if it closed the connection on purpose.
+    goodbye: Option<(ErrorCode, String)>,
 }
 
 impl std::fmt::Debug for SocketClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SocketClient")
             .field("state", &self.state)
+            .field("server", &self.conn.info.server)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.reader.abort();
-        self.heartbeat.abort();
     }
 }
 
@@ -97,8 +148,8 @@ fn connection_error(err: impl std::fmt::Display) -> ClientError {
 }
 
 impl SocketClient {
-    /// Connects, performs the version handshake, and starts the reader and
-    /// heartbeat tasks.
+    /// Connects, performs the version handshake, and starts the connection
+    /// task.
     pub async fn connect(addr: impl ToSocketAddrs + ToString) -> Result<Self, ClientError> {
         let send_key: SendKey = rand::random();
         let conn = Conn::open(addr.to_string().as_str(), send_key).await?;
@@ -111,6 +162,11 @@ impl SocketClient {
             state: SessionState::LoggedOut,
             seen: Seen::default(),
         })
+    }
+
+    /// What the server announced in its welcome on the current connection.
+    pub fn server_info(&self) -> &ServerInfo {
+        &self.conn.info
     }
 
     /// Replaces a failed connection and logs in again as the same user,
@@ -154,24 +210,40 @@ impl Conn {
         socket2::SockRef::from(&stream)
             .set_tcp_keepalive(&keepalive)
             .map_err(connection_error)?;
-        let (read, write) = stream.into_split();
-        let mut reader = FramedRead::new(read, ClientCodec::new(DEFAULT_MAX_RESPONSE));
-        let mut writer = FramedWrite::new(write, ClientCodec::new(DEFAULT_MAX_RESPONSE));
-        writer
+        let mut framed = Framed::new(stream, ClientCodec::new(DEFAULT_MAX_RESPONSE));
+        framed
             .send(ClientFrame::Hello {
-                version: PROTOCOL_VERSION,
+                highest: PROTOCOL_VERSION,
+                lowest: OLDEST_VERSION,
+                features: feature::IDEMPOTENT_SEND,
                 send_key: Some(send_key),
             })
             .await
             .map_err(connection_error)?;
-        let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
+        let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next())
             .await
             .map_err(|_| connection_error("no welcome from the server within 10 s"))?;
-        let idle_timeout = match welcome {
+        let info = match welcome {
             Some(Ok(ServerFrame::Welcome {
-                idle_timeout_ms, ..
-            })) => Duration::from_millis(idle_timeout_ms.into()),
-            Some(Ok(ServerFrame::Goodbye { code, message })) => {
+                version,
+                features,
+                max_frame,
+                idle_timeout_ms,
+                queue_limit,
+                max_list,
+                max_fetch,
+                server,
+            })) => ServerInfo {
+                version,
+                features,
+                max_frame,
+                idle_timeout: Duration::from_millis(idle_timeout_ms.into()),
+                queue_limit,
+                max_list,
+                max_fetch,
+                server,
+            },
+            Some(Ok(ServerFrame::Goodbye { code, message, .. })) => {
                 return Err(ClientError::Server { code, message });
             }
             Some(Ok(other)) => {
@@ -186,32 +258,185 @@ impl Conn {
                 ));
             }
         };
-        let writer: Writer = Arc::new(tokio::sync::Mutex::new(writer));
-        let pending: Pending = Arc::default();
-        let (push_tx, pushes) = mpsc::unbounded_channel();
-        let last_heard = Arc::new(Mutex::new(Instant::now()));
+        if info.features & feature::IDEMPOTENT_SEND == 0 {
+            return Err(ClientError::Protocol(
+                "the server did not accept idempotent sends, which this client needs".into(),
+            ));
+        }
+        let (requests, requests_rx) = mpsc::channel(64);
+        let (push_tx, pushes) = mpsc::channel(PUSH_QUEUE);
         let unreturned = Unreturned::default();
-        let reader = tokio::spawn(read_loop(
-            reader,
-            Arc::clone(&pending),
-            push_tx,
-            unreturned.clone(),
-            Arc::clone(&last_heard),
-        ));
-        let heartbeat = tokio::spawn(heartbeat(
-            Arc::clone(&writer),
-            Arc::clone(&pending),
-            last_heard,
-            idle_timeout,
+        let closed = Arc::new(OnceLock::new());
+        let task = TaskGuard(tokio::spawn(
+            Task {
+                framed,
+                waiting: HashMap::new(),
+                pushes: push_tx,
+                unreturned: unreturned.clone(),
+                idle_timeout: info.idle_timeout,
+            }
+            .run(requests_rx, Arc::clone(&closed)),
         ));
         Ok(Self {
-            writer,
-            pending,
+            requests,
             pushes,
             unreturned,
-            reader,
-            heartbeat,
+            closed,
+            info,
+            task,
         })
+    }
+}
+
+/// What woke the connection task.
+enum Step {
+    Request(Option<Request>),
+    Room(Option<mpsc::OwnedPermit<Push>>),
+    Frame(Option<Result<ServerFrame, FrameError>>),
+    Tick,
+}
+
+/// The connection task's state.
+struct Task {
+    framed: Framed<TcpStream, ClientCodec>,
+    waiting: HashMap<RequestId, oneshot::Sender<ServerFrame>>,
+    pushes: mpsc::Sender<Push>,
+    unreturned: Unreturned,
+    idle_timeout: Duration,
+}
+
+impl Task {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>, closed: Arc<OnceLock<Closed>>) {
+        let period = (self.idle_timeout / 3).max(Duration::from_millis(10));
+        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+        let mut last_heard = Instant::now();
+        let mut nonce = 0u32;
+        let mut goodbye = None;
+        // A push read from the socket that waits for room in the queue:
+        // until it has some, the socket is not read.
+        let mut held: Option<Push> = None;
+        let why = loop {
+            let step = tokio::select! {
+                request = requests.recv() => Step::Request(request),
+                permit = self.pushes.clone().reserve_owned(), if held.is_some() => Step::Room(permit.ok()),
+                frame = self.framed.next(), if held.is_none() => Step::Frame(frame),
+                _ = ticks.tick() => Step::Tick,
+            };
+            match step {
+                Step::Request(None) => {
+                    // The client is gone or closing: end our side and let
+                    // the server finish (it logs the session out).
+                    let _ = self.framed.get_mut().shutdown().await;
+                    self.drain_until_closed().await;
+                    break "the client closed the connection".to_string();
+                }
+                Step::Request(Some(Request { id, frame, reply })) => {
+                    self.waiting.insert(id, reply);
+                    if let Err(err) = self.framed.send(frame).await {
+                        break format!("could not write: {err}");
+                    }
+                }
+                Step::Room(None) => break "the client stopped".to_string(),
+                Step::Room(Some(permit)) => {
+                    if let Some(push) = held.take() {
+                        permit.send(push);
+                    }
+                }
+                Step::Frame(None) => break "the server closed the connection".to_string(),
+                Step::Frame(Some(Err(err))) => break format!("connection lost: {err}"),
+                Step::Frame(Some(Ok(frame))) => {
+                    last_heard = Instant::now();
+                    if let Some(push) = self.route(frame) {
+                        if let Push::Goodbye { code, message } = &push {
+                            goodbye = Some((*code, message.clone()));
+                        }
+                        // Straight into the queue if there is room; else
+                        // held, and the socket waits.
+                        if let Err(mpsc::error::TrySendError::Full(push)) =
+                            self.pushes.try_send(push)
+                        {
+                            held = Some(push);
+                        }
+                    }
+                }
+                Step::Tick => {
+                    let silent = last_heard.elapsed();
+                    if silent > self.idle_timeout && held.is_none() {
+                        // The server is gone without closing (a half-open
+                        // connection, where reads may block until TCP
+                        // keepalive gives up): fail the waiting calls now.
+                        break format!("the server was silent for {} ms", silent.as_millis());
+                    }
+                    nonce = nonce.wrapping_add(1);
+                    if let Err(err) = self.framed.send(ClientFrame::Ping { nonce }).await {
+                        break format!("could not write: {err}");
+                    }
+                }
+            }
+        };
+        let _ = closed.set(Closed { why, goodbye });
+        // Dropping the waiters fails every call still waiting; they read
+        // why from `closed`, which is set first.
+    }
+
+    /// Routes one frame: a response to its waiting call (`None`), anything
+    /// else as a push for the application.
+    fn route(&mut self, frame: ServerFrame) -> Option<Push> {
+        let push = match frame {
+            ServerFrame::Pong { .. } | ServerFrame::Welcome { .. } => return None,
+            ServerFrame::PushMessage(message) => {
+                self.unreturned.received(message.id);
+                Push::Message(message)
+            }
+            ServerFrame::PushLoggedOut { reason, user } => {
+                // A replay cut short by the end of its login never comes.
+                self.unreturned.expect_replay(0);
+                Push::LoggedOut { user, reason }
+            }
+            ServerFrame::Goodbye { code, message, .. }
+            | ServerFrame::GoodbyeV1 { code, message } => Push::Goodbye { code, message },
+            ServerFrame::Error {
+                id: 0,
+                code,
+                message,
+                ..
+            } => Push::Goodbye { code, message },
+            ServerFrame::Done { id, replay, .. } => {
+                if let Some(replay) = replay {
+                    // Before the caller hears the login's answer, so that
+                    // no acknowledgement can pass the replay.
+                    self.unreturned.expect_replay(replay.into());
+                }
+                self.answer(id, frame);
+                return None;
+            }
+            ServerFrame::Sent { id, .. }
+            | ServerFrame::Accounts { id, .. }
+            | ServerFrame::Messages { id, .. }
+            | ServerFrame::Error { id, .. } => {
+                self.answer(id, frame);
+                return None;
+            }
+        };
+        Some(push)
+    }
+
+    fn answer(&mut self, id: RequestId, frame: ServerFrame) {
+        if let Some(waiter) = self.waiting.remove(&id) {
+            let _ = waiter.send(frame);
+        }
+    }
+
+    /// After our side is shut: reads until the server closes (briefly), so
+    /// that a clean close is not turned into a reset.
+    async fn drain_until_closed(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, self.framed.next()).await
+        {
+            if let Some(push) = self.route(frame) {
+                let _ = self.pushes.try_send(push);
+            }
+        }
     }
 }
 
@@ -219,10 +444,14 @@ impl SocketClient {
     /// Closes the connection gracefully: stops writing and waits (briefly)
     /// for the server to close its side, by which time the server has
     /// logged this session out.
-    pub async fn close(mut self) {
-        self.conn.heartbeat.abort();
-        let _ = self.conn.writer.lock().await.get_mut().shutdown().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.conn.reader).await;
+    pub async fn close(self) {
+        let Conn {
+            requests, mut task, ..
+        } = self.conn;
+        // With its only sender gone, the task shuts our side and reads
+        // until the server closes its own.
+        drop(requests);
+        let _ = tokio::time::timeout(Duration::from_secs(6), &mut task.0).await;
     }
 
     fn adopt(&mut self, state: SessionState) {
@@ -234,9 +463,9 @@ impl SocketClient {
     /// the connection on purpose (not worth a resend, unless it was only
     /// stopping or timing out), else a connection error.
     fn closed_error(&self) -> ClientError {
-        let pending = self.conn.pending.lock().ok();
-        let (goodbye, why) = match &pending {
-            Some(p) => (p.goodbye.clone(), p.closed.clone()),
+        let closed = self.conn.closed.get().cloned();
+        let (goodbye, why) = match closed {
+            Some(closed) => (closed.goodbye, Some(closed.why)),
             None => (None, None),
         };
         match goodbye {
@@ -313,30 +542,24 @@ impl SocketClient {
         id: RequestId,
         frame: ClientFrame,
     ) -> Result<ServerFrame, ClientError> {
-        let (tx, rx) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
+        if self
+            .conn
+            .requests
+            .send(Request { id, frame, reply })
+            .await
+            .is_err()
         {
-            let mut pending = self
-                .conn
-                .pending
-                .lock()
-                .map_err(|_| connection_error("client state poisoned"))?;
-            if pending.closed.is_some() {
-                drop(pending);
+            return Err(self.closed_error());
+        }
+        let reply = match answer.await {
+            Ok(reply) => reply,
+            Err(_) => {
+                // The task ended; give it a moment to record why.
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.conn.task.0).await;
                 return Err(self.closed_error());
             }
-            pending.waiting.insert(id, tx);
-        }
-        let sent = self.conn.writer.lock().await.send(frame).await;
-        if let Err(err) = sent {
-            if let Ok(mut pending) = self.conn.pending.lock() {
-                pending.waiting.remove(&id);
-            }
-            return Err(match err {
-                FrameError::Io(err) => connection_error(err),
-                other => ClientError::Protocol(other.to_string()),
-            });
-        }
-        let reply = rx.await.map_err(|_| self.closed_error())?;
+        };
         match reply {
             ServerFrame::Error {
                 state,
@@ -374,108 +597,6 @@ impl SocketClient {
 
 fn unexpected(frame: ServerFrame) -> ClientError {
     ClientError::Protocol(format!("response of the wrong kind: {frame:?}"))
-}
-
-async fn read_loop(
-    mut reader: FramedRead<OwnedReadHalf, ClientCodec>,
-    pending: Pending,
-    pushes: mpsc::UnboundedSender<Push>,
-    unreturned: Unreturned,
-    last_heard: Arc<Mutex<Instant>>,
-) {
-    let why = loop {
-        let frame = match reader.next().await {
-            None => break "the server closed the connection".to_string(),
-            Some(Err(err)) => break format!("connection lost: {err}"),
-            Some(Ok(frame)) => frame,
-        };
-        if let Ok(mut heard) = last_heard.lock() {
-            *heard = Instant::now();
-        }
-        let push = match frame {
-            ServerFrame::Pong { .. } | ServerFrame::Welcome { .. } => continue,
-            ServerFrame::PushMessage(message) => Push::Message(message),
-            ServerFrame::PushLoggedOut { reason, user } => Push::LoggedOut { user, reason },
-            ServerFrame::Goodbye { code, message } => Push::Goodbye { code, message },
-            ServerFrame::Error {
-                id: 0,
-                code,
-                message,
-                ..
-            } => Push::Goodbye { code, message },
-            ServerFrame::Done { id, .. }
-            | ServerFrame::Sent { id, .. }
-            | ServerFrame::Accounts { id, .. }
-            | ServerFrame::Messages { id, .. }
-            | ServerFrame::Error { id, .. } => {
-                let waiter = pending.lock().ok().and_then(|mut p| p.waiting.remove(&id));
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(frame);
-                }
-                continue;
-            }
-        };
-        if let (Push::Goodbye { code, message }, Ok(mut pending)) = (&push, pending.lock()) {
-            pending.goodbye = Some((*code, message.clone()));
-        }
-        if let Push::Message(m) = &push {
-            unreturned.received(m.id);
-        }
-        let _ = pushes.send(push);
-    };
-    // Drain whatever is still buffered on the socket so a clean close is not
-    // turned into a reset, then fail every waiting call.
-    let mut rest = reader.into_inner();
-    let mut sink = [0u8; 1024];
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), rest.read(&mut sink)).await
-    {
-        if n == 0 {
-            break;
-        }
-    }
-    if let Ok(mut pending) = pending.lock() {
-        pending.closed = Some(why);
-        pending.waiting.clear();
-    }
-}
-
-async fn heartbeat(
-    writer: Writer,
-    pending: Pending,
-    last_heard: Arc<Mutex<Instant>>,
-    idle_timeout: Duration,
-) {
-    let period = (idle_timeout / 3).max(Duration::from_millis(10));
-    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
-    let mut nonce = 0u32;
-    loop {
-        ticks.tick().await;
-        let silent = last_heard.lock().map(|h| h.elapsed()).unwrap_or_default();
-        if silent > idle_timeout {
-            // The server is gone without closing (a half-open connection,
-            // where reads may block until TCP keepalive gives up): fail the
-            // waiting calls now, and close our side.
-            if let Ok(mut pending) = pending.lock() {
-                pending.closed = Some(format!(
-                    "the server was silent for {} ms",
-                    silent.as_millis()
-                ));
-                pending.waiting.clear();
-            }
-            let _ = writer.lock().await.get_mut().shutdown().await;
-            return;
-        }
-        nonce = nonce.wrapping_add(1);
-        if writer
-            .lock()
-            .await
-            .send(ClientFrame::Ping { nonce })
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
 }
 
 impl ChatClient for SocketClient {
@@ -561,7 +682,8 @@ impl ChatClient for SocketClient {
     }
 
     async fn ack(&mut self, through: MessageId) -> Result<(), ClientError> {
-        // Never past a message this client holds but has not returned yet.
+        // Never past a message this client holds but has not returned yet,
+        // nor while a login's replay is still arriving.
         let Some(through) = self.conn.unreturned.safe_ack(through) else {
             return Ok(());
         };

@@ -1,19 +1,31 @@
-//! Wire messages as enums, and their byte-exact encoding.
+//! Wire messages as enums, and their byte-exact encoding (protocol
+//! version 2).
 //!
 //! A frame is `length: u32` (big-endian, counting the bytes after it) then
-//! a payload that starts with a one-byte tag. [`ClientFrame`]s go from
-//! client to server, [`ServerFrame`]s back. `docs/PROTOCOL.md` is the
-//! normative description; this module implements exactly that.
+//! a payload: a one-byte tag, the frame's fixed fields, and then optional
+//! *properties*. [`ClientFrame`]s go from client to server, [`ServerFrame`]s
+//! back. `docs/PROTOCOL.md` is the normative description; this module
+//! implements exactly that.
 //!
-//! Field encodings: integers are big-endian; `str8` is a `u8` byte length
-//! then UTF-8; `str16` a `u16` byte length then UTF-8; `rest` is UTF-8 up
-//! to the end of the frame (always the last field, so it needs no length).
+//! One encoding per kind of field, in every frame: integers and ids are
+//! fixed-width big-endian (`u16`, `u32`, `u64`); every text (names, bodies,
+//! patterns, error texts) is a `varint` byte length then UTF-8. A `varint`
+//! is unsigned LEB128: seven bits per byte, low groups first, the high bit
+//! set on every byte but the last.
+//!
+//! Properties make every frame extensible: after the fixed fields, the rest
+//! of the frame is a sequence of `id: u8`, `length: varint`, `value`
+//! (`length` bytes). A receiver skips properties it does not know, so a
+//! newer peer can add optional fields to any frame without breaking an
+//! older one; no field is "the rest of the frame".
 
 use bytes::{BufMut, BytesMut};
 use chat_core::{ErrorCode, LogoutReason, Message, MessageBody, SessionState, Username};
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this crate speaks.
+pub const OLDEST_VERSION: u16 = 2;
 /// The four bytes a client's hello starts with.
 pub const MAGIC: [u8; 4] = *b"CHAT";
 /// Bytes of the length prefix in front of every frame.
@@ -34,7 +46,28 @@ pub fn send_id(key: &SendKey, request: RequestId) -> u128 {
     u128::from_be_bytes(bytes)
 }
 
-/// Client-to-server tags.
+/// Feature bits offered in a hello and chosen in a welcome.
+pub mod feature {
+    /// Idempotent sends: the client gives a send key (hello property
+    /// [`SEND_KEY`](super::prop::SEND_KEY)) and may use SEND ONCE.
+    pub const IDEMPOTENT_SEND: u32 = 1 << 0;
+    /// Every feature this crate knows.
+    pub const ALL: u32 = IDEMPOTENT_SEND;
+}
+
+/// Property ids, per frame.
+pub mod prop {
+    /// HELLO: the connection's send key (12 bytes).
+    pub const SEND_KEY: u8 = 0x01;
+    /// DONE answering a LOGIN: how many replayed messages (`u32`) the
+    /// server pushes next, before any live one.
+    pub const REPLAY: u8 = 0x01;
+    /// GOODBYE `unsupported_version`: the versions the server speaks, as
+    /// `u16`s.
+    pub const VERSIONS: u8 = 0x01;
+}
+
+/// Client-to-server and server-to-client tags.
 mod tag {
     pub const HELLO: u8 = 0x01;
     pub const PING: u8 = 0x02;
@@ -67,14 +100,20 @@ pub type RequestId = u32;
 /// What a client sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
-    /// First frame of every connection.
+    /// First frame of every connection: the versions and features the
+    /// client speaks.
     Hello {
-        /// The protocol version the client speaks.
-        version: u16,
-        /// Optional: the key that makes this connection's SEND ONCE requests
-        /// idempotent. A client keeps it across reconnects (so a resend
-        /// matches the original) and never reuses a request id for another
-        /// SEND ONCE under it.
+        /// The newest protocol version the client speaks.
+        highest: u16,
+        /// The oldest protocol version the client speaks.
+        lowest: u16,
+        /// Feature bits the client offers (see [`feature`]).
+        features: u32,
+        /// The key that makes this connection's SEND ONCE requests
+        /// idempotent (property [`prop::SEND_KEY`]); required with
+        /// [`feature::IDEMPOTENT_SEND`]. A client keeps it across
+        /// reconnects (so a resend matches the original) and never reuses
+        /// a request id for another SEND ONCE under it.
         send_key: Option<SendKey>,
     },
     /// Heartbeat; the server answers [`ServerFrame::Pong`] with the nonce.
@@ -155,26 +194,41 @@ pub enum ClientFrame {
 /// What a server sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerFrame {
-    /// Answer to a good hello.
+    /// Answer to a good hello: what was chosen, and the limits that apply.
     Welcome {
         /// The version the server will speak.
         version: u16,
+        /// The offered features the server accepted.
+        features: u32,
         /// Largest frame payload the server accepts, in bytes.
         max_frame: u32,
         /// Silence after which the server drops the connection, in ms.
         idle_timeout_ms: u32,
+        /// Messages stored per recipient (queued or awaiting an ack) past
+        /// which sends to it get `queue_full`.
+        queue_limit: u32,
+        /// Most names one LIST returns.
+        max_list: u32,
+        /// Most messages one FETCH returns.
+        max_fetch: u32,
+        /// The server's name and version, for people (e.g. `chat 0.1.0`).
+        server: String,
     },
     /// Answer to a ping.
     Pong {
         /// The ping's nonce.
         nonce: u32,
     },
-    /// Create, login, logout or delete succeeded.
+    /// Create, login, logout, delete or ack succeeded.
     Done {
         /// The request's id.
         id: RequestId,
         /// The session's state now.
         state: SessionState,
+        /// Answering a login (property [`prop::REPLAY`]): how many
+        /// replayed messages (delivered before, never acknowledged) the
+        /// server pushes next, before any live one.
+        replay: Option<u32>,
     },
     /// A send was accepted.
     Sent {
@@ -216,7 +270,7 @@ pub enum ServerFrame {
         /// Human-readable detail.
         message: String,
     },
-    /// A message delivered live.
+    /// A message delivered live (or replayed after a login).
     PushMessage(Message),
     /// The server ended this session's login.
     PushLoggedOut {
@@ -230,6 +284,18 @@ pub enum ServerFrame {
         /// Why, as a stable code.
         code: ErrorCode,
         /// Detail.
+        message: String,
+        /// With `unsupported_version` (property [`prop::VERSIONS`]): the
+        /// versions the server speaks.
+        versions: Vec<u16>,
+    },
+    /// A goodbye in protocol version 1's layout (`code: u16`, then the text
+    /// to the end of the frame), the only frame a server sends a version 1
+    /// client: so that it can read why it is refused.
+    GoodbyeV1 {
+        /// Why, as a stable code.
+        code: ErrorCode,
+        /// Detail, naming the versions the server speaks.
         message: String,
     },
 }
@@ -251,6 +317,10 @@ pub enum FrameError {
     /// The payload does not parse.
     #[error("malformed frame: {0}")]
     Malformed(String),
+    /// A client's hello in protocol version 1's layout (it offers only
+    /// versions below 2).
+    #[error("the client speaks protocol version {0}")]
+    OldVersion(u16),
     /// The connection failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
@@ -262,6 +332,7 @@ impl FrameError {
         match self {
             FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
             FrameError::UnknownTag(_) => ErrorCode::UnknownOperation,
+            FrameError::OldVersion(_) => ErrorCode::UnsupportedVersion,
             FrameError::Malformed(_) | FrameError::Io(_) => ErrorCode::Malformed,
         }
     }
@@ -270,6 +341,9 @@ impl FrameError {
 fn malformed(what: impl Into<String>) -> FrameError {
     FrameError::Malformed(what.into())
 }
+
+/// Longest varint, in bytes (a `u64` needs ten).
+const MAX_VARINT: usize = 10;
 
 /// A cursor over one payload that fails cleanly on truncation.
 struct Fields<'a> {
@@ -302,36 +376,43 @@ impl<'a> Fields<'a> {
         a.copy_from_slice(b);
         Ok(u64::from_be_bytes(a))
     }
-    fn utf8(bytes: &[u8], what: &str) -> Result<String, FrameError> {
+    fn varint(&mut self, what: &str) -> Result<u64, FrameError> {
+        let mut value = 0u64;
+        for i in 0..MAX_VARINT {
+            let byte = self.u8(what)?;
+            let bits = u64::from(byte & 0x7f);
+            if i == MAX_VARINT - 1 && bits > 1 {
+                return Err(malformed(format!("{what} overflows 64 bits")));
+            }
+            value |= bits << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(malformed(format!(
+            "{what} is longer than {MAX_VARINT} bytes"
+        )))
+    }
+    /// A `varint` length, checked against what is left, so that a lying
+    /// length allocates nothing.
+    fn len(&mut self, what: &str) -> Result<usize, FrameError> {
+        let len = self.varint(what)?;
+        match usize::try_from(len) {
+            Ok(len) if len <= self.buf.len() => Ok(len),
+            _ => Err(malformed(format!(
+                "{what} of {len} bytes is longer than the {} left in the frame",
+                self.buf.len()
+            ))),
+        }
+    }
+    fn text(&mut self, what: &str) -> Result<String, FrameError> {
+        let len = self.len(what)?;
+        let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec())
             .map_err(|_| malformed(format!("{what} is not valid UTF-8")))
     }
-    fn str8(&mut self, what: &str) -> Result<String, FrameError> {
-        let len = self.u8(what)? as usize;
-        let bytes = self.take(len, what)?;
-        Self::utf8(bytes, what)
-    }
-    fn str16(&mut self, what: &str) -> Result<String, FrameError> {
-        let len = self.u16(what)? as usize;
-        let bytes = self.take(len, what)?;
-        Self::utf8(bytes, what)
-    }
-    fn rest(&mut self, what: &str) -> Result<String, FrameError> {
-        let bytes = std::mem::take(&mut self.buf);
-        Self::utf8(bytes, what)
-    }
-    fn end(&self) -> Result<(), FrameError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(malformed(format!(
-                "{} unexpected trailing bytes",
-                self.buf.len()
-            )))
-        }
-    }
     fn username(&mut self, what: &str) -> Result<Username, FrameError> {
-        let raw = self.str8(what)?;
+        let raw = self.text(what)?;
         Username::parse(&raw).map_err(|e| malformed(format!("{what}: {e}")))
     }
     fn state(&mut self) -> Result<SessionState, FrameError> {
@@ -343,15 +424,11 @@ impl<'a> Fields<'a> {
             ))),
         }
     }
-    fn message(&mut self, body_is_rest: bool) -> Result<Message, FrameError> {
+    fn message(&mut self) -> Result<Message, FrameError> {
         let id = self.u64("message id")?;
         let timestamp_ms = self.u64("timestamp")?;
         let sender = self.username("sender")?;
-        let raw = if body_is_rest {
-            self.rest("body")?
-        } else {
-            self.str16("body")?
-        };
+        let raw = self.text("body")?;
         let body = MessageBody::parse(&raw).map_err(|e| malformed(format!("body: {e}")))?;
         Ok(Message {
             id,
@@ -360,38 +437,77 @@ impl<'a> Fields<'a> {
             timestamp_ms,
         })
     }
+    /// Reads the properties that end the frame, calling `known` with each
+    /// one's id and value; `known` returns `false` for ids it does not know,
+    /// which are skipped. An id may appear once.
+    fn properties(
+        &mut self,
+        mut known: impl FnMut(u8, &'a [u8]) -> Result<bool, FrameError>,
+    ) -> Result<(), FrameError> {
+        let mut seen = [false; 256];
+        while !self.buf.is_empty() {
+            let id = self.u8("property id")?;
+            let len = self.len("property length")?;
+            let value = self.take(len, "property value")?;
+            if std::mem::replace(&mut seen[usize::from(id)], true) {
+                return Err(malformed(format!("property 0x{id:02x} appears twice")));
+            }
+            // Unknown properties are skipped: a newer peer may send them.
+            known(id, value)?;
+        }
+        Ok(())
+    }
 }
 
-fn put_str8(dst: &mut BytesMut, s: &str) -> Result<(), FrameError> {
-    let len = u8::try_from(s.len())
-        .map_err(|_| malformed("string longer than 255 bytes in a str8 field"))?;
-    dst.put_u8(len);
+/// A property value of exactly `N` bytes.
+fn fixed<const N: usize>(value: &[u8], what: &str) -> Result<[u8; N], FrameError> {
+    value.try_into().map_err(|_| {
+        malformed(format!(
+            "property {what} has {} bytes, not {N}",
+            value.len()
+        ))
+    })
+}
+
+fn put_varint(dst: &mut BytesMut, mut value: u64) {
+    while value >= 0x80 {
+        dst.put_u8((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    dst.put_u8(value as u8);
+}
+
+fn put_text(dst: &mut BytesMut, s: &str) {
+    put_varint(dst, s.len() as u64);
     dst.put_slice(s.as_bytes());
-    Ok(())
 }
 
-fn put_str16(dst: &mut BytesMut, s: &str) -> Result<(), FrameError> {
-    let len = u16::try_from(s.len())
-        .map_err(|_| malformed("string longer than 65535 bytes in a str16 field"))?;
-    dst.put_u16(len);
-    dst.put_slice(s.as_bytes());
-    Ok(())
+fn put_property(dst: &mut BytesMut, id: u8, value: &[u8]) {
+    dst.put_u8(id);
+    put_varint(dst, value.len() as u64);
+    dst.put_slice(value);
 }
 
-fn put_state(dst: &mut BytesMut, state: &SessionState) -> Result<(), FrameError> {
+fn put_state(dst: &mut BytesMut, state: &SessionState) {
     match state {
         SessionState::LoggedOut => dst.put_u8(0),
         SessionState::LoggedIn(name) => {
             dst.put_u8(1);
-            put_str8(dst, name.as_str())?;
+            put_text(dst, name.as_str());
         }
     }
-    Ok(())
 }
 
 fn put_count(dst: &mut BytesMut, n: usize) -> Result<(), FrameError> {
     dst.put_u32(u32::try_from(n).map_err(|_| malformed("too many items"))?);
     Ok(())
+}
+
+fn put_message(dst: &mut BytesMut, m: &Message) {
+    dst.put_u64(m.id);
+    dst.put_u64(m.timestamp_ms);
+    put_text(dst, m.sender.as_str());
+    put_text(dst, m.body.as_str());
 }
 
 fn logout_reason_byte(reason: LogoutReason) -> u8 {
@@ -406,27 +522,34 @@ impl ClientFrame {
     /// Appends the payload (tag and fields, no length prefix) to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
         match self {
-            ClientFrame::Hello { version, send_key } => {
+            ClientFrame::Hello {
+                highest,
+                lowest,
+                features,
+                send_key,
+            } => {
                 dst.put_u8(tag::HELLO);
                 dst.put_slice(&MAGIC);
-                dst.put_u16(*version);
+                dst.put_u16(*highest);
+                dst.put_u16(*lowest);
+                dst.put_u32(*features);
                 if let Some(key) = send_key {
-                    dst.put_slice(key);
+                    put_property(dst, prop::SEND_KEY, key);
                 }
             }
             ClientFrame::Ping { nonce } => {
                 dst.put_u8(tag::PING);
                 dst.put_u32(*nonce);
             }
-            ClientFrame::Create { id, name } | ClientFrame::Login { id, name } => {
-                let t = if matches!(self, ClientFrame::Create { .. }) {
-                    tag::CREATE
-                } else {
-                    tag::LOGIN
-                };
-                dst.put_u8(t);
+            ClientFrame::Create { id, name } => {
+                dst.put_u8(tag::CREATE);
                 dst.put_u32(*id);
-                dst.put_slice(name.as_bytes());
+                put_text(dst, name);
+            }
+            ClientFrame::Login { id, name } => {
+                dst.put_u8(tag::LOGIN);
+                dst.put_u32(*id);
+                put_text(dst, name);
             }
             ClientFrame::Logout { id } => {
                 dst.put_u8(tag::LOGOUT);
@@ -439,14 +562,14 @@ impl ClientFrame {
             ClientFrame::Send { id, to, body } => {
                 dst.put_u8(tag::SEND);
                 dst.put_u32(*id);
-                put_str8(dst, to)?;
-                dst.put_slice(body.as_bytes());
+                put_text(dst, to);
+                put_text(dst, body);
             }
             ClientFrame::List { id, max, pattern } => {
                 dst.put_u8(tag::LIST);
                 dst.put_u32(*id);
                 dst.put_u32(*max);
-                dst.put_slice(pattern.as_bytes());
+                put_text(dst, pattern);
             }
             ClientFrame::Fetch { id, max } => {
                 dst.put_u8(tag::FETCH);
@@ -456,8 +579,8 @@ impl ClientFrame {
             ClientFrame::SendOnce { id, to, body } => {
                 dst.put_u8(tag::SEND_ONCE);
                 dst.put_u32(*id);
-                put_str8(dst, to)?;
-                dst.put_slice(body.as_bytes());
+                put_text(dst, to);
+                put_text(dst, body);
             }
             ClientFrame::Ack { id, through } => {
                 dst.put_u8(tag::ACK);
@@ -468,7 +591,8 @@ impl ClientFrame {
         Ok(())
     }
 
-    /// Parses one payload (tag and fields).
+    /// Parses one payload (tag and fields). A hello in version 1's layout
+    /// (offering only versions below 2) is [`FrameError::OldVersion`].
     pub fn decode(payload: &[u8]) -> Result<Self, FrameError> {
         let mut f = Fields { buf: payload };
         let frame = match f.u8("tag")? {
@@ -478,32 +602,41 @@ impl ClientFrame {
                         "hello does not start with the magic bytes \"CHAT\"",
                     ));
                 }
-                let version = f.u16("version")?;
-                let send_key = match f.buf.len() {
-                    0 => None,
-                    SEND_KEY_LEN => Some(
-                        f.take(SEND_KEY_LEN, "send key")?
-                            .try_into()
-                            .map_err(|_| malformed("truncated send key"))?,
-                    ),
-                    n => {
-                        return Err(malformed(format!(
-                            "a hello's send key is {SEND_KEY_LEN} bytes, not {n}"
-                        )));
-                    }
-                };
-                ClientFrame::Hello { version, send_key }
+                let highest = f.u16("highest version")?;
+                if highest < 2 {
+                    // Version 1's hello has a different layout after this
+                    // field; it is refused whatever follows.
+                    return Err(FrameError::OldVersion(highest));
+                }
+                let lowest = f.u16("lowest version")?;
+                let features = f.u32("features")?;
+                let mut send_key = None;
+                f.properties(|id, value| {
+                    Ok(match id {
+                        prop::SEND_KEY => {
+                            send_key = Some(fixed::<SEND_KEY_LEN>(value, "send key")?);
+                            true
+                        }
+                        _ => false,
+                    })
+                })?;
+                ClientFrame::Hello {
+                    highest,
+                    lowest,
+                    features,
+                    send_key,
+                }
             }
             tag::PING => ClientFrame::Ping {
                 nonce: f.u32("nonce")?,
             },
             tag::CREATE => ClientFrame::Create {
                 id: f.u32("request id")?,
-                name: f.rest("name")?,
+                name: f.text("name")?,
             },
             tag::LOGIN => ClientFrame::Login {
                 id: f.u32("request id")?,
-                name: f.rest("name")?,
+                name: f.text("name")?,
             },
             tag::LOGOUT => ClientFrame::Logout {
                 id: f.u32("request id")?,
@@ -513,13 +646,13 @@ impl ClientFrame {
             },
             tag::SEND => ClientFrame::Send {
                 id: f.u32("request id")?,
-                to: f.str8("recipient")?,
-                body: f.rest("body")?,
+                to: f.text("recipient")?,
+                body: f.text("body")?,
             },
             tag::LIST => ClientFrame::List {
                 id: f.u32("request id")?,
                 max: f.u32("max")?,
-                pattern: f.rest("pattern")?,
+                pattern: f.text("pattern")?,
             },
             tag::FETCH => ClientFrame::Fetch {
                 id: f.u32("request id")?,
@@ -527,8 +660,8 @@ impl ClientFrame {
             },
             tag::SEND_ONCE => ClientFrame::SendOnce {
                 id: f.u32("request id")?,
-                to: f.str8("recipient")?,
-                body: f.rest("body")?,
+                to: f.text("recipient")?,
+                body: f.text("body")?,
             },
             tag::ACK => ClientFrame::Ack {
                 id: f.u32("request id")?,
@@ -536,7 +669,10 @@ impl ClientFrame {
             },
             other => return Err(FrameError::UnknownTag(other)),
         };
-        f.end()?;
+        if !matches!(frame, ClientFrame::Hello { .. }) {
+            // No client frame but the hello has properties yet: skip any.
+            f.properties(|_, _| Ok(false))?;
+        }
         Ok(frame)
     }
 }
@@ -547,22 +683,35 @@ impl ServerFrame {
         match self {
             ServerFrame::Welcome {
                 version,
+                features,
                 max_frame,
                 idle_timeout_ms,
+                queue_limit,
+                max_list,
+                max_fetch,
+                server,
             } => {
                 dst.put_u8(tag::WELCOME);
                 dst.put_u16(*version);
+                dst.put_u32(*features);
                 dst.put_u32(*max_frame);
                 dst.put_u32(*idle_timeout_ms);
+                dst.put_u32(*queue_limit);
+                dst.put_u32(*max_list);
+                dst.put_u32(*max_fetch);
+                put_text(dst, server);
             }
             ServerFrame::Pong { nonce } => {
                 dst.put_u8(tag::PONG);
                 dst.put_u32(*nonce);
             }
-            ServerFrame::Done { id, state } => {
+            ServerFrame::Done { id, state, replay } => {
                 dst.put_u8(tag::DONE);
                 dst.put_u32(*id);
-                put_state(dst, state)?;
+                put_state(dst, state);
+                if let Some(replay) = replay {
+                    put_property(dst, prop::REPLAY, &replay.to_be_bytes());
+                }
             }
             ServerFrame::Sent {
                 id,
@@ -572,17 +721,17 @@ impl ServerFrame {
             } => {
                 dst.put_u8(tag::SENT);
                 dst.put_u32(*id);
-                put_state(dst, state)?;
+                put_state(dst, state);
                 dst.put_u64(*message_id);
                 dst.put_u64(*timestamp_ms);
             }
             ServerFrame::Accounts { id, state, names } => {
                 dst.put_u8(tag::ACCOUNTS);
                 dst.put_u32(*id);
-                put_state(dst, state)?;
+                put_state(dst, state);
                 put_count(dst, names.len())?;
                 for name in names {
-                    put_str8(dst, name.as_str())?;
+                    put_text(dst, name.as_str());
                 }
             }
             ServerFrame::Messages {
@@ -592,13 +741,10 @@ impl ServerFrame {
             } => {
                 dst.put_u8(tag::MESSAGES);
                 dst.put_u32(*id);
-                put_state(dst, state)?;
+                put_state(dst, state);
                 put_count(dst, messages.len())?;
                 for m in messages {
-                    dst.put_u64(m.id);
-                    dst.put_u64(m.timestamp_ms);
-                    put_str8(dst, m.sender.as_str())?;
-                    put_str16(dst, m.body.as_str())?;
+                    put_message(dst, m);
                 }
             }
             ServerFrame::Error {
@@ -609,23 +755,33 @@ impl ServerFrame {
             } => {
                 dst.put_u8(tag::ERROR);
                 dst.put_u32(*id);
-                put_state(dst, state)?;
+                put_state(dst, state);
                 dst.put_u16(code.as_u16());
-                dst.put_slice(message.as_bytes());
+                put_text(dst, message);
             }
             ServerFrame::PushMessage(m) => {
                 dst.put_u8(tag::PUSH_MESSAGE);
-                dst.put_u64(m.id);
-                dst.put_u64(m.timestamp_ms);
-                put_str8(dst, m.sender.as_str())?;
-                dst.put_slice(m.body.as_str().as_bytes());
+                put_message(dst, m);
             }
             ServerFrame::PushLoggedOut { reason, user } => {
                 dst.put_u8(tag::PUSH_LOGGED_OUT);
                 dst.put_u8(logout_reason_byte(*reason));
-                dst.put_slice(user.as_str().as_bytes());
+                put_text(dst, user.as_str());
             }
-            ServerFrame::Goodbye { code, message } => {
+            ServerFrame::Goodbye {
+                code,
+                message,
+                versions,
+            } => {
+                dst.put_u8(tag::GOODBYE);
+                dst.put_u16(code.as_u16());
+                put_text(dst, message);
+                if !versions.is_empty() {
+                    let value: Vec<u8> = versions.iter().flat_map(|v| v.to_be_bytes()).collect();
+                    put_property(dst, prop::VERSIONS, &value);
+                }
+            }
+            ServerFrame::GoodbyeV1 { code, message } => {
                 dst.put_u8(tag::GOODBYE);
                 dst.put_u16(code.as_u16());
                 dst.put_slice(message.as_bytes());
@@ -634,14 +790,15 @@ impl ServerFrame {
         Ok(())
     }
 
-    /// Parses one payload (tag and fields).
+    /// Parses one payload (tag and fields). Never yields
+    /// [`ServerFrame::GoodbyeV1`]: a version 2 client reads only version 2.
     pub fn decode(payload: &[u8]) -> Result<Self, FrameError> {
         let mut f = Fields { buf: payload };
         // A code this client does not know (from a newer server) is still an
         // error: it reads as `internal`, with the number kept in the text.
         let code_and_text = |f: &mut Fields<'_>, what: &str| -> Result<_, FrameError> {
             let n = f.u16("error code")?;
-            let text = f.rest(what)?;
+            let text = f.text(what)?;
             Ok(match ErrorCode::from_u16(n) {
                 Some(code) => (code, text),
                 None => (
@@ -653,16 +810,32 @@ impl ServerFrame {
         let frame = match f.u8("tag")? {
             tag::WELCOME => ServerFrame::Welcome {
                 version: f.u16("version")?,
+                features: f.u32("features")?,
                 max_frame: f.u32("max frame")?,
                 idle_timeout_ms: f.u32("idle timeout")?,
+                queue_limit: f.u32("queue limit")?,
+                max_list: f.u32("list cap")?,
+                max_fetch: f.u32("fetch cap")?,
+                server: f.text("server name")?,
             },
             tag::PONG => ServerFrame::Pong {
                 nonce: f.u32("nonce")?,
             },
-            tag::DONE => ServerFrame::Done {
-                id: f.u32("request id")?,
-                state: f.state()?,
-            },
+            tag::DONE => {
+                let id = f.u32("request id")?;
+                let state = f.state()?;
+                let mut replay = None;
+                f.properties(|id, value| {
+                    Ok(match id {
+                        prop::REPLAY => {
+                            replay = Some(u32::from_be_bytes(fixed(value, "replay")?));
+                            true
+                        }
+                        _ => false,
+                    })
+                })?;
+                ServerFrame::Done { id, state, replay }
+            }
             tag::SENT => ServerFrame::Sent {
                 id: f.u32("request id")?,
                 state: f.state()?,
@@ -685,9 +858,9 @@ impl ServerFrame {
                 let id = f.u32("request id")?;
                 let state = f.state()?;
                 let count = f.u32("count")? as usize;
-                let mut messages = Vec::with_capacity(count.min(f.buf.len() / 21));
+                let mut messages = Vec::with_capacity(count.min(f.buf.len() / 20));
                 for _ in 0..count {
-                    messages.push(f.message(false)?);
+                    messages.push(f.message()?);
                 }
                 ServerFrame::Messages {
                     id,
@@ -706,7 +879,7 @@ impl ServerFrame {
                     message,
                 }
             }
-            tag::PUSH_MESSAGE => ServerFrame::PushMessage(f.message(true)?),
+            tag::PUSH_MESSAGE => ServerFrame::PushMessage(f.message()?),
             tag::PUSH_LOGGED_OUT => {
                 let reason = match f.u8("logout reason")? {
                     0 => LogoutReason::Requested,
@@ -714,17 +887,38 @@ impl ServerFrame {
                     2 => LogoutReason::SlowConsumer,
                     other => return Err(malformed(format!("unknown logout reason {other}"))),
                 };
-                let raw = f.rest("user")?;
-                let user = Username::parse(&raw).map_err(|e| malformed(format!("user: {e}")))?;
+                let user = f.username("user")?;
                 ServerFrame::PushLoggedOut { reason, user }
             }
             tag::GOODBYE => {
                 let (code, message) = code_and_text(&mut f, "goodbye text")?;
-                ServerFrame::Goodbye { code, message }
+                let mut versions = Vec::new();
+                f.properties(|id, value| {
+                    Ok(match id {
+                        prop::VERSIONS => {
+                            if value.len() % 2 != 0 {
+                                return Err(malformed("versions property of odd length"));
+                            }
+                            versions = value
+                                .chunks_exact(2)
+                                .map(|v| u16::from_be_bytes([v[0], v[1]]))
+                                .collect();
+                            true
+                        }
+                        _ => false,
+                    })
+                })?;
+                ServerFrame::Goodbye {
+                    code,
+                    message,
+                    versions,
+                }
             }
             other => return Err(FrameError::UnknownTag(other)),
         };
-        f.end()?;
+        // Properties this side does not know are skipped (the frames above
+        // that have known ones read them already, leaving nothing).
+        f.properties(|_, _| Ok(false))?;
         Ok(frame)
     }
 }

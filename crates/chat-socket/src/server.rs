@@ -2,11 +2,16 @@
 //! chat-core [`Session`].
 //!
 //! One task per connection reads requests one at a time (so a client's
-//! operations apply in the order it sent them), and in between forwards
-//! the events chat-core pushes to the session. A connection ends on EOF,
-//! on a read or write error, on malformed input (after an error frame), on
-//! idle timeout, or on shutdown (after a goodbye frame); in every case its
-//! session is closed, which logs its user out.
+//! operations apply in the order it sent them, and replies leave in request
+//! order), and in between forwards the events chat-core pushes to the
+//! session. A connection ends on EOF, on a read or write error, on
+//! malformed input, on a hello not completed within the handshake timeout,
+//! on idle timeout, or on shutdown (the last four after a goodbye frame);
+//! in every case its session is closed, which logs its user out.
+//!
+//! At [`ServerConfig::max_connections`] a new connection is told goodbye
+//! (`server_full`) at once, rather than left waiting in the listen backlog
+//! where its client cannot tell a full server from a dead one.
 
 use std::future::Future;
 use std::io;
@@ -14,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_core::{Chat, ErrorCode, Event, Events, LogoutReason, Session};
+use chat_core::{Chat, ErrorCode, Event, LogoutReason, Session};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,7 +31,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::codec::{DEFAULT_MAX_REQUEST, ServerCodec};
-use crate::frame::{ClientFrame, FrameError, PROTOCOL_VERSION, SendKey, ServerFrame, send_id};
+use crate::frame::{
+    ClientFrame, FrameError, OLDEST_VERSION, PROTOCOL_VERSION, SendKey, ServerFrame, feature,
+    send_id,
+};
 
 /// Settings of the socket server.
 #[derive(Debug, Clone)]
@@ -38,11 +46,17 @@ pub struct ServerConfig {
     pub max_request: usize,
     /// Idle time before TCP keepalive probes start (default 30 s).
     pub tcp_keepalive: Duration,
-    /// Most connections served at once; further ones wait to be accepted
-    /// (default 50,000).
+    /// Most connections served at once; a connection beyond it is told
+    /// goodbye (`server_full`) and closed (default 50,000).
     pub max_connections: usize,
+    /// How long a new connection may take to send its hello before it is
+    /// told goodbye (`handshake_timeout`) and closed (default 10 s).
+    pub handshake_timeout: Duration,
     /// How long shutdown waits for connections to say goodbye (default 5 s).
     pub drain_timeout: Duration,
+    /// The server's name in the welcome (default `chat-socket` and this
+    /// crate's version).
+    pub server_name: String,
 }
 
 impl Default for ServerConfig {
@@ -52,7 +66,9 @@ impl Default for ServerConfig {
             max_request: DEFAULT_MAX_REQUEST,
             tcp_keepalive: Duration::from_secs(30),
             max_connections: 50_000,
+            handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            server_name: concat!("chat-socket ", env!("CARGO_PKG_VERSION")).to_string(),
         }
     }
 }
@@ -70,12 +86,11 @@ pub async fn serve(
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(config.max_connections));
+    // Refusing costs a task and a socket for up to a second; bound how
+    // many are refused at once, and drop the rest without a word.
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit.map_err(io::Error::other)?,
-        };
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => accepted,
@@ -89,6 +104,21 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            debug!(%peer, "server full; connection refused");
+            if let Ok(refusal) = Arc::clone(&refusals).try_acquire_owned() {
+                tracker.spawn(async move {
+                    let _refusal = refusal;
+                    refuse(
+                        stream,
+                        ErrorCode::ServerFull,
+                        "the server is full; try again later",
+                    )
+                    .await;
+                });
+            }
+            continue;
         };
         let chat = chat.clone();
         let config = Arc::clone(&config);
@@ -113,6 +143,21 @@ pub async fn serve(
     Ok(())
 }
 
+/// Most connections being refused (`server_full`) at once.
+const MAX_REFUSALS: usize = 256;
+
+/// Tells a connection goodbye before serving it, and closes it.
+async fn refuse(stream: TcpStream, code: ErrorCode, message: &str) {
+    let mut framed = Framed::new(stream, ServerCodec::new(0));
+    let goodbye = ServerFrame::Goodbye {
+        code,
+        message: message.into(),
+        versions: Vec::new(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), framed.send(goodbye)).await;
+    linger(framed.into_inner()).await;
+}
+
 fn configure(stream: &TcpStream, config: &ServerConfig) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()
@@ -126,6 +171,11 @@ enum End {
     Eof,
     Io(io::Error),
     Goodbye(ErrorCode, String),
+    /// A hello from a client that speaks only versions older than this
+    /// server's: goodbye in the layout it can read.
+    OldClient(u16),
+    /// The peer's versions and this server's do not meet.
+    NoCommonVersion(String),
 }
 
 /// Initial read and write buffer size per connection, bytes (tokio-util's
@@ -153,7 +203,8 @@ async fn serve_connection(
     );
     let (session, mut events) = chat.open_session();
     debug!(%peer, session = session.id(), "connected");
-    let mut deadline = Instant::now() + config.idle_timeout;
+    // Until the hello, the (shorter) handshake timeout applies.
+    let mut deadline = Instant::now() + config.handshake_timeout.min(config.idle_timeout);
     let mut greeting = Greeting::default();
     // Both waits are made once, not per loop: registering a timer or a
     // cancellation waiter takes a lock shared with other connections. The
@@ -186,7 +237,7 @@ async fn serve_connection(
                 input,
                 &mut framed,
                 &session,
-                &mut events,
+                &chat,
                 &mut greeting,
                 &mut deadline,
                 config,
@@ -219,15 +270,64 @@ async fn serve_connection(
         End::Io(err) => debug!(%peer, %err, "connection failed"),
         End::Goodbye(code, message) => {
             debug!(%peer, %code, %message, "closing");
-            // Best effort: the peer may be gone already.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                framed.send(ServerFrame::Goodbye { code, message }),
+            goodbye(
+                framed,
+                ServerFrame::Goodbye {
+                    code,
+                    message,
+                    versions: Vec::new(),
+                },
             )
             .await;
-            linger(framed.into_inner()).await;
+        }
+        End::NoCommonVersion(message) => {
+            debug!(%peer, %message, "closing: no common protocol version");
+            goodbye(
+                framed,
+                ServerFrame::Goodbye {
+                    code: ErrorCode::UnsupportedVersion,
+                    message,
+                    versions: supported_versions(),
+                },
+            )
+            .await;
+        }
+        End::OldClient(version) => {
+            debug!(%peer, version, "closing: protocol version 1 client");
+            goodbye(
+                framed,
+                ServerFrame::GoodbyeV1 {
+                    code: ErrorCode::UnsupportedVersion,
+                    message: format!(
+                        "this server speaks protocol version {}, not {version}; upgrade the client",
+                        spoken_versions()
+                    ),
+                },
+            )
+            .await;
         }
     }
+}
+
+/// The versions this server speaks, for people: `2`, or `2 to 3`.
+fn spoken_versions() -> String {
+    if OLDEST_VERSION == PROTOCOL_VERSION {
+        PROTOCOL_VERSION.to_string()
+    } else {
+        format!("{OLDEST_VERSION} to {PROTOCOL_VERSION}")
+    }
+}
+
+/// The protocol versions this server speaks, oldest first.
+fn supported_versions() -> Vec<u16> {
+    (OLDEST_VERSION..=PROTOCOL_VERSION).collect()
+}
+
+/// Sends a last frame and closes. Best effort, and bounded: the peer may
+/// be gone already, or not reading.
+async fn goodbye(mut framed: Framed<TcpStream, ServerCodec>, frame: ServerFrame) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), framed.send(frame)).await;
+    linger(framed.into_inner()).await;
 }
 
 /// What woke the connection task.
@@ -244,7 +344,7 @@ async fn handle(
     input: Input,
     framed: &mut Framed<TcpStream, ServerCodec>,
     session: &Session,
-    events: &mut Events,
+    chat: &Chat,
     greeting: &mut Greeting,
     deadline: &mut Instant,
     config: &ServerConfig,
@@ -258,23 +358,14 @@ async fn handle(
     match input {
         Input::Frame(None) => Err(End::Eof),
         Input::Frame(Some(Err(FrameError::Io(err)))) => Err(End::Io(err)),
+        Input::Frame(Some(Err(FrameError::OldVersion(version)))) => Err(End::OldClient(version)),
         Input::Frame(Some(Err(err))) => Err(End::Goodbye(err.code(), err.to_string())),
         Input::Frame(Some(Ok(frame))) => {
             *deadline = Instant::now() + config.idle_timeout;
-            let login = matches!(frame, ClientFrame::Login { .. });
-            let reply = answer(session, frame, greeting, config).await?;
-            if login && matches!(reply, ServerFrame::Done { .. }) {
-                // Replayed messages go before the login's answer, so the
-                // client has them all before it can acknowledge anything.
-                for message in events.take_replay() {
-                    feed(
-                        framed,
-                        ServerFrame::PushMessage(message),
-                        config.idle_timeout,
-                    )
-                    .await?;
-                }
-            }
+            // A login's replay is not written here: the event stream yields
+            // it next, under the same flow control as live pushes, and the
+            // answer says how many messages it holds.
+            let reply = answer(session, chat, frame, greeting, config).await?;
             feed(framed, reply, config.idle_timeout).await
         }
         Input::Event(Some(Event::Message(message))) => {
@@ -300,6 +391,16 @@ async fn handle(
             .await
         }
         Input::Event(Some(Event::Shutdown) | None) | Input::Stop => Err(shutting_down()),
+        Input::Idle if !greeting.greeted => Err(End::Goodbye(
+            ErrorCode::HandshakeTimeout,
+            format!(
+                "no hello within {} ms",
+                config
+                    .handshake_timeout
+                    .min(config.idle_timeout)
+                    .as_millis()
+            ),
+        )),
         Input::Idle => Err(End::Goodbye(
             ErrorCode::IdleTimeout,
             format!("no frame for {} ms", config.idle_timeout.as_millis()),
@@ -345,36 +446,68 @@ struct Greeting {
     send_key: Option<SendKey>,
 }
 
+/// Answers a hello: the newest version both sides speak, the offered
+/// features this server has, and the limits that apply.
+fn welcome(
+    chat: &Chat,
+    frame: ClientFrame,
+    greeting: &mut Greeting,
+    config: &ServerConfig,
+) -> Result<ServerFrame, End> {
+    let ClientFrame::Hello {
+        highest,
+        lowest,
+        features,
+        send_key,
+    } = frame
+    else {
+        return Err(End::Goodbye(
+            ErrorCode::HandshakeRequired,
+            "the first frame must be a hello".into(),
+        ));
+    };
+    let version = highest.min(PROTOCOL_VERSION);
+    if lowest > highest || version < lowest.max(OLDEST_VERSION) {
+        return Err(End::NoCommonVersion(format!(
+            "this server speaks protocol version {}, the client {lowest} to {highest}",
+            spoken_versions()
+        )));
+    }
+    let features = features & feature::ALL;
+    if features & feature::IDEMPOTENT_SEND != 0 && send_key.is_none() {
+        return Err(End::Goodbye(
+            ErrorCode::Malformed,
+            "the idempotent_send feature needs a send key in the hello".into(),
+        ));
+    }
+    *greeting = Greeting {
+        greeted: true,
+        send_key: send_key.filter(|_| features & feature::IDEMPOTENT_SEND != 0),
+    };
+    let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let engine = chat.config();
+    Ok(ServerFrame::Welcome {
+        version,
+        features,
+        max_frame: clamp(config.max_request),
+        idle_timeout_ms: u32::try_from(config.idle_timeout.as_millis()).unwrap_or(u32::MAX),
+        queue_limit: clamp(chat.queue_limit()),
+        max_list: clamp(engine.max_list_results),
+        max_fetch: clamp(engine.max_fetch_results),
+        server: config.server_name.clone(),
+    })
+}
+
 /// Runs one request against the session and builds its reply.
 async fn answer(
     session: &Session,
+    chat: &Chat,
     frame: ClientFrame,
     greeting: &mut Greeting,
     config: &ServerConfig,
 ) -> Result<ServerFrame, End> {
     if !greeting.greeted {
-        return match frame {
-            ClientFrame::Hello { version, send_key } if version == PROTOCOL_VERSION => {
-                *greeting = Greeting {
-                    greeted: true,
-                    send_key,
-                };
-                Ok(ServerFrame::Welcome {
-                    version: PROTOCOL_VERSION,
-                    max_frame: u32::try_from(config.max_request).unwrap_or(u32::MAX),
-                    idle_timeout_ms: u32::try_from(config.idle_timeout.as_millis())
-                        .unwrap_or(u32::MAX),
-                })
-            }
-            ClientFrame::Hello { version, .. } => Err(End::Goodbye(
-                ErrorCode::UnsupportedVersion,
-                format!("this server speaks protocol version {PROTOCOL_VERSION}, not {version}"),
-            )),
-            _ => Err(End::Goodbye(
-                ErrorCode::HandshakeRequired,
-                "the first frame must be a hello".into(),
-            )),
-        };
+        return welcome(chat, frame, greeting, config);
     }
     let (id, result) = match frame {
         ClientFrame::Hello { .. } => {
@@ -384,8 +517,19 @@ async fn answer(
             ));
         }
         ClientFrame::Ping { nonce } => return Ok(ServerFrame::Pong { nonce }),
-        ClientFrame::Create { id, name } => (id, session.create(&name).await.map(|_| Reply::Done)),
-        ClientFrame::Login { id, name } => (id, session.login(&name).await.map(|_| Reply::Done)),
+        ClientFrame::Create { id, name } => (
+            id,
+            session
+                .create(&name)
+                .await
+                .map(|_| Reply::LoggedIn { replay: 0 }),
+        ),
+        ClientFrame::Login { id, name } => (
+            id,
+            session.login(&name).await.map(|_| Reply::LoggedIn {
+                replay: u32::try_from(session.replay_pending()).unwrap_or(u32::MAX),
+            }),
+        ),
         ClientFrame::Logout { id } => (id, session.logout().await.map(|_| Reply::Done)),
         ClientFrame::Delete { id } => (id, session.delete().await.map(|_| Reply::Done)),
         ClientFrame::Send { id, to, body } => (
@@ -409,7 +553,9 @@ async fn answer(
             let Some(key) = &greeting.send_key else {
                 return Err(End::Goodbye(
                     ErrorCode::Malformed,
-                    "SEND ONCE needs a send key, and this connection's hello gave none".into(),
+                    "SEND ONCE needs the idempotent_send feature, which this connection's \
+                     hello did not offer with a send key"
+                        .into(),
                 ));
             };
             (
@@ -427,7 +573,16 @@ async fn answer(
     };
     let state = session.state().await;
     Ok(match result {
-        Ok(Reply::Done) => ServerFrame::Done { id, state },
+        Ok(Reply::Done) => ServerFrame::Done {
+            id,
+            state,
+            replay: None,
+        },
+        Ok(Reply::LoggedIn { replay }) => ServerFrame::Done {
+            id,
+            state,
+            replay: Some(replay),
+        },
         Ok(Reply::Sent {
             message_id,
             timestamp_ms,
@@ -454,7 +609,14 @@ async fn answer(
 
 enum Reply {
     Done,
-    Sent { message_id: u64, timestamp_ms: u64 },
+    /// A create or login: how many replayed messages follow.
+    LoggedIn {
+        replay: u32,
+    },
+    Sent {
+        message_id: u64,
+        timestamp_ms: u64,
+    },
     Accounts(Vec<chat_core::Username>),
     Messages(Vec<chat_core::Message>),
 }

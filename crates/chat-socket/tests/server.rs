@@ -1,5 +1,7 @@
-//! The socket server against raw bytes and real clients: handshake,
-//! malformed input, idle timeout, heartbeat and shutdown.
+//! The socket server against raw bytes and real clients: handshake and
+//! version negotiation, extensibility, pipelining, malformed input, idle
+//! and handshake timeouts, a full server, heartbeat, replay after login and
+//! shutdown.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,10 +9,10 @@ use std::time::Duration;
 use chat_core::client::ChatClient;
 use chat_core::{Chat, ErrorCode, SessionState};
 use chat_socket::codec::ClientCodec;
-use chat_socket::frame::SendKey;
+use chat_socket::frame::{SendKey, feature};
 use chat_socket::{ClientFrame, PROTOCOL_VERSION, ServerConfig, ServerFrame, SocketClient, serve};
 use futures::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::codec::Framed;
@@ -50,23 +52,46 @@ async fn greeted(addr: SocketAddr) -> Raw {
     greeted_with(addr, None).await
 }
 
+fn hello(send_key: Option<SendKey>) -> ClientFrame {
+    ClientFrame::Hello {
+        highest: PROTOCOL_VERSION,
+        lowest: PROTOCOL_VERSION,
+        features: if send_key.is_some() {
+            feature::IDEMPOTENT_SEND
+        } else {
+            0
+        },
+        send_key,
+    }
+}
+
 async fn greeted_with(addr: SocketAddr, send_key: Option<SendKey>) -> Raw {
     let mut conn = raw(addr).await;
-    conn.send(ClientFrame::Hello {
-        version: PROTOCOL_VERSION,
-        send_key,
-    })
-    .await
-    .unwrap();
+    conn.send(hello(send_key)).await.unwrap();
     match next(&mut conn).await {
         Some(ServerFrame::Welcome {
             version,
+            features,
             max_frame,
             idle_timeout_ms,
+            queue_limit,
+            max_list,
+            max_fetch,
+            server,
         }) => {
             assert_eq!(version, PROTOCOL_VERSION);
+            let offered = if send_key.is_some() {
+                feature::IDEMPOTENT_SEND
+            } else {
+                0
+            };
+            assert_eq!(features, offered, "the offered features it has");
             assert_eq!(max_frame, 8192);
             assert_eq!(idle_timeout_ms, 45_000);
+            assert_eq!(queue_limit, 10_000);
+            assert_eq!(max_list, 1000);
+            assert_eq!(max_fetch, 256);
+            assert!(server.starts_with("chat-socket "), "{server}");
         }
         other => panic!("expected welcome, got {other:?}"),
     }
@@ -83,7 +108,9 @@ async fn next(conn: &mut Raw) -> Option<ServerFrame> {
 /// Writes raw bytes and expects a goodbye with `code`, then the close.
 async fn expect_goodbye(conn: &mut Raw, code: ErrorCode) {
     match next(conn).await {
-        Some(ServerFrame::Goodbye { code: got, message }) => {
+        Some(ServerFrame::Goodbye {
+            code: got, message, ..
+        }) => {
             assert_eq!(got, code, "{message}");
             assert!(!message.is_empty());
         }
@@ -111,17 +138,241 @@ async fn first_frame_must_be_hello() {
     still_serves(server.addr).await;
 }
 
+/// A version 1 client's hello gets a goodbye in version 1's layout (code,
+/// then the text to the end of the frame), naming the versions spoken.
 #[tokio::test]
-async fn other_versions_are_refused() {
+async fn a_version_1_client_gets_a_goodbye_it_can_read() {
+    let server = start(ServerConfig::default()).await;
+    let mut conn = TcpStream::connect(server.addr).await.unwrap();
+    // Version 1's hello: tag, magic, version 1, a 12-byte send key.
+    let mut hello = vec![0, 0, 0, 19, 0x01];
+    hello.extend_from_slice(b"CHAT");
+    hello.extend_from_slice(&1u16.to_be_bytes());
+    hello.extend_from_slice(b"0123456789ab");
+    conn.write_all(&hello).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(PATIENCE, conn.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    let len = u32::from_be_bytes(reply[..4].try_into().unwrap()) as usize;
+    assert_eq!(reply.len(), 4 + len, "one frame, then the close");
+    assert_eq!(reply[4], 0xa2, "a goodbye");
+    assert_eq!(
+        u16::from_be_bytes([reply[5], reply[6]]),
+        ErrorCode::UnsupportedVersion.as_u16()
+    );
+    let text = std::str::from_utf8(&reply[7..]).unwrap();
+    assert!(
+        text.starts_with("this server speaks protocol version 2"),
+        "{text}"
+    );
+}
+
+/// A client whose versions do not meet the server's gets a goodbye that
+/// lists the server's.
+#[tokio::test]
+async fn no_common_version_is_refused_with_the_servers_versions() {
     let server = start(ServerConfig::default()).await;
     let mut conn = raw(server.addr).await;
     conn.send(ClientFrame::Hello {
-        version: 99,
+        highest: 9,
+        lowest: 7,
+        features: 0,
         send_key: None,
     })
     .await
     .unwrap();
-    expect_goodbye(&mut conn, ErrorCode::UnsupportedVersion).await;
+    match next(&mut conn).await {
+        Some(ServerFrame::Goodbye {
+            code: ErrorCode::UnsupportedVersion,
+            versions,
+            ..
+        }) => assert_eq!(versions, [PROTOCOL_VERSION]),
+        other => panic!("{other:?}"),
+    }
+    // A client that speaks newer versions too is answered in the newest
+    // both speak.
+    let mut conn = raw(server.addr).await;
+    conn.send(ClientFrame::Hello {
+        highest: 9,
+        lowest: 1,
+        features: 0,
+        send_key: None,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut conn).await,
+        Some(ServerFrame::Welcome {
+            version: PROTOCOL_VERSION,
+            ..
+        })
+    ));
+}
+
+/// Optional fields a newer client adds (properties this server does not
+/// know), and features it does not have, are skipped.
+#[tokio::test]
+async fn unknown_properties_and_features_are_skipped() {
+    let server = start(ServerConfig::default()).await;
+    let mut conn = raw(server.addr).await;
+    let mut bytes = vec![0x01];
+    bytes.extend_from_slice(b"CHAT");
+    bytes.extend_from_slice(&[0, 2, 0, 2]); // versions 2..=2
+    bytes.extend_from_slice(&0x8000_0000u32.to_be_bytes()); // an unknown feature
+    bytes.extend_from_slice(&[0x7e, 3, b'n', b'e', b'w']); // an unknown property
+    let mut framed = (bytes.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    // CREATE "x" with an unknown property after its fields.
+    framed.extend_from_slice(&[0, 0, 0, 11, 0x10, 0, 0, 0, 1, 1, b'x', 0x7f, 2, 0xaa, 0xbb]);
+    conn.get_mut().write_all(&framed).await.unwrap();
+    assert!(matches!(
+        next(&mut conn).await,
+        Some(ServerFrame::Welcome { features: 0, .. })
+    ));
+    assert!(matches!(
+        next(&mut conn).await,
+        Some(ServerFrame::Done {
+            id: 1,
+            state: SessionState::LoggedIn(_),
+            ..
+        })
+    ));
+}
+
+/// A client may send requests right after its hello, without waiting for
+/// the welcome, and many at once: the answers come in request order.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let server = start(ServerConfig::default()).await;
+    let mut conn = raw(server.addr).await;
+    conn.feed(hello(None)).await.unwrap();
+    conn.feed(ClientFrame::Create {
+        id: 1,
+        name: "piper".into(),
+    })
+    .await
+    .unwrap();
+    for id in 2..=20 {
+        conn.feed(ClientFrame::List {
+            id,
+            max: 0,
+            pattern: "pip".into(),
+        })
+        .await
+        .unwrap();
+    }
+    conn.feed(ClientFrame::Ping { nonce: 21 }).await.unwrap();
+    conn.flush().await.unwrap();
+    assert!(matches!(
+        next(&mut conn).await,
+        Some(ServerFrame::Welcome { .. })
+    ));
+    assert!(matches!(
+        next(&mut conn).await,
+        Some(ServerFrame::Done { id: 1, .. })
+    ));
+    for expected in 2..=20 {
+        match next(&mut conn).await {
+            Some(ServerFrame::Accounts { id, names, .. }) => {
+                assert_eq!(id, expected);
+                assert_eq!(names.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(next(&mut conn).await, Some(ServerFrame::Pong { nonce: 21 }));
+}
+
+/// At the connection limit, a new connection hears why at once instead of
+/// hanging in the listen backlog; a freed slot serves again.
+#[tokio::test]
+async fn a_full_server_says_so() {
+    let config = ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let first = greeted(server.addr).await;
+    let mut second = raw(server.addr).await;
+    expect_goodbye(&mut second, ErrorCode::ServerFull).await;
+    drop(first);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match SocketClient::connect(server.addr).await {
+            Ok(_) => break,
+            Err(err) => {
+                assert_eq!(err.code(), Some(ErrorCode::ServerFull), "{err}");
+                assert!(tokio::time::Instant::now() < deadline, "never freed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// A connection that never says hello is closed after the (short)
+/// handshake timeout, not the idle timeout.
+#[tokio::test]
+async fn a_connection_without_a_hello_is_closed() {
+    let config = ServerConfig {
+        handshake_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let mut conn = raw(server.addr).await;
+    expect_goodbye(&mut conn, ErrorCode::HandshakeTimeout).await;
+}
+
+/// A login answers first, saying how many unacknowledged messages are
+/// replayed; they follow as pushes, before any live one.
+#[tokio::test]
+async fn a_login_answers_before_its_replay_and_counts_it() {
+    let server = start(ServerConfig::default()).await;
+    let mut alice = SocketClient::connect(server.addr).await.unwrap();
+    alice.create("alice").await.unwrap();
+    let mut bob = greeted(server.addr).await;
+    call(
+        &mut bob,
+        ClientFrame::Create {
+            id: 1,
+            name: "bob".into(),
+        },
+    )
+    .await;
+    for body in ["r1", "r2", "r3"] {
+        alice.send("bob", body).await.unwrap();
+    }
+    for _ in 0..3 {
+        assert!(matches!(
+            next(&mut bob).await,
+            Some(ServerFrame::PushMessage(_))
+        ));
+    }
+    call(&mut bob, ClientFrame::Logout { id: 2 }).await;
+    bob.send(ClientFrame::Login {
+        id: 3,
+        name: "bob".into(),
+    })
+    .await
+    .unwrap();
+    match next(&mut bob).await {
+        Some(ServerFrame::Done {
+            id: 3,
+            replay: Some(3),
+            ..
+        }) => {}
+        other => panic!("expected the login's answer first, got {other:?}"),
+    }
+    alice.send("bob", "live").await.unwrap();
+    let mut bodies = Vec::new();
+    for _ in 0..4 {
+        match next(&mut bob).await {
+            Some(ServerFrame::PushMessage(m)) => bodies.push(m.body.to_string()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(bodies, ["r1", "r2", "r3", "live"]);
 }
 
 #[tokio::test]
@@ -136,6 +387,14 @@ async fn malformed_input_gets_an_error_frame_and_logs_out() {
         (vec![0, 0, 0, 0], ErrorCode::Malformed),
         (
             vec![0, 0, 0, 7, 0x11, 0, 0, 0, 1, 0xff, 0xfe],
+            ErrorCode::Malformed,
+        ),
+        (
+            vec![0, 0, 0, 8, 0x11, 0, 0, 0, 1, 2, 0xff, 0xfe],
+            ErrorCode::Malformed,
+        ),
+        (
+            vec![0, 0, 0, 9, 0x11, 0, 0, 0, 1, 0, 0x7f, 0, 0x7f],
             ErrorCode::Malformed,
         ),
         (vec![0, 0, 0, 3, 0x14, 0, 0], ErrorCode::Malformed),
@@ -179,12 +438,7 @@ async fn silent_peers_are_dropped_and_logged_out() {
     };
     let server = start(config).await;
     let mut conn = raw(server.addr).await;
-    conn.send(ClientFrame::Hello {
-        version: PROTOCOL_VERSION,
-        send_key: None,
-    })
-    .await
-    .unwrap();
+    conn.send(hello(None)).await.unwrap();
     assert!(matches!(
         next(&mut conn).await,
         Some(ServerFrame::Welcome {
@@ -262,7 +516,8 @@ async fn responses_carry_the_request_id_and_state() {
         next(&mut conn).await,
         Some(ServerFrame::Done {
             id: 42,
-            state: SessionState::LoggedIn(_)
+            state: SessionState::LoggedIn(_),
+            replay: Some(0),
         })
     ));
 }
@@ -415,10 +670,12 @@ async fn send_once_is_keyed_by_the_hellos_send_key_and_the_request_id() {
 async fn a_send_key_of_the_wrong_length_is_malformed() {
     let server = start(ServerConfig::default()).await;
     let mut conn = raw(server.addr).await;
-    let mut hello = vec![0, 0, 0, 12, 0x01];
+    let mut hello = vec![0, 0, 0, 20, 0x01];
     hello.extend_from_slice(b"CHAT");
     hello.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    hello.extend_from_slice(&[1, 2, 3, 4, 5]);
+    hello.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    hello.extend_from_slice(&feature::IDEMPOTENT_SEND.to_be_bytes());
+    hello.extend_from_slice(&[0x01, 5, 1, 2, 3, 4, 5]); // a 5-byte send key
     conn.get_mut().write_all(&hello).await.unwrap();
     expect_goodbye(&mut conn, ErrorCode::Malformed).await;
     still_serves(server.addr).await;
