@@ -30,16 +30,20 @@ async fn socket_costs_are_as_specified_and_grpc_costs_more() {
             .unwrap()
     };
     let payload = (RECIPIENT.len() + BODY.len()) as u64;
-    // HELLO is 23 bytes with its 12-byte send key, WELCOME 15.
-    assert_eq!(cost(&socket, "connect"), (23, 15));
-    // SEND ONCE: 10 bytes beyond recipient and body, as for SEND (length 4,
-    // tag 1, request id 4, recipient length 1: the send key went once, in
-    // the hello); SENT: 4+1+4+1+(1+5)+8+8.
-    assert_eq!(cost(&socket, "send"), (10 + payload, 32));
-    // PUSH MESSAGE: 4+1+8+8+(1+5) beyond the body.
+    // HELLO: 4+1+4 (magic)+2+2 (versions)+4 (features)+(1+1+12) (the send
+    // key property) = 31; WELCOME: 4+1+2+6*4 (features and limits)+the
+    // server's name as a text.
+    let name = chat_socket::ServerConfig::default().server_name.len() as u64;
+    assert_eq!(cost(&socket, "connect"), (31, 32 + name));
+    // SEND ONCE: 11 bytes beyond recipient and body for a body under 128
+    // bytes (length 4, tag 1, request id 4, one length byte each for the
+    // recipient and the body: the send key went once, in the hello);
+    // SENT: 4+1+4+1+(1+5)+8+8.
+    assert_eq!(cost(&socket, "send"), (11 + payload, 32));
+    // PUSH MESSAGE: 4+1+8+8+(1+5)+1 beyond the body.
     assert_eq!(
         cost(&socket, "live push (recipient side)"),
-        (0, 27 + BODY.len() as u64)
+        (0, 28 + BODY.len() as u64)
     );
     for op in [
         "send",
