@@ -6,6 +6,17 @@
 //! task turns the stream into [`Push`]es. HTTP/2 keepalive detects a dead
 //! server.
 //!
+//! Pushes wait in a bounded queue ([`PUSH_QUEUE`] events). An application
+//! that stops calling `next_push` fills it; the stream task then stops
+//! reading, HTTP/2 flow control stops the server, and once the server has
+//! waited its push timeout (30 s by default) it ends the session: the queue
+//! then ends with a [`Push::LoggedOut`] (`slow_consumer`). Nothing is lost
+//! (the messages stay stored and are replayed at the next login), and calls
+//! other than the stream keep working meanwhile. Every end of a session
+//! reaches the application: a `LoggedOut` push, or a [`Push::Goodbye`] when
+//! the server stops or the connection is lost, after which `next_push`
+//! returns `None`.
+//!
 //! Sends are idempotent: each carries a random 128-bit send id, and a send
 //! whose connection or session failed before the reply is resent with the
 //! same id after logging in again (for up to [`RECONNECT_DEADLINE`]).
@@ -31,6 +42,10 @@ use crate::status::to_client_error;
 /// connection or session failed.
 pub const RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
+/// How many pushed events a client holds for its application before its
+/// stream task stops reading (see the module docs).
+pub const PUSH_QUEUE: usize = 1024;
+
 /// A connection to a chat server speaking gRPC.
 pub struct GrpcClient {
     stub: Stub<Channel>,
@@ -39,9 +54,12 @@ pub struct GrpcClient {
     seen: Seen,
     /// Messages queued by the stream reader, not yet returned.
     unreturned: Unreturned,
-    push_tx: mpsc::UnboundedSender<Push>,
-    pushes: mpsc::UnboundedReceiver<Push>,
+    push_tx: mpsc::Sender<Push>,
+    pushes: mpsc::Receiver<Push>,
     stream: Option<JoinHandle<()>>,
+    /// Set once a goodbye was returned: the connection is over, and
+    /// `next_push` returns `None` from then on.
+    closed: bool,
 }
 
 impl std::fmt::Debug for GrpcClient {
@@ -109,7 +127,7 @@ impl GrpcClient {
             .connect()
             .await
             .map_err(|e| ClientError::Connection(format!("cannot connect to {addr}: {e}")))?;
-        let (push_tx, pushes) = mpsc::unbounded_channel();
+        let (push_tx, pushes) = mpsc::channel(PUSH_QUEUE);
         Ok(Self {
             stub: Stub::new(channel),
             token: None,
@@ -119,6 +137,7 @@ impl GrpcClient {
             push_tx,
             pushes,
             stream: None,
+            closed: false,
         })
     }
 
@@ -220,12 +239,15 @@ impl GrpcClient {
     /// Adopts a new session and opens its push stream.
     async fn enter(&mut self, reply: pb::LoginReply) -> Result<SessionState, ClientError> {
         let state = state_from(reply.state)?;
+        // Acknowledgements wait until the replay has arrived: the replayed
+        // messages are delivered ones this client has not seen.
+        self.unreturned.expect_replay(reply.replay.into());
         let token: MetadataValue<Ascii> = format!("Bearer {}", reply.token)
             .parse()
             .map_err(|_| protocol("the session token is not ASCII"))?;
         self.token = Some(token);
         self.adopt(state.clone());
-        let mut stream = match self
+        let stream = match self
             .stub
             .subscribe(self.request(pb::SubscribeRequest {}))
             .await
@@ -233,37 +255,6 @@ impl GrpcClient {
             Ok(response) => response.into_inner(),
             Err(status) => return Err(self.fail(status)),
         };
-        // Take the replay up to the server's "ready" before returning, so
-        // the caller cannot acknowledge past a replayed message it has not
-        // been offered.
-        let replay = async {
-            loop {
-                match stream.message().await {
-                    Ok(Some(pb::Push {
-                        event: Some(pb::push::Event::Ready(_)),
-                    })) => return Ok(()),
-                    Ok(Some(pb::Push {
-                        event: Some(pb::push::Event::Message(m)),
-                    })) => {
-                        let message = message_from(m)?;
-                        self.unreturned.received(message.id);
-                        let _ = self.push_tx.send(Push::Message(message));
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        return Err(ClientError::Connection(
-                            "the push stream ended at once".into(),
-                        ));
-                    }
-                    Err(status) => return Err(to_client_error(&status)),
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(30), replay)
-            .await
-            .map_err(|_| {
-                ClientError::Connection("no ready from the push stream within 30 s".into())
-            })??;
         let pushes = self.push_tx.clone();
         self.stream = Some(tokio::spawn(read_pushes(
             stream,
@@ -279,51 +270,66 @@ impl GrpcClient {
 /// forced logout is not a goodbye (the connection is fine).
 async fn read_pushes(
     mut stream: tonic::Streaming<pb::Push>,
-    pushes: mpsc::UnboundedSender<Push>,
+    pushes: mpsc::Sender<Push>,
     unreturned: Unreturned,
 ) {
-    loop {
+    let last = loop {
         match stream.message().await {
             Ok(Some(pb::Push {
                 event: Some(pb::push::Event::Message(m)),
             })) => match message_from(m) {
                 Ok(message) => {
                     unreturned.received(message.id);
-                    let _ = pushes.send(Push::Message(message));
+                    // Waits while the application's queue is full: the
+                    // stream is not read meanwhile (backpressure).
+                    if pushes.send(Push::Message(message)).await.is_err() {
+                        return;
+                    }
                 }
                 Err(err) => {
-                    let _ = pushes.send(Push::Goodbye {
+                    break Push::Goodbye {
                         code: ErrorCode::Malformed,
                         message: err.to_string(),
-                    });
-                    return;
+                    };
                 }
             },
             Ok(Some(pb::Push {
                 event: Some(pb::push::Event::LoggedOut(out)),
             })) => {
+                // A replay cut short by the end of its login never comes.
+                unreturned.expect_replay(0);
                 let reason = reason_from(&out.reason);
-                if reason == LogoutReason::SlowConsumer
-                    && let Ok(user) = Username::parse(&out.username)
-                {
-                    let _ = pushes.send(Push::LoggedOut { user, reason });
+                match Username::parse(&out.username) {
+                    // A logout the client asked for was answered by its
+                    // call; only the others are news.
+                    Ok(user) if reason != LogoutReason::Requested => {
+                        break Push::LoggedOut { user, reason };
+                    }
+                    _ => return,
                 }
-                return;
             }
             Ok(Some(pb::Push {
                 event: None | Some(pb::push::Event::Ready(_)),
             })) => {}
-            Ok(None) => return,
+            Ok(None) => {
+                // A server of this version always says why a session ends;
+                // an older one may not.
+                break Push::Goodbye {
+                    code: ErrorCode::Unauthenticated,
+                    message: "the session's push stream ended without a reason".into(),
+                };
+            }
             Err(status) => {
                 let (code, message) = match to_client_error(&status) {
                     ClientError::Server { code, message } => (code, message),
                     other => (ErrorCode::Internal, other.to_string()),
                 };
-                let _ = pushes.send(Push::Goodbye { code, message });
-                return;
+                // `unauthenticated` after a logout notice was already said.
+                break Push::Goodbye { code, message };
             }
         }
-    }
+    };
+    let _ = pushes.send(last).await;
 }
 
 impl ChatClient for GrpcClient {
@@ -471,6 +477,9 @@ impl ChatClient for GrpcClient {
 
     async fn next_push(&mut self) -> Option<Push> {
         loop {
+            if self.closed {
+                return None;
+            }
             let push = self.pushes.recv().await?;
             if let Push::Message(m) = &push {
                 self.unreturned.returned(m.id);
@@ -479,6 +488,11 @@ impl ChatClient for GrpcClient {
                 Push::Message(m) if !self.seen.first(m.id) => continue,
                 Push::LoggedOut { user, .. } if self.state.user() == Some(user) => {
                     self.forget_session()
+                }
+                Push::Goodbye { code, .. } => {
+                    self.forget_session();
+                    // The connection is over unless only the session ended.
+                    self.closed = *code != ErrorCode::Unauthenticated;
                 }
                 _ => {}
             }

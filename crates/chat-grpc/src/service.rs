@@ -1,0 +1,392 @@
+//! The `chat.v1.Chat` service: each RPC finds the session its token names,
+//! calls the chat-core [`Session`](chat_core::Session) behind it, and maps
+//! the result.
+//!
+//! A gRPC session is a chat-core session that is logged in: create and
+//! login open one and return its token; logout and delete end it. A token
+//! is valid only while its session is logged in: when the engine ends a
+//! login on its own (a slow consumer), the next call with its token ends the
+//! session and answers `unauthenticated`, as for any token the server does
+//! not know.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_core::{Chat, ChatError, ErrorCode, SessionState};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::forward::{self, PushStream, pb_message};
+use crate::pb;
+use crate::pb::chat_server::Chat as ChatRpc;
+use crate::sessions::{Entry, Sessions};
+use crate::status::{from_chat_error, to_status};
+
+/// The `chat.v1.Chat` service.
+#[derive(Clone)]
+pub struct ChatService {
+    pub(crate) chat: Chat,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) stream_grace: Duration,
+    pub(crate) push_timeout: Duration,
+    pub(crate) stop: CancellationToken,
+}
+
+fn bearer<T>(request: &Request<T>) -> Result<Option<&str>, Status> {
+    let Some(value) = request.metadata().get("authorization") else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| {
+        to_status(
+            ErrorCode::Unauthenticated,
+            "the authorization metadata is not ASCII",
+        )
+    })?;
+    match text.strip_prefix("Bearer ") {
+        Some(token) => Ok(Some(token)),
+        None => Err(to_status(
+            ErrorCode::Unauthenticated,
+            "authorization must be `Bearer <token>`",
+        )),
+    }
+}
+
+fn unknown_token() -> Status {
+    to_status(
+        ErrorCode::Unauthenticated,
+        "unknown, malformed or ended session token",
+    )
+}
+
+fn pb_state(state: &SessionState) -> Option<pb::SessionState> {
+    Some(pb::SessionState {
+        username: state.user().map(ToString::to_string).unwrap_or_default(),
+    })
+}
+
+impl ChatService {
+    /// The session a call carries a token for, if it carries one. A token
+    /// that names no live session is `unauthenticated`, whatever the call.
+    async fn session(&self, request: &Request<impl Sized>) -> Result<Option<Arc<Entry>>, Status> {
+        let Some(token) = bearer(request)? else {
+            return Ok(None);
+        };
+        let entry = self.sessions.find(token).ok_or_else(unknown_token)?;
+        if entry.session.login_revoked() {
+            // The engine ended the login (slow consumer); the token dies
+            // with it.
+            self.sessions.end(&entry).await;
+            return Err(to_status(
+                ErrorCode::Unauthenticated,
+                "session ended: slow consumer",
+            ));
+        }
+        Ok(Some(entry))
+    }
+
+    /// The session a call acts as. No token: `not_logged_in`, as on the
+    /// socket transport.
+    async fn authorize(&self, request: &Request<impl Sized>) -> Result<Arc<Entry>, Status> {
+        self.session(request)
+            .await?
+            .ok_or_else(|| from_chat_error(&ChatError::NotLoggedIn))
+    }
+
+    /// Maps an engine error on a token's session. `not_logged_in` there
+    /// means the engine ended the login under the token (between the token
+    /// check and the call): the session ends and the token is void.
+    async fn failed(&self, entry: &Entry, err: ChatError) -> Status {
+        if err == ChatError::NotLoggedIn {
+            self.sessions.end(entry).await;
+            return unknown_token();
+        }
+        from_chat_error(&err)
+    }
+
+    /// Create and login: on a live session they fail as the engine says
+    /// (`session_logged_in`); otherwise they open a new session.
+    async fn enter(
+        &self,
+        request: &Request<impl Sized>,
+        name: &str,
+        create: bool,
+    ) -> Result<Response<pb::LoginReply>, Status> {
+        if let Some(entry) = self.session(request).await? {
+            let err = match entry.session.state().await {
+                SessionState::LoggedIn(user) => ChatError::SessionLoggedIn(user),
+                SessionState::LoggedOut => ChatError::NotLoggedIn,
+            };
+            return Err(self.failed(&entry, err).await);
+        }
+        let (session, events) = self.chat.open_session();
+        let result = if create {
+            session.create(name).await
+        } else {
+            session.login(name).await
+        };
+        let state = match result {
+            Ok(state) => state,
+            Err(err) => {
+                session.close().await;
+                return Err(from_chat_error(&err));
+            }
+        };
+        let replay = u32::try_from(session.replay_pending()).unwrap_or(u32::MAX);
+        let (entry, token) = self.sessions.insert(session, events);
+        self.sessions.expire_unopened(entry, self.stream_grace);
+        Ok(Response::new(pb::LoginReply {
+            token,
+            state: pb_state(&state),
+            replay,
+        }))
+    }
+
+    async fn create_account_inner(
+        self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::LoginReply>, Status> {
+        let name = request.get_ref().username.clone();
+        self.enter(&request, &name, true).await
+    }
+
+    async fn login_inner(
+        self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginReply>, Status> {
+        let name = request.get_ref().username.clone();
+        self.enter(&request, &name, false).await
+    }
+
+    async fn logout_inner(
+        self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        let entry = self.authorize(&request).await?;
+        let state = match entry.session.logout().await {
+            Ok(state) => state,
+            Err(err) => return Err(self.failed(&entry, err).await),
+        };
+        self.sessions.end(&entry).await;
+        Ok(Response::new(pb::StateReply {
+            state: pb_state(&state),
+        }))
+    }
+
+    async fn delete_account_inner(
+        self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        let entry = self.authorize(&request).await?;
+        let state = match entry.session.delete().await {
+            Ok(state) => state,
+            Err(err) => return Err(self.failed(&entry, err).await),
+        };
+        self.sessions.end(&entry).await;
+        Ok(Response::new(pb::StateReply {
+            state: pb_state(&state),
+        }))
+    }
+
+    async fn send_message_inner(
+        self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageReply>, Status> {
+        let entry = self.authorize(&request).await?;
+        let message = request.get_ref();
+        let send_id = match message.send_id.len() {
+            0 => None,
+            16 => message.send_id[..].try_into().ok().map(u128::from_be_bytes),
+            n => {
+                return Err(to_status(
+                    ErrorCode::Malformed,
+                    format!("send_id must be 16 bytes, not {n}"),
+                ));
+            }
+        };
+        let receipt = match entry
+            .session
+            .send_once(&message.recipient, &message.body, send_id)
+            .await
+        {
+            Ok(receipt) => receipt,
+            Err(err) => return Err(self.failed(&entry, err).await),
+        };
+        Ok(Response::new(pb::SendMessageReply {
+            state: pb_state(&entry.session.state().await),
+            message_id: receipt.id,
+            timestamp_ms: receipt.timestamp_ms,
+        }))
+    }
+
+    async fn list_accounts_inner(
+        self,
+        request: Request<pb::ListAccountsRequest>,
+    ) -> Result<Response<pb::ListAccountsReply>, Status> {
+        let session = self.session(&request).await?;
+        let query = request.get_ref();
+        let max = query.max as usize;
+        let (names, state) = match &session {
+            Some(entry) => (
+                entry.session.list(&query.pattern, max).await,
+                entry.session.state().await,
+            ),
+            None => {
+                let names = if self.chat.is_shutting_down() {
+                    Err(ChatError::ShuttingDown)
+                } else {
+                    self.chat.list(&query.pattern, max).await
+                };
+                (names, SessionState::LoggedOut)
+            }
+        };
+        let names = names.map_err(|e| from_chat_error(&e))?;
+        Ok(Response::new(pb::ListAccountsReply {
+            state: pb_state(&state),
+            usernames: names.into_iter().map(|n| n.to_string()).collect(),
+        }))
+    }
+
+    async fn fetch_messages_inner(
+        self,
+        request: Request<pb::FetchMessagesRequest>,
+    ) -> Result<Response<pb::FetchMessagesReply>, Status> {
+        let entry = self.authorize(&request).await?;
+        let messages = match entry.session.fetch(request.get_ref().max as usize).await {
+            Ok(messages) => messages,
+            Err(err) => return Err(self.failed(&entry, err).await),
+        };
+        Ok(Response::new(pb::FetchMessagesReply {
+            state: pb_state(&entry.session.state().await),
+            messages: messages.into_iter().map(pb_message).collect(),
+        }))
+    }
+
+    async fn acknowledge_inner(
+        self,
+        request: Request<pb::AcknowledgeRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        let entry = self.authorize(&request).await?;
+        if let Err(err) = entry.session.ack(request.get_ref().through).await {
+            return Err(self.failed(&entry, err).await);
+        }
+        Ok(Response::new(pb::StateReply {
+            state: pb_state(&entry.session.state().await),
+        }))
+    }
+
+    /// Runs an RPC's work on its own task. hyper drops a handler's future
+    /// when its client disconnects; a send cut off between storing a
+    /// message and pushing it, or a fetch between marking messages
+    /// delivered and replying, would leave them stored as delivered but
+    /// never seen. Detached, the work always completes; only the reply may
+    /// be lost (and the client resends).
+    async fn detached<Req, Reply, Work>(
+        &self,
+        request: Request<Req>,
+        rpc: fn(ChatService, Request<Req>) -> Work,
+    ) -> Result<Response<Reply>, Status>
+    where
+        Work: Future<Output = Result<Response<Reply>, Status>> + Send + 'static,
+        Reply: Send + 'static,
+    {
+        tokio::spawn(rpc(self.clone(), request))
+            .await
+            .unwrap_or_else(|err| {
+                Err(to_status(
+                    ErrorCode::Internal,
+                    format!("request task failed: {err}"),
+                ))
+            })
+    }
+}
+
+#[tonic::async_trait]
+impl ChatRpc for ChatService {
+    async fn create_account(
+        &self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::LoginReply>, Status> {
+        self.detached(request, Self::create_account_inner).await
+    }
+
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginReply>, Status> {
+        self.detached(request, Self::login_inner).await
+    }
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        self.detached(request, Self::logout_inner).await
+    }
+
+    async fn delete_account(
+        &self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        self.detached(request, Self::delete_account_inner).await
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageReply>, Status> {
+        self.detached(request, Self::send_message_inner).await
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<pb::ListAccountsRequest>,
+    ) -> Result<Response<pb::ListAccountsReply>, Status> {
+        self.detached(request, Self::list_accounts_inner).await
+    }
+
+    async fn fetch_messages(
+        &self,
+        request: Request<pb::FetchMessagesRequest>,
+    ) -> Result<Response<pb::FetchMessagesReply>, Status> {
+        self.detached(request, Self::fetch_messages_inner).await
+    }
+
+    async fn acknowledge(
+        &self,
+        request: Request<pb::AcknowledgeRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        self.detached(request, Self::acknowledge_inner).await
+    }
+
+    type SubscribeStream = PushStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<PushStream>, Status> {
+        let entry = self.authorize(&request).await?;
+        let events = entry.events.lock().ok().and_then(|mut e| e.take());
+        let Some(events) = events else {
+            return Err(to_status(
+                ErrorCode::AlreadyLoggedIn,
+                "this session's push stream is already open",
+            ));
+        };
+        let user = entry
+            .session
+            .state()
+            .await
+            .user()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let (stream, forwarder) =
+            forward::subscribe(entry.id, user, events, self.stop.clone(), self.push_timeout);
+        let sessions = Arc::clone(&self.sessions);
+        tokio::spawn(async move {
+            forwarder.await;
+            sessions.end(&entry).await;
+        });
+        Ok(Response::new(stream))
+    }
+}
