@@ -810,23 +810,23 @@ async fn prune_expired_forgets_send_ids_and_idle_accounts() {
     };
     let store = SqliteStore::open(dir.path(), options).await.unwrap();
     store.create_account(&name("bob")).await.unwrap();
-    let sent = message("bob", "kept", false, Some(7));
-    let first = store.append(sent.clone()).await.unwrap();
+    // Sent (by its timestamp) a minute more than the retention ago; bob's
+    // counters are used now, by the wall clock.
     let retention = chat_core::SEND_ID_RETENTION.as_millis() as u64;
+    let mut sent = message("bob", "kept", false, Some(7));
+    sent.timestamp_ms = wall_clock_ms() - retention - 60_000;
+    let first = store.append(sent.clone()).await.unwrap();
 
-    // Not yet expired: nothing goes (bob was used just now).
+    // By the message's own time, nothing has expired.
     assert_eq!(store.prune_expired(sent.timestamp_ms + 1).await.unwrap(), 0);
     assert!(store.append(sent.clone()).await.unwrap().duplicate);
-    // Past the retention, by a clock still before the cache's last use.
+    // Now, the send id is past its retention; bob was used just now.
     assert_eq!(
-        store
-            .prune_expired(sent.timestamp_ms + retention + 1)
-            .await
-            .unwrap(),
+        store.prune_expired(wall_clock_ms()).await.unwrap(),
         1,
         "the send id, not bob's counters"
     );
-    // By a clock two minutes past now, bob is idle: his counters go.
+    // Two minutes from now, bob is idle: his counters go.
     let later = wall_clock_ms() + 120_000;
     assert_eq!(
         store.prune_expired(later).await.unwrap(),
