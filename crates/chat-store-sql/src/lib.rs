@@ -1,6 +1,16 @@
 //! Durable chat storage on SQL: [`SqliteStore`], an embedded SQLite
 //! database through `sqlx`, implementing [`chat_core::Store`].
 //!
+//! # Layout
+//!
+//! - this file: opening the database (directory, pragmas, migrations,
+//!   refusing a newer schema) and the `Store` methods: reads go to a pool of
+//!   reader connections, writes become jobs for the writer task;
+//! - `writer`: the writer task (group commit, failure handling, timed
+//!   pruning) and its supervision; `writer::job` the typed jobs,
+//!   `writer::apply` what each write does in a transaction,
+//!   `writer::counters` the per-account counters cache.
+//!
 //! # Durability
 //!
 //! The database runs in WAL mode with `synchronous = FULL`: a transaction
@@ -13,13 +23,37 @@
 //! All writes go through one writer task that owns the only writing
 //! connection. It takes the first waiting write, then every other write
 //! already waiting (up to [`SqliteOptions::max_batch`]), applies them in
-//! arrival order in one transaction, commits once — one fsync for the whole
-//! batch — and only then answers each caller. Under load, concurrent sends
-//! share fsyncs instead of queueing for one each. If the transaction fails
-//! (disk full, I/O error, locked file), it is rolled back and every write in
-//! it fails with `store_unavailable`: nothing is acknowledged that was not
-//! stored. Reads (login checks, listing, replays) use a separate pool and
-//! see every committed write.
+//! arrival order in one transaction (`BEGIN IMMEDIATE`: the write lock is
+//! taken up front, so another connection's commit cannot invalidate the
+//! batch half-way), commits once — one fsync for the whole batch — and only
+//! then answers each caller. Under load, concurrent sends share fsyncs
+//! instead of queueing for one each. Reads (login checks, listing, replays)
+//! use a separate pool and see every committed write.
+//!
+//! # Failures
+//!
+//! If a batch's transaction fails (disk full, I/O error, a constraint), it
+//! is rolled back and its writes are applied again one transaction each:
+//! only a write that fails on its own gets `store_unavailable`, the others
+//! are stored. Nothing is acknowledged that was not stored.
+//!
+//! If the writer task itself dies (a panic, or a connection it cannot roll
+//! back), the reason is logged at error level, every later write fails
+//! with [`StoreError::Unavailable`] naming it, and [`Store::failed`]
+//! completes with it, so a server can report itself unhealthy.
+//!
+//! # Message ids
+//!
+//! Ids increase per recipient and never repeat for a name: deleting an
+//! account raises a stored id floor (schema version 5) to its last id in
+//! the same transaction, and a new account's ids start above the floor.
+//!
+//! # Pruning
+//!
+//! The writer deletes send ids past their retention and evicts idle
+//! accounts from its counters cache every [`SqliteOptions::prune_every`],
+//! even when no writes arrive. [`Store::prune_expired`] runs the same prune
+//! on demand, by the time it is given; a caller need not call it.
 //!
 //! # Schema
 //!
@@ -44,13 +78,13 @@ use sqlx::sqlite::{
     SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Connection, Row};
-use tokio::sync::{mpsc, oneshot};
 
-/// The embedded migrations.
 mod writer;
 
-use writer::{Done, Job, Op};
+use writer::WriterHandle;
+use writer::job::{Ack, Call, Job, Take};
 
+/// The embedded migrations.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// The database file inside the data directory.
@@ -66,6 +100,14 @@ pub struct SqliteOptions {
     pub max_batch: usize,
     /// Read connections (default 4).
     pub readers: u32,
+    /// How often the writer deletes expired send ids and evicts idle
+    /// accounts' counters, whether or not writes arrive (default one
+    /// minute).
+    pub prune_every: Duration,
+    /// How long an account's counters stay cached in the writer after the
+    /// last write that used them (default ten minutes); evicted counters
+    /// are read from the database again when needed.
+    pub idle_account_after: Duration,
 }
 
 impl Default for SqliteOptions {
@@ -74,6 +116,8 @@ impl Default for SqliteOptions {
             queue_limit: chat_core::DEFAULT_QUEUE_LIMIT,
             max_batch: 512,
             readers: 4,
+            prune_every: Duration::from_secs(60),
+            idle_account_after: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -126,7 +170,7 @@ pub enum OpenError {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     readers: SqlitePool,
-    writes: mpsc::Sender<Job>,
+    writer: WriterHandle,
 }
 
 /// The newest schema version this binary knows.
@@ -196,23 +240,32 @@ impl SqliteStore {
             .connect_with(connect)
             .await
             .map_err(open_err)?;
-        let (writes, jobs) = mpsc::channel(options.max_batch.max(1) * 4);
-        tokio::spawn(writer::run(writer, jobs, options));
-        Ok(Self { readers, writes })
+        let writer = writer::spawn(writer, options);
+        Ok(Self { readers, writer })
     }
 
-    async fn write(&self, op: Op) -> Result<Done, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.writes
-            .send(Job { op, reply })
-            .await
-            .map_err(|_| writer_gone())?;
-        answer.await.map_err(|_| writer_gone())?
+    /// Sends a write to the writer and waits for its result; `job` is the
+    /// [`Job`] variant, which fixes the result type.
+    async fn write<A, T>(&self, job: fn(Call<A, T>) -> Job, args: A) -> Result<T, StoreError> {
+        let (call, answer) = Call::new(args);
+        if self.writer.jobs.send(job(call)).await.is_err() {
+            return Err(writer::gone(&self.writer.failure).await);
+        }
+        match answer.await {
+            Ok(result) => result,
+            // The writer dropped the job unanswered: it died.
+            Err(_) => Err(writer::gone(&self.writer.failure).await),
+        }
     }
-}
 
-fn writer_gone() -> StoreError {
-    StoreError::Unavailable("the database writer stopped".into())
+    /// Makes the writer task panic, as a bug in it would: for tests of the
+    /// supervision (nothing a caller can do makes the writer die, and a
+    /// test cannot pull the disk out from under it). Every later write
+    /// fails and [`Store::failed`] completes. Never call it in a server.
+    #[doc(hidden)]
+    pub async fn crash_writer_for_tests(&self) {
+        let _ = self.writer.jobs.send(Job::Crash).await;
+    }
 }
 
 pub(crate) fn unavailable(err: sqlx::Error) -> StoreError {
@@ -240,17 +293,10 @@ pub(crate) fn message_from_row(row: &SqliteRow) -> Result<Message, StoreError> {
     })
 }
 
-fn unexpected() -> StoreError {
-    StoreError::Unavailable("the database writer answered the wrong kind of result".into())
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_account(&self, name: &Username) -> Result<(), StoreError> {
-        match self.write(Op::Create(name.clone())).await? {
-            Done::Unit => Ok(()),
-            _ => Err(unexpected()),
-        }
+        self.write(Job::Create, name.clone()).await
     }
 
     async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {
@@ -263,10 +309,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
-        match self.write(Op::Delete(name.clone())).await? {
-            Done::Flag(deleted) => Ok(deleted),
-            _ => Err(unexpected()),
-        }
+        self.write(Job::Delete, name.clone()).await
     }
 
     async fn list_accounts(
@@ -292,10 +335,7 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
-        match self.write(Op::Append(message)).await? {
-            Done::Appended(appended) => Ok(appended),
-            _ => Err(unexpected()),
-        }
+        self.write(Job::Append, message).await
     }
 
     async fn take_undelivered(
@@ -303,10 +343,8 @@ impl Store for SqliteStore {
         name: &Username,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        match self.write(Op::Take(name.clone(), limit)).await? {
-            Done::Messages(messages) => Ok(messages),
-            _ => Err(unexpected()),
-        }
+        let name = name.clone();
+        self.write(Job::Take, Take { name, limit }).await
     }
 
     async fn unacked(&self, name: &Username) -> Result<Vec<Message>, StoreError> {
@@ -321,9 +359,23 @@ impl Store for SqliteStore {
     }
 
     async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError> {
-        match self.write(Op::Ack(name.clone(), through)).await? {
-            Done::Count(removed) => Ok(removed),
-            _ => Err(unexpected()),
-        }
+        let name = name.clone();
+        self.write(Job::Ack, Ack { name, through }).await
+    }
+
+    /// Runs the writer's prune now, by `now_ms`: deletes send ids older
+    /// than [`chat_core::SEND_ID_RETENTION`] and evicts the cached counters
+    /// of accounts no write used for [`SqliteOptions::idle_account_after`];
+    /// returns how many of both went. The writer also prunes on its own
+    /// every [`SqliteOptions::prune_every`] by the wall clock, so calling
+    /// this is optional.
+    async fn prune_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
+        self.write(Job::Prune, now_ms).await
+    }
+
+    /// Completes when the writer task has died (see the crate docs), with
+    /// the reason it was logged with.
+    async fn failed(&self) -> String {
+        writer::failure_reason(&self.writer.failure).await
     }
 }

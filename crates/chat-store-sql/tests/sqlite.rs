@@ -269,7 +269,7 @@ async fn a_version_1_database_is_migrated_with_its_data() {
     assert_eq!(first.message.id, 3);
     assert!(store.append(resend).await.unwrap().duplicate);
     assert_eq!(store.ack(&old, 3).await.unwrap(), 2, "both delivered ones");
-    assert_eq!(schema_version(), 4);
+    assert_eq!(schema_version(), 5);
 }
 
 #[tokio::test]
@@ -527,4 +527,362 @@ async fn send_ids_from_version_2_are_checked_by_recipient() {
             .unwrap_err(),
         StoreError::SendIdReused(name("carol"))
     );
+}
+
+/// The id floor: deleting an account and creating it again never hands out
+/// its old ids, in one batch, across batches, and across reopening (the
+/// floor is stored, not only cached).
+#[tokio::test]
+async fn ids_never_repeat_for_a_re_created_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let bob = name("bob");
+    {
+        let store = open(dir.path()).await;
+        store.create_account(&bob).await.unwrap();
+        for n in 1..=3 {
+            let id = store
+                .append(message("bob", "old", true, None))
+                .await
+                .unwrap()
+                .message
+                .id;
+            assert_eq!(id, n);
+        }
+        assert!(store.delete_account(&bob).await.unwrap());
+        store.create_account(&bob).await.unwrap();
+        let first = store.append(message("bob", "new", false, None)).await;
+        assert_eq!(
+            first.unwrap().message.id,
+            4,
+            "above the deleted account's 3"
+        );
+        // A new name starts above the floor too (ids never collide with a
+        // deleted account's, whatever the name).
+        store.create_account(&name("carol")).await.unwrap();
+        let carol = store.append(message("carol", "hi", false, None)).await;
+        assert_eq!(carol.unwrap().message.id, 4);
+
+        // Delete, create and append in one batch (joined futures on this
+        // one thread are all queued before the writer runs): the cache
+        // follows the floor.
+        let (deleted, created, appended) = futures::join!(
+            store.delete_account(&bob),
+            store.create_account(&bob),
+            store.append(message("bob", "same batch", false, None)),
+        );
+        assert!(deleted.unwrap());
+        created.unwrap();
+        assert_eq!(appended.unwrap().message.id, 5);
+    }
+    {
+        let store = open(dir.path()).await;
+        let next = store.append(message("bob", "reopened", false, None)).await;
+        assert_eq!(next.unwrap().message.id, 6);
+        assert!(store.delete_account(&bob).await.unwrap());
+    }
+    // A fresh writer (empty cache) reads the stored floor.
+    let store = open(dir.path()).await;
+    store.create_account(&bob).await.unwrap();
+    let after = store.append(message("bob", "after", false, None)).await;
+    assert_eq!(after.unwrap().message.id, 7);
+}
+
+/// The migrations of the releases before the id floor (versions 1 to 4).
+const VERSIONS_1_TO_4: [(&str, &str); 4] = [
+    ("0001_initial.sql", VERSION_1),
+    (
+        "0002_send_ids.sql",
+        include_str!("../migrations/sqlite/0002_send_ids.sql"),
+    ),
+    (
+        "0003_messages_in_arrival_order.sql",
+        include_str!("../migrations/sqlite/0003_messages_in_arrival_order.sql"),
+    ),
+    (
+        "0004_send_id_body_crc.sql",
+        include_str!("../migrations/sqlite/0004_send_id_body_crc.sql"),
+    ),
+];
+
+/// A version 4 database gets its id floor from the accounts it has (the
+/// best it can do: accounts deleted before are gone), and everything else
+/// keeps working.
+#[tokio::test]
+async fn a_version_4_database_is_migrated_with_an_id_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use sqlx::Connection;
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join(DATABASE_FILE).display()
+        );
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let release = dir.path().join("migrations-v4");
+        std::fs::create_dir(&release).unwrap();
+        for (file, sql) in VERSIONS_1_TO_4 {
+            std::fs::write(release.join(file), sql).unwrap();
+        }
+        let migrator = sqlx::migrate::Migrator::new(release.as_path())
+            .await
+            .unwrap();
+        migrator.run(&mut conn).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO accounts (name, last_id, stored, created_ms) VALUES ('old', 7, 1, 0), ('young', 2, 0, 0); \
+             INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) \
+             VALUES ('old', 7, 'young', 'from version 4', 5, 0);",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let store = open(dir.path()).await;
+    let kept = store.take_undelivered(&name("old"), 10).await.unwrap();
+    assert_eq!((kept[0].id, kept[0].body.as_str()), (7, "from version 4"));
+    let next = store.append(message("old", "v5", false, None)).await;
+    assert_eq!(next.unwrap().message.id, 8, "ids go on");
+    // The floor is the highest last id there was (7), so a re-created
+    // 'young' starts above it, and above its own old ids.
+    let young = name("young");
+    assert!(store.delete_account(&young).await.unwrap());
+    store.create_account(&young).await.unwrap();
+    let first = store.append(message("young", "again", false, None)).await;
+    assert_eq!(first.unwrap().message.id, 8);
+}
+
+/// A write that fails on its own (here a trigger that refuses messages for
+/// carol, as a constraint or a corrupt page would) fails alone: the other
+/// writes of its batch are stored and answered, and the cache stays right.
+#[tokio::test]
+async fn one_failing_write_does_not_fail_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    for who in ["bob", "carol", "dave"] {
+        store.create_account(&name(who)).await.unwrap();
+    }
+    let mut saboteur = raw_connection(dir.path()).await;
+    sqlx::raw_sql(
+        "CREATE TRIGGER no_room_for_carol BEFORE INSERT ON messages WHEN NEW.recipient = 'carol' \
+         BEGIN SELECT RAISE(ABORT, 'no room for carol'); END;",
+    )
+    .execute(&mut saboteur)
+    .await
+    .unwrap();
+
+    // This test runs on one thread: `join!` polls every write once, which
+    // queues them all, before the writer task runs; so they are one batch.
+    let erin = name("erin");
+    let (bob, carol, dave, created) = futures::join!(
+        store.append(message("bob", "for bob", false, Some(1))),
+        store.append(message("carol", "for carol", false, None)),
+        store.append(message("dave", "for dave", false, None)),
+        store.create_account(&erin),
+    );
+    let err = carol.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(why) if why.contains("no room for carol")),
+        "{err}"
+    );
+    assert_eq!(bob.unwrap().message.id, 1);
+    assert_eq!(dave.unwrap().message.id, 1);
+    created.unwrap();
+
+    // Stored, and exactly once.
+    assert!(store.account_exists(&erin).await.unwrap());
+    for who in ["bob", "dave"] {
+        let queued = store.take_undelivered(&name(who), 10).await.unwrap();
+        assert_eq!(queued.len(), 1, "{who}");
+        assert_eq!(queued[0].body.as_str(), format!("for {who}"));
+    }
+    assert!(
+        store
+            .take_undelivered(&name("carol"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The send id of bob's message was stored with it; the counters went
+    // on from what was committed (the failed append took no id).
+    let resend = store
+        .append(message("bob", "for bob", false, Some(1)))
+        .await
+        .unwrap();
+    assert!(resend.duplicate);
+    assert_eq!(resend.message.id, 1);
+    sqlx::raw_sql("DROP TRIGGER no_room_for_carol")
+        .execute(&mut saboteur)
+        .await
+        .unwrap();
+    let (bob, carol) = futures::join!(
+        store.append(message("bob", "again", false, None)),
+        store.append(message("carol", "at last", false, None)),
+    );
+    assert_eq!(bob.unwrap().message.id, 2);
+    assert_eq!(carol.unwrap().message.id, 1);
+}
+
+/// The writer takes the write lock with `BEGIN IMMEDIATE`: a batch that
+/// meets another connection's write transaction waits for it and then
+/// succeeds. With a deferred `BEGIN`, the batch read first (its send-id
+/// lookup), and when the other connection committed before the batch's
+/// first write, SQLite could not upgrade the stale snapshot and failed the
+/// batch at once ("database is locked"), busy timeout or not.
+///
+/// The short sleep only lets the writer reach its lock wait before the
+/// other connection commits, which is what made a deferred `BEGIN` fail;
+/// the test passes whatever the timing, since an immediate `BEGIN` waits
+/// in every order.
+#[tokio::test]
+async fn a_write_waits_for_another_writer_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path()).await);
+    store.create_account(&name("bob")).await.unwrap();
+    let mut other = raw_connection(dir.path()).await;
+    sqlx::raw_sql(
+        "BEGIN IMMEDIATE; INSERT INTO accounts (name, created_ms) VALUES ('intruder', 0);",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let send = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.append(message("bob", "waits", false, Some(3))).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    let sent = send.await.unwrap().unwrap();
+    assert_eq!(sent.message.id, 1);
+    assert!(store.account_exists(&name("intruder")).await.unwrap());
+    let queued = store.take_undelivered(&name("bob"), 10).await.unwrap();
+    assert_eq!(queued.len(), 1);
+}
+
+/// If the writer task dies, `failed` says why, and every later write fails
+/// with that reason; the write it was applying is not stored.
+#[tokio::test]
+async fn a_dead_writer_is_reported_and_fails_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    store.create_account(&name("bob")).await.unwrap();
+
+    // One batch (see `one_failing_write_does_not_fail_its_batch`): the
+    // create runs its insert inside the transaction, then the writer dies.
+    let carol = name("carol");
+    let (created, ()) =
+        futures::join!(store.create_account(&carol), store.crash_writer_for_tests(),);
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(30), store.failed())
+        .await
+        .expect("failed() completes once the writer is gone");
+    assert!(reason.contains("panicked"), "{reason}");
+    assert!(reason.contains("crash_writer_for_tests"), "{reason}");
+    assert_eq!(
+        created.unwrap_err(),
+        StoreError::Unavailable(reason.clone())
+    );
+    assert_eq!(
+        store
+            .append(message("bob", "after", false, None))
+            .await
+            .unwrap_err(),
+        StoreError::Unavailable(reason.clone())
+    );
+    assert_eq!(
+        store.delete_account(&name("bob")).await.unwrap_err(),
+        StoreError::Unavailable(reason)
+    );
+    // Reads still work; the unanswered create was rolled back.
+    assert!(store.account_exists(&name("bob")).await.unwrap());
+    assert!(!store.account_exists(&name("carol")).await.unwrap());
+    drop(store);
+    let store = open(dir.path()).await;
+    assert!(!store.account_exists(&name("carol")).await.unwrap());
+    store.create_account(&name("carol")).await.unwrap();
+}
+
+/// `prune_expired` forgets send ids past their retention and the writer's
+/// cached counters of idle accounts, and counts both; an evicted account
+/// is read again, unchanged, by its next write.
+#[tokio::test]
+async fn prune_expired_forgets_send_ids_and_idle_accounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteOptions {
+        idle_account_after: std::time::Duration::from_secs(60),
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(dir.path(), options).await.unwrap();
+    store.create_account(&name("bob")).await.unwrap();
+    // Sent (by its timestamp) a minute more than the retention ago; bob's
+    // counters are used now, by the wall clock.
+    let retention = chat_core::SEND_ID_RETENTION.as_millis() as u64;
+    let mut sent = message("bob", "kept", false, Some(7));
+    sent.timestamp_ms = wall_clock_ms() - retention - 60_000;
+    let first = store.append(sent.clone()).await.unwrap();
+
+    // By the message's own time, nothing has expired.
+    assert_eq!(store.prune_expired(sent.timestamp_ms + 1).await.unwrap(), 0);
+    assert!(store.append(sent.clone()).await.unwrap().duplicate);
+    // Now, the send id is past its retention; bob was used just now.
+    assert_eq!(
+        store.prune_expired(wall_clock_ms()).await.unwrap(),
+        1,
+        "the send id, not bob's counters"
+    );
+    // Two minutes from now, bob is idle: his counters go.
+    let later = wall_clock_ms() + 120_000;
+    assert_eq!(
+        store.prune_expired(later).await.unwrap(),
+        1,
+        "bob's counters"
+    );
+    assert_eq!(store.prune_expired(later).await.unwrap(), 0, "nothing left");
+    // The send id is forgotten (a new send), and the counters are read
+    // again from the database: ids and the stored count go on.
+    let again = store.append(sent).await.unwrap();
+    assert!(!again.duplicate);
+    assert_eq!(again.message.id, first.message.id + 1);
+    assert_eq!(
+        store
+            .take_undelivered(&name("bob"), 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The writer prunes expired send ids on its own timer, also when no
+/// writes arrive (tokio's paused clock drives the timer; the pruning is by
+/// the wall clock, which the send id is far behind).
+#[tokio::test]
+async fn expired_send_ids_are_pruned_on_a_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let every = std::time::Duration::from_secs(3600);
+    let options = SqliteOptions {
+        prune_every: every,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(dir.path(), options).await.unwrap();
+    store.create_account(&name("bob")).await.unwrap();
+    let mut expired = message("bob", "long ago", false, Some(7));
+    expired.timestamp_ms =
+        wall_clock_ms() - chat_core::SEND_ID_RETENTION.as_millis() as u64 - 60_000;
+    store.append(expired).await.unwrap();
+    let mut raw = raw_connection(dir.path()).await;
+    let count = "SELECT COUNT(*) FROM send_ids";
+    let stored: i64 = sqlx::query_scalar(count).fetch_one(&mut raw).await.unwrap();
+    assert_eq!(stored, 1, "not pruned before the timer fires");
+
+    tokio::time::pause();
+    tokio::time::advance(every).await;
+    // The writer's next loop runs the due prune before any write (its
+    // timer has priority); a fetch after it is where we know it ran.
+    store.take_undelivered(&name("bob"), 0).await.unwrap();
+    let stored: i64 = sqlx::query_scalar(count).fetch_one(&mut raw).await.unwrap();
+    assert_eq!(stored, 0, "pruned by the timer");
 }
