@@ -171,6 +171,7 @@ pub enum OpenError {
 pub struct SqliteStore {
     readers: SqlitePool,
     writer: WriterHandle,
+    queue_limit: usize,
 }
 
 /// The newest schema version this binary knows.
@@ -240,8 +241,13 @@ impl SqliteStore {
             .connect_with(connect)
             .await
             .map_err(open_err)?;
+        let queue_limit = options.queue_limit;
         let writer = writer::spawn(writer, options);
-        Ok(Self { readers, writer })
+        Ok(Self {
+            readers,
+            writer,
+            queue_limit,
+        })
     }
 
     /// Sends a write to the writer and waits for its result; `job` is the
@@ -295,6 +301,10 @@ pub(crate) fn message_from_row(row: &SqliteRow) -> Result<Message, StoreError> {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn queue_limit(&self) -> usize {
+        self.queue_limit
+    }
+
     async fn create_account(&self, name: &Username) -> Result<(), StoreError> {
         self.write(Job::Create, name.clone()).await
     }
