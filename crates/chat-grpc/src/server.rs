@@ -1,9 +1,9 @@
 //! Serving: the listener, HTTP/2 settings, health and reflection around the
-//! [`ChatService`](crate::service::ChatService).
+//! [`ChatService`].
 //!
-//! The service's parts live in their own modules: [`crate::sessions`] (the
-//! token table and grace timers), [`crate::service`] (the RPC handlers) and
-//! [`crate::forward`] (the Subscribe stream). A gRPC session's lifetime is
+//! The service's parts live in their own modules: `sessions` (the token
+//! table and grace timers), [`crate::service`] (the RPC handlers) and
+//! `forward` (the Subscribe stream). A gRPC session's lifetime is
 //! tied to its Subscribe stream, as a socket session's is to its
 //! connection: when the stream ends (the client cancelled it, or its HTTP/2
 //! connection died and hyper dropped it) the user is logged out and the

@@ -24,10 +24,14 @@ struct Server {
 }
 
 async fn start(config: GrpcConfig) -> Server {
+    start_with(Chat::in_memory(), config).await
+}
+
+async fn start_with(chat: Chat, config: GrpcConfig) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve(listener, Chat::in_memory(), config, async {
+    tokio::spawn(serve(listener, chat, config, async {
         let _ = stopped.await;
     }));
     Server {
@@ -194,9 +198,17 @@ async fn bad_tokens_are_unauthenticated() {
     let server = start(GrpcConfig::default()).await;
     let mut stub = Stub::new(channel(server.addr).await);
     let token = create(&mut stub, "alice").await;
-    // Right id, wrong secret.
+    // Right id, wrong secret; the real token in upper case, or padded.
     let forged = format!("{}{}", &token[..16], "0".repeat(64));
-    for bad in [forged.as_str(), "short", &"z".repeat(80)] {
+    let upper = token.to_uppercase();
+    let padded = format!("{token} ");
+    for bad in [
+        forged.as_str(),
+        "short",
+        &"z".repeat(80),
+        upper.as_str(),
+        padded.as_str(),
+    ] {
         expect_status(
             stub.fetch_messages(with_token(pb::FetchMessagesRequest { max: 0 }, bad))
                 .await,
@@ -210,6 +222,41 @@ async fn bad_tokens_are_unauthenticated() {
         .insert("authorization", "Basic abc".parse().unwrap());
     expect_status(
         stub.fetch_messages(basic).await,
+        Code::Unauthenticated,
+        ErrorCode::Unauthenticated,
+    );
+    // A void token is refused even by the calls that need none.
+    expect_status(
+        stub.list_accounts(with_token(
+            pb::ListAccountsRequest {
+                pattern: String::new(),
+                max: 0,
+            },
+            &forged,
+        ))
+        .await,
+        Code::Unauthenticated,
+        ErrorCode::Unauthenticated,
+    );
+    expect_status(
+        stub.login(with_token(
+            pb::LoginRequest {
+                username: "alice".into(),
+            },
+            &forged,
+        ))
+        .await,
+        Code::Unauthenticated,
+        ErrorCode::Unauthenticated,
+    );
+    expect_status(
+        stub.create_account(with_token(
+            pb::CreateAccountRequest {
+                username: "bob".into(),
+            },
+            &forged,
+        ))
+        .await,
         Code::Unauthenticated,
         ErrorCode::Unauthenticated,
     );
@@ -402,6 +449,7 @@ async fn reflection_describes_the_service() {
     let requests = [
         MessageRequest::ListServices(String::new()),
         MessageRequest::FileContainingSymbol("chat.v1.Chat".into()),
+        MessageRequest::FileContainingSymbol("google.rpc.ErrorInfo".into()),
     ]
     .map(|m| ServerReflectionRequest {
         host: String::new(),
@@ -445,6 +493,137 @@ async fn reflection_describes_the_service() {
         }
         other => panic!("{other:?}"),
     }
+    // The error detail every failed call carries resolves too, so stock
+    // tools can print it.
+    match replies
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+    {
+        Some(MessageResponse::FileDescriptorResponse(files)) => {
+            use prost::Message;
+            let file =
+                prost_types::FileDescriptorProto::decode(&files.file_descriptor_proto[0][..])
+                    .unwrap();
+            assert_eq!(file.package(), "google.rpc");
+            assert!(file.message_type.iter().any(|m| m.name() == "ErrorInfo"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A request that does not decode as its message type is the client's
+/// fault: INVALID_ARGUMENT with the chat code `malformed`, not INTERNAL.
+#[tokio::test]
+async fn undecodable_requests_are_invalid_arguments() {
+    let server = start(GrpcConfig::default()).await;
+    let mut grpc = tonic::client::Grpc::new(channel(server.addr).await);
+    grpc.ready().await.unwrap();
+    // CreateAccountRequest's field 1 is a string; this sends a number there.
+    let wrong = pb::FetchMessagesRequest { max: 5 };
+    let result: Result<tonic::Response<pb::LoginReply>, Status> = grpc
+        .unary(
+            Request::new(wrong),
+            "/chat.v1.Chat/CreateAccount".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    expect_status(result, Code::InvalidArgument, ErrorCode::Malformed);
+}
+
+/// The login answer says how many unacknowledged messages the stream
+/// replays before the `ready` marker.
+#[tokio::test]
+async fn the_login_answer_counts_the_replay() {
+    let server = start(GrpcConfig::default()).await;
+    let mut alice = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
+    alice.create("alice").await.unwrap();
+    let mut stub = Stub::new(channel(server.addr).await);
+    let token = create(&mut stub, "bob").await;
+    let mut stream = stub
+        .subscribe(with_token(pb::SubscribeRequest {}, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    for body in ["r1", "r2"] {
+        alice.send("bob", body).await.unwrap();
+    }
+    let mut seen = 0;
+    while seen < 2 {
+        if let Some(pb::Push {
+            event: Some(push::Event::Message(_)),
+        }) = stream.message().await.unwrap()
+        {
+            seen += 1;
+        }
+    }
+    stub.logout(with_token(pb::LogoutRequest {}, &token))
+        .await
+        .unwrap();
+    let reply = stub
+        .login(pb::LoginRequest {
+            username: "bob".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.replay, 2);
+    let mut stream = stub
+        .subscribe(with_token(pb::SubscribeRequest {}, &reply.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bodies = Vec::new();
+    loop {
+        match stream.message().await.unwrap().and_then(|p| p.event) {
+            Some(push::Event::Message(m)) => bodies.push(m.body),
+            Some(push::Event::Ready(_)) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(bodies, ["r1", "r2"]);
+}
+
+/// While the engine has logged a session out as a slow consumer (its
+/// stream was never read), its token already answers `unauthenticated`,
+/// which the reference client recovers from by logging in again.
+#[tokio::test]
+async fn a_slow_consumers_token_is_unauthenticated() {
+    let config = chat_core::Config {
+        session_event_capacity: 1,
+        ..chat_core::Config::default()
+    };
+    let chat = Chat::new(
+        std::sync::Arc::new(chat_core::MemoryStore::default()),
+        config,
+    );
+    let server = start_with(chat, GrpcConfig::default()).await;
+    let mut alice = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
+    alice.create("alice").await.unwrap();
+    let mut stub = Stub::new(channel(server.addr).await);
+    // Bob never opens his stream: nothing drains his events.
+    let token = create(&mut stub, "bob").await;
+    alice.send("bob", "fills the queue").await.unwrap();
+    alice.send("bob", "makes bob slow").await.unwrap();
+    expect_status(
+        stub.fetch_messages(with_token(pb::FetchMessagesRequest { max: 0 }, &token))
+            .await,
+        Code::Unauthenticated,
+        ErrorCode::Unauthenticated,
+    );
+    // The token is void from then on, and bob can log in again.
+    expect_status(
+        stub.fetch_messages(with_token(pb::FetchMessagesRequest { max: 0 }, &token))
+            .await,
+        Code::Unauthenticated,
+        ErrorCode::Unauthenticated,
+    );
+    stub.login(pb::LoginRequest {
+        username: "bob".into(),
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
