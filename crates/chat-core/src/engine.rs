@@ -692,9 +692,10 @@ impl std::fmt::Debug for Events {
 
 impl Events {
     /// Takes the whole replay loaded by the last login (delivered but
-    /// unacknowledged messages, oldest first) at once, so a transport can
-    /// hand it to the client before it answers the login: a client that
-    /// acknowledges cumulatively must have received these first.
+    /// unacknowledged messages, oldest first) at once, for a transport that
+    /// sends it apart from the live events (the gRPC stream sends it, then
+    /// its `ready` marker). [`Events::recv`] yields the same messages one at
+    /// a time if they are not taken.
     pub fn take_replay(&mut self) -> Vec<Message> {
         self.shared
             .replay

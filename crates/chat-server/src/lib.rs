@@ -27,22 +27,34 @@ pub struct Tuning {
     /// and logged out.
     #[arg(long, default_value_t = Tuning::default().idle_timeout_secs)]
     pub idle_timeout_secs: u64,
-    /// Socket transport: most connections served at once.
+    /// Socket transport: most connections served at once; one more is told
+    /// `server_full` and closed.
     #[arg(long, default_value_t = Tuning::default().max_connections)]
     pub max_connections: usize,
+    /// Socket transport: seconds a new connection may take to send its
+    /// hello before it is told `handshake_timeout` and closed.
+    #[arg(long, default_value_t = Tuning::default().handshake_timeout_secs)]
+    pub handshake_timeout_secs: u64,
     /// gRPC transport: seconds a new session may go without opening its
     /// push stream before it is logged out.
     #[arg(long, default_value_t = Tuning::default().stream_grace_secs)]
     pub stream_grace_secs: u64,
+    /// gRPC transport: seconds a push may wait for a client that stopped
+    /// reading its stream before its session ends (`slow_consumer`).
+    #[arg(long, default_value_t = Tuning::default().push_timeout_secs)]
+    pub push_timeout_secs: u64,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         let socket = ServerConfig::default();
+        let grpc = GrpcConfig::default();
         Self {
             idle_timeout_secs: socket.idle_timeout.as_secs(),
             max_connections: socket.max_connections,
-            stream_grace_secs: GrpcConfig::default().stream_grace.as_secs(),
+            handshake_timeout_secs: socket.handshake_timeout.as_secs(),
+            stream_grace_secs: grpc.stream_grace.as_secs(),
+            push_timeout_secs: grpc.push_timeout.as_secs(),
         }
     }
 }
@@ -52,6 +64,7 @@ impl Tuning {
         ServerConfig {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             max_connections: self.max_connections.max(1),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_secs.max(1)),
             ..ServerConfig::default()
         }
     }
@@ -59,6 +72,7 @@ impl Tuning {
     fn grpc(&self) -> GrpcConfig {
         GrpcConfig {
             stream_grace: Duration::from_secs(self.stream_grace_secs.max(1)),
+            push_timeout: Duration::from_secs(self.push_timeout_secs.max(1)),
             ..GrpcConfig::default()
         }
     }
