@@ -198,7 +198,7 @@ async fn throughput<C: Dial>(
     pairs: usize,
     window: Duration,
 ) -> Throughput {
-    let addr = server.addr;
+    let addr = server.addr();
     let mut senders = Vec::new();
     let mut recipients = Vec::new();
     for i in 0..pairs {
@@ -295,7 +295,7 @@ async fn raw_throughput(server: &ServerProcess, pairs: usize, window: Duration) 
     let deadline = start + window;
     let mut tasks = Vec::new();
     for _ in 0..pairs {
-        let addr = server.addr;
+        let addr = server.addr();
         tasks.push(tokio::spawn(async move {
             let mut stream = tokio::net::TcpStream::connect(addr)
                 .await
@@ -348,7 +348,7 @@ async fn sessions<C: Dial>(server: &ServerProcess, count: usize) -> Sessions {
     let before = server.rss_bytes();
     let mut clients = Vec::with_capacity(count);
     for i in 0..count {
-        let mut c = C::dial(server.addr).await;
+        let mut c = C::dial(server.addr()).await;
         c.create(&format!("idle{i}")).await.expect("create idle");
         clients.push(c);
     }
@@ -430,11 +430,11 @@ async fn transport<C: Dial>(
         } else {
             Served::Socket
         };
-        let server = ServerProcess::start(served, &arg)?;
+        let server = chat_bench::start_server(served, &arg).await?;
         eprintln!("  {} / {store}: latency", C::NAME);
         report
             .latency
-            .extend(latencies::<C>(server.addr, store, "l", settings.samples).await);
+            .extend(latencies::<C>(server.addr(), store, "l", settings.samples).await);
         for (run, &pairs) in settings.pairs.iter().enumerate() {
             eprintln!("  {} / {store}: throughput, {pairs} pairs", C::NAME);
             report.throughput.push(
@@ -445,15 +445,15 @@ async fn transport<C: Dial>(
             eprintln!("  {}: logins", C::NAME);
             report
                 .logins
-                .push(logins::<C>(server.addr, settings.window).await);
+                .push(logins::<C>(server.addr(), settings.window).await);
             drop(server);
             // Fresh servers, so nothing earlier is in the lists or the RSS.
             eprintln!("  {}: bytes per operation", C::NAME);
-            let fresh = ServerProcess::start(served, "memory")?;
-            report.bytes.extend(wire::<C>(fresh.addr).await);
+            let fresh = chat_bench::start_server(served, "memory").await?;
+            report.bytes.extend(wire::<C>(fresh.addr()).await);
             drop(fresh);
             eprintln!("  {}: {} idle sessions", C::NAME, settings.sessions);
-            let fresh = ServerProcess::start(served, "memory")?;
+            let fresh = chat_bench::start_server(served, "memory").await?;
             report
                 .sessions
                 .push(sessions::<C>(&fresh, settings.sessions).await);
@@ -589,7 +589,7 @@ async fn profile(spec: &str) -> anyhow::Result<()> {
         "grpc" => Served::Grpc,
         other => anyhow::bail!("unknown transport {other:?} (raw, socket or grpc)"),
     };
-    let server = ServerProcess::start(served, &store_arg)?;
+    let server = chat_bench::start_server(served, &store_arg).await?;
     println!(
         "server pid {} ({transport}/{store}, {pairs} pairs, {seconds} s)",
         server.pid()
@@ -640,10 +640,10 @@ fn main() -> anyhow::Result<()> {
     };
     runtime.block_on(async {
         eprintln!("raw TCP echo");
-        let echo = ServerProcess::start(Served::Echo, "-")?;
+        let echo = chat_bench::start_server(Served::Echo, "-").await?;
         report
             .latency
-            .push(raw_latency(echo.addr, settings.samples).await);
+            .push(raw_latency(echo.addr(), settings.samples).await);
         for &pairs in settings.pairs {
             report
                 .throughput

@@ -7,10 +7,11 @@
 //! workspace root); `cargo xtask bench-report` turns its JSON into
 //! `docs/BENCHMARKS.md`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
+pub use chat_conformance::process::ServerProcess;
 use serde::{Deserialize, Serialize};
 
 /// The argument that turns the benchmark binary into a server process.
@@ -194,82 +195,15 @@ impl Served {
     }
 }
 
-/// A server running as a child process of the benchmark.
-pub struct ServerProcess {
-    child: Child,
-    /// Where it listens.
-    pub addr: SocketAddr,
-}
-
-impl ServerProcess {
-    /// Starts this binary again in server mode: `served` on `store`
-    /// (`memory`, or a data directory for the durable store).
-    pub fn start(served: Served, store: &str) -> anyhow::Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args([SERVE_ARG, served.arg(), store])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let mut line = String::new();
-        BufReader::new(
-            child
-                .stdout
-                .take()
-                .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
-        )
-        .read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .ok_or_else(|| anyhow::anyhow!("unexpected server line {line:?}"))?
-            .parse()?;
-        Ok(Self { child, addr })
-    }
-
-    /// The server's process id (to attach a profiler).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// CPU time (user + system) the server has used so far, seconds.
-    pub fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are
-        // the 14th and 15th fields overall, in clock ticks (100 per second).
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (ticks(11) + ticks(12)) / 100.0
-    }
-
-    /// Resident memory now, bytes.
-    pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        // Closing stdin asks the server to stop; make sure it does.
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts this binary again in server mode: `served` on `store` (`memory`,
+/// or a data directory for the durable store), as a child process whose CPU
+/// time and memory the benchmark reads. It stops when dropped.
+pub async fn start_server(served: Served, store: &str) -> anyhow::Result<ServerProcess> {
+    let exe = std::env::current_exe()?;
+    let exe = exe
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("the benchmark's path is not UTF-8"))?;
+    Ok(ServerProcess::start_showing_errors(exe, &[SERVE_ARG, served.arg(), store], 1).await)
 }
 
 /// In server mode (the binary was started with [`SERVE_ARG`]): serves until

@@ -1,11 +1,14 @@
-//! Server binaries as real child processes, for tests that exercise what a
-//! user runs.
+//! Server binaries as real child processes, for tests and benchmarks that
+//! exercise what a user runs: the one helper that starts a server, reads
+//! the addresses it announces, and reads its CPU time and memory from
+//! `/proc`.
 
+use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -13,21 +16,37 @@ const PATIENCE: Duration = Duration::from_secs(30);
 pub struct ServerProcess {
     child: Child,
     stdout: Lines<BufReader<ChildStdout>>,
+    /// Held open while the process runs: a server that stops when its
+    /// standard input closes (the benchmark's) stops when this is dropped.
+    _stdin: Option<ChildStdin>,
     /// One per `listening on ADDRESS` line, in the order printed.
     pub addrs: Vec<String>,
 }
 
 impl ServerProcess {
     /// Starts `binary` with `args` and reads its `listening` lines (one per
-    /// listener it was asked for). Killed if dropped.
+    /// listener it was asked for). Its standard error is discarded. Killed
+    /// if dropped.
     pub async fn start(binary: &str, args: &[&str], listeners: usize) -> Self {
+        Self::spawn(binary, args, listeners, Stdio::null()).await
+    }
+
+    /// [`ServerProcess::start`], with the server's standard error passed
+    /// through (to see why a server failed to start).
+    pub async fn start_showing_errors(binary: &str, args: &[&str], listeners: usize) -> Self {
+        Self::spawn(binary, args, listeners, Stdio::inherit()).await
+    }
+
+    async fn spawn(binary: &str, args: &[&str], listeners: usize, stderr: Stdio) -> Self {
         let mut child = Command::new(binary)
             .args(args)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("start the server binary");
+        let stdin = child.stdin.take();
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
         let mut addrs = Vec::new();
         for _ in 0..listeners {
@@ -45,8 +64,51 @@ impl ServerProcess {
         Self {
             child,
             stdout,
+            _stdin: stdin,
             addrs,
         }
+    }
+
+    /// The first listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+            .parse()
+            .expect("the server printed a socket address")
+    }
+
+    /// The server's process id (to attach a profiler); 0 once it exited.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// CPU time (user + system) the server has used so far, seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th fields overall, in clock ticks (100 per second).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// Resident memory now, bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
     }
 
     /// Kills the process with SIGKILL (no chance to clean up) and waits for

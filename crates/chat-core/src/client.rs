@@ -137,8 +137,8 @@ impl Seen {
         }
     }
 
-    /// Forgets everything: the account was deleted, and a new account of
-    /// the same name starts its ids again.
+    /// Forgets everything: the account was deleted (a new account of the
+    /// same name has ids of its own, all above the old one's).
     pub fn reset(&mut self) {
         self.user = None;
         self.ids.clear();
@@ -174,6 +174,9 @@ struct UnreturnedInner {
     ids: std::collections::BTreeSet<MessageId>,
     /// Replayed messages announced by the last login, not yet received.
     replay_left: u64,
+    /// The highest acknowledgement asked for while the replay was still
+    /// arriving: sent with the next acknowledgement after it.
+    deferred: Option<MessageId>,
 }
 
 impl Unreturned {
@@ -182,6 +185,7 @@ impl Unreturned {
     pub fn expect_replay(&self, count: u64) {
         if let Ok(mut inner) = self.inner.lock() {
             inner.replay_left = count;
+            inner.deferred = None;
         }
     }
 
@@ -206,16 +210,20 @@ impl Unreturned {
         if let Ok(mut inner) = self.inner.lock() {
             inner.ids.clear();
             inner.replay_left = 0;
+            inner.deferred = None;
         }
     }
 
     /// How far an acknowledgement asked `through` may safely go; `None` if
-    /// not at all yet.
+    /// not at all yet. One asked while the replay is still arriving is
+    /// remembered, and added to the next one asked after it.
     pub fn safe_ack(&self, through: MessageId) -> Option<MessageId> {
-        let inner = self.inner.lock().ok()?;
+        let mut inner = self.inner.lock().ok()?;
         if inner.replay_left > 0 {
+            inner.deferred = inner.deferred.max(Some(through));
             return None;
         }
+        let through = inner.deferred.take().map_or(through, |d| d.max(through));
         let limit = match inner.ids.first() {
             Some(lowest) => through.min(lowest.saturating_sub(1)),
             None => through,
@@ -249,5 +257,12 @@ mod tests {
             Some(9),
             "a cleared login expects nothing"
         );
+        // An acknowledgement asked during a replay goes with the next one.
+        unreturned.expect_replay(1);
+        assert_eq!(unreturned.safe_ack(20), None);
+        unreturned.received(12);
+        unreturned.returned(12);
+        assert_eq!(unreturned.safe_ack(3), Some(20), "the deferred 20 is kept");
+        assert_eq!(unreturned.safe_ack(3), Some(3), "and sent once");
     }
 }

@@ -166,8 +166,15 @@ impl Shared {
     }
 
     /// Tells the event stream that the login now held (as `user`) ended.
+    /// Only the session itself may call this (it holds its state lock, so
+    /// no other login can start meanwhile); others use
+    /// [`Shared::tell_logout_of`].
     fn tell_logout(&self, user: Username, reason: LogoutReason) {
-        let login = self.logins.load(Ordering::Acquire);
+        self.tell_logout_of(self.logins.load(Ordering::Acquire), user, reason);
+    }
+
+    /// Tells the event stream that login number `login` (as `user`) ended.
+    fn tell_logout_of(&self, login: u64, user: Username, reason: LogoutReason) {
         if let Ok(mut notice) = self.notice.lock() {
             *notice = Some(Notice {
                 user,
@@ -549,8 +556,13 @@ impl Session {
                 Err(mpsc::error::TrySendError::Full(())) => {
                     tracing::warn!(user = %to, "slow consumer logged out; its messages are queued");
                     stripe.remove(&to);
+                    // The login's number is read before the revocation is
+                    // published: once it is, the session may notice it and
+                    // log in again, and the notice must name the login that
+                    // ended, not that one.
+                    let login = recipient.logins.load(Ordering::Acquire);
                     recipient.revoked.store(true, Ordering::Release);
-                    recipient.tell_logout(to.clone(), LogoutReason::SlowConsumer);
+                    recipient.tell_logout_of(login, to.clone(), LogoutReason::SlowConsumer);
                 }
                 Err(mpsc::error::TrySendError::Closed(())) => {
                     // The recipient's connection is gone without a logout.

@@ -200,7 +200,7 @@ impl GrpcClient {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
             self.forget_session();
-            self.end_stream();
+            self.end_stream().await;
             let request = self.request(pb::LoginRequest {
                 username: user.to_string(),
             });
@@ -223,7 +223,7 @@ impl GrpcClient {
     /// stop its reader and drop what it queued (its goodbye or logout speak
     /// of the ended session, and its messages are stored and replayed to
     /// their user at its next login).
-    fn end_stream(&mut self) {
+    async fn end_stream(&mut self) {
         if self.state.user().is_some() {
             // Still logged in: the server refuses the call with
             // `session_logged_in`; the live session's stream stays.
@@ -231,6 +231,10 @@ impl GrpcClient {
         }
         if let Some(old) = self.stream.take() {
             old.abort();
+            // Wait until it has stopped: a reader in the middle of a poll
+            // on another thread could otherwise queue one more push after
+            // the drain below.
+            let _ = old.await;
         }
         while self.pushes.try_recv().is_ok() {}
         self.unreturned.clear();
@@ -242,6 +246,8 @@ impl GrpcClient {
         // Acknowledgements wait until the replay has arrived: the replayed
         // messages are delivered ones this client has not seen.
         self.unreturned.expect_replay(reply.replay.into());
+        // A new session on a working connection: pushes flow again.
+        self.closed = false;
         let token: MetadataValue<Ascii> = format!("Bearer {}", reply.token)
             .parse()
             .map_err(|_| protocol("the session token is not ASCII"))?;
@@ -300,9 +306,15 @@ async fn read_pushes(
                 unreturned.expect_replay(0);
                 let reason = reason_from(&out.reason);
                 match Username::parse(&out.username) {
-                    // A logout the client asked for was answered by its
-                    // call; only the others are news.
-                    Ok(user) if reason != LogoutReason::Requested => {
+                    // A logout or delete the client asked for was answered
+                    // by its call (only the session itself can delete its
+                    // account); only the others are news.
+                    Ok(user)
+                        if !matches!(
+                            reason,
+                            LogoutReason::Requested | LogoutReason::AccountDeleted
+                        ) =>
+                    {
                         break Push::LoggedOut { user, reason };
                     }
                     _ => return,
@@ -334,7 +346,7 @@ async fn read_pushes(
 
 impl ChatClient for GrpcClient {
     async fn create(&mut self, name: &str) -> Result<SessionState, ClientError> {
-        self.end_stream();
+        self.end_stream().await;
         let request = self.request(pb::CreateAccountRequest {
             username: name.to_owned(),
         });
@@ -345,7 +357,7 @@ impl ChatClient for GrpcClient {
     }
 
     async fn login(&mut self, name: &str) -> Result<SessionState, ClientError> {
-        self.end_stream();
+        self.end_stream().await;
         let request = self.request(pb::LoginRequest {
             username: name.to_owned(),
         });

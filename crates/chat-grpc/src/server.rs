@@ -17,6 +17,7 @@ use std::time::Duration;
 use chat_core::Chat;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn};
 
 use crate::pb;
@@ -102,6 +103,9 @@ pub async fn serve(
                 why = chat.store_failed() => {
                     error!(%why, "the store failed; health is NOT_SERVING");
                     health.set_not_serving::<ChatServer<ChatService>>().await;
+                    // The whole server too: probes that ask about no
+                    // particular service ask about "".
+                    health.set_service_status("", ServingStatus::NotServing).await;
                 }
                 _ = stop.cancelled() => {}
             }
@@ -113,6 +117,9 @@ pub async fn serve(
             shutdown.await;
             info!("grpc server stopping");
             health.set_not_serving::<ChatServer<ChatService>>().await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             stop.cancel();
         }
     };

@@ -633,4 +633,12 @@ async fn shutdown_ends_streams_with_unavailable() {
     alice.create("alice").await.unwrap();
     server.stop.take().unwrap().send(()).unwrap();
     chat_conformance::expect_goodbye(&mut alice, ErrorCode::ShuttingDown).await;
+    // The connection is over: no more pushes will come, and the client
+    // says so instead of waiting forever.
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, alice.next_push())
+            .await
+            .unwrap(),
+        None
+    );
 }

@@ -57,6 +57,18 @@ async fn a_dead_store_writer_turns_health_to_not_serving() {
         status(watch.message().await.unwrap()),
         ServingStatus::NotServing as i32
     );
+    let overall = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        overall.status,
+        ServingStatus::NotServing as i32,
+        "the server as a whole, which default probes ask about"
+    );
     let err = client.send("alice", "to myself").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::StoreUnavailable), "{err}");
     assert!(err.to_string().contains("writer"), "says why: {err}");

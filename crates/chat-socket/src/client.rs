@@ -11,12 +11,19 @@
 //!
 //! Pushed events wait in a bounded queue ([`PUSH_QUEUE`] events). An
 //! application that stops calling `next_push` fills it; the connection task
-//! then stops reading the socket, so answers to its requests wait behind
-//! the unread pushes too. The server sees a slow consumer: once its own
-//! queue for the session fills it logs the session out (the messages stay
-//! stored and are delivered at the next login), and if the client still
-//! reads nothing for the server's idle timeout, it closes the connection.
-//! Nothing is lost either way; memory stays bounded on both sides.
+//! then stops reading the socket. The server sees a slow consumer: once its
+//! own queue for the session fills it logs the session out (the messages
+//! stay stored and are delivered at the next login), and once the server
+//! has been unable to write to the connection for its idle timeout it
+//! closes it. Nothing is lost either way; memory stays bounded on both
+//! sides. (While it is not reading, the client keeps pinging and does not
+//! count the server's silence against it.)
+//!
+//! While a call waits for its answer, the task keeps reading even with the
+//! queue full (the answer is behind the pushes the server wrote first, and
+//! an application awaiting a call is not reading pushes): those pushes wait
+//! in an overflow bounded by what the server may send ahead of one answer
+//! (its per-session event queue and a login's replay).
 //!
 //! # Idempotent sends
 //!
@@ -28,19 +35,20 @@
 //! [`RECONNECT_DEADLINE`]), so the send either gets its original result or
 //! is stored once now.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chat_core::client::{ChatClient, ClientError, Push, Seen, Unreturned};
 use chat_core::{ErrorCode, Message, MessageId, SendReceipt, SessionState, Username};
 use futures::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 use crate::codec::{ClientCodec, DEFAULT_MAX_RESPONSE};
 use crate::frame::{
@@ -95,12 +103,17 @@ pub struct SocketClient {
     key_spent: bool,
     state: SessionState,
     seen: Seen,
+    /// The connection's login-answer count when the current login began:
+    /// a logout notice queued before it is about an earlier login.
+    login_floor: u64,
 }
 
 /// One TCP connection, served by its task.
 struct Conn {
     requests: mpsc::Sender<Request>,
-    pushes: mpsc::Receiver<Push>,
+    pushes: mpsc::Receiver<Queued>,
+    /// Login answers its task has read (see [`Queued`]).
+    logins: Arc<AtomicU64>,
     /// Messages the task queued that the client has not returned yet.
     unreturned: Unreturned,
     /// Why the connection ended, set once by its task.
@@ -161,6 +174,7 @@ impl SocketClient {
             key_spent: false,
             state: SessionState::LoggedOut,
             seen: Seen::default(),
+            login_floor: 0,
         })
     }
 
@@ -189,6 +203,7 @@ impl SocketClient {
                 continue;
             };
             self.conn = conn;
+            self.login_floor = 0;
             match self.login(user.as_str()).await {
                 Ok(_) => return Ok(()),
                 Err(ClientError::Connection(_)) => continue,
@@ -267,12 +282,23 @@ impl Conn {
         let (push_tx, pushes) = mpsc::channel(PUSH_QUEUE);
         let unreturned = Unreturned::default();
         let closed = Arc::new(OnceLock::new());
+        let logins = Arc::new(AtomicU64::new(0));
+        // Reading and writing are separate halves, so that a write waiting
+        // for the server to make room never stops the task from reading
+        // (the server may be waiting for us to read).
+        let parts = framed.into_parts();
+        let (read, write) = parts.io.into_split();
+        let mut reader = FramedRead::new(read, ClientCodec::new(DEFAULT_MAX_RESPONSE));
+        reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let writer = FramedWrite::new(write, ClientCodec::new(DEFAULT_MAX_RESPONSE));
         let task = TaskGuard(tokio::spawn(
             Task {
-                framed,
+                reader,
+                writer,
                 waiting: HashMap::new(),
                 pushes: push_tx,
                 unreturned: unreturned.clone(),
+                logins: Arc::clone(&logins),
                 idle_timeout: info.idle_timeout,
             }
             .run(requests_rx, Arc::clone(&closed)),
@@ -282,26 +308,39 @@ impl Conn {
             pushes,
             unreturned,
             closed,
+            logins,
             info,
             task,
         })
     }
 }
 
+/// A push as queued for the application: with the number of login answers
+/// the connection had read before it, so that a logout notice read before
+/// a later login's answer is recognised as stale.
+struct Queued {
+    logins: u64,
+    push: Push,
+}
+
 /// What woke the connection task.
 enum Step {
     Request(Option<Request>),
-    Room(Option<mpsc::OwnedPermit<Push>>),
+    Room(Option<mpsc::OwnedPermit<Queued>>),
     Frame(Option<Result<ServerFrame, FrameError>>),
+    Flushed(Result<(), FrameError>),
     Tick,
 }
 
 /// The connection task's state.
 struct Task {
-    framed: Framed<TcpStream, ClientCodec>,
+    reader: FramedRead<OwnedReadHalf, ClientCodec>,
+    writer: FramedWrite<OwnedWriteHalf, ClientCodec>,
     waiting: HashMap<RequestId, oneshot::Sender<ServerFrame>>,
-    pushes: mpsc::Sender<Push>,
+    pushes: mpsc::Sender<Queued>,
     unreturned: Unreturned,
+    /// Login answers (DONE with a replay count) read so far.
+    logins: Arc<AtomicU64>,
     idle_timeout: Duration,
 }
 
@@ -312,33 +351,40 @@ impl Task {
         let mut last_heard = Instant::now();
         let mut nonce = 0u32;
         let mut goodbye = None;
-        // A push read from the socket that waits for room in the queue:
-        // until it has some, the socket is not read.
-        let mut held: Option<Push> = None;
+        // Pushes read from the socket that wait for room in the queue, in
+        // order: while there are any, the socket is read only for a call
+        // that waits for its answer.
+        let mut held: VecDeque<Queued> = VecDeque::new();
+        // Frames fed to the writer and not yet flushed.
+        let mut unflushed = false;
         let why = loop {
             let step = tokio::select! {
                 request = requests.recv() => Step::Request(request),
-                permit = self.pushes.clone().reserve_owned(), if held.is_some() => Step::Room(permit.ok()),
-                frame = self.framed.next(), if held.is_none() => Step::Frame(frame),
+                permit = self.pushes.clone().reserve_owned(), if !held.is_empty() => Step::Room(permit.ok()),
+                frame = self.reader.next(), if held.is_empty() || !self.waiting.is_empty() => Step::Frame(frame),
+                flushed = SinkExt::<ClientFrame>::flush(&mut self.writer), if unflushed => Step::Flushed(flushed),
                 _ = ticks.tick() => Step::Tick,
             };
             match step {
                 Step::Request(None) => {
                     // The client is gone or closing: end our side and let
                     // the server finish (it logs the session out).
-                    let _ = self.framed.get_mut().shutdown().await;
+                    let _ = SinkExt::<ClientFrame>::close(&mut self.writer).await;
                     self.drain_until_closed().await;
                     break "the client closed the connection".to_string();
                 }
                 Step::Request(Some(Request { id, frame, reply })) => {
                     self.waiting.insert(id, reply);
-                    if let Err(err) = self.framed.send(frame).await {
+                    if let Err(err) = self.writer.feed(frame).await {
                         break format!("could not write: {err}");
                     }
+                    unflushed = true;
                 }
+                Step::Flushed(Err(err)) => break format!("could not write: {err}"),
+                Step::Flushed(Ok(())) => unflushed = false,
                 Step::Room(None) => break "the client stopped".to_string(),
                 Step::Room(Some(permit)) => {
-                    if let Some(push) = held.take() {
+                    if let Some(push) = held.pop_front() {
                         permit.send(push);
                     }
                 }
@@ -350,27 +396,34 @@ impl Task {
                         if let Push::Goodbye { code, message } = &push {
                             goodbye = Some((*code, message.clone()));
                         }
-                        // Straight into the queue if there is room; else
-                        // held, and the socket waits.
-                        if let Err(mpsc::error::TrySendError::Full(push)) =
+                        let push = Queued {
+                            logins: self.logins.load(Ordering::Acquire),
+                            push,
+                        };
+                        // Straight into the queue if there is room and
+                        // nothing is held before it; else held.
+                        if !held.is_empty() {
+                            held.push_back(push);
+                        } else if let Err(mpsc::error::TrySendError::Full(push)) =
                             self.pushes.try_send(push)
                         {
-                            held = Some(push);
+                            held.push_back(push);
                         }
                     }
                 }
                 Step::Tick => {
                     let silent = last_heard.elapsed();
-                    if silent > self.idle_timeout && held.is_none() {
+                    if silent > self.idle_timeout && held.is_empty() {
                         // The server is gone without closing (a half-open
                         // connection, where reads may block until TCP
                         // keepalive gives up): fail the waiting calls now.
                         break format!("the server was silent for {} ms", silent.as_millis());
                     }
                     nonce = nonce.wrapping_add(1);
-                    if let Err(err) = self.framed.send(ClientFrame::Ping { nonce }).await {
+                    if let Err(err) = self.writer.feed(ClientFrame::Ping { nonce }).await {
                         break format!("could not write: {err}");
                     }
+                    unflushed = true;
                 }
             }
         };
@@ -404,8 +457,10 @@ impl Task {
             ServerFrame::Done { id, replay, .. } => {
                 if let Some(replay) = replay {
                     // Before the caller hears the login's answer, so that
-                    // no acknowledgement can pass the replay.
+                    // no acknowledgement can pass the replay, and pushes
+                    // read before it count as an earlier login's.
                     self.unreturned.expect_replay(replay.into());
+                    self.logins.fetch_add(1, Ordering::AcqRel);
                 }
                 self.answer(id, frame);
                 return None;
@@ -431,10 +486,11 @@ impl Task {
     /// that a clean close is not turned into a reset.
     async fn drain_until_closed(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, self.framed.next()).await
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, self.reader.next()).await
         {
             if let Some(push) = self.route(frame) {
-                let _ = self.pushes.try_send(push);
+                let logins = self.logins.load(Ordering::Acquire);
+                let _ = self.pushes.try_send(Queued { logins, push });
             }
         }
     }
@@ -514,6 +570,7 @@ impl SocketClient {
         let conn = Conn::open(&self.addr, key).await?;
         // The old connection ends here, and with it its login.
         self.conn = conn;
+        self.login_floor = 0;
         self.send_key = key;
         self.key_spent = false;
         let Some(user) = self.state.user().cloned() else {
@@ -552,14 +609,8 @@ impl SocketClient {
         {
             return Err(self.closed_error());
         }
-        let reply = match answer.await {
-            Ok(reply) => reply,
-            Err(_) => {
-                // The task ended; give it a moment to record why.
-                let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.conn.task.0).await;
-                return Err(self.closed_error());
-            }
-        };
+        // The task records why it ended before it drops the waiters.
+        let reply = answer.await.map_err(|_| self.closed_error())?;
         match reply {
             ServerFrame::Error {
                 state,
@@ -603,13 +654,17 @@ impl ChatClient for SocketClient {
     async fn create(&mut self, name: &str) -> Result<SessionState, ClientError> {
         self.drop_queued_pushes();
         let name = name.to_owned();
-        self.simple(|id| ClientFrame::Create { id, name }).await
+        let state = self.simple(|id| ClientFrame::Create { id, name }).await?;
+        self.login_floor = self.conn.logins.load(Ordering::Acquire);
+        Ok(state)
     }
 
     async fn login(&mut self, name: &str) -> Result<SessionState, ClientError> {
         self.drop_queued_pushes();
         let name = name.to_owned();
-        self.simple(|id| ClientFrame::Login { id, name }).await
+        let state = self.simple(|id| ClientFrame::Login { id, name }).await?;
+        self.login_floor = self.conn.logins.load(Ordering::Acquire);
+        Ok(state)
     }
 
     async fn logout(&mut self) -> Result<SessionState, ClientError> {
@@ -699,12 +754,14 @@ impl ChatClient for SocketClient {
 
     async fn next_push(&mut self) -> Option<Push> {
         loop {
-            let push = self.conn.pushes.recv().await?;
+            let Queued { logins, push } = self.conn.pushes.recv().await?;
             if let Push::Message(m) = &push {
                 self.conn.unreturned.returned(m.id);
             }
             match &push {
                 Push::Message(m) if !self.seen.first(m.id) => continue,
+                // About a login before the current one: already over.
+                Push::LoggedOut { .. } if logins < self.login_floor => continue,
                 Push::LoggedOut { user, .. } if self.state.user() == Some(user) => {
                     self.adopt(SessionState::LoggedOut);
                 }
@@ -723,6 +780,192 @@ impl ChatClient for SocketClient {
 mod tests {
     use super::*;
     use chat_core::Chat;
+
+    use crate::codec::ServerCodec;
+
+    type FakeConn = Framed<tokio::net::TcpStream, ServerCodec>;
+
+    /// A scripted server: accepts one connection, answers the hello, and
+    /// hands the connection to `script`.
+    async fn fake_server<F, Fut>(script: F) -> std::net::SocketAddr
+    where
+        F: FnOnce(FakeConn) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut conn = Framed::new(stream, ServerCodec::new(1 << 16));
+            let hello = conn.next().await.unwrap().unwrap();
+            assert!(matches!(hello, ClientFrame::Hello { .. }));
+            conn.send(ServerFrame::Welcome {
+                version: PROTOCOL_VERSION,
+                features: feature::IDEMPOTENT_SEND,
+                max_frame: 8192,
+                idle_timeout_ms: 45_000,
+                queue_limit: 10_000,
+                max_list: 1000,
+                max_fetch: 256,
+                server: "scripted".into(),
+            })
+            .await
+            .unwrap();
+            script(conn).await;
+        });
+        addr
+    }
+
+    fn alice() -> Username {
+        Username::parse("alice").unwrap()
+    }
+
+    fn message(id: u64) -> Message {
+        Message {
+            id,
+            sender: alice(),
+            body: chat_core::MessageBody::parse("a message of some length").unwrap(),
+            timestamp_ms: 0,
+        }
+    }
+
+    /// An application that stops reading its pushes does not grow the
+    /// client's memory: the client queues [`PUSH_QUEUE`] of them, then
+    /// stops reading the connection (the rest wait in the kernel's buffers
+    /// and the server's queue). A call made meanwhile is still answered
+    /// (the client reads on while a call waits), and once the application
+    /// reads again every push arrives, in order.
+    #[tokio::test]
+    async fn an_application_that_stops_reading_holds_a_bounded_queue() {
+        const PUSHES: u64 = 3 * PUSH_QUEUE as u64;
+        let addr = fake_server(|mut conn| async move {
+            for id in 1..=PUSHES {
+                conn.feed(ServerFrame::PushMessage(message(id)))
+                    .await
+                    .unwrap();
+            }
+            conn.flush().await.unwrap();
+            // Then answer one LIST.
+            match conn.next().await {
+                Some(Ok(ClientFrame::List { id, .. })) => {
+                    let state = SessionState::LoggedOut;
+                    let names = vec![alice()];
+                    conn.send(ServerFrame::Accounts { id, state, names })
+                        .await
+                        .unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+            // Hold the connection until the client is done.
+            let _ = conn.next().await;
+        })
+        .await;
+        let mut client = SocketClient::connect(addr).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client.conn.pushes.len() < PUSH_QUEUE {
+            assert!(Instant::now() < deadline, "the queue never filled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            client.conn.pushes.len(),
+            PUSH_QUEUE,
+            "no more than the bound is queued"
+        );
+        let names = tokio::time::timeout(Duration::from_secs(20), client.list("", 0))
+            .await
+            .expect("a call is answered while the queue is full")
+            .unwrap();
+        assert_eq!(names, [alice()]);
+        for expected in 1..=PUSHES {
+            match client.next_push().await {
+                Some(Push::Message(m)) => assert_eq!(m.id, expected),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// A logout notice the application has not read when it logs in again
+    /// is about the earlier login: it is not shown, and does not make the
+    /// client believe the new login ended.
+    #[tokio::test]
+    async fn a_queued_logout_notice_does_not_end_a_later_login() {
+        let addr = fake_server(|mut conn| async move {
+            let logged_in = || SessionState::LoggedIn(alice());
+            match conn.next().await {
+                Some(Ok(ClientFrame::Create { id, .. })) => {
+                    let done = ServerFrame::Done {
+                        id,
+                        state: logged_in(),
+                        replay: Some(0),
+                    };
+                    conn.send(done).await.unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+            let notice = ServerFrame::PushLoggedOut {
+                reason: chat_core::LogoutReason::SlowConsumer,
+                user: alice(),
+            };
+            conn.send(notice).await.unwrap();
+            match conn.next().await {
+                Some(Ok(ClientFrame::Login { id, .. })) => {
+                    let done = ServerFrame::Done {
+                        id,
+                        state: logged_in(),
+                        replay: Some(0),
+                    };
+                    conn.feed(done).await.unwrap();
+                    conn.feed(ServerFrame::PushMessage(message(7)))
+                        .await
+                        .unwrap();
+                    conn.flush().await.unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+            let _ = conn.next().await;
+        })
+        .await;
+        let mut client = SocketClient::connect(addr).await.unwrap();
+        client.create("alice").await.unwrap();
+        // The application has not read the notice; the server already
+        // ended the login, so it answers this one.
+        let state = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                // Only once the notice is queued does the test go on.
+                if !client.conn.pushes.is_empty() {
+                    break client.login("alice").await;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(state, SessionState::LoggedIn(alice()));
+        match client.next_push().await {
+            Some(Push::Message(m)) => assert_eq!(m.id, 7),
+            other => panic!("the stale notice was shown: {other:?}"),
+        }
+        assert_eq!(client.state(), &SessionState::LoggedIn(alice()));
+    }
+
+    /// A call that fails because the connection ended, then a close: the
+    /// close completes (it used to wait on a task the call had already
+    /// awaited, and panicked).
+    #[tokio::test]
+    async fn close_after_a_failed_call() {
+        let addr = fake_server(|mut conn| async move {
+            let _ = conn.next().await;
+            // Close without answering.
+        })
+        .await;
+        let mut client = SocketClient::connect(addr).await.unwrap();
+        let err = client.list("", 0).await.unwrap_err();
+        assert!(matches!(err, ClientError::Connection(_)), "{err}");
+        tokio::time::timeout(Duration::from_secs(20), client.close())
+            .await
+            .expect("close completes");
+    }
 
     #[tokio::test]
     async fn wrapping_request_ids_renew_the_send_key_and_keep_the_login() {

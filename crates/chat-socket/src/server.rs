@@ -358,7 +358,15 @@ async fn handle(
     match input {
         Input::Frame(None) => Err(End::Eof),
         Input::Frame(Some(Err(FrameError::Io(err)))) => Err(End::Io(err)),
-        Input::Frame(Some(Err(FrameError::OldVersion(version)))) => Err(End::OldClient(version)),
+        // Only a first frame can be a version 1 client's hello; later, a
+        // second hello of any layout is malformed.
+        Input::Frame(Some(Err(FrameError::OldVersion(version)))) if !greeting.greeted => {
+            Err(End::OldClient(version))
+        }
+        Input::Frame(Some(Err(FrameError::OldVersion(_)))) => Err(End::Goodbye(
+            ErrorCode::Malformed,
+            "hello sent twice".into(),
+        )),
         Input::Frame(Some(Err(err))) => Err(End::Goodbye(err.code(), err.to_string())),
         Input::Frame(Some(Ok(frame))) => {
             *deadline = Instant::now() + config.idle_timeout;
