@@ -60,7 +60,9 @@ mod types;
 pub use engine::{Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session};
 pub use error::{ChatError, ErrorCode};
 pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
-pub use store::{Appended, NewMessage, SEND_ID_RETENTION, SendId, Store, StoreError};
+pub use store::{
+    Appended, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store, StoreError,
+};
 pub use types::{
     MAX_BODY_CHARS, MAX_USERNAME_CHARS, Message, MessageBody, MessageId, SendReceipt, SessionState,
     Username,

@@ -85,7 +85,8 @@ pub struct NewMessage {
     /// queue for a fetch.
     pub delivered: bool,
     /// The sender's idempotency key, if it gave one: a second append with
-    /// the same sender and key (within [`SEND_ID_RETENTION`]) stores nothing
+    /// the same sender and key (within [`SEND_ID_RETENTION`], and among the
+    /// sender's last [`MAX_SEND_IDS_PER_SENDER`]) stores nothing
     /// and returns the first one's result, if it is the same message (same
     /// recipient and body); if not, it fails with
     /// [`StoreError::SendIdReused`].
@@ -99,6 +100,13 @@ pub type SendId = u128;
 /// before the reply may resend with the same id for this long and get the
 /// original result.
 pub const SEND_ID_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
+/// Most send ids a store remembers per sender: past it, the sender's
+/// oldest are forgotten first (a resend of a forgotten id is a new send).
+/// So one user's idempotent sends cannot grow the store without bound
+/// within the retention window; a client resends within seconds, far
+/// inside this many sends.
+pub const MAX_SEND_IDS_PER_SENDER: usize = 10_000;
 
 /// What [`Store::append`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
