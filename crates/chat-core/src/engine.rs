@@ -17,9 +17,9 @@
 //! session lock (a recipient is logged out by a slow consumer through an
 //! atomic flag instead).
 
-use std::collections::hash_map::DefaultHasher;
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -121,6 +121,10 @@ struct Inner {
     store: Arc<dyn Store>,
     config: Config,
     stripes: Box<[Stripe]>,
+    /// Picks a name's stripe. Seeded randomly per engine, so that names
+    /// sharing a stripe (and so a lock) cannot be computed offline to make
+    /// one user's traffic slow another's.
+    stripe_hasher: RandomState,
     next_session: AtomicU64,
     shutdown: CancellationToken,
 }
@@ -228,6 +232,7 @@ impl Chat {
             store,
             config,
             stripes,
+            stripe_hasher: RandomState::new(),
             next_session: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
         });
@@ -325,9 +330,8 @@ impl Chat {
     }
 
     fn stripe(&self, name: &Username) -> &Stripe {
-        let mut hasher = DefaultHasher::new();
-        name.hash(&mut hasher);
-        &self.inner.stripes[hasher.finish() as usize & (STRIPES - 1)]
+        let hash = self.inner.stripe_hasher.hash_one(name) as usize;
+        &self.inner.stripes[hash & (STRIPES - 1)]
     }
 
     /// Removes session `id`'s claim on `user`, if it still holds it (a
@@ -775,5 +779,34 @@ impl Events {
 
     fn take_notice(&self) -> Option<Notice> {
         self.shared.notice.lock().ok()?.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which names share a lock stripe differs from engine to engine: it
+    /// cannot be computed offline.
+    #[test]
+    fn stripes_are_seeded_per_engine() {
+        let names: Vec<Username> = (0..64)
+            .map(|i| Username::parse(&format!("user{i}")).unwrap())
+            .collect();
+        let stripes = |chat: &Chat| -> Vec<usize> {
+            names
+                .iter()
+                .map(|n| {
+                    let stripe: *const Stripe = chat.stripe(n);
+                    (stripe as usize - chat.inner.stripes.as_ptr() as usize)
+                        / std::mem::size_of::<Stripe>()
+                })
+                .collect()
+        };
+        let (a, b) = (Chat::in_memory(), Chat::in_memory());
+        // 64 names in 1,024 stripes, twice: the same layout by chance has
+        // a probability of 1024^-64.
+        assert_ne!(stripes(&a), stripes(&b));
+        assert_eq!(stripes(&a), stripes(&a), "stable within one engine");
     }
 }

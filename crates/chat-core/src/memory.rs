@@ -6,14 +6,18 @@
 //! mailbox; create and delete take it for writing. The locks are std ones:
 //! no critical section awaits, and they are held for microseconds.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use regex::Regex;
 
-use crate::store::{Appended, NewMessage, SEND_ID_RETENTION, SendId, Store, StoreError};
+use crate::store::{
+    Appended, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store, StoreError,
+};
 use crate::types::{Message, MessageId, Username};
 
 /// Queue length per recipient past which sends get `queue_full`.
@@ -31,40 +35,88 @@ pub struct MemoryStore {
     /// Remembered send ids, sharded by sender so that sends from
     /// different users do not queue behind one lock.
     send_ids: Box<[Mutex<SendIds>]>,
+    /// Picks a sender's shard; seeded per store, so that which names share
+    /// a shard cannot be worked out in advance.
+    shard_hasher: RandomState,
+    /// Most send ids remembered per sender.
+    send_id_bound: usize,
 }
 
 /// Lock shards for remembered send ids.
 const SEND_ID_SHARDS: usize = 64;
 
-/// Remembered send ids, oldest first for expiry.
+/// What a remembered send id made, and what it was (its recipient and body
+/// fingerprint, to tell a resend from a reuse).
+#[derive(Debug)]
+struct Remembered {
+    id: MessageId,
+    timestamp_ms: u64,
+    recipient: Username,
+    fingerprint: u32,
+}
+
+/// Remembered send ids of the senders in one shard.
 #[derive(Debug, Default)]
 struct SendIds {
-    /// The first send's id and timestamp, and its recipient and body
-    /// fingerprint (to tell a resend from a reuse).
-    by_key: HashMap<(Username, SendId), (MessageId, u64, Username, u32)>,
-    order: VecDeque<(u64, Username, SendId)>,
+    by_key: HashMap<(Username, SendId), Remembered>,
+    /// Each sender's remembered ids, oldest first: for expiry by time and
+    /// the bound per sender.
+    by_sender: HashMap<Username, VecDeque<(u64, SendId)>>,
 }
 
 impl SendIds {
-    /// Forgets send ids past their retention; returns how many.
-    fn prune(&mut self, now_ms: u64) -> usize {
-        let horizon = now_ms.saturating_sub(SEND_ID_RETENTION.as_millis() as u64);
+    fn horizon(now_ms: u64) -> u64 {
+        now_ms.saturating_sub(SEND_ID_RETENTION.as_millis() as u64)
+    }
+
+    /// Forgets `sender`'s send ids older than `horizon`; returns how many.
+    fn expire(&mut self, sender: &Username, horizon: u64) -> usize {
+        let Some(ids) = self.by_sender.get_mut(sender) else {
+            return 0;
+        };
         let mut pruned = 0;
-        while let Some((at, _, _)) = self.order.front() {
-            if *at >= horizon {
-                break;
-            }
-            if let Some((_, sender, id)) = self.order.pop_front() {
-                self.by_key.remove(&(sender, id));
+        while ids.front().is_some_and(|(at, _)| *at < horizon) {
+            if let Some((_, id)) = ids.pop_front() {
+                self.by_key.remove(&(sender.clone(), id));
                 pruned += 1;
             }
         }
-        if pruned > 0 && self.order.len() < self.order.capacity() / 4 {
-            // Give the memory back after a burst, not only the entries.
-            self.order.shrink_to_fit();
-            self.by_key.shrink_to_fit();
+        if ids.is_empty() {
+            self.by_sender.remove(sender);
         }
         pruned
+    }
+
+    /// Forgets every send id past its retention; returns how many.
+    fn prune(&mut self, now_ms: u64) -> usize {
+        let horizon = Self::horizon(now_ms);
+        let senders: Vec<Username> = self.by_sender.keys().cloned().collect();
+        let pruned = senders.iter().map(|s| self.expire(s, horizon)).sum();
+        if pruned > 0 && self.by_key.len() < self.by_key.capacity() / 4 {
+            // Give the memory back after a burst, not only the entries.
+            self.by_key.shrink_to_fit();
+            self.by_sender.shrink_to_fit();
+        }
+        pruned
+    }
+
+    /// Remembers a send id, forgetting the sender's oldest past `bound`.
+    fn remember(&mut self, sender: &Username, send_id: SendId, what: Remembered, bound: usize) {
+        let ids = self.by_sender.entry(sender.clone()).or_default();
+        ids.push_back((what.timestamp_ms, send_id));
+        while ids.len() > bound.max(1) {
+            if let Some((_, old)) = ids.pop_front() {
+                self.by_key.remove(&(sender.clone(), old));
+            }
+        }
+        self.by_key.insert((sender.clone(), send_id), what);
+    }
+
+    /// Forgets everything `sender` sent (its account was deleted).
+    fn forget(&mut self, sender: &Username) {
+        for (_, id) in self.by_sender.remove(sender).unwrap_or_default() {
+            self.by_key.remove(&(sender.clone(), id));
+        }
     }
 }
 
@@ -92,14 +144,21 @@ impl MemoryStore {
             queue_limit,
             id_floor: AtomicU64::new(0),
             send_ids: (0..SEND_ID_SHARDS).map(|_| Mutex::default()).collect(),
+            shard_hasher: RandomState::new(),
+            send_id_bound: MAX_SEND_IDS_PER_SENDER,
         }
     }
 
+    /// This store, remembering at most `bound` send ids per sender instead
+    /// of [`MAX_SEND_IDS_PER_SENDER`].
+    pub fn with_send_id_bound(mut self, bound: usize) -> Self {
+        self.send_id_bound = bound.max(1);
+        self
+    }
+
     fn send_id_shard(&self, sender: &Username) -> &Mutex<SendIds> {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        sender.hash(&mut hasher);
-        &self.send_ids[hasher.finish() as usize % SEND_ID_SHARDS]
+        let hash = self.shard_hasher.hash_one(sender) as usize;
+        &self.send_ids[hash % SEND_ID_SHARDS]
     }
 
     fn mailbox(&self, name: &Username) -> Result<Arc<Mutex<Mailbox>>, StoreError> {
@@ -149,8 +208,7 @@ impl Store for MemoryStore {
             // A new account of this name is a new sender: its send ids are
             // its own.
             let mut ids = self.send_id_shard(name).lock().map_err(poisoned)?;
-            ids.by_key.retain(|(sender, _), _| sender != name);
-            ids.order.retain(|(_, sender, _)| sender != name);
+            ids.forget(name);
         }
         match removed {
             Some(mailbox) => {
@@ -189,14 +247,14 @@ impl Store for MemoryStore {
             None => None,
         };
         if let (Some(ids), Some(send_id)) = (send_ids.as_mut(), message.send_id) {
-            ids.prune(message.timestamp_ms);
-            if let Some((id, timestamp_ms, recipient, fingerprint)) =
-                ids.by_key.get(&(message.sender.clone(), send_id))
-            {
-                if *recipient != message.recipient || *fingerprint != message.body.fingerprint() {
+            ids.expire(&message.sender, SendIds::horizon(message.timestamp_ms));
+            if let Some(first) = ids.by_key.get(&(message.sender.clone(), send_id)) {
+                if first.recipient != message.recipient
+                    || first.fingerprint != message.body.fingerprint()
+                {
                     return Err(StoreError::SendIdReused(message.recipient));
                 }
-                let (id, timestamp_ms) = (*id, *timestamp_ms);
+                let (id, timestamp_ms) = (first.id, first.timestamp_ms);
                 let original = Message {
                     id,
                     sender: message.sender,
@@ -226,18 +284,13 @@ impl Store for MemoryStore {
         };
         mailbox.queue.push_back((stored.clone(), message.delivered));
         if let (Some(ids), Some(send_id)) = (send_ids.as_mut(), message.send_id) {
-            let key = (stored.sender.clone(), send_id);
-            ids.by_key.insert(
-                key,
-                (
-                    stored.id,
-                    stored.timestamp_ms,
-                    message.recipient.clone(),
-                    stored.body.fingerprint(),
-                ),
-            );
-            ids.order
-                .push_back((stored.timestamp_ms, stored.sender.clone(), send_id));
+            let what = Remembered {
+                id: stored.id,
+                timestamp_ms: stored.timestamp_ms,
+                recipient: message.recipient.clone(),
+                fingerprint: stored.body.fingerprint(),
+            };
+            ids.remember(&stored.sender, send_id, what, self.send_id_bound);
         }
         Ok(Appended {
             message: stored,

@@ -512,3 +512,41 @@ impl Store for CountingStore {
         self.inner.prune_expired(now_ms).await
     }
 }
+
+/// A sender's remembered send ids are bounded in count too: past the
+/// bound its oldest are forgotten (a resend of one is a new send), its
+/// recent ones still dedupe, and other senders keep theirs.
+#[tokio::test]
+async fn send_ids_are_bounded_per_sender() {
+    let store = MemoryStore::default().with_send_id_bound(3);
+    store.create_account(&name("bob")).await.unwrap();
+    let mut first = Vec::new();
+    for id in 1..=5u128 {
+        let appended = store
+            .append(new_message("bob", "alice", Some(id), 1_000))
+            .await
+            .unwrap();
+        first.push(appended.message.id);
+    }
+    let carol = store
+        .append(new_message("bob", "carol", Some(1), 1_000))
+        .await
+        .unwrap();
+    let oldest = store
+        .append(new_message("bob", "alice", Some(1), 1_000))
+        .await
+        .unwrap();
+    assert!(!oldest.duplicate, "alice's oldest send id was forgotten");
+    let recent = store
+        .append(new_message("bob", "alice", Some(5), 1_000))
+        .await
+        .unwrap();
+    assert!(recent.duplicate);
+    assert_eq!(recent.message.id, first[4]);
+    let carol_again = store
+        .append(new_message("bob", "carol", Some(1), 1_000))
+        .await
+        .unwrap();
+    assert!(carol_again.duplicate, "another sender keeps its own");
+    assert_eq!(carol_again.message.id, carol.message.id);
+}
