@@ -53,12 +53,14 @@
 pub mod client;
 mod engine;
 mod error;
+pub mod limits;
 mod memory;
 mod store;
 mod types;
 
 pub use engine::{Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session};
 pub use error::{ChatError, ErrorCode};
+pub use limits::{ConnectionLimit, ConnectionSlot, DEFAULT_MAX_CONNECTIONS};
 pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
 pub use store::{
     Appended, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store, StoreError,

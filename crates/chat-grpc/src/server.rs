@@ -14,9 +14,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_core::Chat;
-use tokio::net::TcpListener;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use chat_core::{Chat, ConnectionLimit, ConnectionSlot};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
 use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn};
 
@@ -43,6 +48,20 @@ pub struct GrpcConfig {
     pub http2_keepalive_timeout: Duration,
     /// Idle time before TCP keepalive probes start (default 30 s).
     pub tcp_keepalive: Duration,
+    /// Most connections served at once (shared with the other transports
+    /// of the process, when they are given a clone of it); a connection
+    /// beyond it is closed at once (default 50,000).
+    pub connections: ConnectionLimit,
+    /// Most concurrent HTTP/2 streams (calls) per connection (default 32):
+    /// a client uses one for its push stream and one per call in flight.
+    pub max_streams_per_connection: u32,
+    /// Largest request message accepted, in bytes (default 8 KiB, as on
+    /// the socket transport; the largest legal request is under 1.5 KiB).
+    /// A larger one fails with `OUT_OF_RANGE` before it is decoded.
+    pub max_request: usize,
+    /// Longest a call may take before it fails with `CANCELLED` (default
+    /// 30 s; the push stream is not a call that ends, and is not cut).
+    pub request_timeout: Duration,
 }
 
 impl Default for GrpcConfig {
@@ -53,6 +72,10 @@ impl Default for GrpcConfig {
             http2_keepalive_interval: Duration::from_secs(20),
             http2_keepalive_timeout: Duration::from_secs(10),
             tcp_keepalive: Duration::from_secs(30),
+            connections: ConnectionLimit::default(),
+            max_streams_per_connection: 32,
+            max_request: 8 * 1024,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -123,14 +146,16 @@ pub async fn serve(
             stop.cancel();
         }
     };
-    let incoming = accept_loop(listener, config.tcp_keepalive);
+    let incoming = accept_loop(listener, config.tcp_keepalive, config.connections.clone());
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .max_concurrent_streams(Some(config.max_streams_per_connection.max(1)))
+        .timeout(config.request_timeout)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(ChatServer::new(service))
+        .add_service(ChatServer::new(service).max_decoding_message_size(config.max_request))
         .serve_with_incoming_shutdown(incoming, signal)
         .await;
     watch_store.abort();
@@ -140,28 +165,42 @@ pub async fn serve(
 /// Accepted connections, configured, for tonic. The builder's TCP options
 /// apply only to listeners tonic binds itself, so ours are set here: without
 /// TCP_NODELAY the first reply on every connection waits ~40 ms for a
-/// delayed ACK. Accept errors (out of file descriptors, a peer that reset
-/// before we got to it) are logged and retried after a pause: handing an
-/// error to tonic would stop the whole server.
+/// delayed ACK. Each connection holds a slot of `connections` while it
+/// lives; one beyond the limit is closed at once (HTTP/2 has no way to say
+/// why before its handshake). Accept errors (out of file descriptors, a
+/// peer that reset before we got to it) are logged and retried after a
+/// pause: handing an error to tonic would stop the whole server.
 fn accept_loop(
     listener: TcpListener,
     tcp_keepalive: Duration,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    connections: ConnectionLimit,
+) -> impl futures::Stream<Item = std::io::Result<Limited>> {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(tcp_keepalive)
         .with_interval(tcp_keepalive / 3);
     futures::stream::unfold(listener, move |listener| {
         let keepalive = keepalive.clone();
+        let connections = connections.clone();
         async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
+                        let Some(slot) = connections.try_acquire() else {
+                            debug!(%peer, "server full; connection closed");
+                            continue;
+                        };
                         if let Err(err) = stream.set_nodelay(true).and_then(|()| {
                             socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)
                         }) {
                             debug!(%peer, %err, "could not set socket options");
                         }
-                        return Some((Ok(stream), listener));
+                        return Some((
+                            Ok(Limited {
+                                stream,
+                                _slot: slot,
+                            }),
+                            listener,
+                        ));
                     }
                     Err(err) => {
                         warn!(%err, "accept failed");
@@ -171,4 +210,59 @@ fn accept_loop(
             }
         }
     })
+}
+
+/// An accepted connection and its slot under the connection limit, given
+/// back when hyper drops the connection.
+pub(crate) struct Limited {
+    stream: TcpStream,
+    _slot: ConnectionSlot,
+}
+
+impl Connected for Limited {
+    type ConnectInfo = <TcpStream as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

@@ -642,3 +642,26 @@ async fn shutdown_ends_streams_with_unavailable() {
         None
     );
 }
+
+/// A request larger than the largest real one (8 KiB by default) is
+/// refused before it is decoded, not buffered up to tonic's 4 MiB.
+#[tokio::test]
+async fn oversized_requests_are_refused_before_decoding() {
+    let server = start(GrpcConfig::default()).await;
+    let mut stub = Stub::new(channel(server.addr).await);
+    let status = stub
+        .list_accounts(pb::ListAccountsRequest {
+            pattern: "a".repeat(9 * 1024),
+            max: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // A normal request on the same connection still works.
+    stub.list_accounts(pb::ListAccountsRequest {
+        pattern: String::new(),
+        max: 0,
+    })
+    .await
+    .unwrap();
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chat_core::{Chat, MemoryStore, Store};
+use chat_core::{Chat, ConnectionLimit, MemoryStore, Store};
 use chat_grpc::GrpcConfig;
 use chat_socket::ServerConfig;
 use chat_store_sql::{SqliteOptions, SqliteStore};
@@ -27,8 +27,9 @@ pub struct Tuning {
     /// and logged out.
     #[arg(long, default_value_t = Tuning::default().idle_timeout_secs)]
     pub idle_timeout_secs: u64,
-    /// Socket transport: most connections served at once; one more is told
-    /// `server_full` and closed.
+    /// Most connections served at once, both transports together; one more
+    /// is told `server_full` (socket) or closed (gRPC). Lowered at start to
+    /// what the process may open, with room for the store.
     #[arg(long, default_value_t = Tuning::default().max_connections)]
     pub max_connections: usize,
     /// Socket transport: seconds a new connection may take to send its
@@ -43,6 +44,13 @@ pub struct Tuning {
     /// reading its stream before its session ends (`slow_consumer`).
     #[arg(long, default_value_t = Tuning::default().push_timeout_secs)]
     pub push_timeout_secs: u64,
+    /// gRPC transport: most concurrent calls (HTTP/2 streams) per
+    /// connection.
+    #[arg(long, default_value_t = Tuning::default().grpc_max_streams)]
+    pub grpc_max_streams: u32,
+    /// gRPC transport: seconds a call may take before it fails.
+    #[arg(long, default_value_t = Tuning::default().grpc_request_timeout_secs)]
+    pub grpc_request_timeout_secs: u64,
 }
 
 impl Default for Tuning {
@@ -51,28 +59,33 @@ impl Default for Tuning {
         let grpc = GrpcConfig::default();
         Self {
             idle_timeout_secs: socket.idle_timeout.as_secs(),
-            max_connections: socket.max_connections,
+            max_connections: chat_core::DEFAULT_MAX_CONNECTIONS,
             handshake_timeout_secs: socket.handshake_timeout.as_secs(),
             stream_grace_secs: grpc.stream_grace.as_secs(),
             push_timeout_secs: grpc.push_timeout.as_secs(),
+            grpc_max_streams: grpc.max_streams_per_connection,
+            grpc_request_timeout_secs: grpc.request_timeout.as_secs(),
         }
     }
 }
 
 impl Tuning {
-    fn socket(&self) -> ServerConfig {
+    fn socket(&self, connections: ConnectionLimit) -> ServerConfig {
         ServerConfig {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
-            max_connections: self.max_connections.max(1),
+            connections,
             handshake_timeout: Duration::from_secs(self.handshake_timeout_secs.max(1)),
             ..ServerConfig::default()
         }
     }
 
-    fn grpc(&self) -> GrpcConfig {
+    fn grpc(&self, connections: ConnectionLimit) -> GrpcConfig {
         GrpcConfig {
             stream_grace: Duration::from_secs(self.stream_grace_secs.max(1)),
             push_timeout: Duration::from_secs(self.push_timeout_secs.max(1)),
+            connections,
+            max_streams_per_connection: self.grpc_max_streams.max(1),
+            request_timeout: Duration::from_secs(self.grpc_request_timeout_secs.max(1)),
             ..GrpcConfig::default()
         }
     }
@@ -251,12 +264,15 @@ impl Bound {
     ) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let mut servers = tokio::task::JoinSet::new();
+        // One count for every transport: each connection is a file
+        // descriptor, whichever protocol it speaks.
+        let connections = ConnectionLimit::new(connection_budget(tuning.max_connections));
         for (spec, listener) in self.listeners {
             let chat = chat.clone();
             let stop = stop.clone().cancelled_owned();
             match spec {
                 Listen::Socket(_) => {
-                    let config = tuning.socket();
+                    let config = tuning.socket(connections.clone());
                     tracing::info!(addr = %listener.local_addr()?, "socket transport ready");
                     servers.spawn(async move {
                         chat_socket::serve(listener, chat, config, stop)
@@ -265,7 +281,7 @@ impl Bound {
                     });
                 }
                 Listen::Grpc(_) => {
-                    let config = tuning.grpc();
+                    let config = tuning.grpc(connections.clone());
                     tracing::info!(addr = %listener.local_addr()?, "grpc transport ready");
                     servers.spawn(async move {
                         chat_grpc::serve(listener, chat, config, stop)
@@ -306,6 +322,40 @@ impl Bound {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// File descriptors kept for everything but client connections: the
+/// listeners, the store's files and connections, log output, and slack.
+pub const RESERVED_FDS: u64 = 128;
+
+/// Raises the process's file-descriptor limit to its hard limit and
+/// returns how many connections it can serve: `wanted`, or fewer if the
+/// limit leaves room for fewer besides [`RESERVED_FDS`]. Says what it chose.
+pub fn connection_budget(wanted: usize) -> usize {
+    let soft = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => soft,
+        Err(err) => {
+            tracing::warn!(%err, "could not read or raise the file-descriptor limit");
+            return wanted.max(1);
+        }
+    };
+    let room = usize::try_from(soft.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
+    let chosen = wanted.min(room).max(1);
+    if chosen < wanted {
+        tracing::warn!(
+            file_descriptors = soft,
+            max_connections = chosen,
+            asked = wanted,
+            "the file-descriptor limit leaves room for fewer connections than asked"
+        );
+    } else {
+        tracing::info!(
+            file_descriptors = soft,
+            max_connections = chosen,
+            "connection limit (both transports together)"
+        );
+    }
+    chosen
 }
 
 /// Installs the Ctrl-C (SIGINT) and SIGTERM handlers now, and returns a

@@ -9,7 +9,7 @@
 //! on idle timeout, or on shutdown (the last four after a goodbye frame);
 //! in every case its session is closed, which logs its user out.
 //!
-//! At [`ServerConfig::max_connections`] a new connection is told goodbye
+//! At [`ServerConfig::connections`]' limit a new connection is told goodbye
 //! (`server_full`) at once, rather than left waiting in the listen backlog
 //! where its client cannot tell a full server from a dead one.
 
@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_core::{Chat, ErrorCode, Event, LogoutReason, Session};
+use chat_core::{Chat, ConnectionLimit, ErrorCode, Event, LogoutReason, Session};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -46,9 +46,11 @@ pub struct ServerConfig {
     pub max_request: usize,
     /// Idle time before TCP keepalive probes start (default 30 s).
     pub tcp_keepalive: Duration,
-    /// Most connections served at once; a connection beyond it is told
-    /// goodbye (`server_full`) and closed (default 50,000).
-    pub max_connections: usize,
+    /// Most connections served at once (shared with the other transports
+    /// of the process, when they are given a clone of it); a connection
+    /// beyond it is told goodbye (`server_full`) and closed (default
+    /// 50,000).
+    pub connections: ConnectionLimit,
     /// How long a new connection may take to send its hello before it is
     /// told goodbye (`handshake_timeout`) and closed (default 10 s).
     pub handshake_timeout: Duration,
@@ -65,7 +67,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(45),
             max_request: DEFAULT_MAX_REQUEST,
             tcp_keepalive: Duration::from_secs(30),
-            max_connections: 50_000,
+            connections: ConnectionLimit::default(),
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             server_name: concat!("chat-socket ", env!("CARGO_PKG_VERSION")).to_string(),
@@ -85,7 +87,6 @@ pub async fn serve(
     let config = Arc::new(config);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(config.max_connections));
     // Refusing costs a task and a socket for up to a second; bound how
     // many are refused at once, and drop the rest without a word.
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
@@ -105,7 +106,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+        let Some(slot) = config.connections.try_acquire() else {
             debug!(%peer, "server full; connection refused");
             if let Ok(refusal) = Arc::clone(&refusals).try_acquire_owned() {
                 tracker.spawn(async move {
@@ -124,7 +125,7 @@ pub async fn serve(
         let config = Arc::clone(&config);
         let stop = stop.clone();
         tracker.spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             if let Err(err) = configure(&stream, &config) {
                 debug!(%peer, %err, "could not set socket options");
             }

@@ -429,7 +429,7 @@ async fn capture() -> String {
     let full = start(
         Chat::in_memory(),
         ServerConfig {
-            max_connections: 0,
+            connections: chat_core::ConnectionLimit::new(0),
             ..ServerConfig::default()
         },
     )

@@ -290,7 +290,7 @@ async fn pipelined_requests_are_answered_in_order() {
 #[tokio::test]
 async fn a_full_server_says_so() {
     let config = ServerConfig {
-        max_connections: 1,
+        connections: chat_core::ConnectionLimit::new(1),
         ..ServerConfig::default()
     };
     let server = start(config).await;

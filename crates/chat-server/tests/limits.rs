@@ -1,0 +1,78 @@
+//! Limits that span the whole process: the connection limit counts both
+//! transports together.
+
+use std::time::Duration;
+
+use chat_core::client::ChatClient;
+use chat_core::{Chat, ErrorCode};
+use chat_grpc::GrpcClient;
+use chat_server::{Bound, Listen, Tuning};
+use chat_socket::SocketClient;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_counts_both_transports() {
+    let any = "127.0.0.1:0".parse().unwrap();
+    let bound = Bound::bind(&[Listen::Socket(any), Listen::Grpc(any)])
+        .await
+        .unwrap();
+    let addrs = bound.local_addrs().unwrap();
+    let (socket, grpc) = (addrs[0], addrs[1]);
+    let tuning = Tuning {
+        max_connections: 2,
+        ..Tuning::default()
+    };
+    tokio::spawn(async move {
+        bound
+            .serve(Chat::in_memory(), &tuning, std::future::pending())
+            .await
+    });
+
+    let mut over_socket = SocketClient::connect(socket).await.unwrap();
+    over_socket.create("alice").await.unwrap();
+    let mut over_grpc = GrpcClient::connect(&grpc.to_string()).await.unwrap();
+    over_grpc.create("bob").await.unwrap();
+
+    // Both slots are taken, one per transport: a third connection is
+    // refused on either.
+    let refused = SocketClient::connect(socket).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::ServerFull), "{refused}");
+    let grpc_refused = match GrpcClient::connect(&grpc.to_string()).await {
+        Err(err) => err,
+        Ok(mut third) => third.list("", 0).await.unwrap_err(),
+    };
+    assert!(
+        matches!(grpc_refused, chat_core::client::ClientError::Connection(_)),
+        "{grpc_refused}"
+    );
+
+    // A connection that ends gives its slot back.
+    over_socket.close().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut again = loop {
+        match SocketClient::connect(socket).await {
+            Ok(client) => break client,
+            Err(err) => {
+                assert_eq!(err.code(), Some(ErrorCode::ServerFull), "{err}");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the slot never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    again.login("alice").await.unwrap();
+    over_grpc.send("alice", "still here").await.unwrap();
+}
+
+/// The server raises its file-descriptor limit and never promises more
+/// connections than it can open.
+#[test]
+fn the_connection_budget_fits_the_file_descriptor_limit() {
+    let chosen = chat_server::connection_budget(usize::MAX);
+    let (soft, _hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    assert!(chosen as u64 + chat_server::RESERVED_FDS <= soft.max(chat_server::RESERVED_FDS + 1));
+    assert_eq!(chat_server::connection_budget(10), 10);
+}
