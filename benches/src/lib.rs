@@ -257,7 +257,7 @@ pub fn serve_if_asked() {
         let bound = chat_server::Bound::bind(&[listen]).await?;
         announce(bound.local_addrs()?[0])?;
         bound
-            .serve(chat, &chat_server::Tuning::default(), stop)
+            .serve(chat, &bench_tuning(), stop)
             .await
     });
     if let Err(err) = result {
@@ -265,6 +265,17 @@ pub fn serve_if_asked() {
         std::process::exit(1);
     }
     std::process::exit(0);
+}
+
+/// The servers' settings under benchmark: the defaults, except that every
+/// connection comes from one address (loopback), so the per-address share
+/// is the whole limit.
+fn bench_tuning() -> chat_server::Tuning {
+    let tuning = chat_server::Tuning::default();
+    chat_server::Tuning {
+        max_connections_per_address: tuning.max_connections,
+        ..tuning
+    }
 }
 
 fn announce(addr: SocketAddr) -> std::io::Result<()> {

@@ -60,7 +60,9 @@ mod types;
 
 pub use engine::{Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session};
 pub use error::{ChatError, ErrorCode};
-pub use limits::{ConnectionLimit, ConnectionSlot, DEFAULT_MAX_CONNECTIONS};
+pub use limits::{
+    ConnectionLimit, ConnectionSlot, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_ADDRESS, Refusal,
+};
 pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
 pub use store::{
     Appended, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store, StoreError,

@@ -1,34 +1,74 @@
 //! Limits shared by every transport of one server.
 //!
 //! [`ConnectionLimit`] counts the connections a process serves, across all
-//! its transports together: each accepted connection takes a
-//! [`ConnectionSlot`] and gives it back when it ends. A server gives both
-//! transports clones of one limit, so that the total stays below what the
-//! process can open (every connection is a file descriptor).
+//! its transports together, in total and per peer address: each accepted
+//! connection takes a [`ConnectionSlot`] and gives it back when it ends. A
+//! server gives both transports clones of one limit, so that the total
+//! stays below what the process can open (every connection is a file
+//! descriptor) and one address cannot take every slot.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// How many connections may be served at once; clones share the count.
+/// How many connections may be served at once; clones share the counts.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimit {
     slots: Arc<Semaphore>,
     max: usize,
+    per_address: usize,
+    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// Why a connection was not given a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The server serves as many connections as it may.
+    Full,
+    /// This peer address holds as many connections as one address may.
+    TooManyFromAddress,
 }
 
 /// One connection's place under a [`ConnectionLimit`], given back when
 /// dropped.
 #[derive(Debug)]
-pub struct ConnectionSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    address: Option<(IpAddr, Arc<Mutex<HashMap<IpAddr, usize>>>)>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Some((address, counts)) = self.address.take()
+            && let Ok(mut counts) = counts.lock()
+            && let Some(count) = counts.get_mut(&address)
+        {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&address);
+            }
+        }
+    }
+}
 
 impl ConnectionLimit {
-    /// A limit of `max` connections.
+    /// A limit of `max` connections, and as many from one address.
     pub fn new(max: usize) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max)),
             max,
+            per_address: max,
+            by_address: Arc::default(),
         }
+    }
+
+    /// This limit, allowing at most `per_address` connections from one
+    /// peer address.
+    pub fn with_per_address(mut self, per_address: usize) -> Self {
+        self.per_address = per_address;
+        self
     }
 
     /// The limit.
@@ -36,29 +76,52 @@ impl ConnectionLimit {
         self.max
     }
 
+    /// The limit per peer address.
+    pub fn per_address(&self) -> usize {
+        self.per_address
+    }
+
     /// Connections being served now.
     pub fn in_use(&self) -> usize {
         self.max - self.slots.available_permits()
     }
 
-    /// A slot for a new connection, or `None` if all are taken.
-    pub fn try_acquire(&self) -> Option<ConnectionSlot> {
-        Arc::clone(&self.slots)
+    /// A slot for a new connection from `peer`, or why not.
+    pub fn try_acquire(&self, peer: IpAddr) -> Result<ConnectionSlot, Refusal> {
+        let permit = Arc::clone(&self.slots)
             .try_acquire_owned()
-            .ok()
-            .map(ConnectionSlot)
+            .map_err(|_| Refusal::Full)?;
+        let mut counts = self.by_address.lock().map_err(|_| Refusal::Full)?;
+        let count = counts.entry(peer).or_insert(0);
+        if *count >= self.per_address {
+            if *count == 0 {
+                counts.remove(&peer);
+            }
+            return Err(Refusal::TooManyFromAddress);
+        }
+        *count += 1;
+        Ok(ConnectionSlot {
+            _permit: permit,
+            address: Some((peer, Arc::clone(&self.by_address))),
+        })
     }
 }
 
 impl Default for ConnectionLimit {
-    /// 50,000 connections.
+    /// [`DEFAULT_MAX_CONNECTIONS`] in total, [`DEFAULT_MAX_PER_ADDRESS`]
+    /// from one address.
     fn default() -> Self {
-        Self::new(DEFAULT_MAX_CONNECTIONS)
+        Self::new(DEFAULT_MAX_CONNECTIONS).with_per_address(DEFAULT_MAX_PER_ADDRESS)
     }
 }
 
-/// The default [`ConnectionLimit`].
+/// The default total of a [`ConnectionLimit`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
+
+/// The default number of connections one peer address may hold. Generous
+/// enough for many users behind one NAT; small enough that one address
+/// cannot take the server's file descriptors.
+pub const DEFAULT_MAX_PER_ADDRESS: usize = 1_000;
 
 #[cfg(test)]
 mod tests {
@@ -66,13 +129,26 @@ mod tests {
 
     #[test]
     fn clones_share_one_count_and_slots_come_back() {
+        let here: IpAddr = "127.0.0.1".parse().unwrap();
         let limit = ConnectionLimit::new(2);
         let other = limit.clone();
-        let a = limit.try_acquire().expect("first");
-        let _b = other.try_acquire().expect("second, through the clone");
-        assert!(limit.try_acquire().is_none());
+        let a = limit.try_acquire(here).expect("first");
+        let _b = other.try_acquire(here).expect("second, through the clone");
+        assert_eq!(limit.try_acquire(here).unwrap_err(), Refusal::Full);
         assert_eq!(other.in_use(), 2);
         drop(a);
-        assert!(other.try_acquire().is_some());
+        assert!(other.try_acquire(here).is_ok());
+    }
+
+    #[test]
+    fn one_address_cannot_take_every_slot() {
+        let (one, two): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let limit = ConnectionLimit::new(10).with_per_address(2);
+        let a = limit.try_acquire(one).unwrap();
+        let _b = limit.try_acquire(one).unwrap();
+        assert_eq!(limit.try_acquire(one).unwrap_err(), Refusal::TooManyFromAddress);
+        assert!(limit.try_acquire(two).is_ok(), "another address is served");
+        drop(a);
+        assert!(limit.try_acquire(one).is_ok(), "a freed slot counts again");
     }
 }

@@ -48,9 +48,10 @@ pub struct GrpcConfig {
     pub http2_keepalive_timeout: Duration,
     /// Idle time before TCP keepalive probes start (default 30 s).
     pub tcp_keepalive: Duration,
-    /// Most connections served at once (shared with the other transports
-    /// of the process, when they are given a clone of it); a connection
-    /// beyond it is closed at once (default 50,000).
+    /// Most connections served at once, in total and per peer address
+    /// (shared with the other transports of the process, when they are
+    /// given a clone of it); a connection beyond it is closed at once
+    /// (default 50,000, 1,000 per address).
     pub connections: ConnectionLimit,
     /// Most concurrent HTTP/2 streams (calls) per connection (default 32):
     /// a client uses one for its push stream and one per call in flight.
@@ -185,9 +186,12 @@ fn accept_loop(
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
-                        let Some(slot) = connections.try_acquire() else {
-                            debug!(%peer, "server full; connection closed");
-                            continue;
+                        let slot = match connections.try_acquire(peer.ip()) {
+                            Ok(slot) => slot,
+                            Err(refused) => {
+                                debug!(%peer, ?refused, "connection refused");
+                                continue;
+                            }
                         };
                         if let Err(err) = stream.set_nodelay(true).and_then(|()| {
                             socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)

@@ -32,6 +32,9 @@ pub struct Tuning {
     /// what the process may open, with room for the store.
     #[arg(long, default_value_t = Tuning::default().max_connections)]
     pub max_connections: usize,
+    /// Most connections from one peer address, both transports together.
+    #[arg(long, default_value_t = Tuning::default().max_connections_per_address)]
+    pub max_connections_per_address: usize,
     /// Socket transport: seconds a new connection may take to send its
     /// hello before it is told `handshake_timeout` and closed.
     #[arg(long, default_value_t = Tuning::default().handshake_timeout_secs)]
@@ -60,6 +63,7 @@ impl Default for Tuning {
         Self {
             idle_timeout_secs: socket.idle_timeout.as_secs(),
             max_connections: chat_core::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: chat_core::DEFAULT_MAX_PER_ADDRESS,
             handshake_timeout_secs: socket.handshake_timeout.as_secs(),
             stream_grace_secs: grpc.stream_grace.as_secs(),
             push_timeout_secs: grpc.push_timeout.as_secs(),
@@ -266,7 +270,8 @@ impl Bound {
         let mut servers = tokio::task::JoinSet::new();
         // One count for every transport: each connection is a file
         // descriptor, whichever protocol it speaks.
-        let connections = ConnectionLimit::new(connection_budget(tuning.max_connections));
+        let connections = ConnectionLimit::new(connection_budget(tuning.max_connections))
+            .with_per_address(tuning.max_connections_per_address.max(1));
         for (spec, listener) in self.listeners {
             let chat = chat.clone();
             let stop = stop.clone().cancelled_owned();

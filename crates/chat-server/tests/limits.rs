@@ -67,6 +67,42 @@ async fn the_connection_limit_counts_both_transports() {
     over_grpc.send("alice", "still here").await.unwrap();
 }
 
+/// One address cannot take every connection: past its share, it is
+/// refused on either transport, and the connections it has keep working
+/// (that other addresses are still served is tested on the limit itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_its_share_of_connections() {
+    let any = "127.0.0.1:0".parse().unwrap();
+    let bound = Bound::bind(&[Listen::Socket(any), Listen::Grpc(any)])
+        .await
+        .unwrap();
+    let addrs = bound.local_addrs().unwrap();
+    let (socket, grpc) = (addrs[0], addrs[1]);
+    let tuning = Tuning {
+        max_connections_per_address: 1,
+        ..Tuning::default()
+    };
+    tokio::spawn(async move {
+        bound
+            .serve(Chat::in_memory(), &tuning, std::future::pending())
+            .await
+    });
+    let mut first = SocketClient::connect(socket).await.unwrap();
+    first.create("alice").await.unwrap();
+    let refused = SocketClient::connect(socket).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::ServerFull), "{refused}");
+    assert!(refused.to_string().contains("your address"), "{refused}");
+    let grpc_refused = match GrpcClient::connect(&grpc.to_string()).await {
+        Err(err) => err,
+        Ok(mut other) => other.list("", 0).await.unwrap_err(),
+    };
+    assert!(
+        matches!(grpc_refused, chat_core::client::ClientError::Connection(_)),
+        "{grpc_refused}"
+    );
+    first.send("alice", "the first connection is unaffected").await.unwrap();
+}
+
 /// The server raises its file-descriptor limit and never promises more
 /// connections than it can open.
 #[test]

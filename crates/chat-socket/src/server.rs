@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_core::{Chat, ConnectionLimit, ErrorCode, Event, LogoutReason, Session};
+use chat_core::{Chat, ConnectionLimit, ErrorCode, Event, LogoutReason, Refusal, Session};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -46,10 +46,10 @@ pub struct ServerConfig {
     pub max_request: usize,
     /// Idle time before TCP keepalive probes start (default 30 s).
     pub tcp_keepalive: Duration,
-    /// Most connections served at once (shared with the other transports
-    /// of the process, when they are given a clone of it); a connection
-    /// beyond it is told goodbye (`server_full`) and closed (default
-    /// 50,000).
+    /// Most connections served at once, in total and per peer address
+    /// (shared with the other transports of the process, when they are
+    /// given a clone of it); a connection beyond it is told goodbye
+    /// (`server_full`) and closed (default 50,000, 1,000 per address).
     pub connections: ConnectionLimit,
     /// How long a new connection may take to send its hello before it is
     /// told goodbye (`handshake_timeout`) and closed (default 10 s).
@@ -106,20 +106,24 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(slot) = config.connections.try_acquire() else {
-            debug!(%peer, "server full; connection refused");
-            if let Ok(refusal) = Arc::clone(&refusals).try_acquire_owned() {
-                tracker.spawn(async move {
-                    let _refusal = refusal;
-                    refuse(
-                        stream,
-                        ErrorCode::ServerFull,
-                        "the server is full; try again later",
-                    )
-                    .await;
-                });
+        let slot = match config.connections.try_acquire(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                debug!(%peer, ?refused, "connection refused");
+                let message = match refused {
+                    Refusal::Full => "the server is full; try again later",
+                    Refusal::TooManyFromAddress => {
+                        "too many connections from your address; close some and try again"
+                    }
+                };
+                if let Ok(refusal) = Arc::clone(&refusals).try_acquire_owned() {
+                    tracker.spawn(async move {
+                        let _refusal = refusal;
+                        refuse(stream, ErrorCode::ServerFull, message).await;
+                    });
+                }
+                continue;
             }
-            continue;
         };
         let chat = chat.clone();
         let config = Arc::clone(&config);
