@@ -9,7 +9,7 @@
 //! - `writer`: the writer task (group commit, failure handling, timed
 //!   pruning) and its supervision; `writer::job` the typed jobs,
 //!   `writer::apply` what each write does in a transaction,
-//!   `writer::counters` the per-account counters cache.
+//!   `writer::counters` the per-account counters caches.
 //!
 //! # Durability
 //!
@@ -48,10 +48,28 @@
 //! account raises a stored id floor (schema version 5) to its last id in
 //! the same transaction, and a new account's ids start above the floor.
 //!
+//! # Send ids
+//!
+//! A send id is remembered for [`chat_core::SEND_ID_RETENTION`] and among
+//! its sender's last [`SqliteOptions::send_ids_per_sender`] (by default
+//! [`chat_core::MAX_SEND_IDS_PER_SENDER`]); a resend of one that is
+//! forgotten is a new send. The writer keeps each active sender's number
+//! of remembered send ids in memory (read with one `COUNT` when the
+//! sender's count is first needed, in the same round trip as the batch's
+//! send-id lookup), so the bound costs an append nothing. When a batch
+//! commits, each of its senders with more than the bound plus a margin of
+//! a sixteenth of it (625 by default; none below 16) loses its oldest send
+//! ids, by timestamp and then arrival (schema version 6 keeps send ids in
+//! arrival order), down to the bound — one `DELETE` in
+//! the commit's query, about once per margin sends of a sender at its
+//! bound. So a sender's last `send_ids_per_sender` send ids are always
+//! remembered, and at most that plus the margin are stored. Deleting an
+//! account forgets the send ids it sent.
+//!
 //! # Pruning
 //!
 //! The writer deletes send ids past their retention and evicts idle
-//! accounts from its counters cache every [`SqliteOptions::prune_every`],
+//! accounts from its counters caches every [`SqliteOptions::prune_every`],
 //! even when no writes arrive. [`Store::prune_expired`] runs the same prune
 //! on demand, by the time it is given; a caller need not call it.
 //!
@@ -108,6 +126,13 @@ pub struct SqliteOptions {
     /// last write that used them (default ten minutes); evicted counters
     /// are read from the database again when needed.
     pub idle_account_after: Duration,
+    /// Most send ids remembered per sender (default
+    /// [`chat_core::MAX_SEND_IDS_PER_SENDER`], at least 1): a resend of one
+    /// of a sender's last this many send ids (within
+    /// [`chat_core::SEND_ID_RETENTION`]) is always recognized. Past it, the
+    /// sender's oldest are deleted first, by timestamp and then arrival;
+    /// see "Send ids" in the crate docs for the margin.
+    pub send_ids_per_sender: usize,
 }
 
 impl Default for SqliteOptions {
@@ -118,6 +143,7 @@ impl Default for SqliteOptions {
             readers: 4,
             prune_every: Duration::from_secs(60),
             idle_account_after: Duration::from_secs(10 * 60),
+            send_ids_per_sender: chat_core::MAX_SEND_IDS_PER_SENDER,
         }
     }
 }
@@ -375,8 +401,9 @@ impl Store for SqliteStore {
 
     /// Runs the writer's prune now, by `now_ms`: deletes send ids older
     /// than [`chat_core::SEND_ID_RETENTION`] and evicts the cached counters
-    /// of accounts no write used for [`SqliteOptions::idle_account_after`];
-    /// returns how many of both went. The writer also prunes on its own
+    /// (of messages as a recipient, of send ids as a sender) of accounts no
+    /// write used for [`SqliteOptions::idle_account_after`]; returns how
+    /// many of these went. The writer also prunes on its own
     /// every [`SqliteOptions::prune_every`] by the wall clock, so calling
     /// this is optional.
     async fn prune_expired(&self, now_ms: u64) -> Result<usize, StoreError> {

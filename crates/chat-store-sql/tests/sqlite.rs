@@ -269,7 +269,7 @@ async fn a_version_1_database_is_migrated_with_its_data() {
     assert_eq!(first.message.id, 3);
     assert!(store.append(resend).await.unwrap().duplicate);
     assert_eq!(store.ack(&old, 3).await.unwrap(), 2, "both delivered ones");
-    assert_eq!(schema_version(), 5);
+    assert_eq!(schema_version(), 6);
 }
 
 #[tokio::test]
@@ -830,8 +830,8 @@ async fn prune_expired_forgets_send_ids_and_idle_accounts() {
     let later = wall_clock_ms() + 120_000;
     assert_eq!(
         store.prune_expired(later).await.unwrap(),
-        1,
-        "bob's counters"
+        2,
+        "bob's counters, and alice's count of send ids"
     );
     assert_eq!(store.prune_expired(later).await.unwrap(), 0, "nothing left");
     // The send id is forgotten (a new send), and the counters are read
@@ -885,4 +885,323 @@ async fn expired_send_ids_are_pruned_on_a_timer() {
     store.take_undelivered(&name("bob"), 0).await.unwrap();
     let stored: i64 = sqlx::query_scalar(count).fetch_one(&mut raw).await.unwrap();
     assert_eq!(stored, 0, "pruned by the timer");
+}
+
+/// The store in `dir` remembering at most `bound` send ids per sender.
+async fn open_bounded(dir: &Path, bound: usize) -> SqliteStore {
+    let options = SqliteOptions {
+        send_ids_per_sender: bound,
+        ..SqliteOptions::default()
+    };
+    SqliteStore::open(dir, options).await.unwrap()
+}
+
+/// A message from `sender` to bob with send id `id` and a body naming it.
+fn send(sender: &str, id: u128) -> NewMessage {
+    let mut message = message("bob", &format!("send {id}"), false, Some(id));
+    message.sender = name(sender);
+    message
+}
+
+/// The send ids the database holds for `sender`, oldest first (by
+/// timestamp, then arrival).
+async fn remembered(dir: &Path, sender: &str) -> Vec<u128> {
+    let mut raw = raw_connection(dir).await;
+    let ids: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT client_id FROM send_ids WHERE sender = ? ORDER BY timestamp_ms, rowid",
+    )
+    .bind(sender)
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
+    ids.into_iter()
+        .map(|id| u128::from_be_bytes(id.try_into().unwrap()))
+        .collect()
+}
+
+/// Past its bound, a sender's oldest send ids are forgotten first (here
+/// all sent at one millisecond, so by arrival, whatever the ids' order): a
+/// resend of a forgotten one is a new message, a resend of a remembered
+/// one the original. Other senders keep theirs, and the count is read
+/// again after a reopen. (A bound under 16 has no margin: exact.)
+#[tokio::test]
+async fn send_ids_are_bounded_per_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_bounded(dir.path(), 5).await;
+    store.create_account(&name("bob")).await.unwrap();
+    let mut first = std::collections::HashMap::new();
+    for id in [1, 2, 3] {
+        let sent = store.append(send("carol", id)).await.unwrap();
+        first.insert(("carol", id), sent.message.id);
+    }
+    // Ids in falling order, so only the arrival order says which is oldest;
+    // five one by one, three more in one batch.
+    for id in [108, 107, 106, 105, 104] {
+        let sent = store.append(send("alice", id)).await.unwrap();
+        first.insert(("alice", id), sent.message.id);
+    }
+    assert_eq!(
+        remembered(dir.path(), "alice").await,
+        [108, 107, 106, 105, 104]
+    );
+    let batch =
+        futures::future::join_all([103, 102, 101].map(|id| store.append(send("alice", id)))).await;
+    for (id, sent) in [103, 102, 101].into_iter().zip(batch) {
+        first.insert(("alice", id), sent.unwrap().message.id);
+    }
+    assert_eq!(
+        remembered(dir.path(), "alice").await,
+        [105, 104, 103, 102, 101],
+        "the three oldest went"
+    );
+
+    // A recent id, and the oldest still remembered: the originals.
+    for id in [101, 105] {
+        let again = store.append(send("alice", id)).await.unwrap();
+        assert!(again.duplicate, "{id}");
+        assert_eq!(again.message.id, first[&("alice", id)], "{id}");
+    }
+    // A forgotten id: a new message, remembered in its turn (pushing out
+    // the oldest, 105).
+    let forgotten = store.append(send("alice", 108)).await.unwrap();
+    assert!(!forgotten.duplicate);
+    assert!(forgotten.message.id > first[&("alice", 101)]);
+    let again = store.append(send("alice", 108)).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.message.id, forgotten.message.id);
+    assert_eq!(
+        remembered(dir.path(), "alice").await,
+        [104, 103, 102, 101, 108]
+    );
+    // Carol's are all there.
+    for id in [1, 2, 3] {
+        let again = store.append(send("carol", id)).await.unwrap();
+        assert!(again.duplicate, "carol {id}");
+        assert_eq!(again.message.id, first[&("carol", id)]);
+    }
+    assert_eq!(remembered(dir.path(), "carol").await, [1, 2, 3]);
+    drop(store);
+
+    // A fresh writer counts alice's five: the next new id pushes out one.
+    let store = open_bounded(dir.path(), 5).await;
+    assert!(!store.append(send("alice", 109)).await.unwrap().duplicate);
+    assert_eq!(
+        remembered(dir.path(), "alice").await,
+        [103, 102, 101, 108, 109]
+    );
+    assert!(!store.append(send("alice", 104)).await.unwrap().duplicate);
+    assert!(store.append(send("alice", 102)).await.unwrap().duplicate);
+    assert_eq!(
+        remembered(dir.path(), "alice").await,
+        [102, 101, 108, 109, 104]
+    );
+    assert_eq!(remembered(dir.path(), "carol").await, [1, 2, 3]);
+}
+
+/// With the default margin (a sixteenth of the bound), a sender may go
+/// past its bound by the margin; one more, and its oldest go down to the
+/// bound, in one delete.
+#[tokio::test]
+async fn send_ids_may_exceed_the_bound_by_the_margin() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_bounded(dir.path(), 32).await;
+    store.create_account(&name("bob")).await.unwrap();
+    for id in 1..=34 {
+        store.append(send("alice", id)).await.unwrap();
+    }
+    assert_eq!(
+        remembered(dir.path(), "alice").await,
+        (1..=34).collect::<Vec<_>>(),
+        "32 + a margin of 2"
+    );
+    assert!(store.append(send("alice", 1)).await.unwrap().duplicate);
+    store.append(send("alice", 35)).await.unwrap();
+    assert_eq!(
+        remembered(dir.path(), "alice").await,
+        (4..=35).collect::<Vec<_>>(),
+        "down to the bound, oldest first"
+    );
+    assert!(!store.append(send("alice", 1)).await.unwrap().duplicate);
+}
+
+/// Pruning by time and the count bound together: an expired send id
+/// pruned is taken off its sender's count (else the next send would push
+/// out a remembered one), and the bound forgets by timestamp first (a send
+/// stamped long ago is the oldest, whenever it came).
+#[tokio::test]
+async fn pruning_by_time_and_the_bound_keep_the_right_send_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_bounded(dir.path(), 5).await;
+    store.create_account(&name("bob")).await.unwrap();
+    let now = wall_clock_ms();
+    let long_ago = now - chat_core::SEND_ID_RETENTION.as_millis() as u64 - 60_000;
+    let stamped = |id: u128, timestamp_ms: u64| NewMessage {
+        timestamp_ms,
+        ..send("alice", id)
+    };
+    for id in [4, 5, 6, 7] {
+        store.append(stamped(id, now + id as u64)).await.unwrap();
+    }
+    // Stamped before the others: each pushes out the oldest by time, which
+    // is the previous one of these.
+    for id in [1, 2, 3] {
+        store.append(stamped(id, long_ago)).await.unwrap();
+    }
+    assert_eq!(remembered(dir.path(), "alice").await, [3, 4, 5, 6, 7]);
+
+    // The prune takes 3 (expired); four are left, room for one more.
+    assert_eq!(store.prune_expired(now).await.unwrap(), 1);
+    assert_eq!(remembered(dir.path(), "alice").await, [4, 5, 6, 7]);
+    store.append(stamped(8, now + 8)).await.unwrap();
+    assert_eq!(remembered(dir.path(), "alice").await, [4, 5, 6, 7, 8]);
+    assert!(store.append(stamped(4, now + 9)).await.unwrap().duplicate);
+    store.append(stamped(9, now + 9)).await.unwrap();
+    assert_eq!(remembered(dir.path(), "alice").await, [5, 6, 7, 8, 9]);
+
+    // A prune in the same batch as appends (one thread: `join!` queues
+    // them all before the writer runs) also keeps the count exact, also
+    // when a later append of the batch uses a send id it pruned.
+    let stamped = |id: u128, timestamp_ms: u64| NewMessage {
+        timestamp_ms,
+        ..send("dave", id)
+    };
+    store.append(stamped(10, long_ago)).await.unwrap();
+    for id in [11, 12, 13] {
+        store.append(stamped(id, now + id as u64)).await.unwrap();
+    }
+    let (a, pruned, b) = futures::join!(
+        store.append(stamped(14, now + 14)),
+        store.prune_expired(now),
+        store.append(stamped(10, now + 14)),
+    );
+    assert!(!a.unwrap().duplicate);
+    assert_eq!(pruned.unwrap(), 1, "send id 10, stamped long ago");
+    assert!(!b.unwrap().duplicate, "10 was pruned: a new send");
+    assert_eq!(remembered(dir.path(), "dave").await, [11, 12, 13, 14, 10]);
+    store.append(stamped(15, now + 15)).await.unwrap();
+    assert_eq!(remembered(dir.path(), "dave").await, [12, 13, 14, 10, 15]);
+    assert_eq!(remembered(dir.path(), "alice").await, [5, 6, 7, 8, 9]);
+}
+
+/// Deleting an account forgets the send ids it sent, with their count: a
+/// re-created account has its whole bound, and in the batch of the delete
+/// a resend of an old id is a new send.
+#[tokio::test]
+async fn a_deleted_senders_send_ids_and_count_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_bounded(dir.path(), 5).await;
+    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("alice")).await.unwrap();
+    for id in 1..=5 {
+        store.append(send("alice", id)).await.unwrap();
+    }
+    let alice = name("alice");
+    let (deleted, created, resent) = futures::join!(
+        store.delete_account(&alice),
+        store.create_account(&alice),
+        store.append(send("alice", 5)),
+    );
+    assert!(deleted.unwrap());
+    created.unwrap();
+    assert!(!resent.unwrap().duplicate, "alice's old 5 was forgotten");
+    for id in 11..=14 {
+        store.append(send("alice", id)).await.unwrap();
+    }
+    assert_eq!(
+        remembered(dir.path(), "alice").await,
+        [5, 11, 12, 13, 14],
+        "counted from none"
+    );
+}
+
+/// A batch that fails and is applied again write by write does not count
+/// its send ids twice (the cached counts go with the rollback).
+#[tokio::test]
+async fn a_rolled_back_batch_does_not_count_its_send_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_bounded(dir.path(), 5).await;
+    for who in ["bob", "carol"] {
+        store.create_account(&name(who)).await.unwrap();
+    }
+    for id in 1..=3 {
+        store.append(send("alice", id)).await.unwrap();
+    }
+    let mut saboteur = raw_connection(dir.path()).await;
+    sqlx::raw_sql(
+        "CREATE TRIGGER no_room_for_carol BEFORE INSERT ON messages WHEN NEW.recipient = 'carol' \
+         BEGIN SELECT RAISE(ABORT, 'no room for carol'); END;",
+    )
+    .execute(&mut saboteur)
+    .await
+    .unwrap();
+    // One batch (see `one_failing_write_does_not_fail_its_batch`).
+    let (stored, failed) = futures::join!(
+        store.append(send("alice", 4)),
+        store.append(message("carol", "refused", false, None)),
+    );
+    assert!(!stored.unwrap().duplicate);
+    assert!(failed.is_err());
+    store.append(send("alice", 5)).await.unwrap();
+    assert_eq!(remembered(dir.path(), "alice").await, [1, 2, 3, 4, 5]);
+    store.append(send("alice", 6)).await.unwrap();
+    assert_eq!(remembered(dir.path(), "alice").await, [2, 3, 4, 5, 6]);
+}
+
+/// Version 6 rebuilds the send ids in arrival order: a version 5
+/// database's send ids are kept, and the bound forgets the oldest by
+/// timestamp.
+#[tokio::test]
+async fn a_version_5_database_keeps_its_send_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use sqlx::Connection;
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join(DATABASE_FILE).display()
+        );
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let release = dir.path().join("migrations-v5");
+        std::fs::create_dir(&release).unwrap();
+        for (file, sql) in VERSIONS_1_TO_4 {
+            std::fs::write(release.join(file), sql).unwrap();
+        }
+        std::fs::write(
+            release.join("0005_id_floor.sql"),
+            include_str!("../migrations/sqlite/0005_id_floor.sql"),
+        )
+        .unwrap();
+        let migrator = sqlx::migrate::Migrator::new(release.as_path())
+            .await
+            .unwrap();
+        migrator.run(&mut conn).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO accounts (name, last_id, stored, created_ms) VALUES ('bob', 3, 0, 0)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let now = wall_clock_ms() as i64;
+        // Keyed in another order than their times.
+        for (id, message_id, at) in [(3u128, 1, now), (1, 2, now + 1), (2, 3, now + 2)] {
+            sqlx::query(
+                "INSERT INTO send_ids (sender, client_id, recipient, message_id, timestamp_ms, body_crc) \
+                 VALUES ('alice', ?, 'bob', ?, ?, NULL)",
+            )
+            .bind(id.to_be_bytes().to_vec())
+            .bind(message_id)
+            .bind(at)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+    }
+    let store = open_bounded(dir.path(), 3).await;
+    assert_eq!(remembered(dir.path(), "alice").await, [3, 1, 2]);
+    let resend = store.append(send("alice", 1)).await.unwrap();
+    assert!(resend.duplicate);
+    assert_eq!(resend.message.id, 2);
+    let mut next = send("alice", 4);
+    next.timestamp_ms = wall_clock_ms() + 10;
+    assert!(!store.append(next).await.unwrap().duplicate);
+    assert_eq!(remembered(dir.path(), "alice").await, [1, 2, 4]);
 }

@@ -9,7 +9,7 @@ use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::Writer;
-use super::counters::{CounterCache, Counters};
+use super::counters::{CounterCache, Counters, SendIdCounts};
 use super::job::{Ack, Job, Take};
 use crate::{message_from_row, now_ms};
 
@@ -55,6 +55,29 @@ struct Pending {
     send_ids: Vec<NewSendId>,
     /// Accounts whose cached counters changed (with repeats).
     touched: Vec<Username>,
+    /// The sender of each new send-id row of the batch (not of an expired
+    /// one taken over): the commit adds them to the cached counts and
+    /// checks those against the bound. Kept across the flushes before the
+    /// commit.
+    grown: Vec<Username>,
+}
+
+/// How far past the per-sender bound a sender's send ids may grow before
+/// the commit deletes its oldest, down to the bound: a sixteenth of it
+/// (625 of 10,000; none for a bound under 16). So the delete runs about
+/// once per this many new send ids of a sender at its bound, not at every
+/// batch.
+fn send_id_margin(bound: usize) -> usize {
+    bound / 16
+}
+
+/// What the final flush needs to keep send ids within their bound.
+struct Commit<'a> {
+    send_ids: &'a mut SendIdCounts,
+    /// Most send ids remembered per sender.
+    bound: usize,
+    /// The batch's time, ms since the epoch (marks the counts used).
+    now_ms: u64,
 }
 
 /// Why a batch's transaction failed; either way it may still be open, and
@@ -73,10 +96,13 @@ impl Writer {
     /// job's result in it. `Err`: the transaction failed and may still be
     /// open; the caller must roll it back, and no result may be sent.
     pub(super) async fn apply(&mut self, batch: &mut [Job]) -> Result<(), Failure> {
-        let known = begin_and_find_send_ids(&mut self.conn, batch)
+        let now = now_ms();
+        let known = begin_and_find_send_ids(&mut self.conn, batch, &mut self.send_ids, now)
             .await
             .map_err(Failure::Begin)?;
-        self.apply_begun(batch, known).await.map_err(Failure::Write)
+        self.apply_begun(batch, known, now)
+            .await
+            .map_err(Failure::Write)
     }
 
     /// [`apply`](Self::apply) once the transaction is open.
@@ -89,12 +115,13 @@ impl Writer {
         &mut self,
         batch: &mut [Job],
         mut known: KnownSends,
+        now: u64,
     ) -> Result<(), sqlx::Error> {
-        let now = now_ms();
         let Writer {
             conn,
             options,
             counters,
+            send_ids,
         } = self;
         let mut pending = Pending::default();
         for job in batch.iter_mut() {
@@ -122,24 +149,31 @@ impl Writer {
                 }
                 // Every other write sees the rows gathered so far.
                 Job::Create(call) => {
-                    flush(conn, counters, &mut pending, false).await?;
+                    flush(conn, counters, &mut pending, None).await?;
                     let result = create(conn, counters, &call.args, now).await?;
                     call.set(result);
                 }
                 Job::Delete(call) => {
-                    flush(conn, counters, &mut pending, false).await?;
-                    let result = delete(conn, counters, &call.args).await?;
+                    flush(conn, counters, &mut pending, None).await?;
+                    let result = delete(conn, counters, send_ids, &mut known, &call.args).await?;
                     call.set(result);
                 }
                 Job::Take(call) => {
-                    flush(conn, counters, &mut pending, false).await?;
+                    flush(conn, counters, &mut pending, None).await?;
                     let result = take(conn, counters, &call.args, now).await?;
                     call.set(result);
                 }
                 Job::Prune(call) => {
-                    flush(conn, counters, &mut pending, false).await?;
-                    let result =
-                        prune(conn, counters, call.args, options.idle_account_after).await?;
+                    flush(conn, counters, &mut pending, None).await?;
+                    let result = prune(
+                        conn,
+                        counters,
+                        send_ids,
+                        &mut known,
+                        call.args,
+                        options.idle_account_after,
+                    )
+                    .await?;
                     call.set(result);
                 }
                 Job::Crash => panic!(
@@ -147,7 +181,12 @@ impl Writer {
                 ),
             }
         }
-        flush(conn, counters, &mut pending, true).await
+        let commit = Commit {
+            send_ids,
+            bound: options.send_ids_per_sender.max(1),
+            now_ms: now,
+        };
+        flush(conn, counters, &mut pending, Some(commit)).await
     }
 }
 
@@ -158,7 +197,10 @@ fn retention_horizon(now_ms: u64) -> i64 {
 
 /// Opens the batch's transaction, taking the write lock at once, and finds
 /// which of its appends' send ids were stored before (with the original
-/// message id and timestamp), in one round trip.
+/// message id and timestamp), in one round trip. In the same round trip it
+/// counts the send ids remembered for each of the appends' senders whose
+/// count is not cached (one `COUNT … GROUP BY` over the key index), and
+/// caches them, marked used at `now_ms`.
 ///
 /// `BEGIN IMMEDIATE`, not a deferred `BEGIN`: a deferred transaction reads
 /// first and asks for the write lock at its first write; if another
@@ -170,6 +212,8 @@ fn retention_horizon(now_ms: u64) -> i64 {
 async fn begin_and_find_send_ids(
     conn: &mut SqliteConnection,
     batch: &[Job],
+    counts: &mut SendIdCounts,
+    now_ms: u64,
 ) -> Result<KnownSends, sqlx::Error> {
     let keys: Vec<(&Username, [u8; 16])> = batch
         .iter()
@@ -186,6 +230,16 @@ async fn begin_and_find_send_ids(
         sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await?;
         return Ok(known);
     }
+    let mut uncounted: Vec<&Username> = keys
+        .iter()
+        .map(|(sender, _)| *sender)
+        .filter(|sender| !counts.contains(sender))
+        .collect();
+    uncounted.sort_unstable();
+    uncounted.dedup();
+    // Never more chunks than the keys have: each sender has a key.
+    let uncounted: Vec<&[&Username]> = uncounted.chunks(ROWS_PER_STATEMENT).collect();
+    let mut counted: HashMap<String, i64> = HashMap::new();
     for (n, chunk) in keys.chunks(ROWS_PER_STATEMENT).enumerate() {
         // A join against the keys as a VALUES table, so that each key is
         // one primary-key probe.
@@ -206,6 +260,15 @@ async fn begin_and_find_send_ids(
         query.push(
             ") AS k CROSS JOIN send_ids AS s ON s.sender = k.column1 AND s.client_id = k.column2",
         );
+        if let Some(senders) = uncounted.get(n) {
+            // Its rows have two columns, the lookup's six.
+            query.push("; SELECT sender, COUNT(*) FROM send_ids WHERE sender IN (");
+            let mut values = query.separated(", ");
+            for sender in *senders {
+                values.push_bind(sender.as_str());
+            }
+            query.push(") GROUP BY sender");
+        }
 
         for row in query
             .build()
@@ -213,11 +276,21 @@ async fn begin_and_find_send_ids(
             .fetch_all(&mut *conn)
             .await?
         {
+            if row.len() == 2 {
+                counted.insert(row.try_get(0)?, row.try_get(1)?);
+                continue;
+            }
             let (sender, id, known_send) = send_id_row(&row)?;
             if let (Ok(sender), Ok(id)) = (Username::parse(&sender), <[u8; 16]>::try_from(id)) {
                 known.insert((sender, id), known_send);
             }
         }
+    }
+    // Only now that every query of the lookup succeeded (a sender with no
+    // row has none remembered).
+    for sender in uncounted.into_iter().flatten() {
+        let remembered = counted.get(sender.as_str()).copied().unwrap_or(0);
+        counts.insert((*sender).clone(), remembered, now_ms);
     }
     Ok(known)
 }
@@ -288,7 +361,7 @@ async fn append(
     if let Some(client_id) = send_id {
         let timestamp_ms = message.timestamp_ms as i64;
         let body_crc = message.body.fingerprint();
-        known.insert(
+        let replaced = known.insert(
             (message.sender.clone(), client_id),
             KnownSend {
                 message_id: id,
@@ -297,6 +370,11 @@ async fn append(
                 body_crc: Some(i64::from(body_crc)),
             },
         );
+        // `known` holds every stored row of the batch's keys, so an id it
+        // has is expired and taken over by the upsert: no new row.
+        if replaced.is_none() {
+            pending.grown.push(message.sender.clone());
+        }
         pending.send_ids.push(NewSendId {
             sender: message.sender.clone(),
             client_id,
@@ -320,12 +398,14 @@ async fn append(
 
 /// Writes the gathered rows (messages, send ids, then the touched accounts'
 /// counters, each as multi-row statements) as one multi-statement query;
-/// with `commit`, the transaction's `COMMIT` goes in the same query.
+/// with `commit`, the deletes of the oldest send ids of senders past their
+/// bound (see [`trim_send_ids`]) and the transaction's `COMMIT` go in the
+/// same query.
 async fn flush(
     conn: &mut SqliteConnection,
     counters: &CounterCache,
     pending: &mut Pending,
-    commit: bool,
+    commit: Option<Commit<'_>>,
 ) -> Result<(), sqlx::Error> {
     let mut query = QueryBuilder::<Sqlite>::new("");
     let mut statements = 0;
@@ -384,15 +464,72 @@ async fn flush(
         );
         statements += 1;
     }
-    if commit {
+    let grown = std::mem::take(&mut pending.grown);
+    if let Some(commit) = commit {
+        statements += trim_send_ids(&mut query, grown, commit);
         query.push("COMMIT");
         statements += 1;
+    } else {
+        pending.grown = grown;
     }
     if statements > 0 {
         query.build().persistent(false).execute(&mut *conn).await?;
     }
-    *pending = Pending::default();
+    pending.messages.clear();
+    pending.send_ids.clear();
+    pending.touched.clear();
     Ok(())
+}
+
+/// Adds the batch's new send ids (`grown`: one sender per row) to the
+/// cached counts, and to `query` one delete for each of these senders with
+/// more than its bound plus [`send_id_margin`] send ids remembered: its
+/// oldest (by timestamp, then arrival) go, down to the bound; its cached
+/// count becomes the bound. Returns how many statements it added.
+///
+/// A count changed mid-batch (the prune's deletions, an account's
+/// deletion, an eviction) is changed before these are added; the sum is
+/// the same. A sender whose count is not cached is skipped: its count is
+/// read, rows and all, when next needed.
+///
+/// Only at the commit, after the batch's last append: a delete mid-batch
+/// would leave the batch's send-id lookup holding rows no longer stored.
+/// If the commit fails, the writer drops its caches, counts and all.
+fn trim_send_ids(
+    query: &mut QueryBuilder<Sqlite>,
+    mut grown: Vec<Username>,
+    Commit {
+        send_ids,
+        bound,
+        now_ms,
+    }: Commit<'_>,
+) -> usize {
+    grown.sort_unstable();
+    for run in grown.chunk_by(|a, b| a == b) {
+        send_ids.add(&run[0], run.len() as i64, now_ms);
+    }
+    grown.dedup();
+    let most = i64::try_from(bound.saturating_add(send_id_margin(bound))).unwrap_or(i64::MAX);
+    let bound = i64::try_from(bound).unwrap_or(i64::MAX);
+    let mut statements = 0;
+    for sender in grown {
+        let Some(remembered) = send_ids.get(&sender) else {
+            continue;
+        };
+        if remembered <= most {
+            continue;
+        }
+        query.push(
+            "DELETE FROM send_ids WHERE rowid IN (SELECT rowid FROM send_ids WHERE sender = ",
+        );
+        query.push_bind(sender.as_str().to_owned());
+        query.push(" ORDER BY timestamp_ms, rowid LIMIT ");
+        query.push_bind(remembered - bound);
+        query.push("); ");
+        send_ids.set(&sender, bound);
+        statements += 1;
+    }
+    statements
 }
 
 /// An acknowledgement: deletes the acknowledged messages; the account's
@@ -452,15 +589,21 @@ async fn create(
 }
 
 /// Deletes an account with its messages and send ids, raising the id
-/// floor to its last id in the same transaction.
+/// floor to its last id in the same transaction. Its send ids are
+/// forgotten by the batch's lookup too (a later append of the batch with
+/// one of them is a new send), and its cached count with them.
 async fn delete(
     conn: &mut SqliteConnection,
     counters: &mut CounterCache,
+    send_ids: &mut SendIdCounts,
+    known: &mut KnownSends,
     name: &Username,
 ) -> Result<Result<bool, StoreError>, sqlx::Error> {
     // The row's counters are current: the batch's gathered rows were
     // flushed before this write.
     counters.remove(name);
+    send_ids.remove(name);
+    known.retain(|(sender, _), _| sender != name);
     sqlx::query(
         "INSERT INTO id_floor (only_row, last_id) SELECT 0, last_id FROM accounts WHERE name = ? \
          ON CONFLICT (only_row) DO UPDATE SET last_id = max(last_id, excluded.last_id)",
@@ -522,23 +665,45 @@ async fn take(
     Ok(Ok(messages))
 }
 
-/// Forgets what has expired by `now_ms`: send ids past their retention,
-/// and the cached counters of accounts no batch used for `idle_after`.
-/// Returns how many of both went.
+/// Forgets what has expired by `now_ms`: send ids past their retention
+/// (taken off their senders' cached counts, and out of the batch's
+/// lookup), and the cached counters and send-id counts of accounts no
+/// batch used for `idle_after`. Returns how many of all these went.
 async fn prune(
     conn: &mut SqliteConnection,
     counters: &mut CounterCache,
+    send_ids: &mut SendIdCounts,
+    known: &mut KnownSends,
     now_ms: u64,
     idle_after: std::time::Duration,
 ) -> Result<Result<usize, StoreError>, sqlx::Error> {
+    let horizon = retention_horizon(now_ms);
+    if !send_ids.is_empty() {
+        // What the delete below takes from each sender: one row per sender
+        // with expired send ids, by the time index.
+        let per_sender: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT sender, COUNT(*) FROM send_ids WHERE timestamp_ms < ? GROUP BY sender",
+        )
+        .bind(horizon)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (sender, expired) in per_sender {
+            if let Ok(sender) = Username::parse(&sender) {
+                send_ids.forget(&sender, expired);
+            }
+        }
+    }
     let expired = sqlx::query("DELETE FROM send_ids WHERE timestamp_ms < ?")
-        .bind(retention_horizon(now_ms))
+        .bind(horizon)
         .execute(&mut *conn)
         .await?
         .rows_affected() as usize;
+    // A later append of the batch with one of these ids adds a row again.
+    known.retain(|_, send| send.timestamp_ms >= horizon);
     // Safe mid-batch: the batch's gathered rows were flushed before this
-    // write, so an evicted entry is what its row says, and is read again
-    // by the next write that needs it.
-    let idle = counters.evict_idle(now_ms.saturating_sub(idle_after.as_millis() as u64));
+    // write, so an evicted entry is what the database holds, and is read
+    // again by the next write that needs it.
+    let before = now_ms.saturating_sub(idle_after.as_millis() as u64);
+    let idle = counters.evict_idle(before) + send_ids.evict_idle(before);
     Ok(Ok(expired + idle))
 }

@@ -1,11 +1,15 @@
-//! The writer's cache of per-account counters (last id given out, messages
-//! stored), so that an append costs no statement of its own.
+//! The writer's caches of per-account counters: [`CounterCache`] (last id
+//! given out, messages stored, per recipient) and [`SendIdCounts`] (send
+//! ids remembered, per sender), so that an append costs no statement of its
+//! own.
 //!
 //! The writer is the only connection that writes, so an entry cannot go
 //! stale while it is cached; it must be dropped whenever a transaction that
-//! changed it rolls back (the writer then clears the whole cache). Entries
-//! of accounts idle for a while are evicted by the writer's prune, so the
-//! cache holds the active accounts rather than every account ever written.
+//! changed it rolls back (the writer then clears both caches). Entries of
+//! accounts idle for a while are evicted by the writer's prune, so the
+//! caches hold the active accounts rather than every account ever written.
+//! A missing entry is never wrong: it is read from the database again when
+//! it is next needed.
 
 use std::collections::HashMap;
 
@@ -108,5 +112,108 @@ impl CounterCache {
     /// How many accounts are cached.
     pub(crate) fn len(&self) -> usize {
         self.accounts.len()
+    }
+}
+
+/// How many send ids the database remembers for each cached sender (its
+/// rows in `send_ids`), as committed plus the current batch's changes.
+///
+/// A sender need not be an account (the store takes any sender name), so
+/// this is kept apart from [`CounterCache`]. Entries are loaded in bulk by
+/// the batch's first query (one `COUNT` per sender not cached, in the same
+/// round trip as the send-id lookup), changed by the batch's new send ids
+/// (at its commit), the prune and account deletion, and dropped when
+/// unsure.
+#[derive(Default)]
+pub(crate) struct SendIdCounts {
+    senders: HashMap<Username, SenderCount>,
+}
+
+/// One sender's entry in [`SendIdCounts`].
+#[derive(Clone, Copy, Debug)]
+struct SenderCount {
+    /// Rows in `send_ids` for the sender.
+    remembered: i64,
+    /// When a batch last used the entry, ms since the epoch.
+    used_ms: u64,
+}
+
+impl SendIdCounts {
+    /// Whether the count of `sender` is cached.
+    pub(crate) fn contains(&self, sender: &Username) -> bool {
+        self.senders.contains_key(sender)
+    }
+
+    /// Caches the count of `sender` just read from the database.
+    pub(crate) fn insert(&mut self, sender: Username, remembered: i64, now_ms: u64) {
+        self.senders.insert(
+            sender,
+            SenderCount {
+                remembered,
+                used_ms: now_ms,
+            },
+        );
+    }
+
+    /// The cached count of `sender`, if any.
+    pub(crate) fn get(&self, sender: &Username) -> Option<i64> {
+        self.senders.get(sender).map(|entry| entry.remembered)
+    }
+
+    /// Adds `delta` to the cached count of `sender`, marking it used at
+    /// `now_ms`; nothing if it is not cached (it is read again when
+    /// needed, rows and all).
+    pub(crate) fn add(&mut self, sender: &Username, delta: i64, now_ms: u64) {
+        if let Some(entry) = self.senders.get_mut(sender) {
+            entry.remembered += delta;
+            entry.used_ms = entry.used_ms.max(now_ms);
+        }
+    }
+
+    /// Sets the cached count of `sender`, if cached (its oldest were
+    /// deleted down to `remembered`).
+    pub(crate) fn set(&mut self, sender: &Username, remembered: i64) {
+        if let Some(entry) = self.senders.get_mut(sender) {
+            entry.remembered = remembered;
+        }
+    }
+
+    /// Subtracts `delta` from the cached count of `sender`, if cached,
+    /// without marking it used (the prune's deletions).
+    pub(crate) fn forget(&mut self, sender: &Username, delta: i64) {
+        if let Some(entry) = self.senders.get_mut(sender) {
+            entry.remembered -= delta;
+        }
+    }
+
+    /// Forgets one sender's entry (its rows were deleted).
+    pub(crate) fn remove(&mut self, sender: &Username) {
+        self.senders.remove(sender);
+    }
+
+    /// Forgets everything (a transaction rolled back).
+    pub(crate) fn clear(&mut self) {
+        self.senders.clear();
+    }
+
+    /// Whether nothing is cached.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.senders.is_empty()
+    }
+
+    /// Evicts the entries unused since `before_ms`; returns how many.
+    pub(crate) fn evict_idle(&mut self, before_ms: u64) -> usize {
+        let cached = self.senders.len();
+        self.senders.retain(|_, entry| entry.used_ms >= before_ms);
+        let evicted = cached - self.senders.len();
+        if evicted > 0 && self.senders.len() < self.senders.capacity() / 4 {
+            self.senders.shrink_to_fit();
+        }
+        evicted
+    }
+
+    /// How many senders are cached.
+    pub(crate) fn len(&self) -> usize {
+        self.senders.len()
     }
 }

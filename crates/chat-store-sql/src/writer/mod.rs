@@ -21,6 +21,18 @@
 //! of messages and send ids, the update of the touched accounts, and
 //! `COMMIT`, as one multi-statement query.
 //!
+//! The per-sender bound on send ids costs no statement either: the writer
+//! caches each sender's number of remembered send ids
+//! ([`counters::SendIdCounts`]); the first round trip also counts, in one
+//! `COUNT … GROUP BY`, those of the batch's senders not cached yet. At the
+//! commit, the batch's new send ids are added to their senders' counts,
+//! and a sender past
+//! [`SqliteOptions::send_ids_per_sender`] plus a margin (a sixteenth of
+//! it) gets one `DELETE` of its oldest send ids down to the bound, in the
+//! commit's query. The prune subtracts what it deletes from the cached
+//! counts, deleting an account drops its count, and a rolled-back batch
+//! drops them all; a count not cached is read again when needed.
+//!
 //! Acknowledgements are applied first, whatever their place in the batch
 //! (they are concurrent with the rest, and can only name messages an
 //! earlier batch committed). An ack is one `DELETE … RETURNING`; its
@@ -30,8 +42,8 @@
 //!
 //! # Failures
 //!
-//! If the batch's transaction fails, it is rolled back, the cache is
-//! dropped (it may hold rolled-back counters), and the batch's jobs are
+//! If the batch's transaction fails, it is rolled back, the caches are
+//! dropped (they may hold rolled-back counters), and the batch's jobs are
 //! applied again one transaction each, so that only a write that fails on
 //! its own gets the error (`store_unavailable`); the others are stored and
 //! answered as usual. A batch that commits costs what it always did; the
@@ -48,8 +60,9 @@
 //! # Pruning
 //!
 //! Every [`SqliteOptions::prune_every`], even when no writes arrive, the
-//! task runs a prune job: it deletes send ids past their retention and
-//! evicts the cached counters of accounts no batch has used for
+//! task runs a prune job: it deletes send ids past their retention (and
+//! takes them off the cached per-sender counts) and evicts the cached
+//! counters of accounts no batch has used for
 //! [`SqliteOptions::idle_account_after`] (they are read again on the next
 //! write). `Store::prune_expired` runs the same job on demand.
 
@@ -67,7 +80,7 @@ mod counters;
 pub(crate) mod job;
 
 use apply::Failure;
-use counters::CounterCache;
+use counters::{CounterCache, SendIdCounts};
 use job::{Call, Job};
 
 /// Why the writer task stopped for good.
@@ -124,11 +137,13 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// The writer's state: its connection and counters cache.
+/// The writer's state: its connection and counters caches.
 struct Writer {
     conn: SqliteConnection,
     options: SqliteOptions,
     counters: CounterCache,
+    /// Send ids remembered per sender, for the per-sender bound.
+    send_ids: SendIdCounts,
 }
 
 /// The writer task: batches until every store handle is dropped (`Ok`) or
@@ -145,6 +160,7 @@ async fn run(
         conn,
         options,
         counters: CounterCache::default(),
+        send_ids: SendIdCounts::default(),
     };
     loop {
         let first = tokio::select! {
@@ -217,10 +233,11 @@ impl Writer {
         Ok(())
     }
 
-    /// Ends a failed transaction and drops the cache (it may hold counters
-    /// of the rolled-back writes).
+    /// Ends a failed transaction and drops the caches (they may hold
+    /// counters of the rolled-back writes).
     async fn roll_back(&mut self) -> Result<(), Fatal> {
         self.counters.clear();
+        self.send_ids.clear();
         match sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await {
             Ok(_) => Ok(()),
             // SQLite ends the transaction itself on some errors (a full
@@ -240,6 +257,7 @@ impl Writer {
                 tracing::debug!(
                     pruned,
                     cached = self.counters.len(),
+                    senders = self.send_ids.len(),
                     "pruned expired send ids and idle accounts"
                 );
             }
