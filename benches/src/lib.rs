@@ -248,7 +248,7 @@ pub fn serve_if_asked() {
         } else {
             chat_server::Storage::sqlite(store)
         };
-        let chat = storage.open().await?;
+        let chat = storage.open_with(bench_tuning().engine()).await?;
         let listen = if served == "grpc" {
             chat_server::Listen::Grpc(listener_addr)
         } else {
@@ -256,9 +256,7 @@ pub fn serve_if_asked() {
         };
         let bound = chat_server::Bound::bind(&[listen]).await?;
         announce(bound.local_addrs()?[0])?;
-        bound
-            .serve(chat, &bench_tuning(), stop)
-            .await
+        bound.serve(chat, &bench_tuning(), stop).await
     });
     if let Err(err) = result {
         eprintln!("benchmark server failed: {err:#}");
@@ -269,11 +267,15 @@ pub fn serve_if_asked() {
 
 /// The servers' settings under benchmark: the defaults, except that every
 /// connection comes from one address (loopback), so the per-address share
-/// is the whole limit.
+/// is the whole limit, and that the per-user send and per-address create
+/// rates are lifted: the benchmark measures what the server can do, with
+/// a few users sending as fast as they can.
 fn bench_tuning() -> chat_server::Tuning {
     let tuning = chat_server::Tuning::default();
     chat_server::Tuning {
         max_connections_per_address: tuning.max_connections,
+        send_rate: 0,
+        creates_per_minute: 0,
         ..tuning
     }
 }

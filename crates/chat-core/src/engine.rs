@@ -20,6 +20,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -29,6 +30,7 @@ use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ChatError;
+use crate::limits::{Bucket, Rate};
 use crate::memory::MemoryStore;
 use crate::store::{NewMessage, SendId, Store};
 use crate::types::{Message, MessageBody, MessageId, SendReceipt, SessionState, Username};
@@ -55,6 +57,17 @@ pub struct Config {
     /// epoch (default: the system clock). A fixed clock makes a server's
     /// bytes reproducible, as the protocol document's transcript needs.
     pub clock: fn() -> u64,
+    /// How fast one logged-in user may send; past it sends fail with
+    /// `rate_limited` and store nothing. `None` (the default for an
+    /// embedded engine): no limit. The servers set one, so that no user can
+    /// push another over the slow-consumer bound or fill their queue in a
+    /// burst.
+    pub send_rate: Option<Rate>,
+    /// How fast sessions from one peer address may create accounts; past
+    /// it creates fail with `rate_limited`. `None` (the default): no limit.
+    /// Sessions opened without an address ([`Chat::open_session`]) are not
+    /// limited.
+    pub create_rate: Option<Rate>,
 }
 
 impl Default for Config {
@@ -66,6 +79,8 @@ impl Default for Config {
             max_pattern_len: 256,
             max_pattern_memory: 1 << 20,
             clock: now_ms,
+            send_rate: None,
+            create_rate: None,
         }
     }
 }
@@ -127,6 +142,8 @@ struct Inner {
     stripe_hasher: RandomState,
     next_session: AtomicU64,
     shutdown: CancellationToken,
+    /// Account creations per peer address ([`Config::create_rate`]).
+    creates: StdMutex<HashMap<IpAddr, Bucket>>,
 }
 
 /// Online users whose names hash to one stripe, and the session each is
@@ -235,6 +252,7 @@ impl Chat {
             stripe_hasher: RandomState::new(),
             next_session: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
+            creates: StdMutex::default(),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(housekeeping(Arc::downgrade(&inner)));
@@ -267,6 +285,16 @@ impl Chat {
     /// Opens a session (one per connection) and the stream of events pushed
     /// to it. Call [`Session::close`] when the connection ends.
     pub fn open_session(&self) -> (Session, Events) {
+        self.open(None)
+    }
+
+    /// [`Chat::open_session`] for a connection from `peer`: limits per
+    /// address ([`Config::create_rate`]) apply to it.
+    pub fn open_session_from(&self, peer: IpAddr) -> (Session, Events) {
+        self.open(Some(peer))
+    }
+
+    fn open(&self, peer: Option<IpAddr>) -> (Session, Events) {
         let (tx, rx) = mpsc::channel(self.inner.config.session_event_capacity.max(1));
         let shared = Arc::new(Shared {
             id: self.inner.next_session.fetch_add(1, Ordering::Relaxed),
@@ -282,6 +310,8 @@ impl Chat {
             chat: self.clone(),
             shared: Arc::clone(&shared),
             state: Mutex::new(None),
+            peer,
+            sends: StdMutex::new(self.inner.config.send_rate.map(Bucket::full)),
         };
         let events = Events {
             rx,
@@ -367,6 +397,10 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         if inner.shutdown.is_cancelled() {
             return;
         }
+        if let (Some(rate), Ok(mut creates)) = (inner.config.create_rate, inner.creates.lock()) {
+            // A full bucket is what a new one would be: forget it.
+            creates.retain(|_, bucket| !bucket.is_full(rate));
+        }
         match inner.store.prune_expired((inner.config.clock)()).await {
             Ok(0) => {}
             Ok(pruned) => tracing::debug!(pruned, "pruned expired store entries"),
@@ -398,6 +432,11 @@ pub struct Session {
     chat: Chat,
     shared: Arc<Shared>,
     state: Mutex<Option<Username>>,
+    /// Where the connection comes from, if the transport said.
+    peer: Option<IpAddr>,
+    /// This session's sends ([`Config::send_rate`]). Per session is per
+    /// user: an account is logged in on one session at most.
+    sends: StdMutex<Option<Bucket>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -425,6 +464,7 @@ impl Session {
     pub async fn create(&self, name: &str) -> Result<SessionState, ChatError> {
         let name = Username::parse(name)?;
         let mut state = self.lock_logged_out().await?;
+        self.take_create()?;
         let mut stripe = self.chat.stripe(&name).lock().await;
         self.chat.inner.store.create_account(&name).await?;
         self.shared.set_replay(VecDeque::new());
@@ -532,6 +572,7 @@ impl Session {
         let body = MessageBody::parse(body)?;
         let state = self.lock_logged_in().await?;
         let sender = state.clone().ok_or(ChatError::NotLoggedIn)?;
+        self.take_send()?;
         let store = &self.chat.inner.store;
         let mut stripe = self.chat.stripe(&to).lock().await;
         let mut message = NewMessage {
@@ -612,6 +653,46 @@ impl Session {
         }
     }
 
+    /// Takes a token from this session's send bucket, if sends are limited.
+    fn take_send(&self) -> Result<(), ChatError> {
+        let Some(rate) = self.chat.inner.config.send_rate else {
+            return Ok(());
+        };
+        let mut sends = self.sends.lock().map_err(|_| poisoned_lock())?;
+        match sends.get_or_insert_with(|| Bucket::full(rate)).take(rate) {
+            Ok(()) => Ok(()),
+            Err(retry_after) => Err(ChatError::RateLimited {
+                what: "messages",
+                retry_after,
+            }),
+        }
+    }
+
+    /// Takes a token from this peer address's create bucket, if creates
+    /// are limited and the session has an address.
+    fn take_create(&self) -> Result<(), ChatError> {
+        let (Some(rate), Some(peer)) = (self.chat.inner.config.create_rate, self.peer) else {
+            return Ok(());
+        };
+        let mut creates = self
+            .chat
+            .inner
+            .creates
+            .lock()
+            .map_err(|_| poisoned_lock())?;
+        match creates
+            .entry(peer)
+            .or_insert_with(|| Bucket::full(rate))
+            .take(rate)
+        {
+            Ok(()) => Ok(()),
+            Err(retry_after) => Err(ChatError::RateLimited {
+                what: "new accounts from your address",
+                retry_after,
+            }),
+        }
+    }
+
     async fn lock_logged_out(
         &self,
     ) -> Result<tokio::sync::MutexGuard<'_, Option<Username>>, ChatError> {
@@ -673,6 +754,10 @@ impl Drop for Session {
             handle.spawn(async move { chat.unclaim(&user, id).await });
         }
     }
+}
+
+fn poisoned_lock() -> ChatError {
+    ChatError::StoreUnavailable("an engine lock was poisoned by an earlier panic".into())
 }
 
 fn receipt(message: &Message) -> SendReceipt {

@@ -57,6 +57,15 @@ pub enum ChatError {
     /// stored. A client must never reuse a send id for another message.
     #[error("send id already used for a different message to {0}; nothing was sent")]
     SendIdReused(Username),
+    /// Too many requests of this kind too fast (sends per user, account
+    /// creations per address); nothing was done.
+    #[error("too many {what}; try again in {} ms", retry_after.as_millis())]
+    RateLimited {
+        /// What was limited, e.g. `messages`.
+        what: &'static str,
+        /// How long until one more is allowed.
+        retry_after: std::time::Duration,
+    },
 }
 
 impl ChatError {
@@ -76,6 +85,7 @@ impl ChatError {
             ChatError::StoreUnavailable(_) => ErrorCode::StoreUnavailable,
             ChatError::ShuttingDown => ErrorCode::ShuttingDown,
             ChatError::SendIdReused(_) => ErrorCode::SendIdReused,
+            ChatError::RateLimited { .. } => ErrorCode::RateLimited,
         }
     }
 }
@@ -147,6 +157,8 @@ error_codes! {
     ShuttingDown = 12, "shutting_down";
     /// See [`ChatError::SendIdReused`].
     SendIdReused = 13, "send_id_reused";
+    /// See [`ChatError::RateLimited`].
+    RateLimited = 14, "rate_limited";
     /// Transport: a frame or message could not be decoded.
     Malformed = 100, "malformed";
     /// Transport: a frame was larger than the receiver accepts.

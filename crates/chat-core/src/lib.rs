@@ -61,7 +61,8 @@ mod types;
 pub use engine::{Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session};
 pub use error::{ChatError, ErrorCode};
 pub use limits::{
-    ConnectionLimit, ConnectionSlot, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_ADDRESS, Refusal,
+    ConnectionLimit, ConnectionSlot, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_ADDRESS, Rate,
+    Refusal,
 };
 pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
 pub use store::{

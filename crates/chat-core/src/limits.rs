@@ -19,8 +19,11 @@ pub struct ConnectionLimit {
     slots: Arc<Semaphore>,
     max: usize,
     per_address: usize,
-    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    by_address: AddressCounts,
 }
+
+/// Connections per peer address, shared by a limit's clones and slots.
+type AddressCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 /// Why a connection was not given a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +39,7 @@ pub enum Refusal {
 #[derive(Debug)]
 pub struct ConnectionSlot {
     _permit: OwnedSemaphorePermit,
-    address: Option<(IpAddr, Arc<Mutex<HashMap<IpAddr, usize>>>)>,
+    address: Option<(IpAddr, AddressCounts)>,
 }
 
 impl Drop for ConnectionSlot {
@@ -142,13 +145,82 @@ mod tests {
 
     #[test]
     fn one_address_cannot_take_every_slot() {
-        let (one, two): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let (one, two): (IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let limit = ConnectionLimit::new(10).with_per_address(2);
         let a = limit.try_acquire(one).unwrap();
         let _b = limit.try_acquire(one).unwrap();
-        assert_eq!(limit.try_acquire(one).unwrap_err(), Refusal::TooManyFromAddress);
+        assert_eq!(
+            limit.try_acquire(one).unwrap_err(),
+            Refusal::TooManyFromAddress
+        );
         assert!(limit.try_acquire(two).is_ok(), "another address is served");
         drop(a);
         assert!(limit.try_acquire(one).is_ok(), "a freed slot counts again");
+    }
+}
+
+/// A token-bucket rate: up to `burst` at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Most taken at once after a quiet spell.
+    pub burst: u32,
+    /// Sustained rate, per second.
+    pub per_second: f64,
+}
+
+impl Rate {
+    /// `burst` at once, then `per_minute` a minute.
+    pub fn per_minute(burst: u32, per_minute: f64) -> Self {
+        Self {
+            burst,
+            per_second: per_minute / 60.0,
+        }
+    }
+}
+
+/// One token bucket (not shared: its owner locks it).
+#[derive(Debug, Clone)]
+pub(crate) struct Bucket {
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl Bucket {
+    /// A full bucket for `rate`.
+    pub(crate) fn full(rate: Rate) -> Self {
+        Self {
+            tokens: f64::from(rate.burst),
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, rate: Rate) {
+        let now = tokio::time::Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate.per_second).min(f64::from(rate.burst));
+        self.last = now;
+    }
+
+    /// Takes one token, or says how long until one is there.
+    pub(crate) fn take(&mut self, rate: Rate) -> Result<(), std::time::Duration> {
+        self.refill(rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        let missing = 1.0 - self.tokens;
+        let wait = if rate.per_second > 0.0 {
+            missing / rate.per_second
+        } else {
+            f64::MAX
+        };
+        Err(std::time::Duration::from_secs_f64(wait.min(86_400.0)))
+    }
+
+    /// Whether the bucket has refilled completely (and can be forgotten).
+    pub(crate) fn is_full(&mut self, rate: Rate) -> bool {
+        self.refill(rate);
+        self.tokens >= f64::from(rate.burst)
     }
 }

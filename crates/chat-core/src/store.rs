@@ -101,11 +101,13 @@ pub type SendId = u128;
 /// original result.
 pub const SEND_ID_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
 
-/// Most send ids a store remembers per sender: past it, the sender's
-/// oldest are forgotten first (a resend of a forgotten id is a new send).
-/// So one user's idempotent sends cannot grow the store without bound
-/// within the retention window; a client resends within seconds, far
-/// inside this many sends.
+/// How many send ids a store remembers per sender: a sender's last this
+/// many are always recognised; past it, the oldest are forgotten first (a
+/// resend of a forgotten id is a new send). A store may keep a few more
+/// before it trims (the SQLite store up to a sixteenth more, so that it
+/// trims rarely). So one user's idempotent sends cannot grow the store
+/// without bound within the retention window; a client resends within
+/// seconds, far inside this many sends.
 pub const MAX_SEND_IDS_PER_SENDER: usize = 10_000;
 
 /// What [`Store::append`] did.

@@ -550,3 +550,73 @@ async fn send_ids_are_bounded_per_sender() {
     assert!(carol_again.duplicate, "another sender keeps its own");
     assert_eq!(carol_again.message.id, carol.message.id);
 }
+
+/// A user's sends are rate limited when the engine is told to: past the
+/// burst, a send fails with `rate_limited` and stores nothing; tokens come
+/// back with time.
+#[tokio::test(start_paused = true)]
+async fn sends_past_the_rate_are_refused_and_store_nothing() {
+    let config = Config {
+        send_rate: Some(chat_core::Rate {
+            burst: 2,
+            per_second: 1.0,
+        }),
+        ..Config::default()
+    };
+    let chat = Chat::new(Arc::new(MemoryStore::default()), config);
+    let (alice, _a) = chat.open_session();
+    let (bob, _b) = chat.open_session();
+    alice.create("alice").await.unwrap();
+    bob.create("bob").await.unwrap();
+    bob.logout().await.unwrap();
+    alice.send("bob", "one").await.unwrap();
+    alice.send("bob", "two").await.unwrap();
+    let err = alice.send("bob", "three").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::RateLimited, "{err}");
+    // Another user has a bucket of its own.
+    bob.login("bob").await.unwrap();
+    bob.send("alice", "mine").await.unwrap();
+    bob.logout().await.unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    alice.send("bob", "three, later").await.unwrap();
+    bob.login("bob").await.unwrap();
+    let bodies: Vec<String> = bob
+        .fetch(0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.body.to_string())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["one", "two", "three, later"],
+        "the refused one was not stored"
+    );
+}
+
+/// Account creation is rate limited per peer address: one address past
+/// its burst is refused, another is not, and sessions without an address
+/// (an embedding app's) are not limited.
+#[tokio::test(start_paused = true)]
+async fn creates_are_rate_limited_per_address() {
+    let config = Config {
+        create_rate: Some(chat_core::Rate::per_minute(2, 1.0)),
+        ..Config::default()
+    };
+    let chat = Chat::new(Arc::new(MemoryStore::default()), config);
+    let here: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+    let there: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+    for name in ["a1", "a2"] {
+        let (s, _e) = chat.open_session_from(here);
+        s.create(name).await.unwrap();
+    }
+    let (third, _e) = chat.open_session_from(here);
+    let err = third.create("a3").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::RateLimited, "{err}");
+    let (elsewhere, _e) = chat.open_session_from(there);
+    elsewhere.create("b1").await.unwrap();
+    let (embedded, _e) = chat.open_session();
+    embedded.create("c1").await.unwrap();
+    tokio::time::advance(Duration::from_secs(60)).await;
+    third.create("a3").await.unwrap();
+}

@@ -43,8 +43,8 @@ impl Transport {
 }
 
 async fn start(data: &str, grpc: &str, socket: &str) -> ServerProcess {
-    // A queue bound far above what the load can reach: this test is about
-    // loss, not limits.
+    // A queue bound far above what the load can reach, and no send or
+    // create rates: this test is about loss, not limits.
     let args = [
         "--listen",
         grpc,
@@ -54,6 +54,10 @@ async fn start(data: &str, grpc: &str, socket: &str) -> ServerProcess {
         data,
         "--queue-limit",
         "10000000",
+        "--send-rate",
+        "0",
+        "--creates-per-minute",
+        "0",
     ];
     ServerProcess::start(SERVER, &args, 2).await
 }

@@ -119,7 +119,10 @@ impl ChatService {
             };
             return Err(self.failed(&entry, err).await);
         }
-        let (session, events) = self.chat.open_session();
+        let (session, events) = match request.remote_addr() {
+            Some(peer) => self.chat.open_session_from(peer.ip()),
+            None => self.chat.open_session(),
+        };
         let result = if create {
             session.create(name).await
         } else {

@@ -35,9 +35,10 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::UnsupportedVersion
         | ErrorCode::HandshakeRequired => Code::FailedPrecondition,
         ErrorCode::NotLoggedIn | ErrorCode::Unauthenticated => Code::Unauthenticated,
-        ErrorCode::QueueFull | ErrorCode::FrameTooLarge | ErrorCode::ServerFull => {
-            Code::ResourceExhausted
-        }
+        ErrorCode::QueueFull
+        | ErrorCode::FrameTooLarge
+        | ErrorCode::ServerFull
+        | ErrorCode::RateLimited => Code::ResourceExhausted,
         ErrorCode::StoreUnavailable
         | ErrorCode::ShuttingDown
         | ErrorCode::IdleTimeout

@@ -54,6 +54,20 @@ pub struct Tuning {
     /// gRPC transport: seconds a call may take before it fails.
     #[arg(long, default_value_t = Tuning::default().grpc_request_timeout_secs)]
     pub grpc_request_timeout_secs: u64,
+    /// Messages one user may send per second, sustained (0: no limit);
+    /// past it sends fail with `rate_limited`.
+    #[arg(long, default_value_t = Tuning::default().send_rate)]
+    pub send_rate: u32,
+    /// Messages one user may send at once after a quiet spell.
+    #[arg(long, default_value_t = Tuning::default().send_burst)]
+    pub send_burst: u32,
+    /// Accounts that may be created from one peer address per minute,
+    /// sustained (0: no limit); past it creates fail with `rate_limited`.
+    #[arg(long, default_value_t = Tuning::default().creates_per_minute)]
+    pub creates_per_minute: u32,
+    /// Accounts that may be created from one address at once.
+    #[arg(long, default_value_t = Tuning::default().create_burst)]
+    pub create_burst: u32,
 }
 
 impl Default for Tuning {
@@ -69,11 +83,35 @@ impl Default for Tuning {
             push_timeout_secs: grpc.push_timeout.as_secs(),
             grpc_max_streams: grpc.max_streams_per_connection,
             grpc_request_timeout_secs: grpc.request_timeout.as_secs(),
+            send_rate: 256,
+            send_burst: 512,
+            creates_per_minute: 10,
+            create_burst: 10,
         }
     }
 }
 
 impl Tuning {
+    /// The engine's settings these flags choose (the rest are the
+    /// defaults).
+    pub fn engine(&self) -> chat_core::Config {
+        let send_rate = (self.send_rate > 0).then(|| chat_core::Rate {
+            burst: self.send_burst.max(1),
+            per_second: f64::from(self.send_rate),
+        });
+        let create_rate = (self.creates_per_minute > 0).then(|| {
+            chat_core::Rate::per_minute(
+                self.create_burst.max(1),
+                f64::from(self.creates_per_minute),
+            )
+        });
+        chat_core::Config {
+            send_rate,
+            create_rate,
+            ..chat_core::Config::default()
+        }
+    }
+
     fn socket(&self, connections: ConnectionLimit) -> ServerConfig {
         ServerConfig {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
@@ -151,6 +189,11 @@ impl Storage {
 
     /// Opens the store and builds the engine on it.
     pub async fn open(&self) -> anyhow::Result<Chat> {
+        self.open_with(chat_core::Config::default()).await
+    }
+
+    /// [`Storage::open`] with the engine's settings.
+    pub async fn open_with(&self, config: chat_core::Config) -> anyhow::Result<Chat> {
         let queue_limit = self.queue_limit.max(1);
         let store: Arc<dyn Store> = if self.store == StoreKind::Memory || self.data == ":memory:" {
             tracing::info!("keeping data in memory only");
@@ -165,7 +208,7 @@ impl Storage {
             tracing::info!(data = %dir.display(), "durable store open");
             Arc::new(store)
         };
-        Ok(Chat::new(store, chat_core::Config::default()))
+        Ok(Chat::new(store, config))
     }
 }
 
@@ -199,7 +242,7 @@ pub fn init_logging() {
 /// down cleanly.
 pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyhow::Result<()> {
     let shutdown = shutdown_signal().context("cannot install the signal handlers")?;
-    let chat = storage.open().await?;
+    let chat = storage.open_with(tuning.engine()).await?;
     let bound = Bound::bind(listen).await?;
     {
         let mut stdout = std::io::stdout().lock();

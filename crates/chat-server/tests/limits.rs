@@ -100,7 +100,10 @@ async fn one_address_gets_its_share_of_connections() {
         matches!(grpc_refused, chat_core::client::ClientError::Connection(_)),
         "{grpc_refused}"
     );
-    first.send("alice", "the first connection is unaffected").await.unwrap();
+    first
+        .send("alice", "the first connection is unaffected")
+        .await
+        .unwrap();
 }
 
 /// The server raises its file-descriptor limit and never promises more
@@ -111,4 +114,58 @@ fn the_connection_budget_fits_the_file_descriptor_limit() {
     let (soft, _hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
     assert!(chosen as u64 + chat_server::RESERVED_FDS <= soft.max(chat_server::RESERVED_FDS + 1));
     assert_eq!(chat_server::connection_budget(10), 10);
+}
+
+/// The server's per-user send rate and per-address create rate reach the
+/// client as `rate_limited` on both transports, and store nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rates_are_enforced_on_both_transports() {
+    let any = "127.0.0.1:0".parse().unwrap();
+    let bound = Bound::bind(&[Listen::Socket(any), Listen::Grpc(any)])
+        .await
+        .unwrap();
+    let addrs = bound.local_addrs().unwrap();
+    let (socket, grpc) = (addrs[0], addrs[1]);
+    let tuning = Tuning {
+        send_rate: 1,
+        send_burst: 2,
+        creates_per_minute: 1,
+        create_burst: 3,
+        ..Tuning::default()
+    };
+    let chat = Chat::new(
+        std::sync::Arc::new(chat_core::MemoryStore::default()),
+        tuning.engine(),
+    );
+    tokio::spawn(async move { bound.serve(chat, &tuning, std::future::pending()).await });
+
+    let mut alice = SocketClient::connect(socket).await.unwrap();
+    alice.create("alice").await.unwrap();
+    let mut bob = GrpcClient::connect(&grpc.to_string()).await.unwrap();
+    bob.create("bob").await.unwrap();
+    let mut carol = SocketClient::connect(socket).await.unwrap();
+    carol.create("carol").await.unwrap();
+    // The address's three creates are spent, on both transports.
+    let mut dave = GrpcClient::connect(&grpc.to_string()).await.unwrap();
+    let err = dave.create("dave").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::RateLimited), "{err}");
+
+    carol.logout().await.unwrap();
+    burst_of_three(&mut alice).await;
+    burst_of_three(&mut bob).await;
+    carol.login("carol").await.unwrap();
+    let queued = carol.fetch(0).await.unwrap();
+    assert_eq!(
+        queued.len(),
+        4,
+        "two from each sender; the refused ones were not stored"
+    );
+}
+
+/// Two sends within the burst, then one refused.
+async fn burst_of_three<C: ChatClient>(client: &mut C) {
+    client.send("carol", "one").await.unwrap();
+    client.send("carol", "two").await.unwrap();
+    let err = client.send("carol", "three").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::RateLimited), "{err}");
 }

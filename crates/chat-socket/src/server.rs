@@ -206,7 +206,7 @@ async fn serve_connection(
         ServerCodec::new(config.max_request),
         CONNECTION_BUFFER,
     );
-    let (session, mut events) = chat.open_session();
+    let (session, mut events) = chat.open_session_from(peer.ip());
     debug!(%peer, session = session.id(), "connected");
     // Until the hello, the (shorter) handshake timeout applies.
     let mut deadline = Instant::now() + config.handshake_timeout.min(config.idle_timeout);
