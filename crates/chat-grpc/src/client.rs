@@ -37,6 +37,9 @@ use tonic::{Request, Status};
 use crate::pb;
 use crate::pb::chat_client::ChatClient as Stub;
 use crate::status::to_client_error;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// How long a send keeps trying to log in again and resend after its
 /// connection or session failed.
@@ -127,6 +130,22 @@ impl GrpcClient {
             .connect()
             .await
             .map_err(|e| ClientError::Connection(format!("cannot connect to {addr}: {e}")))?;
+        // One call at once: it completes the connection's handshake (the
+        // server closes connections that make no call within its handshake
+        // timeout), and a server that is up but not serving chat says so
+        // now rather than at the first command.
+        let check = HealthCheckRequest {
+            service: "chat.v1.Chat".into(),
+        };
+        let health = HealthClient::new(channel.clone())
+            .check(check)
+            .await
+            .map_err(|e| ClientError::Connection(format!("{addr} did not answer: {e}")))?;
+        if health.into_inner().status != ServingStatus::Serving as i32 {
+            return Err(ClientError::Connection(format!(
+                "{addr} is not serving chat.v1.Chat"
+            )));
+        }
         let (push_tx, pushes) = mpsc::channel(PUSH_QUEUE);
         Ok(Self {
             stub: Stub::new(channel),

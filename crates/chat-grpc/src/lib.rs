@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod connection;
 mod forward;
 pub mod server;
 pub mod service;

@@ -14,17 +14,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use chat_core::{Chat, ConnectionLimit, ConnectionSlot};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use chat_core::{Chat, ConnectionLimit};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Connected;
+use tonic::service::InterceptorLayer;
 use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn};
 
+use crate::connection::{Connection, first_request};
 use crate::pb;
 use crate::pb::chat_server::ChatServer;
 use crate::service::ChatService;
@@ -63,6 +60,9 @@ pub struct GrpcConfig {
     /// Longest a call may take before it fails with `CANCELLED` (default
     /// 30 s; the push stream is not a call that ends, and is not cut).
     pub request_timeout: Duration,
+    /// How long a new connection may take to send its HTTP/2 preface and
+    /// its first call before it is closed (default 10 s).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for GrpcConfig {
@@ -77,6 +77,7 @@ impl Default for GrpcConfig {
             max_streams_per_connection: 32,
             max_request: 8 * 1024,
             request_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -147,12 +148,19 @@ pub async fn serve(
             stop.cancel();
         }
     };
-    let incoming = accept_loop(listener, config.tcp_keepalive, config.connections.clone());
+    let incoming = accept_loop(
+        listener,
+        config.tcp_keepalive,
+        config.connections.clone(),
+        config.handshake_timeout,
+    );
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
         .max_concurrent_streams(Some(config.max_streams_per_connection.max(1)))
         .timeout(config.request_timeout)
+        // Every call, to any service, completes its connection's handshake.
+        .layer(InterceptorLayer::new(first_request))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -168,14 +176,16 @@ pub async fn serve(
 /// TCP_NODELAY the first reply on every connection waits ~40 ms for a
 /// delayed ACK. Each connection holds a slot of `connections` while it
 /// lives; one beyond the limit is closed at once (HTTP/2 has no way to say
-/// why before its handshake). Accept errors (out of file descriptors, a
+/// why before its handshake); one that makes no call within
+/// `handshake_timeout` is closed then. Accept errors (out of file descriptors, a
 /// peer that reset before we got to it) are logged and retried after a
 /// pause: handing an error to tonic would stop the whole server.
 fn accept_loop(
     listener: TcpListener,
     tcp_keepalive: Duration,
     connections: ConnectionLimit,
-) -> impl futures::Stream<Item = std::io::Result<Limited>> {
+    handshake_timeout: Duration,
+) -> impl futures::Stream<Item = std::io::Result<Connection>> {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(tcp_keepalive)
         .with_interval(tcp_keepalive / 3);
@@ -198,13 +208,8 @@ fn accept_loop(
                         }) {
                             debug!(%peer, %err, "could not set socket options");
                         }
-                        return Some((
-                            Ok(Limited {
-                                stream,
-                                _slot: slot,
-                            }),
-                            listener,
-                        ));
+                        let connection = Connection::new(stream, peer, slot, handshake_timeout);
+                        return Some((Ok(connection), listener));
                     }
                     Err(err) => {
                         warn!(%err, "accept failed");
@@ -214,59 +219,4 @@ fn accept_loop(
             }
         }
     })
-}
-
-/// An accepted connection and its slot under the connection limit, given
-/// back when hyper drops the connection.
-pub(crate) struct Limited {
-    stream: TcpStream,
-    _slot: ConnectionSlot,
-}
-
-impl Connected for Limited {
-    type ConnectInfo = <TcpStream as Connected>::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl AsyncRead for Limited {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Limited {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }

@@ -17,6 +17,7 @@ use chat_core::{Chat, ChatError, ErrorCode, SessionState};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::connection::peer_of;
 use crate::forward::{self, PushStream, pb_message};
 use crate::pb;
 use crate::pb::chat_server::Chat as ChatRpc;
@@ -119,7 +120,7 @@ impl ChatService {
             };
             return Err(self.failed(&entry, err).await);
         }
-        let (session, events) = match request.remote_addr() {
+        let (session, events) = match peer_of(request) {
             Some(peer) => self.chat.open_session_from(peer.ip()),
             None => self.chat.open_session(),
         };

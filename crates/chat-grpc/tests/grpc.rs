@@ -665,3 +665,31 @@ async fn oversized_requests_are_refused_before_decoding() {
     .await
     .unwrap();
 }
+
+/// A connection that makes no call within the handshake timeout is
+/// closed, whether it sends nothing or only the HTTP/2 preface: a silent
+/// peer cannot hold a connection (and a file descriptor) for as long as it
+/// likes.
+#[tokio::test]
+async fn connections_without_a_call_are_closed_after_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = GrpcConfig {
+        handshake_timeout: Duration::from_millis(200),
+        ..GrpcConfig::default()
+    };
+    let server = start(config).await;
+    for preface in [&b""[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"] {
+        let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        silent.write_all(preface).await.unwrap();
+        let mut sink = Vec::new();
+        // Ends (EOF or reset) once the server gives up on it.
+        let _ = tokio::time::timeout(PATIENCE, silent.read_to_end(&mut sink))
+            .await
+            .expect("the server closed the connection");
+    }
+    // The reference client calls at once (a health check) when it
+    // connects, so its connection is past the handshake at once.
+    let mut client = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
+    client.create("patient").await.unwrap();
+    assert_eq!(client.list("patient", 0).await.unwrap().len(), 1);
+}

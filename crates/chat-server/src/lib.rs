@@ -35,8 +35,9 @@ pub struct Tuning {
     /// Most connections from one peer address, both transports together.
     #[arg(long, default_value_t = Tuning::default().max_connections_per_address)]
     pub max_connections_per_address: usize,
-    /// Socket transport: seconds a new connection may take to send its
-    /// hello before it is told `handshake_timeout` and closed.
+    /// Seconds a new connection may take to complete its handshake (socket:
+    /// its hello, then told `handshake_timeout`; gRPC: its HTTP/2 preface
+    /// and first call) before it is closed.
     #[arg(long, default_value_t = Tuning::default().handshake_timeout_secs)]
     pub handshake_timeout_secs: u64,
     /// gRPC transport: seconds a new session may go without opening its
@@ -128,6 +129,7 @@ impl Tuning {
             connections,
             max_streams_per_connection: self.grpc_max_streams.max(1),
             request_timeout: Duration::from_secs(self.grpc_request_timeout_secs.max(1)),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_secs.max(1)),
             ..GrpcConfig::default()
         }
     }

@@ -1,0 +1,138 @@
+//! One accepted gRPC connection: its slot under the process's connection
+//! limit, and its handshake deadline.
+//!
+//! A connection must send its HTTP/2 preface and complete its first call's
+//! request within the handshake timeout; until then, its reads fail once
+//! the deadline passes, and hyper closes it. Without this, a TCP connection
+//! that sends nothing (or only a preface) holds a file descriptor and a
+//! connection slot for as long as its peer likes: HTTP/2 keepalive pings
+//! only start once a connection is established, and a silent peer is not
+//! reaped. The first call marks the handshake done through the connection's
+//! [`ConnInfo`], which tonic puts in every request's extensions.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chat_core::ConnectionSlot;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::transport::server::Connected;
+
+/// What every request on a connection knows about it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The peer's address.
+    pub remote: SocketAddr,
+    handshake: Arc<AtomicBool>,
+}
+
+/// The peer address of the connection a request came on.
+pub fn peer_of<T>(request: &tonic::Request<T>) -> Option<SocketAddr> {
+    request
+        .extensions()
+        .get::<ConnInfo>()
+        .map(|info| info.remote)
+}
+
+/// Marks the handshake of the request's connection done (a server-wide
+/// interceptor: it lets every call through).
+pub(crate) fn first_request(
+    request: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
+    if let Some(info) = request.extensions().get::<ConnInfo>() {
+        info.handshake.store(true, Ordering::Release);
+    }
+    Ok(request)
+}
+
+/// An accepted connection and its slot under the connection limit, given
+/// back when hyper drops the connection.
+pub(crate) struct Connection {
+    stream: TcpStream,
+    info: ConnInfo,
+    /// Until the first call: when reading fails.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    _slot: ConnectionSlot,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        stream: TcpStream,
+        remote: SocketAddr,
+        slot: ConnectionSlot,
+        handshake_timeout: Duration,
+    ) -> Self {
+        Self {
+            stream,
+            info: ConnInfo {
+                remote,
+                handshake: Arc::default(),
+            },
+            deadline: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+            _slot: slot,
+        }
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Some(deadline) = this.deadline.as_mut() {
+            if this.info.handshake.load(Ordering::Acquire) {
+                this.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no call within the handshake timeout",
+                )));
+            }
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
