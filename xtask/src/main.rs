@@ -5,6 +5,8 @@
 //!   the README's test command.
 //! - `bench-report [REPORT.json]`: turns the benchmark's JSON into
 //!   `docs/BENCHMARKS.md` and its SVG charts.
+//! - `fuzz [--secs N]`: runs each fuzz target (`crates/chat-socket/tests/
+//!   fuzz.rs`) for N seconds (default 60).
 
 mod bench_report;
 
@@ -17,8 +19,11 @@ fn main() -> anyhow::Result<()> {
     match task.as_deref() {
         Some("ci") => ci(),
         Some("bench-report") => bench_report::run(std::env::args().nth(2).as_deref()),
-        Some(other) => bail!("unknown task {other:?}; tasks: ci, bench-report"),
-        None => bail!("usage: cargo xtask <task>; tasks: ci, bench-report [REPORT.json]"),
+        Some("fuzz") => fuzz(),
+        Some(other) => bail!("unknown task {other:?}; tasks: ci, bench-report, fuzz"),
+        None => bail!(
+            "usage: cargo xtask <task>; tasks: ci, bench-report [REPORT.json], fuzz [--secs N]"
+        ),
     }
 }
 
@@ -48,6 +53,18 @@ fn ci() -> anyhow::Result<()> {
             &[("RUSTDOCFLAGS", "-D warnings")],
         ),
         (&["bench", "--workspace"], &[("CHAT_BENCH_QUICK", "1")]),
+        (
+            &[
+                "test",
+                "-p",
+                "chat-socket",
+                "--test",
+                "fuzz",
+                "--",
+                "--nocapture",
+            ],
+            &[("CHAT_FUZZ_SECS", "20")],
+        ),
         (&["test", "--workspace"], &[]),
     ];
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -63,5 +80,38 @@ fn ci() -> anyhow::Result<()> {
         }
     }
     eprintln!("xtask ci: all steps passed");
+    Ok(())
+}
+
+/// Runs the fuzz targets for `--secs N` each (default 60).
+fn fuzz() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let secs = match args.as_slice() {
+        [] => "60".to_string(),
+        [flag, n] if flag == "--secs" => {
+            n.parse::<f64>()
+                .with_context(|| format!("--secs takes a number of seconds, not {n:?}"))?;
+            n.clone()
+        }
+        other => bail!("usage: cargo xtask fuzz [--secs N], not {other:?}"),
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "chat-socket",
+            "--test",
+            "fuzz",
+            "--",
+            "--nocapture",
+        ])
+        .env("CHAT_FUZZ_SECS", &secs)
+        .status()
+        .context("cannot run cargo test")?;
+    if !status.success() {
+        bail!("a fuzz target failed ({status}); its smallest failing input is printed above");
+    }
     Ok(())
 }
