@@ -267,15 +267,16 @@ pub fn serve_if_asked() {
 
 /// The servers' settings under benchmark: the defaults, except that every
 /// connection comes from one address (loopback), so the per-address share
-/// is the whole limit, and that the per-user send and per-address create
-/// rates are lifted: the benchmark measures what the server can do, with
-/// a few users sending as fast as they can.
+/// is the whole limit, and that the send, create and list rates are
+/// lifted: the benchmark measures what the server can do, with a few users
+/// as fast as they can.
 fn bench_tuning() -> chat_server::Tuning {
     let tuning = chat_server::Tuning::default();
     chat_server::Tuning {
         max_connections_per_address: tuning.max_connections,
         send_rate: 0,
         creates_per_minute: 0,
+        list_rate: 0,
         ..tuning
     }
 }

@@ -68,6 +68,13 @@ pub struct Config {
     /// Sessions opened without an address ([`Chat::open_session`]) are not
     /// limited.
     pub create_rate: Option<Rate>,
+    /// Most accounts the store may hold; past it creates fail with
+    /// `account_limit`. `None` (the default): no cap.
+    pub max_accounts: Option<usize>,
+    /// How fast one session may list accounts (every list scans every
+    /// name); past it lists fail with `rate_limited`. `None` (the
+    /// default): no limit.
+    pub list_rate: Option<Rate>,
 }
 
 impl Default for Config {
@@ -81,6 +88,8 @@ impl Default for Config {
             clock: now_ms,
             send_rate: None,
             create_rate: None,
+            max_accounts: None,
+            list_rate: None,
         }
     }
 }
@@ -144,6 +153,10 @@ struct Inner {
     shutdown: CancellationToken,
     /// Account creations per peer address ([`Config::create_rate`]).
     creates: StdMutex<HashMap<IpAddr, Bucket>>,
+    /// Held across counting and creating when accounts are capped
+    /// ([`Config::max_accounts`]), so concurrent creates cannot pass the
+    /// cap together.
+    create_gate: Mutex<()>,
 }
 
 /// Online users whose names hash to one stripe, and the session each is
@@ -253,6 +266,7 @@ impl Chat {
             next_session: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             creates: StdMutex::default(),
+            create_gate: Mutex::new(()),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(housekeeping(Arc::downgrade(&inner)));
@@ -312,6 +326,7 @@ impl Chat {
             state: Mutex::new(None),
             peer,
             sends: StdMutex::new(self.inner.config.send_rate.map(Bucket::full)),
+            lists: StdMutex::new(self.inner.config.list_rate.map(Bucket::full)),
         };
         let events = Events {
             rx,
@@ -437,6 +452,8 @@ pub struct Session {
     /// This session's sends ([`Config::send_rate`]). Per session is per
     /// user: an account is logged in on one session at most.
     sends: StdMutex<Option<Bucket>>,
+    /// This session's lists ([`Config::list_rate`]).
+    lists: StdMutex<Option<Bucket>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -465,6 +482,17 @@ impl Session {
         let name = Username::parse(name)?;
         let mut state = self.lock_logged_out().await?;
         self.take_create()?;
+        let inner = &self.chat.inner;
+        let _gate = match inner.config.max_accounts {
+            Some(max) => {
+                let gate = inner.create_gate.lock().await;
+                if inner.store.account_count().await? >= max {
+                    return Err(ChatError::AccountLimit(max));
+                }
+                Some(gate)
+            }
+            None => None,
+        };
         let mut stripe = self.chat.stripe(&name).lock().await;
         self.chat.inner.store.create_account(&name).await?;
         self.shared.set_replay(VecDeque::new());
@@ -637,9 +665,19 @@ impl Session {
         Ok(self.chat.inner.store.ack(user, through).await?)
     }
 
-    /// Lists accounts; see [`Chat::list`]. Works logged in or out.
+    /// Lists accounts; see [`Chat::list`]. Works logged in or out; limited
+    /// to [`Config::list_rate`] per session.
     pub async fn list(&self, pattern: &str, max: usize) -> Result<Vec<Username>, ChatError> {
         self.chat.check_running()?;
+        if let Some(rate) = self.chat.inner.config.list_rate {
+            let mut lists = self.lists.lock().map_err(|_| poisoned_lock())?;
+            if let Err(retry_after) = lists.get_or_insert_with(|| Bucket::full(rate)).take(rate) {
+                return Err(ChatError::RateLimited {
+                    what: "lists",
+                    retry_after,
+                });
+            }
+        }
         self.chat.list(pattern, max).await
     }
 

@@ -66,6 +66,9 @@ pub enum ChatError {
         /// How long until one more is allowed.
         retry_after: std::time::Duration,
     },
+    /// Create: the server holds as many accounts as it may (the number).
+    #[error("the server holds as many accounts as it may ({0}); none can be created now")]
+    AccountLimit(usize),
 }
 
 impl ChatError {
@@ -86,6 +89,7 @@ impl ChatError {
             ChatError::ShuttingDown => ErrorCode::ShuttingDown,
             ChatError::SendIdReused(_) => ErrorCode::SendIdReused,
             ChatError::RateLimited { .. } => ErrorCode::RateLimited,
+            ChatError::AccountLimit(_) => ErrorCode::AccountLimit,
         }
     }
 }
@@ -159,6 +163,8 @@ error_codes! {
     SendIdReused = 13, "send_id_reused";
     /// See [`ChatError::RateLimited`].
     RateLimited = 14, "rate_limited";
+    /// See [`ChatError::AccountLimit`].
+    AccountLimit = 15, "account_limit";
     /// Transport: a frame or message could not be decoded.
     Malformed = 100, "malformed";
     /// Transport: a frame was larger than the receiver accepts.

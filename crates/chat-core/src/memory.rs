@@ -190,6 +190,10 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn account_count(&self) -> Result<usize, StoreError> {
+        Ok(self.accounts.read().map_err(poisoned)?.len())
+    }
+
     async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {
         Ok(self.accounts.read().map_err(poisoned)?.contains_key(name))
     }
@@ -226,13 +230,27 @@ impl Store for MemoryStore {
         pattern: &Regex,
         limit: usize,
     ) -> Result<Vec<Username>, StoreError> {
-        let accounts = self.accounts.read().map_err(poisoned)?;
-        Ok(accounts
+        // A snapshot under the lock (reference counts only), and the
+        // matching off the async workers: a list over many accounts with an
+        // expensive pattern neither holds the lock that creates wait for
+        // nor a thread that delivers messages.
+        let names: Vec<Username> = self
+            .accounts
+            .read()
+            .map_err(poisoned)?
             .keys()
-            .filter(|name| pattern.is_match(name.as_str()))
-            .take(limit)
             .cloned()
-            .collect())
+            .collect();
+        let pattern = pattern.clone();
+        tokio::task::spawn_blocking(move || {
+            names
+                .into_iter()
+                .filter(|name| pattern.is_match(name.as_str()))
+                .take(limit)
+                .collect()
+        })
+        .await
+        .map_err(|err| StoreError::Unavailable(format!("list task failed: {err}")))
     }
 
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {

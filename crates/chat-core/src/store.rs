@@ -171,6 +171,10 @@ pub trait Store: Send + Sync + 'static {
     /// has not seen are kept); returns how many were removed.
     async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError>;
 
+    /// How many accounts exist (for a cap on their number; called before a
+    /// create only when the engine has one).
+    async fn account_count(&self) -> Result<usize, StoreError>;
+
     /// Most messages stored per recipient (queued or awaiting an ack);
     /// servers announce it to clients.
     fn queue_limit(&self) -> usize {

@@ -480,6 +480,9 @@ impl Store for CountingStore {
     async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {
         self.inner.account_exists(name).await
     }
+    async fn account_count(&self) -> Result<usize, StoreError> {
+        self.inner.account_count().await
+    }
     async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
         self.inner.delete_account(name).await
     }
@@ -619,4 +622,60 @@ async fn creates_are_rate_limited_per_address() {
     embedded.create("c1").await.unwrap();
     tokio::time::advance(Duration::from_secs(60)).await;
     third.create("a3").await.unwrap();
+}
+
+/// With a cap on accounts, creates past it fail with `account_limit`
+/// (also when they race), and a delete makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_are_capped_when_asked() {
+    let config = Config {
+        max_accounts: Some(3),
+        ..Config::default()
+    };
+    let chat = Chat::new(Arc::new(MemoryStore::default()), config);
+    let mut creates = Vec::new();
+    for i in 0..8 {
+        let chat = chat.clone();
+        creates.push(tokio::spawn(async move {
+            let (session, _events) = chat.open_session();
+            let result = session.create(&format!("user{i}")).await;
+            (result.map(|_| ()), session)
+        }));
+    }
+    let mut made = Vec::new();
+    for create in creates {
+        let (result, session) = create.await.unwrap();
+        match result {
+            Ok(()) => made.push(session),
+            Err(err) => assert_eq!(err.code(), ErrorCode::AccountLimit, "{err}"),
+        }
+    }
+    assert_eq!(made.len(), 3, "exactly the cap, even racing");
+    made[0].delete().await.unwrap();
+    let (late, _e) = chat.open_session();
+    late.create("late").await.unwrap();
+}
+
+/// Lists are rate limited per session when asked: each one scans every
+/// name, so a client repeating them cannot crowd out everyone else. (Real
+/// time, and a rate too slow to refill during the test: the memory store
+/// lists on the blocking pool, and paused time would jump ahead while it
+/// waits.)
+#[tokio::test]
+async fn lists_are_rate_limited_per_session() {
+    let config = Config {
+        list_rate: Some(chat_core::Rate {
+            burst: 2,
+            per_second: 1e-6,
+        }),
+        ..Config::default()
+    };
+    let chat = Chat::new(Arc::new(MemoryStore::default()), config);
+    let (one, _e) = chat.open_session();
+    let (other, _f) = chat.open_session();
+    one.list("", 0).await.unwrap();
+    one.list("", 0).await.unwrap();
+    let err = one.list("", 0).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::RateLimited, "{err}");
+    other.list("", 0).await.unwrap();
 }

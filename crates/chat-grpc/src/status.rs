@@ -38,7 +38,8 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         ErrorCode::QueueFull
         | ErrorCode::FrameTooLarge
         | ErrorCode::ServerFull
-        | ErrorCode::RateLimited => Code::ResourceExhausted,
+        | ErrorCode::RateLimited
+        | ErrorCode::AccountLimit => Code::ResourceExhausted,
         ErrorCode::StoreUnavailable
         | ErrorCode::ShuttingDown
         | ErrorCode::IdleTimeout

@@ -69,6 +69,17 @@ pub struct Tuning {
     /// Accounts that may be created from one address at once.
     #[arg(long, default_value_t = Tuning::default().create_burst)]
     pub create_burst: u32,
+    /// Most accounts the server may hold (0: no cap); past it creates fail
+    /// with `account_limit`.
+    #[arg(long, default_value_t = Tuning::default().max_accounts)]
+    pub max_accounts: usize,
+    /// Lists one connection may make per second, sustained (0: no limit);
+    /// every list scans every account name.
+    #[arg(long, default_value_t = Tuning::default().list_rate)]
+    pub list_rate: u32,
+    /// Lists one connection may make at once.
+    #[arg(long, default_value_t = Tuning::default().list_burst)]
+    pub list_burst: u32,
 }
 
 impl Default for Tuning {
@@ -88,6 +99,9 @@ impl Default for Tuning {
             send_burst: 512,
             creates_per_minute: 10,
             create_burst: 10,
+            max_accounts: 0,
+            list_rate: 2,
+            list_burst: 10,
         }
     }
 }
@@ -106,9 +120,15 @@ impl Tuning {
                 f64::from(self.creates_per_minute),
             )
         });
+        let list_rate = (self.list_rate > 0).then(|| chat_core::Rate {
+            burst: self.list_burst.max(1),
+            per_second: f64::from(self.list_rate),
+        });
         chat_core::Config {
             send_rate,
             create_rate,
+            max_accounts: (self.max_accounts > 0).then_some(self.max_accounts),
+            list_rate,
             ..chat_core::Config::default()
         }
     }

@@ -196,6 +196,8 @@ pub enum OpenError {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     readers: SqlitePool,
+    /// The one connection lists read from (see [`SqliteStore::open`]).
+    lists: SqlitePool,
     writer: WriterHandle,
     queue_limit: usize,
 }
@@ -264,6 +266,14 @@ impl SqliteStore {
             })?;
         let readers = SqlitePoolOptions::new()
             .max_connections(options.readers.max(1))
+            .connect_with(connect.clone())
+            .await
+            .map_err(open_err)?;
+        // Listing scans every account name: it gets a connection of its
+        // own, so that a flood of lists waits for that one and never for
+        // the pool that logins and fetches read from.
+        let lists = SqlitePoolOptions::new()
+            .max_connections(1)
             .connect_with(connect)
             .await
             .map_err(open_err)?;
@@ -271,6 +281,7 @@ impl SqliteStore {
         let writer = writer::spawn(writer, options);
         Ok(Self {
             readers,
+            lists,
             writer,
             queue_limit,
         })
@@ -354,7 +365,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<Username>, StoreError> {
         let mut names = sqlx::query_scalar::<_, String>("SELECT name FROM accounts ORDER BY name")
-            .fetch(&self.readers);
+            .fetch(&self.lists);
         let mut matched = Vec::new();
         while matched.len() < limit {
             let Some(name) = names.try_next().await.map_err(unavailable)? else {
@@ -372,6 +383,14 @@ impl Store for SqliteStore {
 
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
         self.write(Job::Append, message).await
+    }
+
+    async fn account_count(&self) -> Result<usize, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
+            .fetch_one(&self.readers)
+            .await
+            .map_err(unavailable)?;
+        Ok(usize::try_from(count).unwrap_or(0))
     }
 
     async fn take_undelivered(
