@@ -29,10 +29,11 @@ use regex::RegexBuilder;
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Hashing, HashingConfig, Password, Throttle, ThrottleConfig};
 use crate::error::ChatError;
 use crate::limits::{Bucket, Rate};
 use crate::memory::MemoryStore;
-use crate::store::{NewMessage, SendId, Store};
+use crate::store::{Credentials, NewMessage, SendId, Store};
 use crate::types::{Message, MessageBody, MessageId, SendReceipt, SessionState, Username};
 
 /// Number of lock stripes for login state; a power of two.
@@ -75,6 +76,11 @@ pub struct Config {
     /// name); past it lists fail with `rate_limited`. `None` (the
     /// default): no limit.
     pub list_rate: Option<Rate>,
+    /// How passwords are hashed (argon2id; the default is OWASP's
+    /// recommendation).
+    pub hashing: HashingConfig,
+    /// How failed password attempts are throttled.
+    pub throttle: ThrottleConfig,
 }
 
 impl Default for Config {
@@ -90,6 +96,8 @@ impl Default for Config {
             create_rate: None,
             max_accounts: None,
             list_rate: None,
+            hashing: HashingConfig::default(),
+            throttle: ThrottleConfig::default(),
         }
     }
 }
@@ -157,6 +165,8 @@ struct Inner {
     /// ([`Config::max_accounts`]), so concurrent creates cannot pass the
     /// cap together.
     create_gate: Mutex<()>,
+    hashing: Hashing,
+    throttle: Throttle,
 }
 
 /// Online users whose names hash to one stripe, and the session each is
@@ -258,7 +268,11 @@ impl Chat {
     /// is dropped or the engine shuts down.
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
         let stripes = (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect();
+        let hashing = Hashing::new(config.hashing);
+        let throttle = Throttle::new(config.throttle);
         let inner = Arc::new(Inner {
+            hashing,
+            throttle,
             store,
             config,
             stripes,
@@ -412,6 +426,7 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         if inner.shutdown.is_cancelled() {
             return;
         }
+        inner.throttle.prune();
         if let (Some(rate), Ok(mut creates)) = (inner.config.create_rate, inner.creates.lock()) {
             // A full bucket is what a new one would be: forget it.
             creates.retain(|_, bucket| !bucket.is_full(rate));
@@ -478,10 +493,13 @@ impl Session {
     }
 
     /// Creates the account `name` and logs this session in as it.
-    pub async fn create(&self, name: &str) -> Result<SessionState, ChatError> {
+    pub async fn create(&self, name: &str, password: &str) -> Result<SessionState, ChatError> {
         let name = Username::parse(name)?;
+        let password = Password::parse(password)?;
         let mut state = self.lock_logged_out().await?;
         self.take_create()?;
+        // Hashed before any shared lock is taken: it takes milliseconds.
+        let hash = self.chat.inner.hashing.hash(&password).await?;
         let inner = &self.chat.inner;
         let _gate = match inner.config.max_accounts {
             Some(max) => {
@@ -494,7 +512,7 @@ impl Session {
             None => None,
         };
         let mut stripe = self.chat.stripe(&name).lock().await;
-        self.chat.inner.store.create_account(&name).await?;
+        self.chat.inner.store.create_account(&name, &hash).await?;
         self.shared.set_replay(VecDeque::new());
         self.shared.begin_login();
         stripe.insert(name.clone(), Arc::clone(&self.shared));
@@ -506,9 +524,11 @@ impl Session {
     /// delivered to `name` earlier but never acknowledged come first on the
     /// event stream, in order, before any new live message;
     /// [`Session::replay_pending`] says how many, right after the login.
-    pub async fn login(&self, name: &str) -> Result<SessionState, ChatError> {
+    pub async fn login(&self, name: &str, password: &str) -> Result<SessionState, ChatError> {
         let name = Username::parse(name)?;
+        let password = Password::parse(password)?;
         let mut state = self.lock_logged_out().await?;
+        self.check_password(&name, &password, true).await?;
         let mut stripe = self.chat.stripe(&name).lock().await;
         if !self.chat.inner.store.account_exists(&name).await? {
             return Err(ChatError::NoSuchUser(name));
@@ -554,6 +574,67 @@ impl Session {
         self.shared.revoked.load(Ordering::Acquire)
     }
 
+    /// Replaces the logged-in user's password, given the current one.
+    pub async fn change_password(&self, old: &str, new: &str) -> Result<SessionState, ChatError> {
+        let old = Password::parse(old)?;
+        let new = Password::parse(new)?;
+        let state = self.lock_logged_in().await?;
+        let user = state.clone().ok_or(ChatError::NotLoggedIn)?;
+        self.check_password(&user, &old, false).await?;
+        let hash = self.chat.inner.hashing.hash(&new).await?;
+        self.chat.inner.store.set_password(&user, &hash).await?;
+        Ok(to_state(&state))
+    }
+
+    /// Whether a password may be set over this session without one to
+    /// check first (an account from before passwords): only over a loopback
+    /// connection, or with no network at all (an embedding app).
+    fn trusted(&self) -> bool {
+        self.peer.is_none_or(|peer| peer.is_loopback())
+    }
+
+    /// Checks `password` against `name`'s, throttled per account and per
+    /// address. A missing account costs the same time as a wrong password.
+    /// With `may_set`, an account without a password (from before
+    /// passwords) takes this one, over a trusted connection only.
+    async fn check_password(
+        &self,
+        name: &Username,
+        password: &Password,
+        may_set: bool,
+    ) -> Result<(), ChatError> {
+        let inner = &self.chat.inner;
+        inner.throttle.allow(name, self.peer)?;
+        let credentials = inner.store.credentials(name).await?;
+        let stored = credentials.as_ref().and_then(|c| c.password_hash.as_deref());
+        let matched = inner.hashing.verify(password, stored).await?;
+        match credentials {
+            None => {
+                inner.throttle.failed(name, self.peer);
+                Err(ChatError::NoSuchUser(name.clone()))
+            }
+            Some(Credentials {
+                password_hash: None,
+            }) => {
+                if !(may_set && self.trusted()) {
+                    return Err(ChatError::PasswordNotSet(name.clone()));
+                }
+                let hash = inner.hashing.hash(password).await?;
+                inner.store.set_password(name, &hash).await?;
+                tracing::info!(user = %name, "password set for an account from before passwords");
+                Ok(())
+            }
+            Some(_) if matched => {
+                inner.throttle.succeeded(name);
+                Ok(())
+            }
+            Some(_) => {
+                inner.throttle.failed(name, self.peer);
+                Err(ChatError::WrongPassword)
+            }
+        }
+    }
+
     /// Logs this session out.
     pub async fn logout(&self) -> Result<SessionState, ChatError> {
         let mut state = self.state.lock().await;
@@ -566,9 +647,11 @@ impl Session {
 
     /// Deletes the logged-in account: logs out, drops its undelivered
     /// messages and frees the name. Later sends to it get `no_such_user`.
-    pub async fn delete(&self) -> Result<SessionState, ChatError> {
+    pub async fn delete(&self, password: &str) -> Result<SessionState, ChatError> {
+        let password = Password::parse(password)?;
         let mut state = self.lock_logged_in().await?;
         let user = state.clone().ok_or(ChatError::NotLoggedIn)?;
+        self.check_password(&user, &password, false).await?;
         let stripe = self.chat.stripe(&user).lock().await;
         self.chat.inner.store.delete_account(&user).await?;
         drop(stripe);

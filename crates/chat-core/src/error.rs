@@ -69,6 +69,26 @@ pub enum ChatError {
     /// Create: the server holds as many accounts as it may (the number).
     #[error("the server holds as many accounts as it may ({0}); none can be created now")]
     AccountLimit(usize),
+    /// The password breaks the rules; the text says which one (and never
+    /// quotes the password).
+    #[error("invalid password: {0}")]
+    InvalidPassword(String),
+    /// Login, delete or password change: the password is not the account's.
+    #[error("wrong password")]
+    WrongPassword,
+    /// Too many failed password attempts on this account or from this
+    /// address; nothing was checked.
+    #[error("too many failed attempts; try again in {} s", retry_after.as_secs().max(1))]
+    TooManyAttempts {
+        /// How long until an attempt is checked again.
+        retry_after: std::time::Duration,
+    },
+    /// Login: the account predates passwords and has none yet; one can be
+    /// set only by logging in over a loopback connection (or TLS).
+    #[error(
+        "{0} has no password yet; log in once over a loopback connection to set one"
+    )]
+    PasswordNotSet(Username),
 }
 
 impl ChatError {
@@ -90,6 +110,10 @@ impl ChatError {
             ChatError::SendIdReused(_) => ErrorCode::SendIdReused,
             ChatError::RateLimited { .. } => ErrorCode::RateLimited,
             ChatError::AccountLimit(_) => ErrorCode::AccountLimit,
+            ChatError::InvalidPassword(_) => ErrorCode::InvalidPassword,
+            ChatError::WrongPassword => ErrorCode::WrongPassword,
+            ChatError::TooManyAttempts { .. } => ErrorCode::TooManyAttempts,
+            ChatError::PasswordNotSet(_) => ErrorCode::PasswordNotSet,
         }
     }
 }
@@ -165,6 +189,14 @@ error_codes! {
     RateLimited = 14, "rate_limited";
     /// See [`ChatError::AccountLimit`].
     AccountLimit = 15, "account_limit";
+    /// See [`ChatError::InvalidPassword`].
+    InvalidPassword = 16, "invalid_password";
+    /// See [`ChatError::WrongPassword`].
+    WrongPassword = 17, "wrong_password";
+    /// See [`ChatError::TooManyAttempts`].
+    TooManyAttempts = 18, "too_many_attempts";
+    /// See [`ChatError::PasswordNotSet`].
+    PasswordNotSet = 19, "password_not_set";
     /// Transport: a frame or message could not be decoded.
     Malformed = 100, "malformed";
     /// Transport: a frame was larger than the receiver accepts.

@@ -50,6 +50,7 @@
 //! # }
 //! ```
 
+pub mod auth;
 pub mod client;
 mod engine;
 mod error;
@@ -65,8 +66,10 @@ pub use limits::{
     Refusal,
 };
 pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
+pub use auth::{HashingConfig, MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, Password, ThrottleConfig};
 pub use store::{
-    Appended, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store, StoreError,
+    Appended, Credentials, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store,
+    StoreError,
 };
 pub use types::{
     MAX_BODY_CHARS, MAX_USERNAME_CHARS, Message, MessageBody, MessageId, SendReceipt, SessionState,

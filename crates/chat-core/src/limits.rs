@@ -218,6 +218,21 @@ impl Bucket {
         Err(std::time::Duration::from_secs_f64(wait.min(86_400.0)))
     }
 
+    /// Whether a token is there now (none is taken), or how long until
+    /// one is.
+    pub(crate) fn peek(&mut self, rate: Rate) -> Result<(), std::time::Duration> {
+        self.refill(rate);
+        if self.tokens >= 1.0 {
+            return Ok(());
+        }
+        let wait = if rate.per_second > 0.0 {
+            (1.0 - self.tokens) / rate.per_second
+        } else {
+            f64::MAX
+        };
+        Err(std::time::Duration::from_secs_f64(wait.min(86_400.0)))
+    }
+
     /// Whether the bucket has refilled completely (and can be forgotten).
     pub(crate) fn is_full(&mut self, rate: Rate) -> bool {
         self.refill(rate);

@@ -16,7 +16,8 @@ use async_trait::async_trait;
 use regex::Regex;
 
 use crate::store::{
-    Appended, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store, StoreError,
+    Appended, Credentials, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store,
+    StoreError,
 };
 use crate::types::{Message, MessageId, Username};
 
@@ -122,6 +123,9 @@ impl SendIds {
 
 #[derive(Debug, Default)]
 struct Mailbox {
+    /// The password's PHC string; `None` only for accounts created without
+    /// one (none are, in this store; the type is the store contract's).
+    password_hash: Option<String>,
     last_id: MessageId,
     /// Stored messages in id order, each with whether it was delivered.
     queue: VecDeque<(Message, bool)>,
@@ -177,16 +181,37 @@ fn poisoned<T>(_: T) -> StoreError {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn create_account(&self, name: &Username) -> Result<(), StoreError> {
+    async fn create_account(&self, name: &Username, password_hash: &str) -> Result<(), StoreError> {
         let mut accounts = self.accounts.write().map_err(poisoned)?;
         if accounts.contains_key(name) {
             return Err(StoreError::AccountExists(name.clone()));
         }
         let mailbox = Mailbox {
+            password_hash: Some(password_hash.to_owned()),
             last_id: self.id_floor.load(Ordering::Acquire),
             ..Mailbox::default()
         };
         accounts.insert(name.clone(), Arc::new(Mutex::new(mailbox)));
+        Ok(())
+    }
+
+    async fn credentials(&self, name: &Username) -> Result<Option<Credentials>, StoreError> {
+        let Ok(mailbox) = self.mailbox(name) else {
+            return Ok(None);
+        };
+        let mailbox = mailbox.lock().map_err(poisoned)?;
+        Ok((!mailbox.deleted).then(|| Credentials {
+            password_hash: mailbox.password_hash.clone(),
+        }))
+    }
+
+    async fn set_password(&self, name: &Username, password_hash: &str) -> Result<(), StoreError> {
+        let mailbox = self.mailbox(name)?;
+        let mut mailbox = mailbox.lock().map_err(poisoned)?;
+        if mailbox.deleted {
+            return Err(StoreError::NoSuchAccount(name.clone()));
+        }
+        mailbox.password_hash = Some(password_hash.to_owned());
         Ok(())
     }
 

@@ -69,6 +69,23 @@ impl From<StoreError> for ChatError {
     }
 }
 
+/// What a store keeps to check a login.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The password's argon2id PHC string; `None` for an account created
+    /// before passwords existed, which has to set one (see
+    /// [`ChatError::PasswordNotSet`]).
+    pub password_hash: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("has_password", &self.password_hash.is_some())
+            .finish()
+    }
+}
+
 /// A message for the store to record.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
@@ -128,9 +145,17 @@ pub struct Appended {
 /// one that returns `Err` has changed nothing.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Creates an account; exactly one of several concurrent creates of one
-    /// name succeeds, the others get [`StoreError::AccountExists`].
-    async fn create_account(&self, name: &Username) -> Result<(), StoreError>;
+    /// Creates an account with the hash of its password (an argon2id PHC
+    /// string); exactly one of several concurrent creates of one name
+    /// succeeds, the others get [`StoreError::AccountExists`].
+    async fn create_account(&self, name: &Username, password_hash: &str)
+    -> Result<(), StoreError>;
+
+    /// What a login checks: `None` if the account does not exist.
+    async fn credentials(&self, name: &Username) -> Result<Option<Credentials>, StoreError>;
+
+    /// Replaces the account's password hash.
+    async fn set_password(&self, name: &Username, password_hash: &str) -> Result<(), StoreError>;
 
     /// Whether the account exists.
     async fn account_exists(&self, name: &Username) -> Result<bool, StoreError>;

@@ -39,7 +39,11 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::FrameTooLarge
         | ErrorCode::ServerFull
         | ErrorCode::RateLimited
-        | ErrorCode::AccountLimit => Code::ResourceExhausted,
+        | ErrorCode::AccountLimit
+        | ErrorCode::TooManyAttempts => Code::ResourceExhausted,
+        ErrorCode::InvalidPassword => Code::InvalidArgument,
+        ErrorCode::WrongPassword => Code::PermissionDenied,
+        ErrorCode::PasswordNotSet => Code::FailedPrecondition,
         ErrorCode::StoreUnavailable
         | ErrorCode::ShuttingDown
         | ErrorCode::IdleTimeout
