@@ -60,8 +60,8 @@ fn send_path(c: &mut Criterion) {
     let (alice, _a) = chat.open_session();
     let (bob, mut bob_events) = chat.open_session();
     runtime.block_on(async {
-        alice.create("alice").await.unwrap();
-        bob.create("bob").await.unwrap();
+        alice.create("alice", "password1").await.unwrap();
+        bob.create("bob", "password1").await.unwrap();
     });
     let body = "x".repeat(280);
     c.bench_function("engine send → live event → ack (memory store)", |b| {

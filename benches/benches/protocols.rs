@@ -124,7 +124,9 @@ async fn latencies<C: Dial>(
     let mut h = histogram();
     for n in 0..samples {
         let t = Instant::now();
-        a.create(&format!("{tag}c{n}")).await.expect("create");
+        a.create(&format!("{tag}c{n}"), "password1")
+            .await
+            .expect("create");
         h.record(micros(t.elapsed())).ok();
         a.logout().await.expect("logout");
     }
@@ -133,7 +135,9 @@ async fn latencies<C: Dial>(
     let mut h = histogram();
     for _ in 0..samples {
         let t = Instant::now();
-        a.login(&format!("{tag}c0")).await.expect("login");
+        a.login(&format!("{tag}c0"), "password1")
+            .await
+            .expect("login");
         h.record(micros(t.elapsed())).ok();
         a.logout().await.expect("logout");
     }
@@ -147,7 +151,7 @@ async fn latencies<C: Dial>(
     }
     out.push(latency(C::NAME, store, "list", &h));
 
-    a.create(&format!("{tag}alice"))
+    a.create(&format!("{tag}alice"), "password1")
         .await
         .expect("create alice");
     let bob = format!("{tag}bob");
@@ -203,12 +207,12 @@ async fn throughput<C: Dial>(
     let mut recipients = Vec::new();
     for i in 0..pairs {
         let mut r = C::dial(addr).await;
-        r.create(&format!("{tag}r{i}"))
+        r.create(&format!("{tag}r{i}"), "password1")
             .await
             .expect("create recipient");
         recipients.push(r);
         let mut s = C::dial(addr).await;
-        s.create(&format!("{tag}s{i}"))
+        s.create(&format!("{tag}s{i}"), "password1")
             .await
             .expect("create sender");
         senders.push(s);
@@ -349,7 +353,9 @@ async fn sessions<C: Dial>(server: &ServerProcess, count: usize) -> Sessions {
     let mut clients = Vec::with_capacity(count);
     for i in 0..count {
         let mut c = C::dial(server.addr()).await;
-        c.create(&format!("idle{i}")).await.expect("create idle");
+        c.create(&format!("idle{i}"), "password1")
+            .await
+            .expect("create idle");
         clients.push(c);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -370,7 +376,9 @@ async fn logins<C: Dial>(addr: SocketAddr, window: Duration) -> Logins {
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
         let mut c = C::dial(addr).await;
-        c.create(&format!("login{i}")).await.expect("create");
+        c.create(&format!("login{i}"), "password1")
+            .await
+            .expect("create");
         c.logout().await.expect("logout");
         clients.push(c);
     }
@@ -381,7 +389,7 @@ async fn logins<C: Dial>(addr: SocketAddr, window: Duration) -> Logins {
             let name = format!("login{i}");
             let mut n = 0u64;
             while Instant::now() < deadline {
-                c.login(&name).await.expect("login");
+                c.login(&name, "password1").await.expect("login");
                 c.logout().await.expect("logout");
                 n += 1;
             }

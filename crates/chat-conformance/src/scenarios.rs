@@ -29,17 +29,20 @@ fn expect_code<T: std::fmt::Debug>(result: Result<T, ClientError>, code: ErrorCo
 pub async fn account_lifecycle<K: Connector>(k: &K) {
     let mut c = k.connect().await;
     assert_eq!(c.state(), &SessionState::LoggedOut);
-    assert_eq!(c.create("alice").await.unwrap(), user("alice"));
+    assert_eq!(c.create("alice", "password1").await.unwrap(), user("alice"));
     assert_eq!(c.state(), &user("alice"));
     assert_eq!(c.logout().await.unwrap(), SessionState::LoggedOut);
     assert_eq!(c.state(), &SessionState::LoggedOut);
-    assert_eq!(c.login("alice").await.unwrap(), user("alice"));
-    assert_eq!(c.delete().await.unwrap(), SessionState::LoggedOut);
-    expect_code(c.login("alice").await, ErrorCode::NoSuchUser);
-    assert_eq!(c.create("alice").await.unwrap(), user("alice"));
+    assert_eq!(c.login("alice", "password1").await.unwrap(), user("alice"));
+    assert_eq!(
+        c.delete("password1").await.unwrap(),
+        SessionState::LoggedOut
+    );
+    expect_code(c.login("alice", "password1").await, ErrorCode::NoSuchUser);
+    assert_eq!(c.create("alice", "password1").await.unwrap(), user("alice"));
     // One session may be different users in turn.
     c.logout().await.unwrap();
-    assert_eq!(c.create("bob").await.unwrap(), user("bob"));
+    assert_eq!(c.create("bob", "password1").await.unwrap(), user("bob"));
 }
 
 /// A taken name cannot be created twice; a logged-in session cannot create
@@ -47,11 +50,17 @@ pub async fn account_lifecycle<K: Connector>(k: &K) {
 pub async fn double_create_rejected<K: Connector>(k: &K) {
     let mut a = k.connect().await;
     let mut b = k.connect().await;
-    a.create("bob").await.unwrap();
-    expect_code(b.create("bob").await, ErrorCode::UsernameTaken);
+    a.create("bob", "password1").await.unwrap();
+    expect_code(b.create("bob", "password1").await, ErrorCode::UsernameTaken);
     assert_eq!(b.state(), &SessionState::LoggedOut);
-    expect_code(a.create("carol").await, ErrorCode::SessionLoggedIn);
-    expect_code(a.login("bob").await, ErrorCode::SessionLoggedIn);
+    expect_code(
+        a.create("carol", "password1").await,
+        ErrorCode::SessionLoggedIn,
+    );
+    expect_code(
+        a.login("bob", "password1").await,
+        ErrorCode::SessionLoggedIn,
+    );
     assert_eq!(
         a.state(),
         &user("bob"),
@@ -63,27 +72,42 @@ pub async fn double_create_rejected<K: Connector>(k: &K) {
 pub async fn concurrent_login_rejected<K: Connector>(k: &K) {
     let mut a = k.connect().await;
     let mut b = k.connect().await;
-    a.create("alice").await.unwrap();
-    expect_code(b.login("alice").await, ErrorCode::AlreadyLoggedIn);
+    a.create("alice", "password1").await.unwrap();
+    expect_code(
+        b.login("alice", "password1").await,
+        ErrorCode::AlreadyLoggedIn,
+    );
     a.logout().await.unwrap();
-    assert_eq!(b.login("alice").await.unwrap(), user("alice"));
-    expect_code(a.login("alice").await, ErrorCode::AlreadyLoggedIn);
+    assert_eq!(b.login("alice", "password1").await.unwrap(), user("alice"));
+    expect_code(
+        a.login("alice", "password1").await,
+        ErrorCode::AlreadyLoggedIn,
+    );
 }
 
 /// The server checks everything itself, whatever the client sends.
 pub async fn bad_requests_get_clear_errors<K: Connector>(k: &K) {
     let mut c = k.connect().await;
     expect_code(c.logout().await, ErrorCode::NotLoggedIn);
-    expect_code(c.delete().await, ErrorCode::NotLoggedIn);
+    expect_code(c.delete("password1").await, ErrorCode::NotLoggedIn);
     expect_code(c.fetch(10).await, ErrorCode::NotLoggedIn);
     expect_code(c.send("anyone", "hi").await, ErrorCode::NotLoggedIn);
-    expect_code(c.create("").await, ErrorCode::InvalidUsername);
-    expect_code(c.create("has space").await, ErrorCode::InvalidUsername);
-    expect_code(c.create(&"x".repeat(51)).await, ErrorCode::InvalidUsername);
-    expect_code(c.login("tab\there").await, ErrorCode::InvalidUsername);
-    c.create(&"é".repeat(50)).await.unwrap();
+    expect_code(c.create("", "password1").await, ErrorCode::InvalidUsername);
+    expect_code(
+        c.create("has space", "password1").await,
+        ErrorCode::InvalidUsername,
+    );
+    expect_code(
+        c.create(&"x".repeat(51), "password1").await,
+        ErrorCode::InvalidUsername,
+    );
+    expect_code(
+        c.login("tab\there", "password1").await,
+        ErrorCode::InvalidUsername,
+    );
+    c.create(&"é".repeat(50), "password1").await.unwrap();
     c.logout().await.unwrap();
-    c.create("sender").await.unwrap();
+    c.create("sender", "password1").await.unwrap();
     expect_code(c.send("sender", "").await, ErrorCode::InvalidMessage);
     expect_code(
         c.send("sender", "line\nbreak").await,
@@ -104,7 +128,7 @@ pub async fn bad_requests_get_clear_errors<K: Connector>(k: &K) {
 /// Sending to a name nobody has fails with `no_such_user`.
 pub async fn send_to_unknown_user<K: Connector>(k: &K) {
     let mut c = k.connect().await;
-    c.create("alice").await.unwrap();
+    c.create("alice", "password1").await.unwrap();
     let message = expect_code(c.send("nobody", "hello?").await, ErrorCode::NoSuchUser);
     assert!(message.contains("nobody"), "{message}");
 }
@@ -114,8 +138,8 @@ pub async fn send_to_unknown_user<K: Connector>(k: &K) {
 pub async fn queued_delivery_then_fetch<K: Connector>(k: &K) {
     let mut a = k.connect().await;
     let mut b = k.connect().await;
-    a.create("alice").await.unwrap();
-    b.create("bob").await.unwrap();
+    a.create("alice", "password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
     b.logout().await.unwrap();
     let mut receipts = Vec::new();
     for body in ["one", "two", "three"] {
@@ -125,7 +149,7 @@ pub async fn queued_delivery_then_fetch<K: Connector>(k: &K) {
         receipts.windows(2).all(|w| w[0].id < w[1].id),
         "ids increase: {receipts:?}"
     );
-    b.login("bob").await.unwrap();
+    b.login("bob", "password1").await.unwrap();
     let first = b.fetch(2).await.unwrap();
     assert_eq!(
         first.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
@@ -148,8 +172,8 @@ pub async fn queued_delivery_then_fetch<K: Connector>(k: &K) {
 pub async fn live_delivery_in_order<K: Connector>(k: &K) {
     let mut a = k.connect().await;
     let mut b = k.connect().await;
-    a.create("alice").await.unwrap();
-    b.create("bob").await.unwrap();
+    a.create("alice", "password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
     for i in 0..50 {
         a.send("bob", &format!("live {i}")).await.unwrap();
     }
@@ -177,16 +201,19 @@ pub async fn live_delivery_in_order<K: Connector>(k: &K) {
 pub async fn delete_drops_queue_and_frees_name<K: Connector>(k: &K) {
     let mut a = k.connect().await;
     let mut b = k.connect().await;
-    a.create("alice").await.unwrap();
-    b.create("bob").await.unwrap();
+    a.create("alice", "password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
     b.logout().await.unwrap();
     a.send("bob", "you will never read this").await.unwrap();
-    b.login("bob").await.unwrap();
-    assert_eq!(b.delete().await.unwrap(), SessionState::LoggedOut);
+    b.login("bob", "password1").await.unwrap();
+    assert_eq!(
+        b.delete("password1").await.unwrap(),
+        SessionState::LoggedOut
+    );
     expect_code(a.send("bob", "hello?").await, ErrorCode::NoSuchUser);
     expect_code(b.fetch(1).await, ErrorCode::NotLoggedIn);
     let mut c = k.connect().await;
-    c.create("bob").await.unwrap();
+    c.create("bob", "password1").await.unwrap();
     assert!(
         c.fetch(0).await.unwrap().is_empty(),
         "the old queue is gone"
@@ -198,7 +225,7 @@ pub async fn delete_drops_queue_and_frees_name<K: Connector>(k: &K) {
 pub async fn list_accounts_by_pattern<K: Connector>(k: &K) {
     let mut c = k.connect().await;
     for name in ["bob", "alice", "albert", "Émile", "carol"] {
-        c.create(name).await.unwrap();
+        c.create(name, "password1").await.unwrap();
         c.logout().await.unwrap();
     }
     assert_eq!(
@@ -228,19 +255,19 @@ pub async fn list_accounts_by_pattern<K: Connector>(k: &K) {
         c.list(&"a".repeat(1_000), 0).await,
         ErrorCode::InvalidPattern,
     );
-    c.login("bob").await.unwrap();
+    c.login("bob", "password1").await.unwrap();
     assert_eq!(c.list("b", 0).await.unwrap().len(), 2);
 }
 
 /// A connection that drops (no logout) logs its user out.
 pub async fn connection_drop_logs_out<K: Connector>(k: &K) {
     let mut a = k.connect().await;
-    a.create("alice").await.unwrap();
+    a.create("alice", "password1").await.unwrap();
     drop(a);
     let mut b = k.connect().await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        match b.login("alice").await {
+        match b.login("alice", "password1").await {
             Ok(state) => {
                 assert_eq!(state, user("alice"));
                 break;
@@ -265,8 +292,12 @@ pub async fn concurrent_creates_one_winner_per_name<K: Connector>(k: &K) {
     for _ in 0..CLIENTS {
         clients.push(k.connect().await);
     }
-    let results =
-        futures::future::join_all(clients.iter_mut().map(|c| c.create("contested"))).await;
+    let results = futures::future::join_all(
+        clients
+            .iter_mut()
+            .map(|c| c.create("contested", "password1")),
+    )
+    .await;
     let winners = results.iter().filter(|r| r.is_ok()).count();
     assert_eq!(winners, 1, "{results:?}");
     for r in &results {
@@ -284,7 +315,7 @@ pub async fn concurrent_creates_one_winner_per_name<K: Connector>(k: &K) {
         losers
             .iter_mut()
             .enumerate()
-            .map(|(i, c)| async move { c.create(&format!("own{i}")).await }),
+            .map(|(i, c)| async move { c.create(&format!("own{i}"), "password1").await }),
     )
     .await;
     assert!(distinct.iter().all(Result::is_ok), "{distinct:?}");
@@ -298,7 +329,7 @@ pub async fn hundreds_of_clients_exactly_once<K: Connector>(k: &K) {
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
         let mut c = k.connect().await;
-        c.create(&format!("user{i}")).await.unwrap();
+        c.create(&format!("user{i}"), "password1").await.unwrap();
         clients.push(c);
     }
     // Every fourth recipient is offline while the messages fly.
@@ -311,7 +342,7 @@ pub async fn hundreds_of_clients_exactly_once<K: Connector>(k: &K) {
         tokio::spawn(async move {
             let to = format!("user{}", (i + 1) % CLIENTS);
             if i % 4 == 0 {
-                c.login(&format!("user{i}")).await.unwrap();
+                c.login(&format!("user{i}"), "password1").await.unwrap();
             }
             for n in 0..EACH {
                 c.send(&to, &format!("{i}:{n}")).await.unwrap();
@@ -355,8 +386,8 @@ pub async fn hundreds_of_clients_exactly_once<K: Connector>(k: &K) {
 pub async fn unacked_messages_are_delivered_again<K: Connector>(k: &K) {
     let mut a = k.connect().await;
     let mut b = k.connect().await;
-    a.create("alice").await.unwrap();
-    b.create("bob").await.unwrap();
+    a.create("alice", "password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
     for body in ["m1", "m2", "m3"] {
         a.send("bob", body).await.unwrap();
     }
@@ -368,7 +399,7 @@ pub async fn unacked_messages_are_delivered_again<K: Connector>(k: &K) {
 
     let mut b = k.connect().await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while let Err(err) = b.login("bob").await {
+    while let Err(err) = b.login("bob", "password1").await {
         assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn), "{err}");
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -402,12 +433,12 @@ pub async fn unacked_messages_are_delivered_again<K: Connector>(k: &K) {
 pub async fn fetched_messages_need_an_ack<K: Connector>(k: &K) {
     let mut a = k.connect().await;
     let mut b = k.connect().await;
-    a.create("alice").await.unwrap();
-    b.create("bob").await.unwrap();
+    a.create("alice", "password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
     b.logout().await.unwrap();
     a.send("bob", "q1").await.unwrap();
     a.send("bob", "q2").await.unwrap();
-    b.login("bob").await.unwrap();
+    b.login("bob", "password1").await.unwrap();
     let fetched = b.fetch(0).await.unwrap();
     assert_eq!(fetched.len(), 2);
     b.ack(fetched[0].id).await.unwrap();
@@ -415,7 +446,7 @@ pub async fn fetched_messages_need_an_ack<K: Connector>(k: &K) {
     // Same client, logged out and back in: q2 is replayed by the server
     // but this client has shown it already.
     b.logout().await.unwrap();
-    b.login("bob").await.unwrap();
+    b.login("bob", "password1").await.unwrap();
     a.send("bob", "live").await.unwrap();
     assert_eq!(
         next_message(&mut b).await.body.as_str(),
@@ -427,7 +458,7 @@ pub async fn fetched_messages_need_an_ack<K: Connector>(k: &K) {
     drop(b);
     let mut c = k.connect().await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while let Err(err) = c.login("bob").await {
+    while let Err(err) = c.login("bob", "password1").await {
         assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn), "{err}");
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -443,7 +474,7 @@ pub async fn fetched_messages_need_an_ack<K: Connector>(k: &K) {
     c.ack(replayed[1].id).await.unwrap();
     c.logout().await.unwrap();
     let mut d = k.connect().await;
-    d.login("bob").await.unwrap();
+    d.login("bob", "password1").await.unwrap();
     a.send("bob", "after the ack").await.unwrap();
     assert_eq!(
         next_message(&mut d).await.body.as_str(),
@@ -456,7 +487,7 @@ pub async fn fetched_messages_need_an_ack<K: Connector>(k: &K) {
 /// yet seen close.
 async fn login_when_free<C: ChatClient>(client: &mut C, name: &str) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while let Err(err) = client.login(name).await {
+    while let Err(err) = client.login(name, "password1").await {
         assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn), "{err}");
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -472,8 +503,8 @@ async fn login_when_free<C: ChatClient>(client: &mut C, name: &str) {
 pub async fn acks_never_cover_unseen_messages<K: Connector>(k: &K) {
     let mut a = k.connect().await;
     let mut b = k.connect().await;
-    a.create("alice").await.unwrap();
-    b.create("bob").await.unwrap();
+    a.create("alice", "password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
     a.send("bob", "pushed, never acknowledged").await.unwrap();
     next_message(&mut b).await;
     drop(b);
@@ -482,7 +513,7 @@ pub async fn acks_never_cover_unseen_messages<K: Connector>(k: &K) {
     login_when_free(&mut c, "bob").await;
     c.logout().await.unwrap();
     a.send("bob", "queued").await.unwrap();
-    c.login("bob").await.unwrap();
+    c.login("bob", "password1").await.unwrap();
     let fetched = c.fetch(0).await.unwrap();
     assert_eq!(fetched.len(), 1);
     c.ack(fetched[0].id).await.unwrap(); // the replayed message is still unread
@@ -501,13 +532,13 @@ pub async fn acks_never_cover_unseen_messages<K: Connector>(k: &K) {
 pub async fn a_recreated_account_starts_afresh<K: Connector>(k: &K) {
     let mut a = k.connect().await;
     let mut b = k.connect().await;
-    a.create("alice").await.unwrap();
-    b.create("bob").await.unwrap();
+    a.create("alice", "password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
     a.send("bob", "first life").await.unwrap();
     let first = next_message(&mut b).await;
     b.ack(first.id).await.unwrap();
-    b.delete().await.unwrap();
-    b.create("bob").await.unwrap();
+    b.delete("password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
     a.send("bob", "second life").await.unwrap();
     let second = next_message(&mut b).await;
     assert_eq!(second.body.as_str(), "second life");
@@ -526,8 +557,8 @@ pub async fn a_recreated_account_starts_afresh<K: Connector>(k: &K) {
 pub async fn a_returning_client_sees_a_recreated_accounts_messages<K: Connector>(k: &K) {
     let mut a = k.connect().await;
     let mut b = k.connect().await;
-    a.create("alice").await.unwrap();
-    b.create("bob").await.unwrap();
+    a.create("alice", "password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
     for body in ["old 1", "old 2"] {
         a.send("bob", body).await.unwrap();
     }
@@ -536,15 +567,15 @@ pub async fn a_returning_client_sees_a_recreated_accounts_messages<K: Connector>
     b.logout().await.unwrap();
 
     let mut c = k.connect().await;
-    c.login("bob").await.unwrap();
-    c.delete().await.unwrap();
-    c.create("bob").await.unwrap();
+    c.login("bob", "password1").await.unwrap();
+    c.delete("password1").await.unwrap();
+    c.create("bob", "password1").await.unwrap();
     c.logout().await.unwrap();
     for body in ["new 1", "new 2"] {
         a.send("bob", body).await.unwrap();
     }
 
-    b.login("bob").await.unwrap();
+    b.login("bob", "password1").await.unwrap();
     let fetched = b.fetch(0).await.unwrap();
     assert_eq!(
         fetched.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
@@ -554,7 +585,7 @@ pub async fn a_returning_client_sees_a_recreated_accounts_messages<K: Connector>
     b.ack(fetched[0].id).await.unwrap();
     b.logout().await.unwrap();
     let mut d = k.connect().await;
-    d.login("bob").await.unwrap();
+    d.login("bob", "password1").await.unwrap();
     assert_eq!(
         next_message(&mut d).await.body.as_str(),
         "new 2",

@@ -127,10 +127,15 @@ where
     mark(&mut costs, "connect", start, after);
 
     let mut bob = connect(bob_proxy.addr).await;
-    bob.create(RECIPIENT).await.expect("create bob");
+    bob.create(RECIPIENT, "password1")
+        .await
+        .expect("create bob");
 
     let before = alice_proxy.settled().await;
-    alice.create("alice").await.expect("create alice");
+    alice
+        .create("alice", "password1")
+        .await
+        .expect("create alice");
     let after = alice_proxy.settled().await;
     mark(&mut costs, "create", before, after);
 
@@ -158,7 +163,7 @@ where
 
     bob.logout().await.expect("logout bob");
     alice.send(RECIPIENT, BODY).await.expect("queued send");
-    bob.login(RECIPIENT).await.expect("login bob");
+    bob.login(RECIPIENT, "password1").await.expect("login bob");
     let before = bob_proxy.settled().await;
     assert_eq!(bob.fetch(0).await.expect("fetch").len(), 1);
     let after = bob_proxy.settled().await;
@@ -170,12 +175,12 @@ where
     mark(&mut costs, "logout", before, after);
 
     let before = alice_proxy.settled().await;
-    alice.login("alice").await.expect("login");
+    alice.login("alice", "password1").await.expect("login");
     let after = alice_proxy.settled().await;
     mark(&mut costs, "login", before, after);
 
     let before = alice_proxy.settled().await;
-    alice.delete().await.expect("delete");
+    alice.delete("password1").await.expect("delete");
     let after = alice_proxy.settled().await;
     mark(&mut costs, "delete", before, after);
     costs

@@ -11,8 +11,8 @@ async fn main() -> Result<(), ChatError> {
     let (alice, _alice_events) = chat.open_session();
     let (bob, mut bob_events) = chat.open_session();
 
-    alice.create("alice").await?;
-    bob.create("bob").await?;
+    alice.create("alice", "password1").await?;
+    bob.create("bob", "password1").await?;
 
     // Bob is logged in: the message is pushed to his event stream.
     alice.send("bob", "lunch at noon?").await?;
@@ -28,7 +28,7 @@ async fn main() -> Result<(), ChatError> {
     alice.send("bob", "never mind, 1pm").await?;
     alice.send("bob", "see you there").await?;
 
-    bob.login("bob").await?;
+    bob.login("bob", "password1").await?;
     for m in bob.fetch(10).await? {
         println!(
             "bob fetched queued message #{} from {}: {}",

@@ -303,7 +303,12 @@ mod tests {
     fn passwords_follow_the_rules_and_never_show() {
         assert!(Password::parse("correct horse").is_ok());
         assert!(Password::parse(&"é".repeat(MAX_PASSWORD_CHARS)).is_ok());
-        for bad in ["short", "", "tab\there!", &"x".repeat(MAX_PASSWORD_CHARS + 1)] {
+        for bad in [
+            "short",
+            "",
+            "tab\there!",
+            &"x".repeat(MAX_PASSWORD_CHARS + 1),
+        ] {
             let err = Password::parse(bad).unwrap_err();
             assert_eq!(err.code(), crate::ErrorCode::InvalidPassword);
             if !bad.is_empty() {
@@ -324,7 +329,10 @@ mod tests {
         assert!(hashing.verify(&password, Some(&phc)).await.unwrap());
         let wrong = Password::parse("incorrect horse").unwrap();
         assert!(!hashing.verify(&wrong, Some(&phc)).await.unwrap());
-        assert!(!hashing.verify(&password, None).await.unwrap(), "no hash: no match");
+        assert!(
+            !hashing.verify(&password, None).await.unwrap(),
+            "no hash: no match"
+        );
         let again = hashing.hash(&password).await.unwrap();
         assert_ne!(phc, again, "a fresh salt each time");
     }

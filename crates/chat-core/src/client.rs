@@ -67,20 +67,33 @@ pub enum Push {
 /// Every call returns or updates the session state the server reported;
 /// [`ChatClient::state`] is always the latest of those.
 pub trait ChatClient: Send {
-    /// Creates an account and logs in as it.
+    /// Creates an account with `password` and logs in as it. The client
+    /// keeps the password in memory while logged in, to log in again by
+    /// itself after a reconnect.
     fn create(
         &mut self,
         name: &str,
+        password: &str,
     ) -> impl Future<Output = Result<SessionState, ClientError>> + Send;
     /// Logs in as an existing account.
     fn login(
         &mut self,
         name: &str,
+        password: &str,
     ) -> impl Future<Output = Result<SessionState, ClientError>> + Send;
     /// Logs out.
     fn logout(&mut self) -> impl Future<Output = Result<SessionState, ClientError>> + Send;
-    /// Deletes the logged-in account.
-    fn delete(&mut self) -> impl Future<Output = Result<SessionState, ClientError>> + Send;
+    /// Deletes the logged-in account; its password is asked again.
+    fn delete(
+        &mut self,
+        password: &str,
+    ) -> impl Future<Output = Result<SessionState, ClientError>> + Send;
+    /// Replaces the logged-in account's password.
+    fn change_password(
+        &mut self,
+        old: &str,
+        new: &str,
+    ) -> impl Future<Output = Result<SessionState, ClientError>> + Send;
     /// Sends a message; success means the server accepted it.
     fn send(
         &mut self,

@@ -606,7 +606,9 @@ impl Session {
         let inner = &self.chat.inner;
         inner.throttle.allow(name, self.peer)?;
         let credentials = inner.store.credentials(name).await?;
-        let stored = credentials.as_ref().and_then(|c| c.password_hash.as_deref());
+        let stored = credentials
+            .as_ref()
+            .and_then(|c| c.password_hash.as_deref());
         let matched = inner.hashing.verify(password, stored).await?;
         match credentials {
             None => {

@@ -85,9 +85,7 @@ pub enum ChatError {
     },
     /// Login: the account predates passwords and has none yet; one can be
     /// set only by logging in over a loopback connection (or TLS).
-    #[error(
-        "{0} has no password yet; log in once over a loopback connection to set one"
-    )]
+    #[error("{0} has no password yet; log in once over a loopback connection to set one")]
     PasswordNotSet(Username),
 }
 

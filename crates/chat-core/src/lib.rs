@@ -29,8 +29,8 @@
 //! let (alice, _alice_events) = chat.open_session();
 //! let (bob, mut bob_events) = chat.open_session();
 //!
-//! alice.create("alice").await?;
-//! bob.create("bob").await?;
+//! alice.create("alice", "password1").await?;
+//! bob.create("bob", "password1").await?;
 //! alice.send("bob", "hi bob").await?; // bob is logged in: delivered live
 //!
 //! match bob_events.recv().await {
@@ -40,7 +40,7 @@
 //!
 //! bob.logout().await?;
 //! alice.send("bob", "are you there?").await?; // bob is away: queued
-//! assert_eq!(bob.login("bob").await?, SessionState::LoggedIn(chat_core::Username::parse("bob")?));
+//! assert_eq!(bob.login("bob", "password1").await?, SessionState::LoggedIn(chat_core::Username::parse("bob")?));
 //! let queued = bob.fetch(10).await?;
 //! assert_eq!(queued[0].body.as_str(), "are you there?");
 //!
@@ -59,6 +59,7 @@ mod memory;
 mod store;
 mod types;
 
+pub use auth::{HashingConfig, MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, Password, ThrottleConfig};
 pub use engine::{Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session};
 pub use error::{ChatError, ErrorCode};
 pub use limits::{
@@ -66,7 +67,6 @@ pub use limits::{
     Refusal,
 };
 pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
-pub use auth::{HashingConfig, MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, Password, ThrottleConfig};
 pub use store::{
     Appended, Credentials, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store,
     StoreError,

@@ -148,8 +148,7 @@ pub trait Store: Send + Sync + 'static {
     /// Creates an account with the hash of its password (an argon2id PHC
     /// string); exactly one of several concurrent creates of one name
     /// succeeds, the others get [`StoreError::AccountExists`].
-    async fn create_account(&self, name: &Username, password_hash: &str)
-    -> Result<(), StoreError>;
+    async fn create_account(&self, name: &Username, password_hash: &str) -> Result<(), StoreError>;
 
     /// What a login checks: `None` if the account does not exist.
     async fn credentials(&self, name: &Username) -> Result<Option<Credentials>, StoreError>;

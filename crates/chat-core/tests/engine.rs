@@ -9,6 +9,10 @@ use chat_core::{
     Store, StoreError, Username,
 };
 
+/// A stand-in password hash for tests that use a store directly (stores
+/// do not parse it).
+const HASH: &str = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g";
+
 fn name(s: &str) -> Username {
     Username::parse(s).unwrap()
 }
@@ -22,8 +26,8 @@ async fn a_slow_consumer_is_logged_out_and_loses_nothing() {
     let chat = Chat::new(Arc::new(MemoryStore::default()), config);
     let (alice, _alice_events) = chat.open_session();
     let (bob, mut bob_events) = chat.open_session();
-    alice.create("alice").await.unwrap();
-    bob.create("bob").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
     for i in 0..10 {
         alice.send("bob", &format!("m{i}")).await.unwrap();
     }
@@ -41,7 +45,7 @@ async fn a_slow_consumer_is_logged_out_and_loses_nothing() {
         })
     );
     assert_eq!(bob.state().await, SessionState::LoggedOut);
-    bob.login("bob").await.unwrap();
+    bob.login("bob", "password1").await.unwrap();
     let rest: Vec<String> = bob
         .fetch(0)
         .await
@@ -56,7 +60,7 @@ async fn a_slow_consumer_is_logged_out_and_loses_nothing() {
 async fn shutdown_is_announced_once_and_refuses_new_work() {
     let chat = Chat::in_memory();
     let (session, mut events) = chat.open_session();
-    session.create("alice").await.unwrap();
+    session.create("alice", "password1").await.unwrap();
     chat.shutdown();
     assert!(chat.is_shutting_down());
     assert_eq!(events.recv().await, Some(Event::Shutdown));
@@ -77,13 +81,13 @@ async fn shutdown_is_announced_once_and_refuses_new_work() {
 async fn a_session_dropped_without_close_frees_its_account() {
     let chat = Chat::in_memory();
     let (first, _first_events) = chat.open_session();
-    first.create("alice").await.unwrap();
+    first.create("alice", "password1").await.unwrap();
     // The event stream stays open: only the drop hook can free the name.
     drop(first);
     let (second, _events) = chat.open_session();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        match second.login("alice").await {
+        match second.login("alice", "password1").await {
             Ok(state) => break assert_eq!(state, SessionState::LoggedIn(name("alice"))),
             Err(err) => {
                 assert_eq!(err.code(), ErrorCode::AlreadyLoggedIn);
@@ -101,7 +105,7 @@ async fn a_session_dropped_without_close_frees_its_account() {
 async fn logout_and_delete_are_announced_on_the_event_stream() {
     let chat = Chat::in_memory();
     let (session, mut events) = chat.open_session();
-    session.create("alice").await.unwrap();
+    session.create("alice", "password1").await.unwrap();
     session.logout().await.unwrap();
     assert_eq!(
         events.recv().await,
@@ -110,8 +114,8 @@ async fn logout_and_delete_are_announced_on_the_event_stream() {
             reason: LogoutReason::Requested
         })
     );
-    session.login("alice").await.unwrap();
-    session.delete().await.unwrap();
+    session.login("alice", "password1").await.unwrap();
+    session.delete("password1").await.unwrap();
     assert_eq!(
         events.recv().await,
         Some(Event::LoggedOut {
@@ -126,9 +130,9 @@ async fn a_full_queue_refuses_with_queue_full() {
     let chat = Chat::new(Arc::new(MemoryStore::new(3)), Config::default());
     let (alice, _a) = chat.open_session();
     let (bob, _b) = chat.open_session();
-    bob.create("bob").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
     bob.logout().await.unwrap();
-    alice.create("alice").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
     for _ in 0..3 {
         alice.send("bob", "hi").await.unwrap();
     }
@@ -136,7 +140,7 @@ async fn a_full_queue_refuses_with_queue_full() {
         alice.send("bob", "one too many").await.unwrap_err(),
         ChatError::QueueFull(name("bob"))
     );
-    bob.login("bob").await.unwrap();
+    bob.login("bob", "password1").await.unwrap();
     let fetched = bob.fetch(0).await.unwrap();
     assert_eq!(fetched.len(), 3);
     // Fetched but unacknowledged messages still count.
@@ -153,7 +157,7 @@ async fn a_full_queue_refuses_with_queue_full() {
 async fn store_keeps_messages_until_acked_and_deleted_accounts_take_nothing() {
     let store = MemoryStore::default();
     let bob = name("bob");
-    store.create_account(&bob).await.unwrap();
+    store.create_account(&bob, HASH).await.unwrap();
     let message = |delivered| NewMessage {
         recipient: bob.clone(),
         sender: name("alice"),
@@ -204,7 +208,7 @@ async fn concurrent_sends_to_many_recipients_each_arrive_once() {
     let mut sessions = Vec::new();
     for i in 0..USERS {
         let (session, events) = chat.open_session();
-        session.create(&format!("u{i}")).await.unwrap();
+        session.create(&format!("u{i}"), "password1").await.unwrap();
         sessions.push((session, events));
     }
     let mut receivers = Vec::new();
@@ -248,8 +252,8 @@ async fn a_resent_send_id_is_stored_and_pushed_once() {
     let chat = Chat::in_memory();
     let (alice, _a) = chat.open_session();
     let (bob, mut bob_events) = chat.open_session();
-    alice.create("alice").await.unwrap();
-    bob.create("bob").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
     let first = alice.send_once("bob", "once", Some(42)).await.unwrap();
     let again = alice.send_once("bob", "once", Some(42)).await.unwrap();
     assert_eq!(first, again, "the original receipt");
@@ -260,7 +264,7 @@ async fn a_resent_send_id_is_stored_and_pushed_once() {
     assert!(matches!(&bodies[1], Some(Event::Message(m)) if m.body.as_str() == "twice"));
     // Another sender's identical key is its own.
     let (carol, _c) = chat.open_session();
-    carol.create("carol").await.unwrap();
+    carol.create("carol", "password1").await.unwrap();
     assert_ne!(
         carol.send_once("bob", "mine", Some(42)).await.unwrap(),
         first
@@ -289,14 +293,14 @@ async fn messages_pushed_to_one_login_are_not_shown_to_the_next() {
     let chat = Chat::in_memory();
     let (alice, _a) = chat.open_session();
     let (shared, mut events) = chat.open_session();
-    alice.create("alice").await.unwrap();
-    shared.create("carol").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    shared.create("carol", "password1").await.unwrap();
     shared.logout().await.unwrap();
-    shared.create("bob").await.unwrap();
+    shared.create("bob", "password1").await.unwrap();
     alice.send("bob", "for bob only").await.unwrap();
     // Bob leaves before reading; carol logs in on the same connection.
     shared.logout().await.unwrap();
-    shared.login("carol").await.unwrap();
+    shared.login("carol", "password1").await.unwrap();
     alice.send("carol", "for carol").await.unwrap();
     loop {
         match events.recv().await {
@@ -314,7 +318,7 @@ async fn messages_pushed_to_one_login_are_not_shown_to_the_next() {
     }
     // Bob's message was delivered but never acknowledged: bob gets it back.
     let (bob, mut bob_events) = chat.open_session();
-    bob.login("bob").await.unwrap();
+    bob.login("bob", "password1").await.unwrap();
     match bob_events.recv().await {
         Some(Event::Message(m)) => assert_eq!(m.body.as_str(), "for bob only"),
         other => panic!("{other:?}"),
@@ -334,12 +338,12 @@ async fn a_stale_logout_notice_is_not_told_to_the_next_login() {
     let chat = Chat::new(Arc::new(MemoryStore::default()), config);
     let (alice, _alice_events) = chat.open_session();
     let (bob, mut bob_events) = chat.open_session();
-    alice.create("alice").await.unwrap();
-    bob.create("bob").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
     alice.send("bob", "fills the channel").await.unwrap();
     alice.send("bob", "makes bob slow").await.unwrap();
     // Bob's connection answers a login before it gets to his events.
-    bob.login("bob").await.unwrap();
+    bob.login("bob", "password1").await.unwrap();
     assert_eq!(
         bob.replay_pending(),
         1,
@@ -386,7 +390,7 @@ fn futures_now<F: std::future::Future>(future: F) -> Option<F::Output> {
 async fn a_recreated_accounts_ids_start_above_the_deleted_ones() {
     let store = MemoryStore::default();
     let bob = name("bob");
-    store.create_account(&bob).await.unwrap();
+    store.create_account(&bob, HASH).await.unwrap();
     for _ in 0..3 {
         store
             .append(new_message("bob", "alice", None, 1))
@@ -394,14 +398,14 @@ async fn a_recreated_accounts_ids_start_above_the_deleted_ones() {
             .unwrap();
     }
     assert!(store.delete_account(&bob).await.unwrap());
-    store.create_account(&bob).await.unwrap();
+    store.create_account(&bob, HASH).await.unwrap();
     let appended = store
         .append(new_message("bob", "alice", None, 2))
         .await
         .unwrap();
     assert_eq!(appended.message.id, 4);
     // Another account's ids are its own, and never below the floor either.
-    store.create_account(&name("carol")).await.unwrap();
+    store.create_account(&name("carol"), HASH).await.unwrap();
     let carol = store
         .append(new_message("carol", "alice", None, 3))
         .await
@@ -426,7 +430,7 @@ fn new_message(to: &str, from: &str, send_id: Option<u128>, timestamp_ms: u64) -
 #[tokio::test]
 async fn expired_send_ids_are_pruned_by_time() {
     let store = MemoryStore::default();
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
     let day = chat_core::SEND_ID_RETENTION.as_millis() as u64;
     let first = store
         .append(new_message("bob", "alice", Some(7), 1_000))
@@ -474,8 +478,17 @@ struct CountingStore {
 
 #[async_trait::async_trait]
 impl Store for CountingStore {
-    async fn create_account(&self, name: &Username) -> Result<(), StoreError> {
-        self.inner.create_account(name).await
+    async fn create_account(&self, name: &Username, hash: &str) -> Result<(), StoreError> {
+        self.inner.create_account(name, hash).await
+    }
+    async fn credentials(
+        &self,
+        name: &Username,
+    ) -> Result<Option<chat_core::Credentials>, StoreError> {
+        self.inner.credentials(name).await
+    }
+    async fn set_password(&self, name: &Username, hash: &str) -> Result<(), StoreError> {
+        self.inner.set_password(name, hash).await
     }
     async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {
         self.inner.account_exists(name).await
@@ -522,7 +535,7 @@ impl Store for CountingStore {
 #[tokio::test]
 async fn send_ids_are_bounded_per_sender() {
     let store = MemoryStore::default().with_send_id_bound(3);
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
     let mut first = Vec::new();
     for id in 1..=5u128 {
         let appended = store
@@ -569,20 +582,20 @@ async fn sends_past_the_rate_are_refused_and_store_nothing() {
     let chat = Chat::new(Arc::new(MemoryStore::default()), config);
     let (alice, _a) = chat.open_session();
     let (bob, _b) = chat.open_session();
-    alice.create("alice").await.unwrap();
-    bob.create("bob").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
     bob.logout().await.unwrap();
     alice.send("bob", "one").await.unwrap();
     alice.send("bob", "two").await.unwrap();
     let err = alice.send("bob", "three").await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::RateLimited, "{err}");
     // Another user has a bucket of its own.
-    bob.login("bob").await.unwrap();
+    bob.login("bob", "password1").await.unwrap();
     bob.send("alice", "mine").await.unwrap();
     bob.logout().await.unwrap();
     tokio::time::advance(Duration::from_secs(1)).await;
     alice.send("bob", "three, later").await.unwrap();
-    bob.login("bob").await.unwrap();
+    bob.login("bob", "password1").await.unwrap();
     let bodies: Vec<String> = bob
         .fetch(0)
         .await
@@ -611,17 +624,17 @@ async fn creates_are_rate_limited_per_address() {
     let there: std::net::IpAddr = "192.0.2.2".parse().unwrap();
     for name in ["a1", "a2"] {
         let (s, _e) = chat.open_session_from(here);
-        s.create(name).await.unwrap();
+        s.create(name, "password1").await.unwrap();
     }
     let (third, _e) = chat.open_session_from(here);
-    let err = third.create("a3").await.unwrap_err();
+    let err = third.create("a3", "password1").await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::RateLimited, "{err}");
     let (elsewhere, _e) = chat.open_session_from(there);
-    elsewhere.create("b1").await.unwrap();
+    elsewhere.create("b1", "password1").await.unwrap();
     let (embedded, _e) = chat.open_session();
-    embedded.create("c1").await.unwrap();
+    embedded.create("c1", "password1").await.unwrap();
     tokio::time::advance(Duration::from_secs(60)).await;
-    third.create("a3").await.unwrap();
+    third.create("a3", "password1").await.unwrap();
 }
 
 /// With a cap on accounts, creates past it fail with `account_limit`
@@ -638,7 +651,7 @@ async fn accounts_are_capped_when_asked() {
         let chat = chat.clone();
         creates.push(tokio::spawn(async move {
             let (session, _events) = chat.open_session();
-            let result = session.create(&format!("user{i}")).await;
+            let result = session.create(&format!("user{i}"), "password1").await;
             (result.map(|_| ()), session)
         }));
     }
@@ -651,9 +664,9 @@ async fn accounts_are_capped_when_asked() {
         }
     }
     assert_eq!(made.len(), 3, "exactly the cap, even racing");
-    made[0].delete().await.unwrap();
+    made[0].delete("password1").await.unwrap();
     let (late, _e) = chat.open_session();
-    late.create("late").await.unwrap();
+    late.create("late", "password1").await.unwrap();
 }
 
 /// Lists are rate limited per session when asked: each one scans every
@@ -678,4 +691,184 @@ async fn lists_are_rate_limited_per_session() {
     let err = one.list("", 0).await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::RateLimited, "{err}");
     other.list("", 0).await.unwrap();
+}
+
+fn fast_config() -> Config {
+    Config {
+        hashing: chat_core::HashingConfig::cheap_for_tests(),
+        ..Config::default()
+    }
+}
+
+/// Logins check the password; a missing account and a wrong password are
+/// told apart only by their codes, not by how long they take (both verify
+/// a hash); delete and password changes ask for the current password.
+#[tokio::test]
+async fn passwords_guard_login_delete_and_change() {
+    let chat = Chat::new(Arc::new(MemoryStore::default()), fast_config());
+    let (alice, _a) = chat.open_session();
+    alice.create("alice", "first password").await.unwrap();
+    alice.logout().await.unwrap();
+    let err = alice.login("alice", "not the password").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::WrongPassword);
+    assert!(!err.to_string().contains("not the password"), "{err}");
+    let err = alice.login("nobody", "any password").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NoSuchUser);
+    let err = alice.login("alice", "short").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidPassword);
+    alice.login("alice", "first password").await.unwrap();
+    let err = alice
+        .change_password("wrong password", "second password")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::WrongPassword);
+    alice
+        .change_password("first password", "second password")
+        .await
+        .unwrap();
+    let err = alice.delete("first password").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::WrongPassword);
+    assert_eq!(alice.state().await, SessionState::LoggedIn(name("alice")));
+    alice.logout().await.unwrap();
+    alice.login("alice", "second password").await.unwrap();
+    alice.delete("second password").await.unwrap();
+    assert_eq!(
+        alice
+            .login("alice", "second password")
+            .await
+            .unwrap_err()
+            .code(),
+        ErrorCode::NoSuchUser
+    );
+}
+
+/// Failed attempts are throttled per account (even the right password is
+/// not checked while the budget is spent) and per address (over all
+/// accounts), and budgets come back with time.
+#[tokio::test(start_paused = true)]
+async fn failed_logins_are_throttled_per_account_and_per_address() {
+    let config = Config {
+        throttle: chat_core::ThrottleConfig {
+            per_account: chat_core::Rate::per_minute(3, 1.0),
+            per_address: chat_core::Rate::per_minute(5, 1.0),
+        },
+        ..fast_config()
+    };
+    let chat = Chat::new(Arc::new(MemoryStore::default()), config);
+    let attacker: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    for user in ["alice", "bob", "carol"] {
+        let (s, _e) = chat.open_session();
+        s.create(user, "the right one").await.unwrap();
+        s.close().await;
+    }
+    let (session, _e) = chat.open_session_from(attacker);
+    for _ in 0..3 {
+        let err = session.login("alice", "guess guess").await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::WrongPassword);
+    }
+    let err = session.login("alice", "the right one").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooManyAttempts, "{err}");
+    // The address has two failures left, over any account.
+    for _ in 0..2 {
+        let err = session.login("bob", "guess guess").await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::WrongPassword);
+    }
+    let err = session.login("carol", "the right one").await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        ErrorCode::TooManyAttempts,
+        "the address is spent"
+    );
+    // Alice herself, from elsewhere, waits out her account's budget too.
+    let (owner, _e) = chat.open_session_from("203.0.113.9".parse().unwrap());
+    let err = owner.login("alice", "the right one").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooManyAttempts);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    owner.login("alice", "the right one").await.unwrap();
+}
+
+/// An account from before passwords has no hash: its next login sets the
+/// password given, but only over a trusted connection (loopback, or an
+/// embedding app); anywhere else it is refused, so nobody else can take it.
+#[tokio::test]
+async fn an_account_from_before_passwords_sets_one_over_loopback_only() {
+    let store = Arc::new(LegacyStore::default());
+    store
+        .inner
+        .create_account(&name("old"), "unused")
+        .await
+        .unwrap();
+    let chat = Chat::new(store.clone(), fast_config());
+    let (remote, _e) = chat.open_session_from("192.0.2.10".parse().unwrap());
+    let err = remote.login("old", "a new password").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::PasswordNotSet, "{err}");
+    let (local, _e) = chat.open_session_from("127.0.0.1".parse().unwrap());
+    local.login("old", "a new password").await.unwrap();
+    local.logout().await.unwrap();
+    // From now on it is an account like any other.
+    let err = remote.login("old", "another guess").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::WrongPassword);
+    remote.login("old", "a new password").await.unwrap();
+}
+
+/// A memory store whose accounts have no password until one is set, as
+/// accounts stored before passwords existed.
+#[derive(Default)]
+struct LegacyStore {
+    inner: MemoryStore,
+    set: std::sync::Mutex<std::collections::HashSet<Username>>,
+}
+
+#[async_trait::async_trait]
+impl Store for LegacyStore {
+    async fn create_account(&self, name: &Username, hash: &str) -> Result<(), StoreError> {
+        self.inner.create_account(name, hash).await
+    }
+    async fn credentials(
+        &self,
+        name: &Username,
+    ) -> Result<Option<chat_core::Credentials>, StoreError> {
+        let found = self.inner.credentials(name).await?;
+        let set = self.set.lock().unwrap().contains(name);
+        Ok(found.map(|c| chat_core::Credentials {
+            password_hash: if set { c.password_hash } else { None },
+        }))
+    }
+    async fn set_password(&self, name: &Username, hash: &str) -> Result<(), StoreError> {
+        self.inner.set_password(name, hash).await?;
+        self.set.lock().unwrap().insert(name.clone());
+        Ok(())
+    }
+    async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {
+        self.inner.account_exists(name).await
+    }
+    async fn account_count(&self) -> Result<usize, StoreError> {
+        self.inner.account_count().await
+    }
+    async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
+        self.inner.delete_account(name).await
+    }
+    async fn list_accounts(
+        &self,
+        pattern: &regex::Regex,
+        limit: usize,
+    ) -> Result<Vec<Username>, StoreError> {
+        self.inner.list_accounts(pattern, limit).await
+    }
+    async fn append(&self, message: NewMessage) -> Result<chat_core::Appended, StoreError> {
+        self.inner.append(message).await
+    }
+    async fn take_undelivered(
+        &self,
+        name: &Username,
+        limit: usize,
+    ) -> Result<Vec<chat_core::Message>, StoreError> {
+        self.inner.take_undelivered(name, limit).await
+    }
+    async fn unacked(&self, name: &Username) -> Result<Vec<chat_core::Message>, StoreError> {
+        self.inner.unacked(name).await
+    }
+    async fn ack(&self, name: &Username, through: u64) -> Result<usize, StoreError> {
+        self.inner.ack(name, through).await
+    }
 }

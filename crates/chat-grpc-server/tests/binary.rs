@@ -21,8 +21,8 @@ async fn serves_grpc_and_the_socket_protocol_then_stops_on_sigterm() {
     let server = ServerProcess::start(SERVER, &args, 2).await;
     let mut alice = GrpcClient::connect(&server.addrs[0]).await.unwrap();
     let mut bob = SocketClient::connect(&server.addrs[1]).await.unwrap();
-    alice.create("alice").await.unwrap();
-    bob.create("bob").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
     bob.send("alice", "from the socket side").await.unwrap();
     assert_eq!(
         chat_conformance::next_message(&mut alice)

@@ -105,7 +105,7 @@ async fn online<C: ChatClient>(mut client: C, seen: Seen) {
 /// acknowledges everything.
 async fn collect<C: ChatClient>(mut client: C, name: &str) -> Vec<(MessageId, String)> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while let Err(err) = client.login(name).await {
+    while let Err(err) = client.login(name, "password1").await {
         assert_eq!(
             err.code(),
             Some(ErrorCode::AlreadyLoggedIn),
@@ -170,14 +170,14 @@ async fn acknowledged_messages_survive_sigkill() {
             macro_rules! pair {
                 ($connect:expr, $addr:expr) => {{
                     let mut recipient = $connect($addr).await;
-                    recipient.create(&to).await.unwrap();
+                    recipient.create(&to, "password1").await.unwrap();
                     if i < ONLINE {
                         watchers.push(tokio::spawn(online(recipient, seen)));
                     } else {
                         recipient.logout().await.unwrap();
                     }
                     let mut client = $connect($addr).await;
-                    client.create(&me).await.unwrap();
+                    client.create(&me, "password1").await.unwrap();
                     senders.push(tokio::spawn(sender(
                         client,
                         to.clone(),

@@ -205,8 +205,8 @@ mod tests {
         let chat = Chat::in_memory();
         let (alice, _alice_events) = chat.open_session();
         let (bob, bob_events) = chat.open_session();
-        alice.create("alice").await.unwrap();
-        bob.create("bob").await.unwrap();
+        alice.create("alice", "password1").await.unwrap();
+        bob.create("bob", "password1").await.unwrap();
         let (stream, forwarder) = subscribe(
             1,
             "bob".into(),
@@ -249,8 +249,8 @@ mod tests {
         let chat = Chat::in_memory();
         let (alice, _alice_events) = chat.open_session();
         let (bob, bob_events) = chat.open_session();
-        alice.create("alice").await.unwrap();
-        bob.create("bob").await.unwrap();
+        alice.create("alice", "password1").await.unwrap();
+        bob.create("bob", "password1").await.unwrap();
         let stop = CancellationToken::new();
         let (stream, forwarder) = subscribe(
             1,

@@ -538,7 +538,7 @@ async fn undecodable_requests_are_invalid_arguments() {
 async fn the_login_answer_counts_the_replay() {
     let server = start(GrpcConfig::default()).await;
     let mut alice = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
-    alice.create("alice").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
     let mut stub = Stub::new(channel(server.addr).await);
     let token = create(&mut stub, "bob").await;
     let mut stream = stub
@@ -600,7 +600,7 @@ async fn a_slow_consumers_token_is_unauthenticated() {
     );
     let server = start_with(chat, GrpcConfig::default()).await;
     let mut alice = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
-    alice.create("alice").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
     let mut stub = Stub::new(channel(server.addr).await);
     // Bob never opens his stream: nothing drains his events.
     let token = create(&mut stub, "bob").await;
@@ -630,7 +630,7 @@ async fn a_slow_consumers_token_is_unauthenticated() {
 async fn shutdown_ends_streams_with_unavailable() {
     let mut server = start(GrpcConfig::default()).await;
     let mut alice = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
-    alice.create("alice").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
     server.stop.take().unwrap().send(()).unwrap();
     chat_conformance::expect_goodbye(&mut alice, ErrorCode::ShuttingDown).await;
     // The connection is over: no more pushes will come, and the client
@@ -690,6 +690,6 @@ async fn connections_without_a_call_are_closed_after_the_handshake_timeout() {
     // The reference client calls at once (a health check) when it
     // connects, so its connection is past the handshake at once.
     let mut client = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
-    client.create("patient").await.unwrap();
+    client.create("patient", "password1").await.unwrap();
     assert_eq!(client.list("patient", 0).await.unwrap().len(), 1);
 }

@@ -18,9 +18,15 @@ async fn throughput(chat: Chat) -> f64 {
     let mut pairs = Vec::new();
     for i in 0..SENDERS {
         let (sender, _) = chat.open_session();
-        sender.create(&format!("sender{i}")).await.unwrap();
+        sender
+            .create(&format!("sender{i}"), "password1")
+            .await
+            .unwrap();
         let (recipient, _) = chat.open_session();
-        recipient.create(&format!("recipient{i}")).await.unwrap();
+        recipient
+            .create(&format!("recipient{i}"), "password1")
+            .await
+            .unwrap();
         recipient.logout().await.unwrap();
         pairs.push(sender);
     }
@@ -61,10 +67,16 @@ async fn over_socket(chat: Chat) -> f64 {
     let mut clients = Vec::new();
     for i in 0..SENDERS {
         let mut recipient = chat_socket::SocketClient::connect(addr).await.unwrap();
-        recipient.create(&format!("recipient{i}")).await.unwrap();
+        recipient
+            .create(&format!("recipient{i}"), "password1")
+            .await
+            .unwrap();
         recipient.logout().await.unwrap();
         let mut sender = chat_socket::SocketClient::connect(addr).await.unwrap();
-        sender.create(&format!("sender{i}")).await.unwrap();
+        sender
+            .create(&format!("sender{i}"), "password1")
+            .await
+            .unwrap();
         clients.push(sender);
     }
     let start = Instant::now();

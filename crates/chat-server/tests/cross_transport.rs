@@ -30,8 +30,8 @@ async fn socket_and_grpc_users_chat_live_and_queued() {
 
     let mut sam = SocketClient::connect(addrs[0]).await.unwrap();
     let mut gina = GrpcClient::connect(&addrs[1].to_string()).await.unwrap();
-    sam.create("sam").await.unwrap();
-    gina.create("gina").await.unwrap();
+    sam.create("sam", "password1").await.unwrap();
+    gina.create("gina", "password1").await.unwrap();
 
     // Live, both ways.
     sam.send("gina", "hello over the socket").await.unwrap();
@@ -50,13 +50,13 @@ async fn socket_and_grpc_users_chat_live_and_queued() {
     // Queued, both ways.
     gina.logout().await.unwrap();
     sam.send("gina", "while you were out").await.unwrap();
-    gina.login("gina").await.unwrap();
+    gina.login("gina", "password1").await.unwrap();
     let queued = gina.fetch(0).await.unwrap();
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].body.as_str(), "while you were out");
     sam.logout().await.unwrap();
     gina.send("sam", "and while you were").await.unwrap();
-    sam.login("sam").await.unwrap();
+    sam.login("sam", "password1").await.unwrap();
     assert_eq!(
         sam.fetch(0).await.unwrap()[0].body.as_str(),
         "and while you were"
@@ -64,11 +64,15 @@ async fn socket_and_grpc_users_chat_live_and_queued() {
 
     // One namespace, one login per account, across transports.
     let mut other_socket = SocketClient::connect(addrs[0]).await.unwrap();
-    let err = other_socket.login("gina").await.unwrap_err();
+    let err = other_socket.login("gina", "password1").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn));
     let mut other_grpc = GrpcClient::connect(&addrs[1].to_string()).await.unwrap();
     assert_eq!(
-        other_grpc.create("sam").await.unwrap_err().code(),
+        other_grpc
+            .create("sam", "password1")
+            .await
+            .unwrap_err()
+            .code(),
         Some(ErrorCode::UsernameTaken)
     );
     let names: Vec<String> = other_grpc

@@ -83,9 +83,9 @@ async fn a_pair_keeps_chatting_while_both_ports_are_attacked() {
     });
 
     let mut alice = SocketClient::connect(socket).await.unwrap();
-    alice.create("alice").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
     let mut bob = GrpcClient::connect(&grpc.to_string()).await.unwrap();
-    bob.create("bob").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
 
     let mut attacks = tokio::task::JoinSet::new();
     // Random bytes, with and without a hello in front.
@@ -133,7 +133,7 @@ async fn a_pair_keeps_chatting_while_both_ports_are_attacked() {
     }
     // And the server still takes new users.
     let mut carol = SocketClient::connect(socket).await.unwrap();
-    carol.create("carol").await.unwrap();
+    carol.create("carol", "password1").await.unwrap();
 }
 
 async fn next_body<C: ChatClient>(client: &mut C) -> String {

@@ -30,9 +30,9 @@ async fn the_connection_limit_counts_both_transports() {
     });
 
     let mut over_socket = SocketClient::connect(socket).await.unwrap();
-    over_socket.create("alice").await.unwrap();
+    over_socket.create("alice", "password1").await.unwrap();
     let mut over_grpc = GrpcClient::connect(&grpc.to_string()).await.unwrap();
-    over_grpc.create("bob").await.unwrap();
+    over_grpc.create("bob", "password1").await.unwrap();
 
     // Both slots are taken, one per transport: a third connection is
     // refused on either.
@@ -63,7 +63,7 @@ async fn the_connection_limit_counts_both_transports() {
             }
         }
     };
-    again.login("alice").await.unwrap();
+    again.login("alice", "password1").await.unwrap();
     over_grpc.send("alice", "still here").await.unwrap();
 }
 
@@ -88,7 +88,7 @@ async fn one_address_gets_its_share_of_connections() {
             .await
     });
     let mut first = SocketClient::connect(socket).await.unwrap();
-    first.create("alice").await.unwrap();
+    first.create("alice", "password1").await.unwrap();
     let refused = SocketClient::connect(socket).await.unwrap_err();
     assert_eq!(refused.code(), Some(ErrorCode::ServerFull), "{refused}");
     assert!(refused.to_string().contains("your address"), "{refused}");
@@ -140,20 +140,20 @@ async fn rates_are_enforced_on_both_transports() {
     tokio::spawn(async move { bound.serve(chat, &tuning, std::future::pending()).await });
 
     let mut alice = SocketClient::connect(socket).await.unwrap();
-    alice.create("alice").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
     let mut bob = GrpcClient::connect(&grpc.to_string()).await.unwrap();
-    bob.create("bob").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
     let mut carol = SocketClient::connect(socket).await.unwrap();
-    carol.create("carol").await.unwrap();
+    carol.create("carol", "password1").await.unwrap();
     // The address's three creates are spent, on both transports.
     let mut dave = GrpcClient::connect(&grpc.to_string()).await.unwrap();
-    let err = dave.create("dave").await.unwrap_err();
+    let err = dave.create("dave", "password1").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::RateLimited), "{err}");
 
     carol.logout().await.unwrap();
     burst_of_three(&mut alice).await;
     burst_of_three(&mut bob).await;
-    carol.login("carol").await.unwrap();
+    carol.login("carol", "password1").await.unwrap();
     let queued = carol.fetch(0).await.unwrap();
     assert_eq!(
         queued.len(),

@@ -30,7 +30,7 @@ async fn a_dead_store_writer_turns_health_to_not_serving() {
         std::future::pending(),
     ));
     let mut client = GrpcClient::connect(&addr.to_string()).await.unwrap();
-    client.create("alice").await.unwrap();
+    client.create("alice", "password1").await.unwrap();
 
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()

@@ -15,7 +15,7 @@ async fn prints_its_address_serves_and_stops_on_sigterm() {
     let server =
         ServerProcess::start(SERVER, &["--listen", "127.0.0.1:0", "--store", "memory"], 1).await;
     let mut alice = SocketClient::connect(&server.addrs[0]).await.unwrap();
-    alice.create("alice").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
     assert_eq!(alice.list("", 0).await.unwrap().len(), 1);
     server.terminate().await;
     expect_goodbye(&mut alice, ErrorCode::ShuttingDown).await;
@@ -34,8 +34,8 @@ async fn serves_grpc_too_on_the_same_engine() {
     let server = ServerProcess::start(SERVER, &args, 2).await;
     let mut alice = SocketClient::connect(&server.addrs[0]).await.unwrap();
     let mut bob = GrpcClient::connect(&server.addrs[1]).await.unwrap();
-    alice.create("alice").await.unwrap();
-    bob.create("bob").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
     alice.send("bob", "from the socket side").await.unwrap();
     assert_eq!(
         next_message(&mut bob).await.body.as_str(),

@@ -106,6 +106,9 @@ pub struct SocketClient {
     /// The connection's login-answer count when the current login began:
     /// a logout notice queued before it is about an earlier login.
     login_floor: u64,
+    /// The logged-in account's password, kept in memory only to log in
+    /// again after a reconnect; dropped at logout.
+    password: Option<String>,
 }
 
 /// One TCP connection, served by its task.
@@ -175,6 +178,7 @@ impl SocketClient {
             state: SessionState::LoggedOut,
             seen: Seen::default(),
             login_floor: 0,
+            password: None,
         })
     }
 
@@ -204,7 +208,8 @@ impl SocketClient {
             };
             self.conn = conn;
             self.login_floor = 0;
-            match self.login(user.as_str()).await {
+            let password = self.password.clone().unwrap_or_default();
+            match self.login(user.as_str(), &password).await {
                 Ok(_) => return Ok(()),
                 Err(ClientError::Connection(_)) => continue,
                 Err(err) if err.code() == Some(ErrorCode::AlreadyLoggedIn) => {
@@ -580,7 +585,8 @@ impl SocketClient {
         // connections with the same key) while the server lets go of the
         // old session.
         let deadline = Instant::now() + RECONNECT_DEADLINE;
-        match self.login(user.as_str()).await {
+        let password = self.password.clone().unwrap_or_default();
+        match self.login(user.as_str(), &password).await {
             Ok(_) => Ok(()),
             Err(ClientError::Connection(why)) => self.reconnect(deadline, why).await,
             Err(err) if err.code() == Some(ErrorCode::AlreadyLoggedIn) => {
@@ -651,29 +657,62 @@ fn unexpected(frame: ServerFrame) -> ClientError {
 }
 
 impl ChatClient for SocketClient {
-    async fn create(&mut self, name: &str) -> Result<SessionState, ClientError> {
+    async fn create(&mut self, name: &str, password: &str) -> Result<SessionState, ClientError> {
         self.drop_queued_pushes();
-        let name = name.to_owned();
-        let state = self.simple(|id| ClientFrame::Create { id, name }).await?;
+        let (name, secret) = (name.to_owned(), password.to_owned());
+        let state = self
+            .simple(|id| ClientFrame::Create {
+                id,
+                name,
+                password: secret,
+            })
+            .await?;
         self.login_floor = self.conn.logins.load(Ordering::Acquire);
+        self.password = Some(password.to_owned());
         Ok(state)
     }
 
-    async fn login(&mut self, name: &str) -> Result<SessionState, ClientError> {
+    async fn login(&mut self, name: &str, password: &str) -> Result<SessionState, ClientError> {
         self.drop_queued_pushes();
-        let name = name.to_owned();
-        let state = self.simple(|id| ClientFrame::Login { id, name }).await?;
+        let (name, secret) = (name.to_owned(), password.to_owned());
+        let state = self
+            .simple(|id| ClientFrame::Login {
+                id,
+                name,
+                password: secret,
+            })
+            .await?;
         self.login_floor = self.conn.logins.load(Ordering::Acquire);
+        self.password = Some(password.to_owned());
         Ok(state)
     }
 
     async fn logout(&mut self) -> Result<SessionState, ClientError> {
-        self.simple(|id| ClientFrame::Logout { id }).await
+        let state = self.simple(|id| ClientFrame::Logout { id }).await?;
+        self.password = None;
+        Ok(state)
     }
 
-    async fn delete(&mut self) -> Result<SessionState, ClientError> {
-        let state = self.simple(|id| ClientFrame::Delete { id }).await?;
+    async fn delete(&mut self, password: &str) -> Result<SessionState, ClientError> {
+        let password = password.to_owned();
+        let state = self
+            .simple(|id| ClientFrame::Delete { id, password })
+            .await?;
         self.seen.reset();
+        self.password = None;
+        Ok(state)
+    }
+
+    async fn change_password(&mut self, old: &str, new: &str) -> Result<SessionState, ClientError> {
+        let (old, secret) = (old.to_owned(), new.to_owned());
+        let state = self
+            .simple(|id| ClientFrame::ChangePassword {
+                id,
+                old,
+                new: secret,
+            })
+            .await?;
+        self.password = Some(new.to_owned());
         Ok(state)
     }
 
@@ -926,14 +965,14 @@ mod tests {
         })
         .await;
         let mut client = SocketClient::connect(addr).await.unwrap();
-        client.create("alice").await.unwrap();
+        client.create("alice", "password1").await.unwrap();
         // The application has not read the notice; the server already
         // ended the login, so it answers this one.
         let state = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 // Only once the notice is queued does the test go on.
                 if !client.conn.pushes.is_empty() {
-                    break client.login("alice").await;
+                    break client.login("alice", "password1").await;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -978,9 +1017,9 @@ mod tests {
             std::future::pending(),
         ));
         let mut bob = SocketClient::connect(addr).await.unwrap();
-        bob.create("bob").await.unwrap();
+        bob.create("bob", "password1").await.unwrap();
         let mut alice = SocketClient::connect(addr).await.unwrap();
-        alice.create("alice").await.unwrap();
+        alice.create("alice", "password1").await.unwrap();
         let before = alice.send_key;
 
         // The next request id is the last before the wrap; the send after

@@ -80,6 +80,7 @@ mod tag {
     pub const FETCH: u8 = 0x16;
     pub const ACK: u8 = 0x17;
     pub const SEND_ONCE: u8 = 0x18;
+    pub const CHANGE_PASSWORD: u8 = 0x19;
 
     pub const WELCOME: u8 = 0x81;
     pub const PONG: u8 = 0x82;
@@ -127,6 +128,8 @@ pub enum ClientFrame {
         id: RequestId,
         /// Account name (checked by the server).
         name: String,
+        /// The new account's password.
+        password: String,
     },
     /// Log in.
     Login {
@@ -134,6 +137,8 @@ pub enum ClientFrame {
         id: RequestId,
         /// Account name.
         name: String,
+        /// Its password.
+        password: String,
     },
     /// Log out.
     Logout {
@@ -144,6 +149,17 @@ pub enum ClientFrame {
     Delete {
         /// Request id.
         id: RequestId,
+        /// The account's password, asked again.
+        password: String,
+    },
+    /// Replace the logged-in account's password.
+    ChangePassword {
+        /// Request id.
+        id: RequestId,
+        /// The current password.
+        old: String,
+        /// The new one.
+        new: String,
     },
     /// Send a message.
     Send {
@@ -541,23 +557,32 @@ impl ClientFrame {
                 dst.put_u8(tag::PING);
                 dst.put_u32(*nonce);
             }
-            ClientFrame::Create { id, name } => {
+            ClientFrame::Create { id, name, password } => {
                 dst.put_u8(tag::CREATE);
                 dst.put_u32(*id);
                 put_text(dst, name);
+                put_text(dst, password);
             }
-            ClientFrame::Login { id, name } => {
+            ClientFrame::Login { id, name, password } => {
                 dst.put_u8(tag::LOGIN);
                 dst.put_u32(*id);
                 put_text(dst, name);
+                put_text(dst, password);
             }
             ClientFrame::Logout { id } => {
                 dst.put_u8(tag::LOGOUT);
                 dst.put_u32(*id);
             }
-            ClientFrame::Delete { id } => {
+            ClientFrame::Delete { id, password } => {
                 dst.put_u8(tag::DELETE);
                 dst.put_u32(*id);
+                put_text(dst, password);
+            }
+            ClientFrame::ChangePassword { id, old, new } => {
+                dst.put_u8(tag::CHANGE_PASSWORD);
+                dst.put_u32(*id);
+                put_text(dst, old);
+                put_text(dst, new);
             }
             ClientFrame::Send { id, to, body } => {
                 dst.put_u8(tag::SEND);
@@ -633,16 +658,24 @@ impl ClientFrame {
             tag::CREATE => ClientFrame::Create {
                 id: f.u32("request id")?,
                 name: f.text("name")?,
+                password: f.text("password")?,
             },
             tag::LOGIN => ClientFrame::Login {
                 id: f.u32("request id")?,
                 name: f.text("name")?,
+                password: f.text("password")?,
             },
             tag::LOGOUT => ClientFrame::Logout {
                 id: f.u32("request id")?,
             },
             tag::DELETE => ClientFrame::Delete {
                 id: f.u32("request id")?,
+                password: f.text("password")?,
+            },
+            tag::CHANGE_PASSWORD => ClientFrame::ChangePassword {
+                id: f.u32("request id")?,
+                old: f.text("current password")?,
+                new: f.text("new password")?,
             },
             tag::SEND => ClientFrame::Send {
                 id: f.u32("request id")?,

@@ -530,21 +530,33 @@ async fn answer(
             ));
         }
         ClientFrame::Ping { nonce } => return Ok(ServerFrame::Pong { nonce }),
-        ClientFrame::Create { id, name } => (
+        ClientFrame::Create { id, name, password } => (
             id,
             session
-                .create(&name)
+                .create(&name, &password)
                 .await
                 .map(|_| Reply::LoggedIn { replay: 0 }),
         ),
-        ClientFrame::Login { id, name } => (
+        ClientFrame::Login { id, name, password } => (
             id,
-            session.login(&name).await.map(|_| Reply::LoggedIn {
-                replay: u32::try_from(session.replay_pending()).unwrap_or(u32::MAX),
-            }),
+            session
+                .login(&name, &password)
+                .await
+                .map(|_| Reply::LoggedIn {
+                    replay: u32::try_from(session.replay_pending()).unwrap_or(u32::MAX),
+                }),
+        ),
+        ClientFrame::ChangePassword { id, old, new } => (
+            id,
+            session
+                .change_password(&old, &new)
+                .await
+                .map(|_| Reply::Done),
         ),
         ClientFrame::Logout { id } => (id, session.logout().await.map(|_| Reply::Done)),
-        ClientFrame::Delete { id } => (id, session.delete().await.map(|_| Reply::Done)),
+        ClientFrame::Delete { id, password } => {
+            (id, session.delete(&password).await.map(|_| Reply::Done))
+        }
         ClientFrame::Send { id, to, body } => (
             id,
             session.send(&to, &body).await.map(|receipt| Reply::Sent {

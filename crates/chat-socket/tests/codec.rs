@@ -55,10 +55,20 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
                 send_key
             }),
         any::<u32>().prop_map(|nonce| ClientFrame::Ping { nonce }),
-        (any::<u32>(), ".{0,60}").prop_map(|(id, name)| ClientFrame::Create { id, name }),
-        (any::<u32>(), ".{0,60}").prop_map(|(id, name)| ClientFrame::Login { id, name }),
+        (any::<u32>(), ".{0,60}", ".{0,60}").prop_map(|(id, name, password)| ClientFrame::Create {
+            id,
+            name,
+            password
+        }),
+        (any::<u32>(), ".{0,60}", ".{0,60}").prop_map(|(id, name, password)| ClientFrame::Login {
+            id,
+            name,
+            password
+        }),
+        (any::<u32>(), ".{0,40}", ".{0,40}")
+            .prop_map(|(id, old, new)| ClientFrame::ChangePassword { id, old, new }),
         any::<u32>().prop_map(|id| ClientFrame::Logout { id }),
-        any::<u32>().prop_map(|id| ClientFrame::Delete { id }),
+        (any::<u32>(), ".{0,40}").prop_map(|(id, password)| ClientFrame::Delete { id, password }),
         (any::<u32>(), ".{0,50}", ".{0,300}").prop_map(|(id, to, body)| ClientFrame::Send {
             id,
             to,

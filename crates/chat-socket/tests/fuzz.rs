@@ -258,7 +258,7 @@ fn live_server() {
     // The server survived everything and still serves.
     runtime.block_on(async {
         let mut client = SocketClient::connect(addr).await.unwrap();
-        client.create("survivor").await.unwrap();
+        client.create("survivor", "password1").await.unwrap();
         assert_eq!(client.list("survivor", 0).await.unwrap().len(), 1);
     });
 }

@@ -208,6 +208,7 @@ async fn capture() -> String {
                 ClientFrame::Create {
                     id: 1,
                     name: "alice".into(),
+                    password: "correct horse".into(),
                 },
             )],
         )
@@ -224,6 +225,7 @@ async fn capture() -> String {
                 ClientFrame::Create {
                     id: 1,
                     name: "bob".into(),
+                    password: "correct horse".into(),
                 },
             ),
         ],
@@ -307,6 +309,7 @@ async fn capture() -> String {
             ClientFrame::Login {
                 id: 4,
                 name: "bob".into(),
+                password: "correct horse".into(),
             },
         )],
     )
@@ -354,6 +357,7 @@ async fn capture() -> String {
             ClientFrame::Login {
                 id: 6,
                 name: "bob".into(),
+                password: "correct horse".into(),
             },
         )],
     )
@@ -370,9 +374,59 @@ async fn capture() -> String {
             ServerFrame::PushMessage(_)
         ));
     }
-    bob.send(&mut t, &[("delete", ClientFrame::Delete { id: 7 })])
-        .await;
+    bob.send(
+        &mut t,
+        &[(
+            "delete",
+            ClientFrame::Delete {
+                id: 7,
+                password: "correct horse".into(),
+            },
+        )],
+    )
+    .await;
     bob.recv(&mut t).await;
+
+    t.note("alice changes her password; someone else guesses it wrong");
+    alice
+        .send(
+            &mut t,
+            &[(
+                "change password",
+                ClientFrame::ChangePassword {
+                    id: 8,
+                    old: "correct horse".into(),
+                    new: "battery staple".into(),
+                },
+            )],
+        )
+        .await;
+    alice.recv(&mut t).await;
+    let mut mallory = Peer::connect("mallory", addr).await;
+    mallory
+        .send(
+            &mut t,
+            &[
+                ("hello", hello(None)),
+                (
+                    "login alice",
+                    ClientFrame::Login {
+                        id: 1,
+                        name: "alice".into(),
+                        password: "correct horse".into(),
+                    },
+                ),
+            ],
+        )
+        .await;
+    mallory.recv(&mut t).await;
+    assert!(matches!(
+        mallory.recv(&mut t).await,
+        ServerFrame::Error {
+            code: ErrorCode::WrongPassword,
+            ..
+        }
+    ));
 
     t.note("a request the server does not know ends the connection");
     let mut carol = Peer::connect("carol", addr).await;

@@ -131,6 +131,7 @@ async fn first_frame_must_be_hello() {
     conn.send(ClientFrame::Login {
         id: 1,
         name: "alice".into(),
+        password: "password1".into(),
     })
     .await
     .unwrap();
@@ -251,6 +252,7 @@ async fn pipelined_requests_are_answered_in_order() {
     conn.feed(ClientFrame::Create {
         id: 1,
         name: "piper".into(),
+        password: "password1".into(),
     })
     .await
     .unwrap();
@@ -330,13 +332,14 @@ async fn a_connection_without_a_hello_is_closed() {
 async fn a_login_answers_before_its_replay_and_counts_it() {
     let server = start(ServerConfig::default()).await;
     let mut alice = SocketClient::connect(server.addr).await.unwrap();
-    alice.create("alice").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
     let mut bob = greeted(server.addr).await;
     call(
         &mut bob,
         ClientFrame::Create {
             id: 1,
             name: "bob".into(),
+            password: "password1".into(),
         },
     )
     .await;
@@ -353,6 +356,7 @@ async fn a_login_answers_before_its_replay_and_counts_it() {
     bob.send(ClientFrame::Login {
         id: 3,
         name: "bob".into(),
+        password: "password1".into(),
     })
     .await
     .unwrap();
@@ -404,6 +408,7 @@ async fn malformed_input_gets_an_error_frame_and_logs_out() {
         conn.send(ClientFrame::Create {
             id: 1,
             name: "victim".into(),
+            password: "password1".into(),
         })
         .await
         .unwrap();
@@ -417,7 +422,7 @@ async fn malformed_input_gets_an_error_frame_and_logs_out() {
         let mut client = SocketClient::connect(server.addr).await.unwrap();
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            match client.login("victim").await {
+            match client.login("victim", "password1").await {
                 Ok(_) => break,
                 Err(err) => {
                     assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn), "{err}");
@@ -426,7 +431,7 @@ async fn malformed_input_gets_an_error_frame_and_logs_out() {
                 }
             }
         }
-        client.delete().await.unwrap();
+        client.delete("password1").await.unwrap();
     }
 }
 
@@ -449,6 +454,7 @@ async fn silent_peers_are_dropped_and_logged_out() {
     conn.send(ClientFrame::Create {
         id: 1,
         name: "sleepy".into(),
+        password: "password1".into(),
     })
     .await
     .unwrap();
@@ -459,7 +465,7 @@ async fn silent_peers_are_dropped_and_logged_out() {
     // Say nothing: the server gives up on us.
     expect_goodbye(&mut conn, ErrorCode::IdleTimeout).await;
     let mut other = SocketClient::connect(server.addr).await.unwrap();
-    assert!(other.login("sleepy").await.is_ok());
+    assert!(other.login("sleepy", "password1").await.is_ok());
 }
 
 #[tokio::test]
@@ -470,7 +476,7 @@ async fn heartbeats_keep_a_quiet_client_connected() {
     };
     let server = start(config).await;
     let mut client = SocketClient::connect(server.addr).await.unwrap();
-    client.create("patient").await.unwrap();
+    client.create("patient", "password1").await.unwrap();
     // Several idle timeouts pass with no request; the client's pings count.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(client.list("patient", 0).await.unwrap().len(), 1);
@@ -509,6 +515,7 @@ async fn responses_carry_the_request_id_and_state() {
     conn.send(ClientFrame::Create {
         id: 42,
         name: "x".into(),
+        password: "password1".into(),
     })
     .await
     .unwrap();
@@ -526,7 +533,7 @@ async fn responses_carry_the_request_id_and_state() {
 async fn shutdown_says_goodbye_and_drains() {
     let mut server = start(ServerConfig::default()).await;
     let mut alice = SocketClient::connect(server.addr).await.unwrap();
-    alice.create("alice").await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
     server.stop.take().unwrap().send(()).unwrap();
     chat_conformance::expect_goodbye(&mut alice, ErrorCode::ShuttingDown).await;
     tokio::time::timeout(PATIENCE, server.done)
@@ -570,6 +577,7 @@ async fn send_once_is_keyed_by_the_hellos_send_key_and_the_request_id() {
     let login = |id| ClientFrame::Login {
         id,
         name: "alice".into(),
+        password: "password1".into(),
     };
 
     let mut bob = greeted(server.addr).await;
@@ -578,6 +586,7 @@ async fn send_once_is_keyed_by_the_hellos_send_key_and_the_request_id() {
         ClientFrame::Create {
             id: 1,
             name: "bob".into(),
+            password: "password1".into(),
         },
     )
     .await;
@@ -590,6 +599,7 @@ async fn send_once_is_keyed_by_the_hellos_send_key_and_the_request_id() {
         ClientFrame::Create {
             id: 1,
             name: "alice".into(),
+            password: "password1".into(),
         },
     )
     .await;
@@ -651,7 +661,8 @@ async fn send_once_is_keyed_by_the_hellos_send_key_and_the_request_id() {
             &mut bob,
             ClientFrame::Login {
                 id: 3,
-                name: "bob".into()
+                name: "bob".into(),
+                password: "password1".into(),
             }
         )
         .await,
