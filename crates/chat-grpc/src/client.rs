@@ -63,6 +63,9 @@ pub struct GrpcClient {
     /// Set once a goodbye was returned: the connection is over, and
     /// `next_push` returns `None` from then on.
     closed: bool,
+    /// The logged-in account's password, kept in memory only to log in
+    /// again after a failure; dropped at logout.
+    password: Option<String>,
 }
 
 impl std::fmt::Debug for GrpcClient {
@@ -157,6 +160,7 @@ impl GrpcClient {
             pushes,
             stream: None,
             closed: false,
+            password: None,
         })
     }
 
@@ -222,6 +226,7 @@ impl GrpcClient {
             self.end_stream().await;
             let request = self.request(pb::LoginRequest {
                 username: user.to_string(),
+                password: self.password.clone().unwrap_or_default(),
             });
             match self.stub.login(request).await {
                 Ok(reply) => match self.enter(reply.into_inner()).await {
@@ -364,24 +369,32 @@ async fn read_pushes(
 }
 
 impl ChatClient for GrpcClient {
-    async fn create(&mut self, name: &str) -> Result<SessionState, ClientError> {
+    async fn create(&mut self, name: &str, password: &str) -> Result<SessionState, ClientError> {
         self.end_stream().await;
         let request = self.request(pb::CreateAccountRequest {
             username: name.to_owned(),
+            password: password.to_owned(),
         });
         match self.stub.create_account(request).await {
-            Ok(reply) => self.enter(reply.into_inner()).await,
+            Ok(reply) => {
+                self.password = Some(password.to_owned());
+                self.enter(reply.into_inner()).await
+            }
             Err(status) => Err(self.fail(status)),
         }
     }
 
-    async fn login(&mut self, name: &str) -> Result<SessionState, ClientError> {
+    async fn login(&mut self, name: &str, password: &str) -> Result<SessionState, ClientError> {
         self.end_stream().await;
         let request = self.request(pb::LoginRequest {
             username: name.to_owned(),
+            password: password.to_owned(),
         });
         match self.stub.login(request).await {
-            Ok(reply) => self.enter(reply.into_inner()).await,
+            Ok(reply) => {
+                self.password = Some(password.to_owned());
+                self.enter(reply.into_inner()).await
+            }
             Err(status) => Err(self.fail(status)),
         }
     }
@@ -390,22 +403,39 @@ impl ChatClient for GrpcClient {
         match self.stub.logout(self.request(pb::LogoutRequest {})).await {
             Ok(reply) => {
                 self.forget_session();
+                self.password = None;
                 state_from(reply.into_inner().state)
             }
             Err(status) => Err(self.fail(status)),
         }
     }
 
-    async fn delete(&mut self) -> Result<SessionState, ClientError> {
-        match self
-            .stub
-            .delete_account(self.request(pb::DeleteAccountRequest {}))
-            .await
-        {
+    async fn delete(&mut self, password: &str) -> Result<SessionState, ClientError> {
+        let request = self.request(pb::DeleteAccountRequest {
+            password: password.to_owned(),
+        });
+        match self.stub.delete_account(request).await {
             Ok(reply) => {
                 self.forget_session();
+                self.password = None;
                 self.seen.reset();
                 state_from(reply.into_inner().state)
+            }
+            Err(status) => Err(self.fail(status)),
+        }
+    }
+
+    async fn change_password(&mut self, old: &str, new: &str) -> Result<SessionState, ClientError> {
+        let request = self.request(pb::ChangePasswordRequest {
+            old_password: old.to_owned(),
+            new_password: new.to_owned(),
+        });
+        match self.stub.change_password(request).await {
+            Ok(reply) => {
+                self.password = Some(new.to_owned());
+                let state = state_from(reply.into_inner().state)?;
+                self.adopt(state.clone());
+                Ok(state)
             }
             Err(status) => Err(self.fail(status)),
         }

@@ -111,6 +111,7 @@ impl ChatService {
         &self,
         request: &Request<impl Sized>,
         name: &str,
+        password: &str,
         create: bool,
     ) -> Result<Response<pb::LoginReply>, Status> {
         if let Some(entry) = self.session(request).await? {
@@ -125,9 +126,9 @@ impl ChatService {
             None => self.chat.open_session(),
         };
         let result = if create {
-            session.create(name).await
+            session.create(name, password).await
         } else {
-            session.login(name).await
+            session.login(name, password).await
         };
         let state = match result {
             Ok(state) => state,
@@ -150,16 +151,35 @@ impl ChatService {
         self,
         request: Request<pb::CreateAccountRequest>,
     ) -> Result<Response<pb::LoginReply>, Status> {
-        let name = request.get_ref().username.clone();
-        self.enter(&request, &name, true).await
+        let pb::CreateAccountRequest { username, password } = request.get_ref().clone();
+        self.enter(&request, &username, &password, true).await
     }
 
     async fn login_inner(
         self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginReply>, Status> {
-        let name = request.get_ref().username.clone();
-        self.enter(&request, &name, false).await
+        let pb::LoginRequest { username, password } = request.get_ref().clone();
+        self.enter(&request, &username, &password, false).await
+    }
+
+    async fn change_password_inner(
+        self,
+        request: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        let entry = self.authorize(&request).await?;
+        let change = request.get_ref();
+        let state = match entry
+            .session
+            .change_password(&change.old_password, &change.new_password)
+            .await
+        {
+            Ok(state) => state,
+            Err(err) => return Err(self.failed(&entry, err).await),
+        };
+        Ok(Response::new(pb::StateReply {
+            state: pb_state(&state),
+        }))
     }
 
     async fn logout_inner(
@@ -182,7 +202,8 @@ impl ChatService {
         request: Request<pb::DeleteAccountRequest>,
     ) -> Result<Response<pb::StateReply>, Status> {
         let entry = self.authorize(&request).await?;
-        let state = match entry.session.delete().await {
+        let password = request.get_ref().password.clone();
+        let state = match entry.session.delete(&password).await {
             Ok(state) => state,
             Err(err) => return Err(self.failed(&entry, err).await),
         };
@@ -333,6 +354,13 @@ impl ChatRpc for ChatService {
         request: Request<pb::DeleteAccountRequest>,
     ) -> Result<Response<pb::StateReply>, Status> {
         self.detached(request, Self::delete_account_inner).await
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::StateReply>, Status> {
+        self.detached(request, Self::change_password_inner).await
     }
 
     async fn send_message(

@@ -75,6 +75,7 @@ async fn create(stub: &mut Stub<Channel>, name: &str) -> String {
     let reply = stub
         .create_account(pb::CreateAccountRequest {
             username: name.into(),
+            password: "password1".into(),
         })
         .await
         .unwrap()
@@ -92,6 +93,7 @@ async fn errors_carry_the_stable_code_and_the_fitting_status() {
     let taken = expect_status(
         stub.create_account(pb::CreateAccountRequest {
             username: "alice".into(),
+            password: "password1".into(),
         })
         .await,
         Code::AlreadyExists,
@@ -104,6 +106,7 @@ async fn errors_carry_the_stable_code_and_the_fitting_status() {
     expect_status(
         stub.create_account(pb::CreateAccountRequest {
             username: "a b".into(),
+            password: "password1".into(),
         })
         .await,
         Code::InvalidArgument,
@@ -184,6 +187,7 @@ async fn errors_carry_the_stable_code_and_the_fitting_status() {
         stub.login(with_token(
             pb::LoginRequest {
                 username: "alice".into(),
+                password: "password1".into(),
             },
             &token,
         ))
@@ -242,6 +246,7 @@ async fn bad_tokens_are_unauthenticated() {
         stub.login(with_token(
             pb::LoginRequest {
                 username: "alice".into(),
+                password: "password1".into(),
             },
             &forged,
         ))
@@ -253,6 +258,7 @@ async fn bad_tokens_are_unauthenticated() {
         stub.create_account(with_token(
             pb::CreateAccountRequest {
                 username: "bob".into(),
+                password: "password1".into(),
             },
             &forged,
         ))
@@ -288,6 +294,7 @@ async fn closing_the_stream_logs_out_and_voids_the_token() {
         other
             .login(pb::LoginRequest {
                 username: "alice".into(),
+                password: "password1".into(),
             })
             .await,
         Code::FailedPrecondition,
@@ -306,6 +313,7 @@ async fn closing_the_stream_logs_out_and_voids_the_token() {
         match other
             .login(pb::LoginRequest {
                 username: "alice".into(),
+                password: "password1".into(),
             })
             .await
         {
@@ -351,9 +359,14 @@ async fn deleting_the_account_ends_the_stream_with_a_clear_status() {
         first.and_then(|p| p.event),
         Some(push::Event::Ready(_))
     ));
-    stub.delete_account(with_token(pb::DeleteAccountRequest {}, &token))
-        .await
-        .unwrap();
+    stub.delete_account(with_token(
+        pb::DeleteAccountRequest {
+            password: "password1".into(),
+        },
+        &token,
+    ))
+    .await
+    .unwrap();
     let last = tokio::time::timeout(PATIENCE, stream.message())
         .await
         .unwrap()
@@ -412,6 +425,7 @@ async fn a_session_whose_stream_never_opens_expires() {
     }
     stub.login(pb::LoginRequest {
         username: "ghost".into(),
+        password: "password1".into(),
     })
     .await
     .unwrap();
@@ -564,6 +578,7 @@ async fn the_login_answer_counts_the_replay() {
     let reply = stub
         .login(pb::LoginRequest {
             username: "bob".into(),
+            password: "password1".into(),
         })
         .await
         .unwrap()
@@ -621,6 +636,7 @@ async fn a_slow_consumers_token_is_unauthenticated() {
     );
     stub.login(pb::LoginRequest {
         username: "bob".into(),
+        password: "password1".into(),
     })
     .await
     .unwrap();
