@@ -4,8 +4,9 @@
 //! # Layout
 //!
 //! - this file: opening the database (directory, pragmas, migrations,
-//!   refusing a newer schema) and the `Store` methods: reads go to a pool of
-//!   reader connections, writes become jobs for the writer task;
+//!   refusing a newer schema) and the `Store` methods: reads (credentials
+//!   among them) go to a pool of reader connections, writes (creates and
+//!   password changes among them) become jobs for the writer task;
 //! - `writer`: the writer task (group commit, failure handling, timed
 //!   pruning) and its supervision; `writer::job` the typed jobs,
 //!   `writer::apply` what each write does in a transaction,
@@ -48,6 +49,20 @@
 //! account raises a stored id floor (schema version 5) to its last id in
 //! the same transaction, and a new account's ids start above the floor.
 //!
+//! # Passwords
+//!
+//! Each account row keeps its password's argon2id PHC string in the
+//! `password_hash` column (schema version 7); the store neither parses nor
+//! checks it. [`Store::create_account`] stores it in the same write that
+//! creates the account, [`Store::set_password`] replaces it in a write of
+//! its own (committed like every other write before it answers), and
+//! [`Store::credentials`] reads it with one query on the read pool. The
+//! column is NULL only for accounts created before version 7, which had no
+//! password: they read back as `password_hash: None`, and the engine makes
+//! them set one at their next login over a trusted connection. A hash is
+//! always a bound parameter, never part of a statement's text, so it
+//! appears in no log line and no error.
+//!
 //! # Send ids
 //!
 //! A send id is remembered for [`chat_core::SEND_ID_RETENTION`] and among
@@ -86,7 +101,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use chat_core::{
-    Appended, Message, MessageBody, MessageId, NewMessage, Store, StoreError, Username,
+    Appended, Credentials, Message, MessageBody, MessageId, NewMessage, Store, StoreError, Username,
 };
 use futures::TryStreamExt;
 use regex::Regex;
@@ -100,7 +115,7 @@ use sqlx::{Connection, Row};
 mod writer;
 
 use writer::WriterHandle;
-use writer::job::{Ack, Call, Job, Take};
+use writer::job::{Ack, Call, Job, NewAccount, SetPassword, Take};
 
 /// The embedded migrations.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -342,8 +357,30 @@ impl Store for SqliteStore {
         self.queue_limit
     }
 
-    async fn create_account(&self, name: &Username) -> Result<(), StoreError> {
-        self.write(Job::Create, name.clone()).await
+    async fn create_account(&self, name: &Username, password_hash: &str) -> Result<(), StoreError> {
+        let account = NewAccount {
+            name: name.clone(),
+            password_hash: password_hash.to_owned(),
+        };
+        self.write(Job::Create, account).await
+    }
+
+    async fn credentials(&self, name: &Username) -> Result<Option<Credentials>, StoreError> {
+        let row: Option<Option<String>> =
+            sqlx::query_scalar("SELECT password_hash FROM accounts WHERE name = ?")
+                .bind(name.as_str())
+                .fetch_optional(&self.readers)
+                .await
+                .map_err(unavailable)?;
+        Ok(row.map(|password_hash| Credentials { password_hash }))
+    }
+
+    async fn set_password(&self, name: &Username, password_hash: &str) -> Result<(), StoreError> {
+        let change = SetPassword {
+            name: name.clone(),
+            password_hash: password_hash.to_owned(),
+        };
+        self.write(Job::SetPassword, change).await
     }
 
     async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {

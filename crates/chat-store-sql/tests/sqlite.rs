@@ -4,8 +4,22 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use chat_core::{MessageBody, NewMessage, Store, StoreError, Username};
+use chat_core::{Credentials, MessageBody, NewMessage, Store, StoreError, Username};
 use chat_store_sql::{DATABASE_FILE, OpenError, SqliteOptions, SqliteStore, schema_version};
+
+/// A password hash as the engine would store one: the store keeps it as
+/// it is and never parses it.
+const HASH: &str = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g";
+
+/// Another password's hash, for password changes.
+const NEW_HASH: &str = "$argon2id$v=19$m=8,t=1,p=1$b3RoZXJzYWx0$bmV3aGFzaGg";
+
+/// What `credentials` returns for an account with the password `hash`.
+fn with_password(hash: &str) -> Option<Credentials> {
+    Some(Credentials {
+        password_hash: Some(hash.to_owned()),
+    })
+}
 
 fn name(s: &str) -> Username {
     Username::parse(s).unwrap()
@@ -42,8 +56,8 @@ async fn everything_survives_reopening() {
     let bob = name("bob");
     {
         let store = open(dir.path()).await;
-        store.create_account(&name("alice")).await.unwrap();
-        store.create_account(&bob).await.unwrap();
+        store.create_account(&name("alice"), HASH).await.unwrap();
+        store.create_account(&bob, HASH).await.unwrap();
         store
             .append(message("bob", "queued", false, None))
             .await
@@ -53,7 +67,7 @@ async fn everything_survives_reopening() {
             .await
             .unwrap();
         assert_eq!(
-            store.create_account(&bob).await.unwrap_err(),
+            store.create_account(&bob, HASH).await.unwrap_err(),
             StoreError::AccountExists(bob.clone())
         );
     }
@@ -94,7 +108,7 @@ async fn limits_and_acks_behave_like_the_memory_store() {
     };
     let store = SqliteStore::open(dir.path(), options).await.unwrap();
     let bob = name("bob");
-    store.create_account(&bob).await.unwrap();
+    store.create_account(&bob, HASH).await.unwrap();
     let first = store
         .append(message("bob", "1", true, None))
         .await
@@ -184,7 +198,10 @@ async fn concurrent_appends_are_committed_together_and_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(dir.path()).await);
     for i in 0..SENDERS {
-        store.create_account(&name(&format!("r{i}"))).await.unwrap();
+        store
+            .create_account(&name(&format!("r{i}")), HASH)
+            .await
+            .unwrap();
     }
     let tasks = (0..SENDERS).map(|i| {
         let store = Arc::clone(&store);
@@ -269,7 +286,7 @@ async fn a_version_1_database_is_migrated_with_its_data() {
     assert_eq!(first.message.id, 3);
     assert!(store.append(resend).await.unwrap().duplicate);
     assert_eq!(store.ack(&old, 3).await.unwrap(), 2, "both delivered ones");
-    assert_eq!(schema_version(), 6);
+    assert_eq!(schema_version(), 7);
 }
 
 #[tokio::test]
@@ -311,7 +328,7 @@ async fn an_unusable_data_directory_is_a_clear_error() {
 async fn resends_in_one_batch_and_across_batches_store_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(dir.path()).await);
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
     // Many concurrent appends with the same send id land in the same or
     // in different batches; exactly one stores.
     let tasks = (0..32).map(|_| {
@@ -335,7 +352,7 @@ async fn resends_in_one_batch_and_across_batches_store_once() {
             .all(|a| a.message.id == results[0].message.id)
     );
     // The id with another body, or for another recipient, is not a resend.
-    store.create_account(&name("carol")).await.unwrap();
+    store.create_account(&name("carol"), HASH).await.unwrap();
     for (to, body) in [("bob", "not once"), ("carol", "once")] {
         assert_eq!(
             store
@@ -367,15 +384,19 @@ async fn resends_in_one_batch_and_across_batches_store_once() {
 /// nothing, and the server goes on working once the cause is gone.
 #[tokio::test]
 async fn a_failing_database_refuses_sends_clearly_and_recovers() {
-    use chat_core::{Chat, Config, ErrorCode};
+    use chat_core::{Chat, Config, ErrorCode, HashingConfig};
 
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
-    let chat = Chat::new(Arc::new(store), Config::default());
+    let config = Config {
+        hashing: HashingConfig::cheap_for_tests(),
+        ..Config::default()
+    };
+    let chat = Chat::new(Arc::new(store), config);
     let (alice, _a) = chat.open_session();
     let (bob, _b) = chat.open_session();
-    alice.create("alice").await.unwrap();
-    bob.create("bob").await.unwrap();
+    alice.create("alice", "alice's password").await.unwrap();
+    bob.create("bob", "bob's password").await.unwrap();
     bob.logout().await.unwrap();
 
     let mut saboteur = raw_connection(dir.path()).await;
@@ -392,7 +413,8 @@ async fn a_failing_database_refuses_sends_clearly_and_recovers() {
         .await
         .unwrap();
     let receipt = alice.send("bob", "after the repair").await.unwrap();
-    bob.login("bob").await.unwrap();
+    // Through the store's credentials: the hash the create stored.
+    bob.login("bob", "bob's password").await.unwrap();
     let queued = bob.fetch(0).await.unwrap();
     assert_eq!(queued.len(), 1, "the failed send stored nothing");
     assert_eq!(
@@ -420,7 +442,7 @@ async fn acks_and_appends_in_one_batch_keep_the_counts_exact() {
     );
     for i in 0..RECIPIENTS {
         let recipient = name(&format!("r{i}"));
-        store.create_account(&recipient).await.unwrap();
+        store.create_account(&recipient, HASH).await.unwrap();
         for n in 0..5 {
             store
                 .append(message(&format!("r{i}"), &format!("old {n}"), true, None))
@@ -478,7 +500,7 @@ async fn acks_and_appends_in_one_batch_keep_the_counts_exact() {
 async fn an_expired_send_id_is_a_new_send() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
     let first = store
         .append(message("bob", "first", false, Some(7)))
         .await
@@ -499,7 +521,7 @@ async fn send_ids_from_version_2_are_checked_by_recipient() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
     for who in ["alice", "bob", "carol"] {
-        store.create_account(&name(who)).await.unwrap();
+        store.create_account(&name(who), HASH).await.unwrap();
     }
     drop(store);
     {
@@ -538,7 +560,7 @@ async fn ids_never_repeat_for_a_re_created_name() {
     let bob = name("bob");
     {
         let store = open(dir.path()).await;
-        store.create_account(&bob).await.unwrap();
+        store.create_account(&bob, HASH).await.unwrap();
         for n in 1..=3 {
             let id = store
                 .append(message("bob", "old", true, None))
@@ -549,7 +571,7 @@ async fn ids_never_repeat_for_a_re_created_name() {
             assert_eq!(id, n);
         }
         assert!(store.delete_account(&bob).await.unwrap());
-        store.create_account(&bob).await.unwrap();
+        store.create_account(&bob, HASH).await.unwrap();
         let first = store.append(message("bob", "new", false, None)).await;
         assert_eq!(
             first.unwrap().message.id,
@@ -558,7 +580,7 @@ async fn ids_never_repeat_for_a_re_created_name() {
         );
         // A new name starts above the floor too (ids never collide with a
         // deleted account's, whatever the name).
-        store.create_account(&name("carol")).await.unwrap();
+        store.create_account(&name("carol"), HASH).await.unwrap();
         let carol = store.append(message("carol", "hi", false, None)).await;
         assert_eq!(carol.unwrap().message.id, 4);
 
@@ -567,7 +589,7 @@ async fn ids_never_repeat_for_a_re_created_name() {
         // follows the floor.
         let (deleted, created, appended) = futures::join!(
             store.delete_account(&bob),
-            store.create_account(&bob),
+            store.create_account(&bob, HASH),
             store.append(message("bob", "same batch", false, None)),
         );
         assert!(deleted.unwrap());
@@ -582,7 +604,7 @@ async fn ids_never_repeat_for_a_re_created_name() {
     }
     // A fresh writer (empty cache) reads the stored floor.
     let store = open(dir.path()).await;
-    store.create_account(&bob).await.unwrap();
+    store.create_account(&bob, HASH).await.unwrap();
     let after = store.append(message("bob", "after", false, None)).await;
     assert_eq!(after.unwrap().message.id, 7);
 }
@@ -644,7 +666,7 @@ async fn a_version_4_database_is_migrated_with_an_id_floor() {
     // 'young' starts above it, and above its own old ids.
     let young = name("young");
     assert!(store.delete_account(&young).await.unwrap());
-    store.create_account(&young).await.unwrap();
+    store.create_account(&young, HASH).await.unwrap();
     let first = store.append(message("young", "again", false, None)).await;
     assert_eq!(first.unwrap().message.id, 8);
 }
@@ -657,7 +679,7 @@ async fn one_failing_write_does_not_fail_its_batch() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
     for who in ["bob", "carol", "dave"] {
-        store.create_account(&name(who)).await.unwrap();
+        store.create_account(&name(who), HASH).await.unwrap();
     }
     let mut saboteur = raw_connection(dir.path()).await;
     sqlx::raw_sql(
@@ -675,7 +697,7 @@ async fn one_failing_write_does_not_fail_its_batch() {
         store.append(message("bob", "for bob", false, Some(1))),
         store.append(message("carol", "for carol", false, None)),
         store.append(message("dave", "for dave", false, None)),
-        store.create_account(&erin),
+        store.create_account(&erin, HASH),
     );
     let err = carol.unwrap_err();
     assert!(
@@ -735,7 +757,7 @@ async fn one_failing_write_does_not_fail_its_batch() {
 async fn a_write_waits_for_another_writer_instead_of_failing() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(dir.path()).await);
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
     let mut other = raw_connection(dir.path()).await;
     sqlx::raw_sql(
         "BEGIN IMMEDIATE; INSERT INTO accounts (name, created_ms) VALUES ('intruder', 0);",
@@ -762,13 +784,15 @@ async fn a_write_waits_for_another_writer_instead_of_failing() {
 async fn a_dead_writer_is_reported_and_fails_every_write() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
 
     // One batch (see `one_failing_write_does_not_fail_its_batch`): the
     // create runs its insert inside the transaction, then the writer dies.
     let carol = name("carol");
-    let (created, ()) =
-        futures::join!(store.create_account(&carol), store.crash_writer_for_tests(),);
+    let (created, ()) = futures::join!(
+        store.create_account(&carol, HASH),
+        store.crash_writer_for_tests(),
+    );
     let reason = tokio::time::timeout(std::time::Duration::from_secs(30), store.failed())
         .await
         .expect("failed() completes once the writer is gone");
@@ -795,7 +819,7 @@ async fn a_dead_writer_is_reported_and_fails_every_write() {
     drop(store);
     let store = open(dir.path()).await;
     assert!(!store.account_exists(&name("carol")).await.unwrap());
-    store.create_account(&name("carol")).await.unwrap();
+    store.create_account(&name("carol"), HASH).await.unwrap();
 }
 
 /// `prune_expired` forgets send ids past their retention and the writer's
@@ -809,7 +833,7 @@ async fn prune_expired_forgets_send_ids_and_idle_accounts() {
         ..SqliteOptions::default()
     };
     let store = SqliteStore::open(dir.path(), options).await.unwrap();
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
     // Sent (by its timestamp) a minute more than the retention ago; bob's
     // counters are used now, by the wall clock.
     let retention = chat_core::SEND_ID_RETENTION.as_millis() as u64;
@@ -868,7 +892,7 @@ async fn expired_send_ids_are_pruned_on_a_timer() {
         ..SqliteOptions::default()
     };
     let store = SqliteStore::open(dir.path(), options).await.unwrap();
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
     let mut expired = message("bob", "long ago", false, Some(7));
     expired.timestamp_ms =
         wall_clock_ms() - chat_core::SEND_ID_RETENTION.as_millis() as u64 - 60_000;
@@ -928,7 +952,7 @@ async fn remembered(dir: &Path, sender: &str) -> Vec<u128> {
 async fn send_ids_are_bounded_per_sender() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_bounded(dir.path(), 5).await;
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
     let mut first = std::collections::HashMap::new();
     for id in [1, 2, 3] {
         let sent = store.append(send("carol", id)).await.unwrap();
@@ -1005,7 +1029,7 @@ async fn send_ids_are_bounded_per_sender() {
 async fn send_ids_may_exceed_the_bound_by_the_margin() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_bounded(dir.path(), 32).await;
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
     for id in 1..=34 {
         store.append(send("alice", id)).await.unwrap();
     }
@@ -1032,7 +1056,7 @@ async fn send_ids_may_exceed_the_bound_by_the_margin() {
 async fn pruning_by_time_and_the_bound_keep_the_right_send_ids() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_bounded(dir.path(), 5).await;
-    store.create_account(&name("bob")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
     let now = wall_clock_ms();
     let long_ago = now - chat_core::SEND_ID_RETENTION.as_millis() as u64 - 60_000;
     let stamped = |id: u128, timestamp_ms: u64| NewMessage {
@@ -1090,15 +1114,15 @@ async fn pruning_by_time_and_the_bound_keep_the_right_send_ids() {
 async fn a_deleted_senders_send_ids_and_count_are_forgotten() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_bounded(dir.path(), 5).await;
-    store.create_account(&name("bob")).await.unwrap();
-    store.create_account(&name("alice")).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
+    store.create_account(&name("alice"), HASH).await.unwrap();
     for id in 1..=5 {
         store.append(send("alice", id)).await.unwrap();
     }
     let alice = name("alice");
     let (deleted, created, resent) = futures::join!(
         store.delete_account(&alice),
-        store.create_account(&alice),
+        store.create_account(&alice, HASH),
         store.append(send("alice", 5)),
     );
     assert!(deleted.unwrap());
@@ -1121,7 +1145,7 @@ async fn a_rolled_back_batch_does_not_count_its_send_ids() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_bounded(dir.path(), 5).await;
     for who in ["bob", "carol"] {
-        store.create_account(&name(who)).await.unwrap();
+        store.create_account(&name(who), HASH).await.unwrap();
     }
     for id in 1..=3 {
         store.append(send("alice", id)).await.unwrap();
@@ -1204,4 +1228,278 @@ async fn a_version_5_database_keeps_its_send_ids() {
     next.timestamp_ms = wall_clock_ms() + 10;
     assert!(!store.append(next).await.unwrap().duplicate);
     assert_eq!(remembered(dir.path(), "alice").await, [1, 2, 4]);
+}
+
+/// The hash given to `create_account` is stored in the same write and read
+/// back by `credentials`, also from a reopened database; an unknown name
+/// has no credentials.
+#[tokio::test]
+async fn a_created_accounts_password_hash_is_stored_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice = name("alice");
+    {
+        let store = open(dir.path()).await;
+        store.create_account(&alice, HASH).await.unwrap();
+        assert_eq!(
+            store.credentials(&alice).await.unwrap(),
+            with_password(HASH)
+        );
+        assert_eq!(store.credentials(&name("nobody")).await.unwrap(), None);
+        // A second create of the name changes nothing, its hash included.
+        assert_eq!(
+            store.create_account(&alice, NEW_HASH).await.unwrap_err(),
+            StoreError::AccountExists(alice.clone())
+        );
+        assert_eq!(
+            store.credentials(&alice).await.unwrap(),
+            with_password(HASH)
+        );
+    }
+    let store = open(dir.path()).await;
+    assert_eq!(
+        store.credentials(&alice).await.unwrap(),
+        with_password(HASH)
+    );
+    assert_eq!(store.credentials(&name("nobody")).await.unwrap(), None);
+}
+
+/// `set_password` replaces the hash; when it returns, the change is
+/// committed (another connection sees it) and survives reopening.
+#[tokio::test]
+async fn set_password_replaces_the_hash_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice = name("alice");
+    {
+        let store = open(dir.path()).await;
+        store.create_account(&alice, HASH).await.unwrap();
+        store.set_password(&alice, NEW_HASH).await.unwrap();
+        assert_eq!(
+            store.credentials(&alice).await.unwrap(),
+            with_password(NEW_HASH)
+        );
+        let mut other = raw_connection(dir.path()).await;
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT password_hash FROM accounts WHERE name = 'alice'")
+                .fetch_one(&mut other)
+                .await
+                .unwrap();
+        assert_eq!(
+            stored.as_deref(),
+            Some(NEW_HASH),
+            "committed before the answer"
+        );
+    }
+    let store = open(dir.path()).await;
+    assert_eq!(
+        store.credentials(&alice).await.unwrap(),
+        with_password(NEW_HASH)
+    );
+    // Nothing else of the account changed: it still takes messages.
+    assert_eq!(
+        store
+            .append(message("alice", "hi", false, None))
+            .await
+            .unwrap()
+            .message
+            .id,
+        1
+    );
+}
+
+/// On a name with no account, never created or deleted, `set_password`
+/// fails with `NoSuchAccount` and creates nothing, and `credentials` is
+/// `None`; a re-created name has the new account's hash, not the old one's.
+#[tokio::test]
+async fn passwords_of_missing_and_deleted_accounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let ghost = name("ghost");
+    assert_eq!(
+        store.set_password(&ghost, HASH).await.unwrap_err(),
+        StoreError::NoSuchAccount(ghost.clone())
+    );
+    assert!(!store.account_exists(&ghost).await.unwrap());
+    assert_eq!(store.credentials(&ghost).await.unwrap(), None);
+
+    let bob = name("bob");
+    store.create_account(&bob, HASH).await.unwrap();
+    assert!(store.delete_account(&bob).await.unwrap());
+    assert_eq!(store.credentials(&bob).await.unwrap(), None);
+    assert_eq!(
+        store.set_password(&bob, NEW_HASH).await.unwrap_err(),
+        StoreError::NoSuchAccount(bob.clone())
+    );
+    assert!(!store.account_exists(&bob).await.unwrap());
+    store.create_account(&bob, NEW_HASH).await.unwrap();
+    assert_eq!(
+        store.credentials(&bob).await.unwrap(),
+        with_password(NEW_HASH)
+    );
+}
+
+/// Password changes in one batch with other writes: each sees the writes
+/// before it in the batch (a create, a delete), and the appends gathered
+/// around them are stored as usual.
+#[tokio::test]
+async fn password_changes_in_a_batch_see_the_writes_before_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    for who in ["bob", "dave"] {
+        store.create_account(&name(who), HASH).await.unwrap();
+    }
+    let (bob, erin, dave, frank) = (name("bob"), name("erin"), name("dave"), name("frank"));
+    // One thread: `join!` queues every write before the writer task runs,
+    // so they are one batch, applied in this order.
+    let (sent, changed, created, erin_changed, deleted, dave_changed, frank_changed, again) = futures::join!(
+        store.append(message("bob", "before", false, Some(1))),
+        store.set_password(&bob, NEW_HASH),
+        store.create_account(&erin, HASH),
+        store.set_password(&erin, NEW_HASH),
+        store.delete_account(&dave),
+        store.set_password(&dave, NEW_HASH),
+        store.set_password(&frank, NEW_HASH),
+        store.append(message("bob", "after", false, None)),
+    );
+    assert_eq!(sent.unwrap().message.id, 1);
+    changed.unwrap();
+    created.unwrap();
+    erin_changed.unwrap();
+    assert!(deleted.unwrap());
+    assert_eq!(
+        dave_changed.unwrap_err(),
+        StoreError::NoSuchAccount(dave.clone())
+    );
+    assert_eq!(
+        frank_changed.unwrap_err(),
+        StoreError::NoSuchAccount(frank.clone())
+    );
+    assert_eq!(again.unwrap().message.id, 2);
+
+    assert_eq!(
+        store.credentials(&bob).await.unwrap(),
+        with_password(NEW_HASH)
+    );
+    assert_eq!(
+        store.credentials(&erin).await.unwrap(),
+        with_password(NEW_HASH)
+    );
+    assert_eq!(store.credentials(&dave).await.unwrap(), None);
+    assert_eq!(store.credentials(&frank).await.unwrap(), None);
+    let queued = store.take_undelivered(&bob, 10).await.unwrap();
+    assert_eq!(
+        queued.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
+        ["before", "after"]
+    );
+}
+
+/// A password change that fails on its own (a trigger refuses carol's)
+/// fails alone, leaves the old hash, and its error names neither hash.
+#[tokio::test]
+async fn a_failing_password_change_fails_alone_without_the_hash_in_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    for who in ["bob", "carol"] {
+        store.create_account(&name(who), HASH).await.unwrap();
+    }
+    let mut saboteur = raw_connection(dir.path()).await;
+    sqlx::raw_sql(
+        "CREATE TRIGGER no_password_for_carol BEFORE UPDATE OF password_hash ON accounts \
+         WHEN NEW.name = 'carol' BEGIN SELECT RAISE(ABORT, 'no new password for carol'); END;",
+    )
+    .execute(&mut saboteur)
+    .await
+    .unwrap();
+    let (bob, carol) = (name("bob"), name("carol"));
+    // One batch, as above.
+    let (bob_changed, carol_changed, sent) = futures::join!(
+        store.set_password(&bob, NEW_HASH),
+        store.set_password(&carol, NEW_HASH),
+        store.append(message("carol", "still here", false, None)),
+    );
+    bob_changed.unwrap();
+    assert_eq!(sent.unwrap().message.id, 1);
+    let err = carol_changed.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(why) if why.contains("no new password for carol")),
+        "{err}"
+    );
+    for text in [err.to_string(), format!("{err:?}")] {
+        assert!(!text.contains(NEW_HASH) && !text.contains(HASH), "{text}");
+    }
+    assert_eq!(
+        store.credentials(&bob).await.unwrap(),
+        with_password(NEW_HASH)
+    );
+    assert_eq!(
+        store.credentials(&carol).await.unwrap(),
+        with_password(HASH)
+    );
+}
+
+/// Version 7 adds the password hash column: a version 6 database's
+/// accounts come out with no password (`None`, "from before passwords"),
+/// keep their messages, and can set one; new accounts get theirs.
+#[tokio::test]
+async fn a_version_6_databases_accounts_have_no_password() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use sqlx::Connection;
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join(DATABASE_FILE).display()
+        );
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let release = dir.path().join("migrations-v6");
+        std::fs::create_dir(&release).unwrap();
+        for (file, sql) in VERSIONS_1_TO_4 {
+            std::fs::write(release.join(file), sql).unwrap();
+        }
+        for (file, sql) in [
+            (
+                "0005_id_floor.sql",
+                include_str!("../migrations/sqlite/0005_id_floor.sql"),
+            ),
+            (
+                "0006_send_ids_in_arrival_order.sql",
+                include_str!("../migrations/sqlite/0006_send_ids_in_arrival_order.sql"),
+            ),
+        ] {
+            std::fs::write(release.join(file), sql).unwrap();
+        }
+        let migrator = sqlx::migrate::Migrator::new(release.as_path())
+            .await
+            .unwrap();
+        migrator.run(&mut conn).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO accounts (name, last_id, stored, created_ms) VALUES ('old', 4, 1, 0), ('older', 0, 0, 0); \
+             INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) \
+             VALUES ('old', 4, 'older', 'from version 6', 5, 0);",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let store = open(dir.path()).await;
+    let (old, older) = (name("old"), name("older"));
+    let no_password = Some(Credentials {
+        password_hash: None,
+    });
+    assert_eq!(store.credentials(&old).await.unwrap(), no_password);
+    assert_eq!(store.credentials(&older).await.unwrap(), no_password);
+    let kept = store.take_undelivered(&old, 10).await.unwrap();
+    assert_eq!((kept[0].id, kept[0].body.as_str()), (4, "from version 6"));
+
+    store.set_password(&old, HASH).await.unwrap();
+    assert_eq!(store.credentials(&old).await.unwrap(), with_password(HASH));
+    assert_eq!(store.credentials(&older).await.unwrap(), no_password);
+    let young = name("young");
+    store.create_account(&young, NEW_HASH).await.unwrap();
+    drop(store);
+    let store = open(dir.path()).await;
+    assert_eq!(store.credentials(&old).await.unwrap(), with_password(HASH));
+    assert_eq!(store.credentials(&older).await.unwrap(), no_password);
+    assert_eq!(
+        store.credentials(&young).await.unwrap(),
+        with_password(NEW_HASH)
+    );
 }

@@ -10,7 +10,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::Writer;
 use super::counters::{CounterCache, Counters, SendIdCounts};
-use super::job::{Ack, Job, Take};
+use super::job::{Ack, Job, NewAccount, SetPassword, Take};
 use crate::{message_from_row, now_ms};
 
 /// Rows per multi-row statement (SQLite allows 32,766 parameters).
@@ -151,6 +151,12 @@ impl Writer {
                 Job::Create(call) => {
                     flush(conn, counters, &mut pending, None).await?;
                     let result = create(conn, counters, &call.args, now).await?;
+                    call.set(result);
+                }
+                // Touches only the account's password hash, which no
+                // gathered row or cached counter holds: nothing to flush.
+                Job::SetPassword(call) => {
+                    let result = set_password(conn, &call.args).await?;
                     call.set(result);
                 }
                 Job::Delete(call) => {
@@ -562,21 +568,26 @@ async fn ack(
     Ok(Ok(removed))
 }
 
-/// A new account: its ids start above the id floor (the highest id any
-/// deleted account had), so they never repeat for a name.
+/// A new account with its password hash: its ids start above the id floor
+/// (the highest id any deleted account had), so they never repeat for a
+/// name.
 async fn create(
     conn: &mut SqliteConnection,
     counters: &mut CounterCache,
-    name: &Username,
+    NewAccount {
+        name,
+        password_hash,
+    }: &NewAccount,
     now: u64,
 ) -> Result<Result<(), StoreError>, sqlx::Error> {
     let created: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO accounts (name, last_id, created_ms) \
-         VALUES (?, COALESCE((SELECT last_id FROM id_floor), 0), ?) \
+        "INSERT INTO accounts (name, last_id, created_ms, password_hash) \
+         VALUES (?, COALESCE((SELECT last_id FROM id_floor), 0), ?, ?) \
          ON CONFLICT (name) DO NOTHING RETURNING last_id",
     )
     .bind(name.as_str())
     .bind(now as i64)
+    .bind(password_hash.as_str())
     .fetch_optional(&mut *conn)
     .await?;
     Ok(match created {
@@ -585,6 +596,27 @@ async fn create(
             Ok(())
         }
         None => Err(StoreError::AccountExists(name.clone())),
+    })
+}
+
+/// Replaces an account's password hash (bound, never in the statement's
+/// text, so it appears in no log line or error).
+async fn set_password(
+    conn: &mut SqliteConnection,
+    SetPassword {
+        name,
+        password_hash,
+    }: &SetPassword,
+) -> Result<Result<(), StoreError>, sqlx::Error> {
+    let updated = sqlx::query("UPDATE accounts SET password_hash = ? WHERE name = ?")
+        .bind(password_hash.as_str())
+        .bind(name.as_str())
+        .execute(&mut *conn)
+        .await?;
+    Ok(if updated.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::NoSuchAccount(name.clone()))
     })
 }
 

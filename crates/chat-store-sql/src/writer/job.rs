@@ -79,10 +79,32 @@ pub(crate) struct Ack {
     pub(crate) through: MessageId,
 }
 
+/// A new account: its name and the hash of its password.
+///
+/// No `Debug`: the hash must not end up in a log line.
+pub(crate) struct NewAccount {
+    /// The account.
+    pub(crate) name: Username,
+    /// The password's argon2id PHC string.
+    pub(crate) password_hash: String,
+}
+
+/// A new password hash for an existing account.
+///
+/// No `Debug`: the hash must not end up in a log line.
+pub(crate) struct SetPassword {
+    /// The account.
+    pub(crate) name: Username,
+    /// The new password's argon2id PHC string.
+    pub(crate) password_hash: String,
+}
+
 /// A write for the writer task.
 pub(crate) enum Job {
     /// [`chat_core::Store::create_account`].
-    Create(Call<Username, ()>),
+    Create(Call<NewAccount, ()>),
+    /// [`chat_core::Store::set_password`].
+    SetPassword(Call<SetPassword, ()>),
     /// [`chat_core::Store::delete_account`].
     Delete(Call<Username, bool>),
     /// [`chat_core::Store::append`].
@@ -105,6 +127,7 @@ impl Job {
     pub(crate) fn forget(&mut self) {
         match self {
             Job::Create(call) => call.forget(),
+            Job::SetPassword(call) => call.forget(),
             Job::Delete(call) => call.forget(),
             Job::Append(call) => call.forget(),
             Job::Take(call) => call.forget(),
@@ -118,6 +141,7 @@ impl Job {
     pub(crate) fn answer(self) {
         match self {
             Job::Create(call) => call.answer(),
+            Job::SetPassword(call) => call.answer(),
             Job::Delete(call) => call.answer(),
             Job::Append(call) => call.answer(),
             Job::Take(call) => call.answer(),
@@ -131,6 +155,7 @@ impl Job {
     pub(crate) fn fail(self, err: StoreError) {
         match self {
             Job::Create(call) => call.fail(err),
+            Job::SetPassword(call) => call.fail(err),
             Job::Delete(call) => call.fail(err),
             Job::Append(call) => call.fail(err),
             Job::Take(call) => call.fail(err),

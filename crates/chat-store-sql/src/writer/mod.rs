@@ -38,7 +38,8 @@
 //! earlier batch committed). An ack is one `DELETE … RETURNING`; its
 //! counter change rides on the batch's account update. Any other write
 //! (create, delete, take, prune) first flushes the rows gathered so far, so
-//! it sees them.
+//! it sees them; a password change (one `UPDATE` of the account's hash)
+//! needs none of them and does not.
 //!
 //! # Failures
 //!
