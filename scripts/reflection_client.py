@@ -41,7 +41,7 @@ def main(addr: str) -> None:
         )
         return call(request_type(**fields))
 
-    reply = unary("CreateAccount", username="py")
+    reply = unary("CreateAccount", username="py", password="a python password")
     assert reply.state.username == "py" and len(reply.token) == 80, reply
     print("created py with a token")
 
@@ -50,7 +50,7 @@ def main(addr: str) -> None:
     print("listed:", " ".join(listed.usernames))
 
     try:
-        unary("CreateAccount", username="py")
+        unary("CreateAccount", username="py", password="a python password")
         raise AssertionError("a duplicate create succeeded")
     except grpc.RpcError as err:
         code = dict(err.trailing_metadata()).get("chat-error-code")

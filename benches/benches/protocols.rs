@@ -155,7 +155,7 @@ async fn latencies<C: Dial>(
         .await
         .expect("create alice");
     let bob = format!("{tag}bob");
-    b.create(&bob).await.expect("create bob");
+    b.create(&bob, "password1").await.expect("create bob");
     let (mut send, mut deliver) = (histogram(), histogram());
     let epoch = Instant::now();
     for n in 0..samples {

@@ -6,19 +6,23 @@
 //! everything again regardless.
 
 use chat_core::client::{ChatClient, ClientError, Push};
-use chat_core::{ErrorCode, Message, MessageBody, MessageId, SessionState, Username};
+use chat_core::{ErrorCode, Message, MessageBody, MessageId, Password, SessionState, Username};
 
-/// One parsed command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One parsed command. A password left out of the line is `None` until
+/// the console supplies it (from `CHAT_PASSWORD`, or asked for without
+/// echo on a terminal).
+#[derive(Clone, PartialEq, Eq)]
 pub enum Command {
-    /// `create NAME`
-    Create(String),
-    /// `login NAME`
-    Login(String),
+    /// `create NAME [PASSWORD]`
+    Create(String, Option<String>),
+    /// `login NAME [PASSWORD]`
+    Login(String, Option<String>),
     /// `logout`
     Logout,
-    /// `delete`
-    Delete,
+    /// `delete [PASSWORD]`
+    Delete(Option<String>),
+    /// `passwd [OLD NEW]`
+    Passwd(Option<(String, String)>),
     /// `send NAME TEXT...`
     Send(String, String),
     /// `list [PATTERN] [MAX]`
@@ -31,12 +35,63 @@ pub enum Command {
     Quit,
 }
 
+impl std::fmt::Debug for Command {
+    /// Never shows a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Create(name, _) => write!(f, "Create({name:?}, ..)"),
+            Command::Login(name, _) => write!(f, "Login({name:?}, ..)"),
+            Command::Logout => f.write_str("Logout"),
+            Command::Delete(_) => f.write_str("Delete(..)"),
+            Command::Passwd(_) => f.write_str("Passwd(..)"),
+            Command::Send(to, text) => write!(f, "Send({to:?}, {text:?})"),
+            Command::List(pattern, max) => write!(f, "List({pattern:?}, {max})"),
+            Command::Fetch(max) => write!(f, "Fetch({max})"),
+            Command::Help => f.write_str("Help"),
+            Command::Quit => f.write_str("Quit"),
+        }
+    }
+}
+
+impl Command {
+    /// What the console must ask for before the command can run: the
+    /// prompts for each missing password, in order.
+    pub fn missing_passwords(&self) -> Vec<String> {
+        match self {
+            Command::Create(name, None) => vec![format!("new password for {name}: ")],
+            Command::Login(name, None) => vec![format!("password for {name}: ")],
+            Command::Delete(None) => vec!["your password, to delete the account: ".into()],
+            Command::Passwd(None) => {
+                vec!["current password: ".into(), "new password: ".into()]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Fills in the missing passwords, in the order of
+    /// [`Command::missing_passwords`].
+    pub fn with_passwords(self, mut given: Vec<String>) -> Self {
+        let mut next = || (!given.is_empty()).then(|| given.remove(0));
+        match self {
+            Command::Create(name, None) => Command::Create(name, next()),
+            Command::Login(name, None) => Command::Login(name, next()),
+            Command::Delete(None) => Command::Delete(next()),
+            Command::Passwd(None) => match (next(), next()) {
+                (Some(old), Some(new)) => Command::Passwd(Some((old, new))),
+                _ => Command::Passwd(None),
+            },
+            other => other,
+        }
+    }
+}
+
 /// The usage text printed by `help`, one command per line.
 pub const HELP: &[&str] = &[
-    "create NAME          create an account and log in",
-    "login NAME           log in",
+    "create NAME [PASSWORD] create an account and log in (asks for the password if left out)",
+    "login NAME [PASSWORD]  log in",
     "logout               log out",
-    "delete               delete your account (and its undelivered messages)",
+    "delete [PASSWORD]    delete your account (and its undelivered messages)",
+    "passwd [OLD NEW]     change your password",
     "send NAME TEXT...    send TEXT to NAME (live if logged in, else queued)",
     "list [PATTERN] [MAX] list accounts matching a regex (unanchored; empty = all)",
     "fetch [MAX]          show queued messages, oldest first",
@@ -121,20 +176,31 @@ pub fn parse(line: &str) -> Result<Option<Command>, Refusal> {
     let command = match verb {
         "" => return Ok(None),
         "create" | "login" => {
-            let [name] = args[..] else {
-                return Err(Refusal::usage(format!("{verb} NAME")));
+            let (name, password) = match args[..] {
+                [name] => (name, None),
+                [name, password] => (name, Some(password.to_string())),
+                _ => return Err(Refusal::usage(format!("{verb} NAME [PASSWORD]"))),
             };
             if verb == "create" {
-                Command::Create(name.into())
+                Command::Create(name.into(), password)
             } else {
-                Command::Login(name.into())
+                Command::Login(name.into(), password)
             }
         }
-        "logout" | "delete" | "help" | "quit" if !args.is_empty() => {
+        "logout" | "help" | "quit" if !args.is_empty() => {
             return Err(Refusal::usage(format!("{verb} takes no arguments")));
         }
         "logout" => Command::Logout,
-        "delete" => Command::Delete,
+        "delete" => match args[..] {
+            [] => Command::Delete(None),
+            [password] => Command::Delete(Some(password.into())),
+            _ => return Err(Refusal::usage("delete [PASSWORD]")),
+        },
+        "passwd" => match args[..] {
+            [] => Command::Passwd(None),
+            [old, new] => Command::Passwd(Some((old.into(), new.into()))),
+            _ => return Err(Refusal::usage("passwd [OLD NEW]")),
+        },
         "help" => Command::Help,
         "quit" | "exit" => Command::Quit,
         "send" => {
@@ -169,8 +235,11 @@ pub fn parse(line: &str) -> Result<Option<Command>, Refusal> {
 pub fn check(command: &Command, state: &SessionState) -> Result<(), Refusal> {
     let logged_in = state.user().is_some();
     match command {
-        Command::Create(name) | Command::Login(name) => {
+        Command::Create(name, password) | Command::Login(name, password) => {
             Username::parse(name).map_err(|e| Refusal::local(e.code(), e.to_string()))?;
+            if let Some(password) = password {
+                Password::parse(password).map_err(|e| Refusal::local(e.code(), e.to_string()))?;
+            }
             if let Some(user) = state.user() {
                 return Err(Refusal::local(
                     ErrorCode::SessionLoggedIn,
@@ -185,7 +254,9 @@ pub fn check(command: &Command, state: &SessionState) -> Result<(), Refusal> {
                 return Err(Refusal::local(ErrorCode::NotLoggedIn, "log in first"));
             }
         }
-        Command::Logout | Command::Delete | Command::Fetch(_) if !logged_in => {
+        Command::Logout | Command::Delete(_) | Command::Passwd(_) | Command::Fetch(_)
+            if !logged_in =>
+        {
             return Err(Refusal::local(ErrorCode::NotLoggedIn, "log in first"));
         }
         _ => {}
@@ -238,23 +309,37 @@ async fn run<C: ChatClient>(
     }
     let result: Result<Vec<String>, ClientError> = async {
         Ok(match command {
-            Command::Create(name) | Command::Login(name) => {
-                let state = if matches!(command, Command::Create(_)) {
-                    client.create(name).await?
-                } else {
-                    client.login(name).await?
-                };
-                vec![format!("ok {state}")]
+            Command::Create(_, None)
+            | Command::Login(_, None)
+            | Command::Delete(None)
+            | Command::Passwd(None) => {
+                vec![
+                    Refusal::usage(
+                        "give the password on the line, or set CHAT_PASSWORD (on a terminal \
+                         it is asked for)",
+                    )
+                    .to_string(),
+                ]
+            }
+            Command::Create(name, Some(password)) => {
+                vec![format!("ok {}", client.create(name, password).await?)]
+            }
+            Command::Login(name, Some(password)) => {
+                vec![format!("ok {}", client.login(name, password).await?)]
             }
             Command::Logout => vec![format!("ok {}", client.logout().await?)],
-            Command::Delete => {
+            Command::Delete(Some(password)) => {
                 let who = client
                     .state()
                     .user()
                     .map(ToString::to_string)
                     .unwrap_or_default();
-                client.delete().await?;
+                client.delete(password).await?;
                 vec![format!("ok deleted {who}")]
+            }
+            Command::Passwd(Some((old, new))) => {
+                client.change_password(old, new).await?;
+                vec!["ok password changed".into()]
             }
             Command::Send(to, text) => {
                 let receipt = client.send(to, text).await?;
@@ -296,14 +381,22 @@ mod tests {
     fn parses_every_command() {
         assert_eq!(
             parse("create alice").unwrap(),
-            Some(Command::Create("alice".into()))
+            Some(Command::Create("alice".into(), None))
         );
         assert_eq!(
-            parse("  login   bob  ").unwrap(),
-            Some(Command::Login("bob".into()))
+            parse("create alice s3cret-pass").unwrap(),
+            Some(Command::Create("alice".into(), Some("s3cret-pass".into())))
+        );
+        assert_eq!(
+            parse("  login   bob  pw-of-bob ").unwrap(),
+            Some(Command::Login("bob".into(), Some("pw-of-bob".into())))
         );
         assert_eq!(parse("logout").unwrap(), Some(Command::Logout));
-        assert_eq!(parse("delete").unwrap(), Some(Command::Delete));
+        assert_eq!(parse("delete").unwrap(), Some(Command::Delete(None)));
+        assert_eq!(
+            parse("passwd old-one new-one").unwrap(),
+            Some(Command::Passwd(Some(("old-one".into(), "new-one".into()))))
+        );
         assert_eq!(
             parse("send bob  hello   there ").unwrap(),
             Some(Command::Send("bob".into(), "hello   there".into()))
@@ -329,7 +422,8 @@ mod tests {
     #[test]
     fn refuses_bad_lines() {
         assert_eq!(parse("create").unwrap_err().code, "usage");
-        assert_eq!(parse("create a b").unwrap_err().code, "usage");
+        assert_eq!(parse("create a b c").unwrap_err().code, "usage");
+        assert_eq!(parse("passwd only-one").unwrap_err().code, "usage");
         assert_eq!(parse("send bob").unwrap_err().code, "usage");
         assert_eq!(parse("fetch many").unwrap_err().code, "usage");
         assert_eq!(parse("logout now").unwrap_err().code, "usage");
@@ -354,11 +448,15 @@ mod tests {
         let alice = SessionState::LoggedIn(Username::parse("alice").unwrap());
         let code = |c: &Command, s: &SessionState| check(c, s).unwrap_err().code;
         assert_eq!(
-            code(&Command::Create("x".repeat(51)), &out),
+            code(&Command::Create("x".repeat(51), None), &out),
             "invalid_username"
         );
         assert_eq!(
-            code(&Command::Login("bob".into()), &alice),
+            code(&Command::Create("bob".into(), Some("short".into())), &out),
+            "invalid_password"
+        );
+        assert_eq!(
+            code(&Command::Login("bob".into(), None), &alice),
             "session_logged_in"
         );
         assert_eq!(
@@ -373,6 +471,20 @@ mod tests {
         assert!(
             check(&Command::List("(".into(), 0), &out).is_ok(),
             "patterns are the server's to judge"
+        );
+    }
+
+    #[test]
+    fn passwords_never_show_in_debug_output() {
+        let command = parse("login bob hunter2hunter2").unwrap().unwrap();
+        assert!(!format!("{command:?}").contains("hunter2"));
+        let filled = parse("passwd")
+            .unwrap()
+            .unwrap()
+            .with_passwords(vec!["old-password".into(), "new-password".into()]);
+        assert_eq!(
+            filled,
+            Command::Passwd(Some(("old-password".into(), "new-password".into())))
         );
     }
 }

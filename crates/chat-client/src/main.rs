@@ -149,6 +149,36 @@ impl Console {
         })
     }
 
+    /// Supplies the passwords a command left out: `CHAT_PASSWORD` for one,
+    /// else, on a terminal, asked for without echo. In a script without
+    /// either the command stays incomplete, and says so when run.
+    async fn fill_passwords(&self, command: Command) -> Command {
+        let prompts = command.missing_passwords();
+        if prompts.is_empty() {
+            return command;
+        }
+        if prompts.len() == 1
+            && let Ok(password) = std::env::var("CHAT_PASSWORD")
+        {
+            return command.with_passwords(vec![password]);
+        }
+        if self.editor.is_none() {
+            return command;
+        }
+        let mut given = Vec::new();
+        for prompt in prompts {
+            // The line editor is idle between commands, so the terminal is
+            // free for a prompt that reads without echo.
+            let read =
+                tokio::task::spawn_blocking(move || rpassword::prompt_password(prompt)).await;
+            match read {
+                Ok(Ok(password)) => given.push(password),
+                _ => return command,
+            }
+        }
+        command.with_passwords(given)
+    }
+
     fn ask(&self, state: &SessionState) {
         if let Some((prompt, _)) = &self.editor {
             let text = match state.user() {
@@ -194,6 +224,7 @@ async fn run<C: ChatClient>(mut client: C, mut console: Console) -> ExitCode {
                         continue;
                     }
                 };
+                let command = console.fill_passwords(command).await;
                 let outcome = execute(&mut client, &command).await;
                 for out in outcome.lines {
                     console.print(out);

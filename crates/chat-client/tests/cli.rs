@@ -91,14 +91,17 @@ async fn a_socket_user_and_a_grpc_user_chat() {
 async fn two_users_chat(bob_at: (&str, &str), alice_at: (&str, &str)) {
     let mut bob = ChatProcess::spawn(bob_at);
     let mut alice = ChatProcess::spawn(alice_at);
-    assert_eq!(bob.run("create bob").await, "ok logged in as bob");
-    assert_eq!(alice.run("create alice").await, "ok logged in as alice");
+    assert_eq!(bob.run("create bob password1").await, "ok logged in as bob");
+    assert_eq!(
+        alice.run("create alice password1").await,
+        "ok logged in as alice"
+    );
     assert_eq!(alice.run("send bob hello   bob").await, "ok sent bob 1");
     assert_eq!(bob.line().await, "message 1 alice hello   bob");
 
     assert_eq!(bob.run("logout").await, "ok logged out");
     assert_eq!(alice.run("send bob are you there?").await, "ok sent bob 2");
-    assert_eq!(bob.run("login bob").await, "ok logged in as bob");
+    assert_eq!(bob.run("login bob password1").await, "ok logged in as bob");
     bob.say("fetch").await;
     let message = bob.line().await;
     let parts: Vec<&str> = message.splitn(4, ' ').collect();
@@ -150,15 +153,18 @@ async fn a_killed_client_is_logged_out() {
 
 async fn killed_client_is_logged_out(server: (&str, &str)) {
     let mut alice = ChatProcess::spawn(server);
-    assert_eq!(alice.run("create alice").await, "ok logged in as alice");
+    assert_eq!(
+        alice.run("create alice password1").await,
+        "ok logged in as alice"
+    );
     alice.child.kill().await.unwrap();
 
     let mut again = ChatProcess::spawn(server);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let reply = again.run("login alice").await;
+        let reply = again.run("login alice password1").await;
         if reply == "ok logged in as alice" {
-            assert_eq!(again.run("delete").await, "ok deleted alice");
+            assert_eq!(again.run("delete password1").await, "ok deleted alice");
             break;
         }
         assert!(reply.starts_with("error already_logged_in "), "{reply}");
@@ -174,7 +180,10 @@ async fn killed_client_is_logged_out(server: (&str, &str)) {
 async fn end_of_input_exits_cleanly_and_logs_out() {
     let (socket, _) = start_server().await;
     let mut carol = ChatProcess::spawn(("socket", &socket));
-    assert_eq!(carol.run("create carol").await, "ok logged in as carol");
+    assert_eq!(
+        carol.run("create carol password1").await,
+        "ok logged in as carol"
+    );
     drop(carol.stdin);
     let status = tokio::time::timeout(PATIENCE, carol.child.wait())
         .await
@@ -185,7 +194,7 @@ async fn end_of_input_exits_cleanly_and_logs_out() {
     let mut again = ChatProcess::spawn(("socket", &socket));
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let reply = again.run("login carol").await;
+        let reply = again.run("login carol password1").await;
         if reply == "ok logged in as carol" {
             break;
         }

@@ -72,6 +72,7 @@ macro_rules! conformance_tests {
             acks_never_cover_unseen_messages,
             a_recreated_account_starts_afresh,
             a_returning_client_sees_a_recreated_accounts_messages,
+            passwords_guard_accounts,
         );
     };
     (@each $start:path; $($name:ident),* $(,)?) => {

@@ -592,3 +592,40 @@ pub async fn a_returning_client_sees_a_recreated_accounts_messages<K: Connector>
         "the acknowledgement covered only what was shown"
     );
 }
+
+/// Passwords: a login needs the right one; a wrong one is refused with
+/// `wrong_password` and logs nobody in; a change takes effect at once; a
+/// delete asks for the current one; a weak one is refused at create.
+pub async fn passwords_guard_accounts<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    expect_code(a.create("alice", "short").await, ErrorCode::InvalidPassword);
+    a.create("alice", "first password").await.unwrap();
+    a.logout().await.unwrap();
+    let mut b = k.connect().await;
+    expect_code(
+        b.login("alice", "not her password").await,
+        ErrorCode::WrongPassword,
+    );
+    assert_eq!(b.state(), &SessionState::LoggedOut);
+    a.login("alice", "first password").await.unwrap();
+    expect_code(
+        a.change_password("wrong old one", "second password").await,
+        ErrorCode::WrongPassword,
+    );
+    a.change_password("first password", "second password")
+        .await
+        .unwrap();
+    expect_code(a.delete("first password").await, ErrorCode::WrongPassword);
+    assert_eq!(a.state(), &user("alice"), "still logged in");
+    a.logout().await.unwrap();
+    expect_code(
+        b.login("alice", "first password").await,
+        ErrorCode::WrongPassword,
+    );
+    b.login("alice", "second password").await.unwrap();
+    b.delete("second password").await.unwrap();
+    expect_code(
+        b.login("alice", "second password").await,
+        ErrorCode::NoSuchUser,
+    );
+}

@@ -225,8 +225,11 @@ async fn unknown_properties_and_features_are_skipped() {
     bytes.extend_from_slice(&[0x7e, 3, b'n', b'e', b'w']); // an unknown property
     let mut framed = (bytes.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(&bytes);
-    // CREATE "x" with an unknown property after its fields.
-    framed.extend_from_slice(&[0, 0, 0, 11, 0x10, 0, 0, 0, 1, 1, b'x', 0x7f, 2, 0xaa, 0xbb]);
+    // CREATE "x" (password "password") with an unknown property after its
+    // fields.
+    framed.extend_from_slice(&[0, 0, 0, 20, 0x10, 0, 0, 0, 1, 1, b'x', 8]);
+    framed.extend_from_slice(b"password");
+    framed.extend_from_slice(&[0x7f, 2, 0xaa, 0xbb]);
     conn.get_mut().write_all(&framed).await.unwrap();
     assert!(matches!(
         next(&mut conn).await,
