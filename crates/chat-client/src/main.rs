@@ -132,7 +132,12 @@ impl Console {
             while let Ok(prompt) = prompt_rx.recv() {
                 let line = match editor.readline(&prompt) {
                     Ok(line) => {
-                        let _ = editor.add_history_entry(line.as_str());
+                        // A line that may carry a password stays out of
+                        // the history.
+                        let verb = line.split_whitespace().next().unwrap_or("");
+                        if !matches!(verb, "create" | "login" | "delete" | "passwd") {
+                            let _ = editor.add_history_entry(line.as_str());
+                        }
                         line
                     }
                     // Ctrl-C or Ctrl-D: leave like `quit`.

@@ -69,8 +69,8 @@ pub struct HashingConfig {
     pub iterations: u32,
     /// Argon2id lanes (default 1).
     pub parallelism: u32,
-    /// Most hashes computed at once (default: the machine's cores), so a
-    /// storm of logins cannot take every thread.
+    /// Most hashes computed at once (default: one less than the machine's
+    /// cores, at least one), so a storm of logins cannot take every thread.
     pub max_concurrent: usize,
 }
 
@@ -81,7 +81,10 @@ impl Default for HashingConfig {
             memory_kib: 19 * 1024,
             iterations: 2,
             parallelism: 1,
-            max_concurrent: std::thread::available_parallelism().map_or(2, usize::from),
+            // Leave a core to the async workers, so a storm of logins cannot
+            // take every thread that delivers messages.
+            max_concurrent: std::thread::available_parallelism()
+                .map_or(1, |n| usize::from(n).saturating_sub(1).max(1)),
         }
     }
 }
@@ -118,7 +121,10 @@ impl Hashing {
         let parallelism = config.parallelism.clamp(1, 0x00FF_FFFF);
         let iterations = config.iterations.max(1);
         let memory_kib = config.memory_kib.max(8 * parallelism);
-        let params = Params::new(memory_kib, iterations, parallelism, None).unwrap_or_default();
+        let params = Params::new(memory_kib, iterations, parallelism, None).unwrap_or_else(|err| {
+            tracing::warn!(%err, "argon2 refuses these parameters; using its defaults");
+            Params::default()
+        });
         Self {
             params,
             permits: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
@@ -132,10 +138,16 @@ impl Hashing {
 
     /// The PHC string of `password`, with a fresh random salt.
     pub(crate) async fn hash(&self, password: &Password) -> Result<String, ChatError> {
-        let _permit = self.permits.acquire().await.map_err(|_| hashing_failed())?;
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| hashing_failed())?;
         let params = self.params.clone();
         let password = password.clone();
+        // The permit moves into the blocking task: a hash keeps its place
+        // until it is done, even if the caller stops waiting.
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             Self::argon2(params)
                 .hash_password(password.as_bytes())
                 .map(|hash| hash.to_string())
@@ -157,10 +169,14 @@ impl Hashing {
             Some(phc) => (phc.to_owned(), true),
             None => (self.decoy().await?, false),
         };
-        let _permit = self.permits.acquire().await.map_err(|_| hashing_failed())?;
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| hashing_failed())?;
         let params = self.params.clone();
         let password = password.clone();
         let matched = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             Self::argon2(params)
                 .verify_password(password.as_bytes(), phc.as_str())
                 .is_ok()
@@ -168,6 +184,12 @@ impl Hashing {
         .await
         .map_err(|_| hashing_failed())?;
         Ok(real && matched)
+    }
+
+    /// Computes the decoy now (at start), so that the first login for a
+    /// missing name does not take two hashes' time.
+    pub(crate) async fn prepare(&self) {
+        let _ = self.decoy().await;
     }
 
     async fn decoy(&self) -> Result<String, ChatError> {
@@ -198,7 +220,8 @@ fn hashing_failed() -> ChatError {
     ChatError::StoreUnavailable("password hashing failed".into())
 }
 
-/// Failed-attempt budgets: per account and per peer address.
+/// Password-check budgets: failures per account and per peer address, and
+/// all checks per address.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ThrottleConfig {
     /// Failed attempts one account may take (default: 5 at once, then one
@@ -207,6 +230,10 @@ pub struct ThrottleConfig {
     /// Failed attempts one peer address may make, over all accounts
     /// (default: 20 at once, then ten a minute).
     pub per_address: Rate,
+    /// Password checks of any outcome one address may ask for (default:
+    /// 100 at once, then 60 a minute): each costs a hash, so even correct
+    /// passwords repeated cannot occupy the hashing threads.
+    pub checks_per_address: Rate,
 }
 
 impl Default for ThrottleConfig {
@@ -214,17 +241,26 @@ impl Default for ThrottleConfig {
         Self {
             per_account: Rate::per_minute(5, 1.0),
             per_address: Rate::per_minute(20, 10.0),
+            checks_per_address: Rate::per_minute(100, 60.0),
         }
     }
 }
 
-/// Throttles failed password attempts: an attempt is refused without
-/// being checked while the account's or the address's budget is spent.
+/// Throttles password attempts. An attempt is charged to its account's
+/// failure budget and its address's checks budget before it is checked (so
+/// attempts made in parallel cannot all pass a budget that has room for
+/// one), and the account's charge is refunded if the password was right; an
+/// attempt is refused unchecked while a budget is spent.
 #[derive(Debug)]
 pub(crate) struct Throttle {
     config: ThrottleConfig,
     accounts: Mutex<HashMap<Username, Bucket>>,
     addresses: Mutex<HashMap<IpAddr, Bucket>>,
+    checks: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+fn too_many(retry_after: std::time::Duration) -> ChatError {
+    ChatError::TooManyAttempts { retry_after }
 }
 
 impl Throttle {
@@ -233,34 +269,53 @@ impl Throttle {
             config,
             accounts: Mutex::default(),
             addresses: Mutex::default(),
+            checks: Mutex::default(),
         }
     }
 
-    /// Whether an attempt on `account` from `peer` may be checked now.
-    pub(crate) fn allow(&self, account: &Username, peer: Option<IpAddr>) -> Result<(), ChatError> {
-        let refused = |retry_after| ChatError::TooManyAttempts { retry_after };
-        if let Ok(mut accounts) = self.accounts.lock()
-            && let Some(bucket) = accounts.get_mut(account)
-        {
-            bucket.peek(self.config.per_account).map_err(refused)?;
+    /// Charges an attempt on `account` from `peer` (an address key, see
+    /// [`crate::limits::address_key`]), or refuses it if a budget is spent.
+    pub(crate) fn charge(&self, account: &Username, peer: Option<IpAddr>) -> Result<(), ChatError> {
+        let poisoned = || ChatError::StoreUnavailable("the throttle's lock was poisoned".into());
+        let mut accounts = self.accounts.lock().map_err(|_| poisoned())?;
+        let mut addresses = self.addresses.lock().map_err(|_| poisoned())?;
+        let mut checks = self.checks.lock().map_err(|_| poisoned())?;
+        let (a, f, c) = (
+            self.config.per_account,
+            self.config.per_address,
+            self.config.checks_per_address,
+        );
+        // Look at every budget first, so a refusal charges none.
+        accounts
+            .entry(account.clone())
+            .or_insert_with(|| Bucket::full(a))
+            .peek(a)
+            .map_err(too_many)?;
+        if let Some(peer) = peer {
+            addresses
+                .entry(peer)
+                .or_insert_with(|| Bucket::full(f))
+                .peek(f)
+                .map_err(too_many)?;
+            checks
+                .entry(peer)
+                .or_insert_with(|| Bucket::full(c))
+                .peek(c)
+                .map_err(too_many)?;
         }
-        if let (Some(peer), Ok(mut addresses)) = (peer, self.addresses.lock())
-            && let Some(bucket) = addresses.get_mut(&peer)
-        {
-            bucket.peek(self.config.per_address).map_err(refused)?;
+        // The account's failure budget and the address's checks budget are
+        // charged now; the address's failures only once one is known (many
+        // users behind one address may log in at once, and the checks
+        // budget already bounds how fast that address can guess).
+        let _ = accounts.get_mut(account).map(|b| b.take(a));
+        if let Some(peer) = peer {
+            let _ = checks.get_mut(&peer).map(|b| b.take(c));
         }
         Ok(())
     }
 
-    /// An attempt failed: it costs both budgets.
-    pub(crate) fn failed(&self, account: &Username, peer: Option<IpAddr>) {
-        let rate = self.config.per_account;
-        if let Ok(mut accounts) = self.accounts.lock() {
-            let _ = accounts
-                .entry(account.clone())
-                .or_insert_with(|| Bucket::full(rate))
-                .take(rate);
-        }
+    /// The attempt was wrong: it costs the address's failure budget too.
+    pub(crate) fn failed(&self, peer: Option<IpAddr>) {
         let rate = self.config.per_address;
         if let (Some(peer), Ok(mut addresses)) = (peer, self.addresses.lock()) {
             let _ = addresses
@@ -270,8 +325,8 @@ impl Throttle {
         }
     }
 
-    /// An attempt succeeded: the account's budget is whole again (its
-    /// owner knows the password); the address's is not.
+    /// The attempt was right: the account's failure budget is whole again
+    /// (its owner knows the password); the checks budget keeps the charge.
     pub(crate) fn succeeded(&self, account: &Username) {
         if let Ok(mut accounts) = self.accounts.lock() {
             accounts.remove(account);
@@ -286,10 +341,15 @@ impl Throttle {
             accounts.retain(|_, b| !b.is_full(self.config.per_account));
             pruned += before - accounts.len();
         }
-        if let Ok(mut addresses) = self.addresses.lock() {
-            let before = addresses.len();
-            addresses.retain(|_, b| !b.is_full(self.config.per_address));
-            pruned += before - addresses.len();
+        for (map, rate) in [
+            (&self.addresses, self.config.per_address),
+            (&self.checks, self.config.checks_per_address),
+        ] {
+            if let Ok(mut map) = map.lock() {
+                let before = map.len();
+                map.retain(|_, b| !b.is_full(rate));
+                pruned += before - map.len();
+            }
         }
         pruned
     }

@@ -31,13 +31,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Hashing, HashingConfig, Password, Throttle, ThrottleConfig};
 use crate::error::ChatError;
-use crate::limits::{Bucket, Rate};
+use crate::limits::{Bucket, Rate, address_key};
 use crate::memory::MemoryStore;
 use crate::store::{Credentials, NewMessage, SendId, Store};
 use crate::types::{Message, MessageBody, MessageId, SendReceipt, SessionState, Username};
 
 /// Number of lock stripes for login state; a power of two.
 pub const STRIPES: usize = 1024;
+
+/// Most lists running at once in one engine.
+const MAX_LISTS_AT_ONCE: usize = 2;
 
 /// Tunables of the engine. `Config::default()` is what the servers use.
 #[derive(Debug, Clone)]
@@ -167,6 +170,14 @@ struct Inner {
     create_gate: Mutex<()>,
     hashing: Hashing,
     throttle: Throttle,
+    /// Each user's sends ([`Config::send_rate`]), kept across its logins.
+    sends: StdMutex<HashMap<Username, Bucket>>,
+    /// Lists from callers without a session of their own, per address
+    /// ([`Config::list_rate`]; see [`Chat::list_from`]).
+    lists: StdMutex<HashMap<IpAddr, Bucket>>,
+    /// Lists running at once: each scans every name, and a flood of them
+    /// must not take the threads logins hash on.
+    lists_running: tokio::sync::Semaphore,
 }
 
 /// Online users whose names hash to one stripe, and the session each is
@@ -273,6 +284,9 @@ impl Chat {
         let inner = Arc::new(Inner {
             hashing,
             throttle,
+            sends: StdMutex::default(),
+            lists: StdMutex::default(),
+            lists_running: tokio::sync::Semaphore::new(MAX_LISTS_AT_ONCE),
             store,
             config,
             stripes,
@@ -284,6 +298,8 @@ impl Chat {
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(housekeeping(Arc::downgrade(&inner)));
+            let hashing = inner.hashing.clone();
+            runtime.spawn(async move { hashing.prepare().await });
         }
         Self { inner }
     }
@@ -339,7 +355,6 @@ impl Chat {
             shared: Arc::clone(&shared),
             state: Mutex::new(None),
             peer,
-            sends: StdMutex::new(self.inner.config.send_rate.map(Bucket::full)),
             lists: StdMutex::new(self.inner.config.list_rate.map(Bucket::full)),
         };
         let events = Events {
@@ -371,6 +386,12 @@ impl Chat {
     /// anywhere in the name unless it anchors itself with `^` and `$`; the
     /// empty pattern matches every name.
     pub async fn list(&self, pattern: &str, max: usize) -> Result<Vec<Username>, ChatError> {
+        let _running = self
+            .inner
+            .lists_running
+            .acquire()
+            .await
+            .map_err(|_| ChatError::ShuttingDown)?;
         let config = &self.inner.config;
         if pattern.len() > config.max_pattern_len {
             return Err(ChatError::InvalidPattern(format!(
@@ -386,6 +407,31 @@ impl Chat {
             .map_err(|err| ChatError::InvalidPattern(err.to_string()))?;
         let limit = cap(max, config.max_list_results);
         Ok(self.inner.store.list_accounts(&regex, limit).await?)
+    }
+
+    /// [`Chat::list`] for a caller without a session of its own (a gRPC
+    /// call without a token) from `peer`: [`Config::list_rate`] applies
+    /// per address.
+    pub async fn list_from(
+        &self,
+        peer: IpAddr,
+        pattern: &str,
+        max: usize,
+    ) -> Result<Vec<Username>, ChatError> {
+        if let Some(rate) = self.inner.config.list_rate {
+            let mut lists = self.inner.lists.lock().map_err(|_| poisoned_lock())?;
+            if let Err(retry_after) = lists
+                .entry(address_key(peer))
+                .or_insert_with(|| Bucket::full(rate))
+                .take(rate)
+            {
+                return Err(ChatError::RateLimited {
+                    what: "lists from your address",
+                    retry_after,
+                });
+            }
+        }
+        self.list(pattern, max).await
     }
 
     fn stripe(&self, name: &Username) -> &Stripe {
@@ -427,6 +473,12 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
             return;
         }
         inner.throttle.prune();
+        if let (Some(rate), Ok(mut sends)) = (inner.config.send_rate, inner.sends.lock()) {
+            sends.retain(|_, bucket| !bucket.is_full(rate));
+        }
+        if let (Some(rate), Ok(mut lists)) = (inner.config.list_rate, inner.lists.lock()) {
+            lists.retain(|_, bucket| !bucket.is_full(rate));
+        }
         if let (Some(rate), Ok(mut creates)) = (inner.config.create_rate, inner.creates.lock()) {
             // A full bucket is what a new one would be: forget it.
             creates.retain(|_, bucket| !bucket.is_full(rate));
@@ -464,9 +516,6 @@ pub struct Session {
     state: Mutex<Option<Username>>,
     /// Where the connection comes from, if the transport said.
     peer: Option<IpAddr>,
-    /// This session's sends ([`Config::send_rate`]). Per session is per
-    /// user: an account is logged in on one session at most.
-    sends: StdMutex<Option<Bucket>>,
     /// This session's lists ([`Config::list_rate`]).
     lists: StdMutex<Option<Bucket>>,
 }
@@ -590,7 +639,8 @@ impl Session {
     /// check first (an account from before passwords): only over a loopback
     /// connection, or with no network at all (an embedding app).
     fn trusted(&self) -> bool {
-        self.peer.is_none_or(|peer| peer.is_loopback())
+        self.peer
+            .is_none_or(|peer| peer.to_canonical().is_loopback())
     }
 
     /// Checks `password` against `name`'s, throttled per account and per
@@ -604,7 +654,8 @@ impl Session {
         may_set: bool,
     ) -> Result<(), ChatError> {
         let inner = &self.chat.inner;
-        inner.throttle.allow(name, self.peer)?;
+        let key = self.peer.map(address_key);
+        inner.throttle.charge(name, key)?;
         let credentials = inner.store.credentials(name).await?;
         let stored = credentials
             .as_ref()
@@ -612,7 +663,7 @@ impl Session {
         let matched = inner.hashing.verify(password, stored).await?;
         match credentials {
             None => {
-                inner.throttle.failed(name, self.peer);
+                inner.throttle.failed(key);
                 Err(ChatError::NoSuchUser(name.clone()))
             }
             Some(Credentials {
@@ -631,7 +682,7 @@ impl Session {
                 Ok(())
             }
             Some(_) => {
-                inner.throttle.failed(name, self.peer);
+                inner.throttle.failed(key);
                 Err(ChatError::WrongPassword)
             }
         }
@@ -685,7 +736,7 @@ impl Session {
         let body = MessageBody::parse(body)?;
         let state = self.lock_logged_in().await?;
         let sender = state.clone().ok_or(ChatError::NotLoggedIn)?;
-        self.take_send()?;
+        self.take_send(&sender)?;
         let store = &self.chat.inner.store;
         let mut stripe = self.chat.stripe(&to).lock().await;
         let mut message = NewMessage {
@@ -777,12 +828,16 @@ impl Session {
     }
 
     /// Takes a token from this session's send bucket, if sends are limited.
-    fn take_send(&self) -> Result<(), ChatError> {
+    fn take_send(&self, sender: &Username) -> Result<(), ChatError> {
         let Some(rate) = self.chat.inner.config.send_rate else {
             return Ok(());
         };
-        let mut sends = self.sends.lock().map_err(|_| poisoned_lock())?;
-        match sends.get_or_insert_with(|| Bucket::full(rate)).take(rate) {
+        let mut sends = self.chat.inner.sends.lock().map_err(|_| poisoned_lock())?;
+        match sends
+            .entry(sender.clone())
+            .or_insert_with(|| Bucket::full(rate))
+            .take(rate)
+        {
             Ok(()) => Ok(()),
             Err(retry_after) => Err(ChatError::RateLimited {
                 what: "messages",
@@ -794,7 +849,10 @@ impl Session {
     /// Takes a token from this peer address's create bucket, if creates
     /// are limited and the session has an address.
     fn take_create(&self) -> Result<(), ChatError> {
-        let (Some(rate), Some(peer)) = (self.chat.inner.config.create_rate, self.peer) else {
+        let (Some(rate), Some(peer)) = (
+            self.chat.inner.config.create_rate,
+            self.peer.map(address_key),
+        ) else {
             return Ok(());
         };
         let mut creates = self

@@ -64,7 +64,7 @@ pub use engine::{Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRI
 pub use error::{ChatError, ErrorCode};
 pub use limits::{
     ConnectionLimit, ConnectionSlot, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_ADDRESS, Rate,
-    Refusal,
+    Refusal, address_key,
 };
 pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
 pub use store::{

@@ -89,8 +89,10 @@ impl ConnectionLimit {
         self.max - self.slots.available_permits()
     }
 
-    /// A slot for a new connection from `peer`, or why not.
+    /// A slot for a new connection from `peer` (counted by
+    /// [`address_key`]), or why not.
     pub fn try_acquire(&self, peer: IpAddr) -> Result<ConnectionSlot, Refusal> {
+        let peer = address_key(peer);
         let permit = Arc::clone(&self.slots)
             .try_acquire_owned()
             .map_err(|_| Refusal::Full)?;
@@ -144,6 +146,15 @@ mod tests {
     }
 
     #[test]
+    fn addresses_are_keyed_by_host_or_ipv6_network() {
+        let key = |s: &str| address_key(s.parse().unwrap());
+        assert_eq!(key("192.0.2.1"), key("::ffff:192.0.2.1"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::2"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert!(key("::ffff:127.0.0.1").is_loopback());
+    }
+
+    #[test]
     fn one_address_cannot_take_every_slot() {
         let (one, two): (IpAddr, IpAddr) =
             ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
@@ -157,6 +168,20 @@ mod tests {
         assert!(limit.try_acquire(two).is_ok(), "another address is served");
         drop(a);
         assert!(limit.try_acquire(one).is_ok(), "a freed slot counts again");
+    }
+}
+
+/// The key per-address limits count by: an IPv4 address (also written as
+/// an IPv4-mapped IPv6 one), or an IPv6 address's /64 network, since one
+/// host commonly holds a whole /64.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut segments = v6.segments();
+            segments[4..].fill(0);
+            IpAddr::V6(std::net::Ipv6Addr::from(segments))
+        }
+        v4 => v4,
     }
 }
 

@@ -751,6 +751,7 @@ async fn failed_logins_are_throttled_per_account_and_per_address() {
         throttle: chat_core::ThrottleConfig {
             per_account: chat_core::Rate::per_minute(3, 1.0),
             per_address: chat_core::Rate::per_minute(5, 1.0),
+            ..chat_core::ThrottleConfig::default()
         },
         ..fast_config()
     };
@@ -871,4 +872,40 @@ impl Store for LegacyStore {
     async fn ack(&self, name: &Username, through: u64) -> Result<usize, StoreError> {
         self.inner.ack(name, through).await
     }
+}
+
+/// Attempts made in parallel are charged before they are checked: a
+/// budget with room for three lets three through, however many are sent
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_guesses_cannot_outrun_the_throttle() {
+    let config = Config {
+        throttle: chat_core::ThrottleConfig {
+            per_account: chat_core::Rate::per_minute(3, 1e-6),
+            ..chat_core::ThrottleConfig::default()
+        },
+        ..fast_config()
+    };
+    let chat = Chat::new(Arc::new(MemoryStore::default()), config);
+    let (owner, _e) = chat.open_session();
+    owner.create("alice", "the right one").await.unwrap();
+    owner.close().await;
+    let mut guesses = Vec::new();
+    for i in 0..20 {
+        let chat = chat.clone();
+        guesses.push(tokio::spawn(async move {
+            let peer = std::net::IpAddr::from([198, 51, 100, i]);
+            let (s, _e) = chat.open_session_from(peer);
+            s.login("alice", "guess guess").await.unwrap_err().code()
+        }));
+    }
+    let mut checked = 0;
+    for guess in guesses {
+        match guess.await.unwrap() {
+            ErrorCode::WrongPassword => checked += 1,
+            ErrorCode::TooManyAttempts => {}
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(checked, 3, "only the account's budget was checked");
 }

@@ -54,7 +54,8 @@ pub struct GrpcConfig {
     /// a client uses one for its push stream and one per call in flight.
     pub max_streams_per_connection: u32,
     /// Largest request message accepted, in bytes (default 8 KiB, as on
-    /// the socket transport; the largest legal request is under 1.5 KiB).
+    /// the socket transport; the largest legal request, a password change
+    /// with two 256-character passwords, is under 2.1 KiB).
     /// A larger one fails with `OUT_OF_RANGE` before it is decoded.
     pub max_request: usize,
     /// Longest a call may take before it fails with `CANCELLED` (default

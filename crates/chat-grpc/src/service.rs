@@ -34,6 +34,9 @@ pub struct ChatService {
     pub(crate) stop: CancellationToken,
 }
 
+/// The address counted for a caller whose connection gave none.
+const UNKNOWN_PEER: std::net::IpAddr = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+
 fn bearer<T>(request: &Request<T>) -> Result<Option<&str>, Status> {
     let Some(value) = request.metadata().get("authorization") else {
         return Ok(None);
@@ -121,10 +124,10 @@ impl ChatService {
             };
             return Err(self.failed(&entry, err).await);
         }
-        let (session, events) = match peer_of(request) {
-            Some(peer) => self.chat.open_session_from(peer.ip()),
-            None => self.chat.open_session(),
-        };
+        // Without a known address the caller is treated as remote (never
+        // trusted, limits counted together), not as an embedding app.
+        let peer = peer_of(request).map_or(UNKNOWN_PEER, |p| p.ip());
+        let (session, events) = self.chat.open_session_from(peer);
         let result = if create {
             session.create(name, password).await
         } else {
@@ -260,7 +263,9 @@ impl ChatService {
                 let names = if self.chat.is_shutting_down() {
                     Err(ChatError::ShuttingDown)
                 } else {
-                    self.chat.list(&query.pattern, max).await
+                    // No session to count lists on: count them per address.
+                    let peer = peer_of(&request).map_or(UNKNOWN_PEER, |p| p.ip());
+                    self.chat.list_from(peer, &query.pattern, max).await
                 };
                 (names, SessionState::LoggedOut)
             }

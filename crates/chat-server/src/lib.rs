@@ -32,9 +32,11 @@ pub struct Tuning {
     /// what the process may open, with room for the store.
     #[arg(long, default_value_t = Tuning::default().max_connections)]
     pub max_connections: usize,
-    /// Most connections from one peer address, both transports together.
-    #[arg(long, default_value_t = Tuning::default().max_connections_per_address)]
-    pub max_connections_per_address: usize,
+    /// Most connections from one peer address (an IPv6 /64), both
+    /// transports together [default: 1,000, or an eighth of the
+    /// connection limit if that is smaller].
+    #[arg(long)]
+    pub max_connections_per_address: Option<usize>,
     /// Seconds a new connection may take to complete its handshake (socket:
     /// its hello, then told `handshake_timeout`; gRPC: its HTTP/2 preface
     /// and first call) before it is closed.
@@ -89,7 +91,7 @@ impl Default for Tuning {
         Self {
             idle_timeout_secs: socket.idle_timeout.as_secs(),
             max_connections: chat_core::DEFAULT_MAX_CONNECTIONS,
-            max_connections_per_address: chat_core::DEFAULT_MAX_PER_ADDRESS,
+            max_connections_per_address: None,
             handshake_timeout_secs: socket.handshake_timeout.as_secs(),
             stream_grace_secs: grpc.stream_grace.as_secs(),
             push_timeout_secs: grpc.push_timeout.as_secs(),
@@ -335,8 +337,11 @@ impl Bound {
         let mut servers = tokio::task::JoinSet::new();
         // One count for every transport: each connection is a file
         // descriptor, whichever protocol it speaks.
-        let connections = ConnectionLimit::new(connection_budget(tuning.max_connections))
-            .with_per_address(tuning.max_connections_per_address.max(1));
+        let budget = connection_budget(tuning.max_connections);
+        let connections = ConnectionLimit::new(budget).with_per_address(per_address_share(
+            budget,
+            tuning.max_connections_per_address,
+        ));
         for (spec, listener) in self.listeners {
             let chat = chat.clone();
             let stop = stop.clone().cancelled_owned();
@@ -395,8 +400,27 @@ impl Bound {
 }
 
 /// File descriptors kept for everything but client connections: the
-/// listeners, the store's files and connections, log output, and slack.
-pub const RESERVED_FDS: u64 = 128;
+/// listeners, the store's files and connections, log output, the socket
+/// connections being refused at any moment (up to 256), and slack.
+pub const RESERVED_FDS: u64 = 384;
+
+/// What one address may hold of a connection budget: what was asked (up
+/// to the budget), or by default [`chat_core::DEFAULT_MAX_PER_ADDRESS`] but
+/// no more than an eighth of the budget, so that one address cannot take
+/// every connection even when the file-descriptor limit makes the budget
+/// small.
+pub fn per_address_share(budget: usize, asked: Option<usize>) -> usize {
+    let share = match asked {
+        Some(asked) => asked.min(budget),
+        None => chat_core::DEFAULT_MAX_PER_ADDRESS.min(budget / 8),
+    }
+    .max(1);
+    tracing::info!(
+        max_connections_per_address = share,
+        "connections per address"
+    );
+    share
+}
 
 /// Raises the process's file-descriptor limit to its hard limit and
 /// returns how many connections it can serve: `wanted`, or fewer if the

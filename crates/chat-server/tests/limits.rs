@@ -11,6 +11,25 @@ use chat_socket::SocketClient;
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// A greeted socket connection from `local` (a loopback address), held
+/// open: it takes one connection slot.
+async fn greeted_from(local: &str, server: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(server).await.unwrap();
+    stream
+        .write_all(&[
+            0, 0, 0, 13, 0x01, b'C', b'H', b'A', b'T', 0, 2, 0, 2, 0, 0, 0, 0,
+        ])
+        .await
+        .unwrap();
+    let mut head = [0u8; 5];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[4], 0x81, "welcomed");
+    stream
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_limit_counts_both_transports() {
     let any = "127.0.0.1:0".parse().unwrap();
@@ -19,8 +38,9 @@ async fn the_connection_limit_counts_both_transports() {
         .unwrap();
     let addrs = bound.local_addrs().unwrap();
     let (socket, grpc) = (addrs[0], addrs[1]);
+    // 16 in all, so 2 per address (an eighth).
     let tuning = Tuning {
-        max_connections: 2,
+        max_connections: 16,
         ..Tuning::default()
     };
     tokio::spawn(async move {
@@ -29,15 +49,22 @@ async fn the_connection_limit_counts_both_transports() {
             .await
     });
 
+    // One connection per transport from 127.0.0.1 ...
     let mut over_socket = SocketClient::connect(socket).await.unwrap();
     over_socket.create("alice", "password1").await.unwrap();
     let mut over_grpc = GrpcClient::connect(&grpc.to_string()).await.unwrap();
     over_grpc.create("bob", "password1").await.unwrap();
-
-    // Both slots are taken, one per transport: a third connection is
-    // refused on either.
+    // ... and 14 more from other loopback addresses fill the 16.
+    let mut held = Vec::new();
+    for host in 2..=8 {
+        for _ in 0..2 {
+            held.push(greeted_from(&format!("127.0.0.{host}"), socket).await);
+        }
+    }
+    // Full, counting both transports: a 17th is refused on either.
     let refused = SocketClient::connect(socket).await.unwrap_err();
     assert_eq!(refused.code(), Some(ErrorCode::ServerFull), "{refused}");
+    assert!(refused.to_string().contains("full"), "{refused}");
     let grpc_refused = match GrpcClient::connect(&grpc.to_string()).await {
         Err(err) => err,
         Ok(mut third) => third.list("", 0).await.unwrap_err(),
@@ -65,6 +92,7 @@ async fn the_connection_limit_counts_both_transports() {
     };
     again.login("alice", "password1").await.unwrap();
     over_grpc.send("alice", "still here").await.unwrap();
+    drop(held);
 }
 
 /// One address cannot take every connection: past its share, it is
@@ -79,7 +107,7 @@ async fn one_address_gets_its_share_of_connections() {
     let addrs = bound.local_addrs().unwrap();
     let (socket, grpc) = (addrs[0], addrs[1]);
     let tuning = Tuning {
-        max_connections_per_address: 1,
+        max_connections_per_address: Some(1),
         ..Tuning::default()
     };
     tokio::spawn(async move {
@@ -114,6 +142,14 @@ fn the_connection_budget_fits_the_file_descriptor_limit() {
     let (soft, _hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
     assert!(chosen as u64 + chat_server::RESERVED_FDS <= soft.max(chat_server::RESERVED_FDS + 1));
     assert_eq!(chat_server::connection_budget(10), 10);
+    assert_eq!(chat_server::per_address_share(896, None), 112);
+    assert_eq!(chat_server::per_address_share(50_000, None), 1_000);
+    assert_eq!(chat_server::per_address_share(4, None), 1);
+    assert_eq!(
+        chat_server::per_address_share(896, Some(500)),
+        500,
+        "as asked"
+    );
 }
 
 /// The server's per-user send rate and per-address create rate reach the

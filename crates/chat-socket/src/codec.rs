@@ -13,8 +13,8 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::frame::{ClientFrame, FrameError, LENGTH_PREFIX, ServerFrame};
 
 /// Largest client-to-server payload a server accepts by default. The
-/// largest legal request (a send of 50 four-byte characters to a recipient
-/// and 280 four-byte characters of text) is under 1.4 KiB.
+/// largest legal request (CHANGE PASSWORD with two passwords of 256
+/// four-byte characters) is under 2.1 KiB.
 pub const DEFAULT_MAX_REQUEST: usize = 8 * 1024;
 /// Largest server-to-client payload a client accepts by default: room for a
 /// full list (1,000 names) or fetch (256 messages) response.

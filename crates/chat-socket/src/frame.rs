@@ -98,8 +98,8 @@ mod tag {
 /// reserved for errors that answer no particular request.
 pub type RequestId = u32;
 
-/// What a client sends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a client sends. Its `Debug` output never shows a password.
+#[derive(Clone, PartialEq, Eq)]
 pub enum ClientFrame {
     /// First frame of every connection: the versions and features the
     /// client speaks.
@@ -205,6 +205,79 @@ pub enum ClientFrame {
         /// Highest message id acknowledged (cumulative).
         through: u64,
     },
+}
+
+impl std::fmt::Debug for ClientFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const HIDDEN: &str = "..";
+        match self {
+            ClientFrame::Hello {
+                highest,
+                lowest,
+                features,
+                send_key,
+            } => f
+                .debug_struct("Hello")
+                .field("highest", highest)
+                .field("lowest", lowest)
+                .field("features", features)
+                .field("send_key", &send_key.map(|_| HIDDEN))
+                .finish(),
+            ClientFrame::Ping { nonce } => f.debug_struct("Ping").field("nonce", nonce).finish(),
+            ClientFrame::Create { id, name, .. } => f
+                .debug_struct("Create")
+                .field("id", id)
+                .field("name", name)
+                .field("password", &HIDDEN)
+                .finish(),
+            ClientFrame::Login { id, name, .. } => f
+                .debug_struct("Login")
+                .field("id", id)
+                .field("name", name)
+                .field("password", &HIDDEN)
+                .finish(),
+            ClientFrame::Logout { id } => f.debug_struct("Logout").field("id", id).finish(),
+            ClientFrame::Delete { id, .. } => f
+                .debug_struct("Delete")
+                .field("id", id)
+                .field("password", &HIDDEN)
+                .finish(),
+            ClientFrame::ChangePassword { id, .. } => f
+                .debug_struct("ChangePassword")
+                .field("id", id)
+                .field("old", &HIDDEN)
+                .field("new", &HIDDEN)
+                .finish(),
+            ClientFrame::Send { id, to, body } => f
+                .debug_struct("Send")
+                .field("id", id)
+                .field("to", to)
+                .field("body", body)
+                .finish(),
+            ClientFrame::List { id, max, pattern } => f
+                .debug_struct("List")
+                .field("id", id)
+                .field("max", max)
+                .field("pattern", pattern)
+                .finish(),
+            ClientFrame::Fetch { id, max } => f
+                .debug_struct("Fetch")
+                .field("id", id)
+                .field("max", max)
+                .finish(),
+            ClientFrame::SendOnce { id, to, body } => f
+                .debug_struct("SendOnce")
+                .field("id", id)
+                .field("to", to)
+                .field("body", body)
+                .finish(),
+            ClientFrame::Ack { id, through } => f
+                .debug_struct("Ack")
+                .field("id", id)
+                .field("through", through)
+                .finish(),
+        }
+    }
 }
 
 /// What a server sends.

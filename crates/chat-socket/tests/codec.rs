@@ -475,3 +475,24 @@ fn error_codes_from_a_newer_server_are_still_errors() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn debug_output_never_shows_a_password() {
+    let frame = ClientFrame::ChangePassword {
+        id: 1,
+        old: "old secret here".into(),
+        new: "new secret here".into(),
+    };
+    let shown = format!("{frame:?}");
+    assert!(!shown.contains("secret"), "{shown}");
+    let frame = ClientFrame::Login {
+        id: 2,
+        name: "alice".into(),
+        password: "hunter2hunter2".into(),
+    };
+    let shown = format!("{frame:?}");
+    assert!(
+        shown.contains("alice") && !shown.contains("hunter2"),
+        "{shown}"
+    );
+}

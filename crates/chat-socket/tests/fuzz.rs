@@ -224,15 +224,26 @@ fn live_server() {
             idle_timeout: Duration::from_secs(2),
             ..ServerConfig::default()
         };
+        let engine = chat_core::Config {
+            hashing: chat_core::HashingConfig::cheap_for_tests(),
+            ..chat_core::Config::default()
+        };
+        let chat = Chat::new(
+            std::sync::Arc::new(chat_core::MemoryStore::default()),
+            engine,
+        );
         tokio::spawn(chat_socket::serve(
             listener,
-            Chat::in_memory(),
+            chat,
             config,
             std::future::pending(),
         ));
         addr
     });
     fuzz("live_server", |bytes| {
+        // Each case starts clean, so a failure is this case's (and
+        // shrinking keeps the input that causes it).
+        PANICKED.store(false, std::sync::atomic::Ordering::SeqCst);
         runtime.block_on(async {
             let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
             let mut all = HELLO.to_vec();
