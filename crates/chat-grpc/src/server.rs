@@ -64,6 +64,12 @@ pub struct GrpcConfig {
     /// How long a new connection may take to send its HTTP/2 preface and
     /// its first call before it is closed (default 10 s).
     pub handshake_timeout: Duration,
+    /// Age at which a connection is told to go away (HTTP/2 GOAWAY, default
+    /// 10 minutes): it takes no new calls, calls and push streams already
+    /// open run to their end, and then it closes. An idle connection
+    /// closes at once, so none is held forever; clients reconnect for
+    /// their next call without noticing.
+    pub max_connection_age: Duration,
 }
 
 impl Default for GrpcConfig {
@@ -79,6 +85,7 @@ impl Default for GrpcConfig {
             max_request: 8 * 1024,
             request_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(600),
         }
     }
 }
@@ -160,6 +167,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
         .max_concurrent_streams(Some(config.max_streams_per_connection.max(1)))
         .timeout(config.request_timeout)
+        .max_connection_age(config.max_connection_age)
         // Every call, to any service, completes its connection's handshake.
         .layer(InterceptorLayer::new(first_request))
         .add_service(health_service)

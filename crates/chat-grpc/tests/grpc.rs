@@ -709,3 +709,46 @@ async fn connections_without_a_call_are_closed_after_the_handshake_timeout() {
     client.create("patient", "password1").await.unwrap();
     assert_eq!(client.list("patient", 0).await.unwrap().len(), 1);
 }
+
+/// A connection past its maximum age is told to go away: one with nothing
+/// open closes (its slot comes back), while a session's push stream on
+/// another runs on, and its client keeps working.
+#[tokio::test]
+async fn old_idle_connections_are_closed_and_sessions_live_on() {
+    let connections = chat_core::ConnectionLimit::new(100);
+    let config = GrpcConfig {
+        max_connection_age: Duration::from_secs(1),
+        connections: connections.clone(),
+        ..GrpcConfig::default()
+    };
+    let server = start(config).await;
+    let mut alice = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    let mut bob = GrpcClient::connect(&server.addr.to_string()).await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
+    // An idle connection past the handshake: one call, then nothing.
+    let mut idle = Stub::new(channel(server.addr).await);
+    idle.list_accounts(pb::ListAccountsRequest {
+        pattern: String::new(),
+        max: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(connections.in_use(), 3, "alice's, bob's and the idle one");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    // Alice's and bob's push streams hold their connections past the age;
+    // the idle one goes, though its client still holds it.
+    while connections.in_use() > 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "old connections were never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(idle);
+    bob.send("alice", "still here").await.unwrap();
+    match tokio::time::timeout(PATIENCE, alice.next_push()).await {
+        Ok(Some(chat_core::client::Push::Message(m))) => assert_eq!(m.body.as_str(), "still here"),
+        other => panic!("{other:?}"),
+    }
+}

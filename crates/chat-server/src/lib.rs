@@ -57,6 +57,10 @@ pub struct Tuning {
     /// gRPC transport: seconds a call may take before it fails.
     #[arg(long, default_value_t = Tuning::default().grpc_request_timeout_secs)]
     pub grpc_request_timeout_secs: u64,
+    /// gRPC transport: age in seconds at which a connection is told to go
+    /// away (open calls and streams finish; an idle connection closes).
+    #[arg(long, default_value_t = Tuning::default().grpc_max_connection_age_secs)]
+    pub grpc_max_connection_age_secs: u64,
     /// Messages one user may send per second, sustained (0: no limit);
     /// past it sends fail with `rate_limited`.
     #[arg(long, default_value_t = Tuning::default().send_rate)]
@@ -97,6 +101,7 @@ impl Default for Tuning {
             push_timeout_secs: grpc.push_timeout.as_secs(),
             grpc_max_streams: grpc.max_streams_per_connection,
             grpc_request_timeout_secs: grpc.request_timeout.as_secs(),
+            grpc_max_connection_age_secs: grpc.max_connection_age.as_secs(),
             send_rate: 256,
             send_burst: 512,
             creates_per_minute: 10,
@@ -152,6 +157,7 @@ impl Tuning {
             max_streams_per_connection: self.grpc_max_streams.max(1),
             request_timeout: Duration::from_secs(self.grpc_request_timeout_secs.max(1)),
             handshake_timeout: Duration::from_secs(self.handshake_timeout_secs.max(1)),
+            max_connection_age: Duration::from_secs(self.grpc_max_connection_age_secs.max(1)),
             ..GrpcConfig::default()
         }
     }
