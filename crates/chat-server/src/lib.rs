@@ -75,6 +75,11 @@ pub struct Tuning {
     /// Accounts that may be created from one address at once.
     #[arg(long, default_value_t = Tuning::default().create_burst)]
     pub create_burst: u32,
+    /// Serve on an address other than loopback although the transports are
+    /// plaintext (TLS is not built yet): passwords and messages then cross
+    /// the network unencrypted. Without it, such an address is refused.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// Most accounts the server may hold (0: no cap); past it creates fail
     /// with `account_limit`.
     #[arg(long, default_value_t = Tuning::default().max_accounts)]
@@ -109,6 +114,7 @@ impl Default for Tuning {
             max_accounts: 0,
             list_rate: 2,
             list_burst: 10,
+            insecure_plaintext: false,
         }
     }
 }
@@ -271,6 +277,7 @@ pub fn init_logging() {
 /// one shared engine on all of them until Ctrl-C or SIGTERM, then shuts
 /// down cleanly.
 pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyhow::Result<()> {
+    check_plaintext(listen, tuning.insecure_plaintext)?;
     let shutdown = shutdown_signal().context("cannot install the signal handlers")?;
     let chat = storage.open_with(tuning.engine()).await?;
     let bound = Bound::bind(listen).await?;
@@ -403,6 +410,29 @@ impl Bound {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Refuses to serve plaintext on an address other than loopback unless
+/// `insecure` (`--insecure-plaintext`) says to: passwords would cross the
+/// network unencrypted.
+pub fn check_plaintext(listen: &[Listen], insecure: bool) -> anyhow::Result<()> {
+    for spec in listen {
+        let addr = match spec {
+            Listen::Socket(addr) | Listen::Grpc(addr) => addr,
+        };
+        if addr.ip().to_canonical().is_loopback() {
+            continue;
+        }
+        if !insecure {
+            anyhow::bail!(
+                "refusing to serve plaintext on {addr}: passwords and messages would cross the \
+                 network unencrypted, and TLS is not available yet; listen on a loopback address, \
+                 or pass --insecure-plaintext to accept the risk"
+            );
+        }
+        tracing::warn!(%addr, "serving plaintext on a non-loopback address (--insecure-plaintext)");
+    }
+    Ok(())
 }
 
 /// File descriptors kept for everything but client connections: the

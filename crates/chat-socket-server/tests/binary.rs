@@ -45,3 +45,41 @@ async fn serves_grpc_too_on_the_same_engine() {
     expect_goodbye(&mut alice, ErrorCode::ShuttingDown).await;
     expect_goodbye(&mut bob, ErrorCode::ShuttingDown).await;
 }
+
+/// Plaintext stays on loopback unless the operator says otherwise: binding
+/// another address without `--insecure-plaintext` fails at start, saying
+/// why; with it, the server runs.
+#[tokio::test]
+async fn plaintext_off_loopback_needs_an_explicit_flag() {
+    let refused = tokio::process::Command::new(SERVER)
+        .args(["--listen", "0.0.0.0:0", "--store", "memory"])
+        .output()
+        .await
+        .expect("run the server");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("refusing to serve plaintext on 0.0.0.0:0")
+            && stderr.contains("--insecure-plaintext"),
+        "{stderr}"
+    );
+    assert!(refused.stdout.is_empty(), "nothing was bound or announced");
+    let server = ServerProcess::start(
+        SERVER,
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--store",
+            "memory",
+            "--insecure-plaintext",
+        ],
+        1,
+    )
+    .await;
+    let port = server.addrs[0].rsplit(':').next().unwrap().to_string();
+    let mut alice = SocketClient::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    server.terminate().await;
+}
