@@ -172,8 +172,70 @@ async fn latencies<C: Dial>(
     }
     out.push(latency(C::NAME, store, "send", &send));
     out.push(latency(C::NAME, store, "send → delivery", &deliver));
+
+    // The same, while other clients log in and out as fast as they can:
+    // every login hashes a password (argon2id, on the blocking pool, as
+    // many at once as the server allows), and delivery must not wait for
+    // that.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut storm = Vec::new();
+    for i in 0..LOGIN_STORM_CLIENTS {
+        let mut c = C::dial(addr).await;
+        let name = format!("{tag}storm{i}");
+        c.create(&name, "password1").await.expect("create");
+        c.logout().await.expect("logout");
+        let stop = std::sync::Arc::clone(&stop);
+        storm.push(tokio::spawn(async move {
+            let mut logins = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.login(&name, "password1").await.expect("storm login");
+                c.logout().await.expect("storm logout");
+                logins += 1;
+            }
+            logins
+        }));
+    }
+    let mut deliver = histogram();
+    let started = Instant::now();
+    let mut n = 0;
+    // At least `samples`, and for long enough that the storm is under way.
+    while n < samples || started.elapsed() < LOGIN_STORM_MIN {
+        n += 1;
+        let t = Instant::now();
+        a.send(&bob, &body(micros(epoch.elapsed())))
+            .await
+            .expect("send");
+        let m = next_message(&mut b).await;
+        deliver.record(micros(t.elapsed())).ok();
+        if n % 64 == 63 {
+            b.ack(m.id).await.expect("ack");
+        }
+    }
+    let window = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut logins = 0;
+    for task in storm {
+        logins += task.await.expect("storm task");
+    }
+    eprintln!(
+        "    {} / {store}: {logins} logins in {:.1} s during the login-storm samples",
+        C::NAME,
+        window.as_secs_f64()
+    );
+    out.push(latency(
+        C::NAME,
+        store,
+        "send → delivery (login storm)",
+        &deliver,
+    ));
     out
 }
+
+/// Clients logging in and out in a loop while the login-storm latency is
+/// measured.
+const LOGIN_STORM_CLIENTS: usize = 8;
+/// Shortest login-storm measurement.
+const LOGIN_STORM_MIN: Duration = Duration::from_secs(2);
 
 /// A raw TCP echo of the same payload: the physical limit.
 async fn raw_latency(addr: SocketAddr, samples: usize) -> Latency {
