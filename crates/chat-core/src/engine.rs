@@ -42,6 +42,9 @@ pub const STRIPES: usize = 1024;
 /// Most lists running at once in one engine.
 const MAX_LISTS_AT_ONCE: usize = 2;
 
+/// Lock shards of the per-user send budgets.
+const SEND_RATE_SHARDS: usize = 64;
+
 /// Tunables of the engine. `Config::default()` is what the servers use.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -170,8 +173,9 @@ struct Inner {
     create_gate: Mutex<()>,
     hashing: Hashing,
     throttle: Throttle,
-    /// Each user's sends ([`Config::send_rate`]), kept across its logins.
-    sends: StdMutex<HashMap<Username, Bucket>>,
+    /// Each user's sends ([`Config::send_rate`]), kept across its logins;
+    /// sharded by name.
+    sends: Box<[StdMutex<HashMap<Username, Bucket>>]>,
     /// Lists from callers without a session of their own, per address
     /// ([`Config::list_rate`]; see [`Chat::list_from`]).
     lists: StdMutex<HashMap<IpAddr, Bucket>>,
@@ -284,7 +288,7 @@ impl Chat {
         let inner = Arc::new(Inner {
             hashing,
             throttle,
-            sends: StdMutex::default(),
+            sends: (0..SEND_RATE_SHARDS).map(|_| StdMutex::default()).collect(),
             lists: StdMutex::default(),
             lists_running: tokio::sync::Semaphore::new(MAX_LISTS_AT_ONCE),
             store,
@@ -419,17 +423,12 @@ impl Chat {
         max: usize,
     ) -> Result<Vec<Username>, ChatError> {
         if let Some(rate) = self.inner.config.list_rate {
-            let mut lists = self.inner.lists.lock().map_err(|_| poisoned_lock())?;
-            if let Err(retry_after) = lists
-                .entry(address_key(peer))
-                .or_insert_with(|| Bucket::full(rate))
-                .take(rate)
-            {
-                return Err(ChatError::RateLimited {
-                    what: "lists from your address",
-                    retry_after,
-                });
-            }
+            take_token(
+                &self.inner.lists,
+                address_key(peer),
+                rate,
+                "lists from your address",
+            )?;
         }
         self.list(pattern, max).await
     }
@@ -473,8 +472,12 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
             return;
         }
         inner.throttle.prune();
-        if let (Some(rate), Ok(mut sends)) = (inner.config.send_rate, inner.sends.lock()) {
-            sends.retain(|_, bucket| !bucket.is_full(rate));
+        if let Some(rate) = inner.config.send_rate {
+            for shard in &inner.sends {
+                if let Ok(mut sends) = shard.lock() {
+                    sends.retain(|_, bucket| !bucket.is_full(rate));
+                }
+            }
         }
         if let (Some(rate), Ok(mut lists)) = (inner.config.list_rate, inner.lists.lock()) {
             lists.retain(|_, bucket| !bucket.is_full(rate));
@@ -832,18 +835,11 @@ impl Session {
         let Some(rate) = self.chat.inner.config.send_rate else {
             return Ok(());
         };
-        let mut sends = self.chat.inner.sends.lock().map_err(|_| poisoned_lock())?;
-        match sends
-            .entry(sender.clone())
-            .or_insert_with(|| Bucket::full(rate))
-            .take(rate)
-        {
-            Ok(()) => Ok(()),
-            Err(retry_after) => Err(ChatError::RateLimited {
-                what: "messages",
-                retry_after,
-            }),
-        }
+        // Sharded like the stripes: every send passes here, and senders
+        // must not queue behind one lock.
+        let inner = &self.chat.inner;
+        let shard = inner.stripe_hasher.hash_one(sender) as usize % SEND_RATE_SHARDS;
+        take_token(&inner.sends[shard], sender.clone(), rate, "messages")
     }
 
     /// Takes a token from this peer address's create bucket, if creates
@@ -855,23 +851,12 @@ impl Session {
         ) else {
             return Ok(());
         };
-        let mut creates = self
-            .chat
-            .inner
-            .creates
-            .lock()
-            .map_err(|_| poisoned_lock())?;
-        match creates
-            .entry(peer)
-            .or_insert_with(|| Bucket::full(rate))
-            .take(rate)
-        {
-            Ok(()) => Ok(()),
-            Err(retry_after) => Err(ChatError::RateLimited {
-                what: "new accounts from your address",
-                retry_after,
-            }),
-        }
+        take_token(
+            &self.chat.inner.creates,
+            peer,
+            rate,
+            "new accounts from your address",
+        )
     }
 
     async fn lock_logged_out(
@@ -935,6 +920,22 @@ impl Drop for Session {
             handle.spawn(async move { chat.unclaim(&user, id).await });
         }
     }
+}
+
+/// Takes a token from `key`'s bucket (a full one if it has none yet), or
+/// says `rate_limited` with how long until one is there.
+fn take_token<K: std::hash::Hash + Eq>(
+    buckets: &StdMutex<HashMap<K, Bucket>>,
+    key: K,
+    rate: Rate,
+    what: &'static str,
+) -> Result<(), ChatError> {
+    let mut buckets = buckets.lock().map_err(|_| poisoned_lock())?;
+    buckets
+        .entry(key)
+        .or_insert_with(|| Bucket::full(rate))
+        .take(rate)
+        .map_err(|retry_after| ChatError::RateLimited { what, retry_after })
 }
 
 fn poisoned_lock() -> ChatError {

@@ -229,18 +229,9 @@ impl Bucket {
 
     /// Takes one token, or says how long until one is there.
     pub(crate) fn take(&mut self, rate: Rate) -> Result<(), std::time::Duration> {
-        self.refill(rate);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return Ok(());
-        }
-        let missing = 1.0 - self.tokens;
-        let wait = if rate.per_second > 0.0 {
-            missing / rate.per_second
-        } else {
-            f64::MAX
-        };
-        Err(std::time::Duration::from_secs_f64(wait.min(86_400.0)))
+        self.peek(rate)?;
+        self.tokens -= 1.0;
+        Ok(())
     }
 
     /// Whether a token is there now (none is taken), or how long until
@@ -255,6 +246,7 @@ impl Bucket {
         } else {
             f64::MAX
         };
+        // A day at most: a rate of zero would otherwise say "forever".
         Err(std::time::Duration::from_secs_f64(wait.min(86_400.0)))
     }
 

@@ -295,13 +295,19 @@ pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyho
 /// process ends; returns the actual addresses, in order. For tests,
 /// examples and embedding, where nothing needs to stop the server.
 pub async fn spawn(listen: &[Listen], chat: Chat) -> anyhow::Result<Vec<SocketAddr>> {
+    spawn_with(listen, chat, Tuning::default()).await
+}
+
+/// [`spawn`] with `tuning` instead of the default flags.
+pub async fn spawn_with(
+    listen: &[Listen],
+    chat: Chat,
+    tuning: Tuning,
+) -> anyhow::Result<Vec<SocketAddr>> {
     let bound = Bound::bind(listen).await?;
     let addrs = bound.local_addrs()?;
     tokio::spawn(async move {
-        if let Err(err) = bound
-            .serve(chat, &Tuning::default(), std::future::pending())
-            .await
-        {
+        if let Err(err) = bound.serve(chat, &tuning, std::future::pending()).await {
             tracing::error!(%err, "background server failed");
         }
     });

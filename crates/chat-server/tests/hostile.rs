@@ -8,7 +8,7 @@ use std::time::Duration;
 use chat_core::Chat;
 use chat_core::client::{ChatClient, Push};
 use chat_grpc::GrpcClient;
-use chat_server::{Bound, Listen, Tuning};
+use chat_server::{Listen, Tuning};
 use chat_socket::SocketClient;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,21 +66,14 @@ fn tls_client_hello() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pair_keeps_chatting_while_both_ports_are_attacked() {
-    let any = "127.0.0.1:0".parse().unwrap();
-    let bound = Bound::bind(&[Listen::Socket(any), Listen::Grpc(any)])
-        .await
-        .unwrap();
-    let addrs = bound.local_addrs().unwrap();
-    let (socket, grpc) = (addrs[0], addrs[1]);
     let tuning = Tuning {
         handshake_timeout_secs: 1,
         ..Tuning::default()
     };
-    tokio::spawn(async move {
-        bound
-            .serve(Chat::in_memory(), &tuning, std::future::pending())
-            .await
-    });
+    let addrs = chat_server::spawn_with(&both(), Chat::in_memory(), tuning)
+        .await
+        .unwrap();
+    let (socket, grpc) = (addrs[0], addrs[1]);
 
     let mut alice = SocketClient::connect(socket).await.unwrap();
     alice.create("alice", "password1").await.unwrap();
@@ -144,4 +137,10 @@ async fn next_body<C: ChatClient>(client: &mut C) -> String {
         }
         other => panic!("expected a message, got {other:?}"),
     }
+}
+
+/// Both transports on free loopback ports.
+fn both() -> [Listen; 2] {
+    let any = "127.0.0.1:0".parse().unwrap();
+    [Listen::Socket(any), Listen::Grpc(any)]
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chat_core::client::ChatClient;
 use chat_core::{Chat, ErrorCode};
 use chat_grpc::GrpcClient;
-use chat_server::{Bound, Listen, Tuning};
+use chat_server::{Listen, Tuning};
 use chat_socket::SocketClient;
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -32,22 +32,15 @@ async fn greeted_from(local: &str, server: std::net::SocketAddr) -> tokio::net::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_limit_counts_both_transports() {
-    let any = "127.0.0.1:0".parse().unwrap();
-    let bound = Bound::bind(&[Listen::Socket(any), Listen::Grpc(any)])
-        .await
-        .unwrap();
-    let addrs = bound.local_addrs().unwrap();
-    let (socket, grpc) = (addrs[0], addrs[1]);
     // 16 in all, so 2 per address (an eighth).
     let tuning = Tuning {
         max_connections: 16,
         ..Tuning::default()
     };
-    tokio::spawn(async move {
-        bound
-            .serve(Chat::in_memory(), &tuning, std::future::pending())
-            .await
-    });
+    let addrs = chat_server::spawn_with(&both(), Chat::in_memory(), tuning)
+        .await
+        .unwrap();
+    let (socket, grpc) = (addrs[0], addrs[1]);
 
     // One connection per transport from 127.0.0.1 ...
     let mut over_socket = SocketClient::connect(socket).await.unwrap();
@@ -100,21 +93,14 @@ async fn the_connection_limit_counts_both_transports() {
 /// (that other addresses are still served is tested on the limit itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_gets_its_share_of_connections() {
-    let any = "127.0.0.1:0".parse().unwrap();
-    let bound = Bound::bind(&[Listen::Socket(any), Listen::Grpc(any)])
-        .await
-        .unwrap();
-    let addrs = bound.local_addrs().unwrap();
-    let (socket, grpc) = (addrs[0], addrs[1]);
     let tuning = Tuning {
         max_connections_per_address: Some(1),
         ..Tuning::default()
     };
-    tokio::spawn(async move {
-        bound
-            .serve(Chat::in_memory(), &tuning, std::future::pending())
-            .await
-    });
+    let addrs = chat_server::spawn_with(&both(), Chat::in_memory(), tuning)
+        .await
+        .unwrap();
+    let (socket, grpc) = (addrs[0], addrs[1]);
     let mut first = SocketClient::connect(socket).await.unwrap();
     first.create("alice", "password1").await.unwrap();
     let refused = SocketClient::connect(socket).await.unwrap_err();
@@ -156,12 +142,6 @@ fn the_connection_budget_fits_the_file_descriptor_limit() {
 /// client as `rate_limited` on both transports, and store nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rates_are_enforced_on_both_transports() {
-    let any = "127.0.0.1:0".parse().unwrap();
-    let bound = Bound::bind(&[Listen::Socket(any), Listen::Grpc(any)])
-        .await
-        .unwrap();
-    let addrs = bound.local_addrs().unwrap();
-    let (socket, grpc) = (addrs[0], addrs[1]);
     let tuning = Tuning {
         send_rate: 1,
         send_burst: 2,
@@ -173,7 +153,10 @@ async fn rates_are_enforced_on_both_transports() {
         std::sync::Arc::new(chat_core::MemoryStore::default()),
         tuning.engine(),
     );
-    tokio::spawn(async move { bound.serve(chat, &tuning, std::future::pending()).await });
+    let addrs = chat_server::spawn_with(&both(), chat, tuning)
+        .await
+        .unwrap();
+    let (socket, grpc) = (addrs[0], addrs[1]);
 
     let mut alice = SocketClient::connect(socket).await.unwrap();
     alice.create("alice", "password1").await.unwrap();
@@ -204,4 +187,10 @@ async fn burst_of_three<C: ChatClient>(client: &mut C) {
     client.send("carol", "two").await.unwrap();
     let err = client.send("carol", "three").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::RateLimited), "{err}");
+}
+
+/// Both transports on free loopback ports.
+fn both() -> [Listen; 2] {
+    let any = "127.0.0.1:0".parse().unwrap();
+    [Listen::Socket(any), Listen::Grpc(any)]
 }

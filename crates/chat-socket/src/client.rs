@@ -640,6 +640,20 @@ impl SocketClient {
         }
     }
 
+    /// A create or login: pushes queued for an earlier login go, and the
+    /// password is kept to log in again after a reconnect.
+    async fn enter(
+        &mut self,
+        password: &str,
+        make: impl FnOnce(RequestId) -> ClientFrame,
+    ) -> Result<SessionState, ClientError> {
+        self.drop_queued_pushes();
+        let state = self.simple(make).await?;
+        self.login_floor = self.conn.logins.load(Ordering::Acquire);
+        self.password = Some(password.to_owned());
+        Ok(state)
+    }
+
     async fn simple(
         &mut self,
         make: impl FnOnce(RequestId) -> ClientFrame,
@@ -658,33 +672,23 @@ fn unexpected(frame: ServerFrame) -> ClientError {
 
 impl ChatClient for SocketClient {
     async fn create(&mut self, name: &str, password: &str) -> Result<SessionState, ClientError> {
-        self.drop_queued_pushes();
         let (name, secret) = (name.to_owned(), password.to_owned());
-        let state = self
-            .simple(|id| ClientFrame::Create {
-                id,
-                name,
-                password: secret,
-            })
-            .await?;
-        self.login_floor = self.conn.logins.load(Ordering::Acquire);
-        self.password = Some(password.to_owned());
-        Ok(state)
+        self.enter(password, |id| ClientFrame::Create {
+            id,
+            name,
+            password: secret,
+        })
+        .await
     }
 
     async fn login(&mut self, name: &str, password: &str) -> Result<SessionState, ClientError> {
-        self.drop_queued_pushes();
         let (name, secret) = (name.to_owned(), password.to_owned());
-        let state = self
-            .simple(|id| ClientFrame::Login {
-                id,
-                name,
-                password: secret,
-            })
-            .await?;
-        self.login_floor = self.conn.logins.load(Ordering::Acquire);
-        self.password = Some(password.to_owned());
-        Ok(state)
+        self.enter(password, |id| ClientFrame::Login {
+            id,
+            name,
+            password: secret,
+        })
+        .await
     }
 
     async fn logout(&mut self) -> Result<SessionState, ClientError> {
