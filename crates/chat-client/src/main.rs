@@ -16,6 +16,7 @@ use chat_core::SessionState;
 use chat_core::client::{ChatClient, ClientError, Push};
 use chat_grpc::GrpcClient;
 use chat_socket::SocketClient;
+use chat_tls::ClientTls;
 use clap::Parser;
 use tokio::sync::mpsc;
 
@@ -32,6 +33,34 @@ struct Args {
     /// Protocol to speak.
     #[arg(long, value_enum, env = "CHAT_TRANSPORT", default_value_t = Transport::Socket)]
     transport: Transport,
+    /// Connect with TLS, trusting the system's root certificates unless
+    /// --ca is given.
+    #[arg(long, env = "CHAT_TLS")]
+    tls: bool,
+    /// Trust the CA certificates in this PEM file (implies --tls).
+    #[arg(long, env = "CHAT_CA", value_name = "PATH")]
+    ca: Option<std::path::PathBuf>,
+    /// Check the server's certificate against this name instead of the
+    /// host of --server (implies --tls).
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+}
+
+impl Args {
+    /// The TLS settings asked for, if any.
+    fn tls(&self) -> Result<Option<ClientTls>, chat_tls::TlsError> {
+        if !self.tls && self.ca.is_none() && self.tls_server_name.is_none() {
+            return Ok(None);
+        }
+        let tls = match &self.ca {
+            Some(path) => ClientTls::with_ca_file(path)?,
+            None => ClientTls::system_roots()?,
+        };
+        match &self.tls_server_name {
+            Some(name) => tls.server_name(name).map(Some),
+            None => Ok(Some(tls)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,13 +74,20 @@ enum Transport {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let server = args.server.unwrap_or_else(|| {
+    let server = args.server.clone().unwrap_or_else(|| {
         match args.transport {
             Transport::Socket => "127.0.0.1:7878",
             Transport::Grpc => "127.0.0.1:50051",
         }
         .to_string()
     });
+    let tls = match args.tls() {
+        Ok(tls) => tls,
+        Err(err) => {
+            eprintln!("chat: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let console = match console() {
         Ok(console) => console,
         Err(err) => {
@@ -63,12 +99,20 @@ async fn main() -> ExitCode {
         eprintln!("chat: cannot connect to {server}: {err}");
         ExitCode::from(1)
     };
-    match args.transport {
-        Transport::Socket => match SocketClient::connect(&server).await {
+    match (args.transport, tls) {
+        (Transport::Socket, None) => match SocketClient::connect(&server).await {
             Ok(client) => run(client, console).await,
             Err(err) => unreachable(err),
         },
-        Transport::Grpc => match GrpcClient::connect(&server).await {
+        (Transport::Socket, Some(tls)) => match SocketClient::connect_tls(&server, tls).await {
+            Ok(client) => run(client, console).await,
+            Err(err) => unreachable(err),
+        },
+        (Transport::Grpc, None) => match GrpcClient::connect(&server).await {
+            Ok(client) => run(client, console).await,
+            Err(err) => unreachable(err),
+        },
+        (Transport::Grpc, Some(tls)) => match GrpcClient::connect_tls(&server, tls).await {
             Ok(client) => run(client, console).await,
             Err(err) => unreachable(err),
         },

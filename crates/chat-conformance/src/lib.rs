@@ -8,8 +8,9 @@
 //! server, so scenarios never see each other's accounts.
 //!
 //! [`process`] runs the server binaries as child processes; [`wire`]
-//! counts bytes on the wire per operation.
+//! counts bytes on the wire per operation; [`pki`] makes TLS certificates.
 
+pub mod pki;
 pub mod process;
 pub mod scenarios;
 pub mod wire;

@@ -27,6 +27,7 @@ use chat_core::client::{ChatClient, ClientError, Push, Seen, Unreturned};
 use chat_core::{
     ErrorCode, LogoutReason, Message, MessageBody, MessageId, SendReceipt, SessionState, Username,
 };
+use chat_tls::ClientTls;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -115,6 +116,29 @@ fn reason_from(text: &str) -> LogoutReason {
     }
 }
 
+/// An error and its sources, for people: tonic's transport error alone says
+/// only "transport error".
+fn causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The channel settings both kinds of connection share.
+fn endpoint(addr: &str, uri: String) -> Result<Endpoint, ClientError> {
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| ClientError::Connection(format!("bad address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
+}
+
 impl GrpcClient {
     /// Connects to `addr` (`host:port`, or a full `http://` URI).
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
@@ -123,16 +147,48 @@ impl GrpcClient {
         } else {
             format!("http://{addr}")
         };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|e| ClientError::Connection(format!("bad address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(10))
+        let channel = endpoint(addr, uri)?
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
             .connect()
             .await
-            .map_err(|e| ClientError::Connection(format!("cannot connect to {addr}: {e}")))?;
+            .map_err(|e| {
+                ClientError::Connection(format!("cannot connect to {addr}: {}", causes(&e)))
+            })?;
+        Self::start(addr, channel).await
+    }
+
+    /// [`GrpcClient::connect`] over TLS (`host:port` or an `https://`
+    /// URI): the server's certificate must be trusted by `tls` and name
+    /// the host of `addr` (or the name `tls` was given). The channel's
+    /// reconnects use TLS too.
+    pub async fn connect_tls(addr: &str, tls: ClientTls) -> Result<Self, ClientError> {
+        // Our connector does the TLS; to tonic the channel is plain HTTP/2.
+        let authority = chat_tls::authority_of(addr).to_string();
+        let uri = format!("http://{authority}");
+        let connector = {
+            let addr = addr.to_string();
+            tower::service_fn(move |_: tonic::transport::Uri| {
+                let tls = tls.clone();
+                let authority = authority.clone();
+                let addr = addr.clone();
+                async move {
+                    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+                    stream.set_nodelay(true)?;
+                    let stream = tls.connect(stream, &addr, chat_tls::ALPN_GRPC).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            })
+        };
+        let channel = endpoint(addr, uri)?
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| {
+                ClientError::Connection(format!("cannot connect to {addr}: {}", causes(&e)))
+            })?;
+        Self::start(addr, channel).await
+    }
+
+    async fn start(addr: &str, channel: Channel) -> Result<Self, ClientError> {
         // One call at once: it completes the connection's handshake (the
         // server closes connections that make no call within its handshake
         // timeout), and a server that is up but not serving chat says so

@@ -1,8 +1,9 @@
-//! One accepted gRPC connection: its slot under the process's connection
-//! limit, and its handshake deadline.
+//! One accepted gRPC connection: its stream (TCP, or TLS over TCP), its
+//! slot under the process's connection limit, and its handshake deadline.
 //!
-//! A connection must send its HTTP/2 preface and complete its first call's
-//! request within the handshake timeout; until then, its reads fail once
+//! A connection must complete its TLS handshake (when TLS is on), send its
+//! HTTP/2 preface and complete its first call's request within the
+//! handshake timeout; until then, its reads fail once
 //! the deadline passes, and hyper closes it. Without this, a TCP connection
 //! that sends nothing (or only a preface) holds a file descriptor and a
 //! connection slot for as long as its peer likes: HTTP/2 keepalive pings
@@ -10,16 +11,15 @@
 //! reaped. The first call marks the handshake done through the connection's
 //! [`ConnInfo`], which tonic puts in every request's extensions.
 
+use chat_core::ConnectionSlot;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
-
-use chat_core::ConnectionSlot;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tonic::transport::server::Connected;
 
 /// What every request on a connection knows about it.
@@ -52,7 +52,7 @@ pub(crate) fn first_request(
 /// An accepted connection and its slot under the connection limit, given
 /// back when hyper drops the connection.
 pub(crate) struct Connection {
-    stream: TcpStream,
+    stream: Io,
     info: ConnInfo,
     /// Until the first call: when reading fails.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -61,10 +61,10 @@ pub(crate) struct Connection {
 
 impl Connection {
     pub(crate) fn new(
-        stream: TcpStream,
+        stream: Io,
         remote: SocketAddr,
         slot: ConnectionSlot,
-        handshake_timeout: Duration,
+        handshake_deadline: Instant,
     ) -> Self {
         Self {
             stream,
@@ -72,7 +72,7 @@ impl Connection {
                 remote,
                 handshake: Arc::default(),
             },
-            deadline: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+            deadline: Some(Box::pin(tokio::time::sleep_until(handshake_deadline))),
             _slot: slot,
         }
     }
@@ -134,5 +134,70 @@ impl AsyncWrite for Connection {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A connection's byte stream.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    /// Boxed: a TLS stream is far larger than a TCP one.
+    Tls(Box<chat_tls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(stream) => stream.is_write_vectored(),
+            Io::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
     }
 }

@@ -21,7 +21,7 @@ use tonic::service::InterceptorLayer;
 use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn};
 
-use crate::connection::{Connection, first_request};
+use crate::connection::{Connection, Io, first_request};
 use crate::pb;
 use crate::pb::chat_server::ChatServer;
 use crate::service::ChatService;
@@ -70,6 +70,10 @@ pub struct GrpcConfig {
     /// closes at once, so none is held forever; clients reconnect for
     /// their next call without noticing.
     pub max_connection_age: Duration,
+    /// Serve TLS (ALPN [`chat_tls::ALPN_GRPC`], `h2`) instead of plaintext
+    /// (default: plaintext). The TLS handshake counts against
+    /// [`GrpcConfig::handshake_timeout`].
+    pub tls: Option<chat_tls::Acceptor>,
 }
 
 impl Default for GrpcConfig {
@@ -86,6 +90,7 @@ impl Default for GrpcConfig {
             request_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_connection_age: Duration::from_secs(600),
+            tls: None,
         }
     }
 }
@@ -156,12 +161,7 @@ pub async fn serve(
             stop.cancel();
         }
     };
-    let incoming = accept_loop(
-        listener,
-        config.tcp_keepalive,
-        config.connections.clone(),
-        config.handshake_timeout,
-    );
+    let incoming = accept_loop(listener, &config);
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
@@ -180,52 +180,78 @@ pub async fn serve(
     served
 }
 
-/// Accepted connections, configured, for tonic. The builder's TCP options
-/// apply only to listeners tonic binds itself, so ours are set here: without
-/// TCP_NODELAY the first reply on every connection waits ~40 ms for a
-/// delayed ACK. Each connection holds a slot of `connections` while it
-/// lives; one beyond the limit is closed at once (HTTP/2 has no way to say
-/// why before its handshake); one that makes no call within
-/// `handshake_timeout` is closed then. Accept errors (out of file descriptors, a
-/// peer that reset before we got to it) are logged and retried after a
-/// pause: handing an error to tonic would stop the whole server.
+/// Accepted connections, configured (and past their TLS handshake), for
+/// tonic. The builder's TCP options apply only to listeners tonic binds
+/// itself, so ours are set here: without TCP_NODELAY the first reply on
+/// every connection waits ~40 ms for a delayed ACK. Each connection holds a
+/// slot of the connection limit while it lives; one beyond the limit is
+/// closed at once (HTTP/2 has no way to say why before its handshake); one
+/// that makes no call within the handshake timeout is closed then. TLS
+/// handshakes run side by side, each in its own task, so a slow one delays
+/// no other. Accept errors (out of file descriptors, a peer that reset
+/// before we got to it) are logged and retried after a pause: handing an
+/// error to tonic would stop the whole server. The accepting task ends
+/// when tonic drops the stream.
 fn accept_loop(
     listener: TcpListener,
-    tcp_keepalive: Duration,
-    connections: ConnectionLimit,
-    handshake_timeout: Duration,
-) -> impl futures::Stream<Item = std::io::Result<Connection>> {
+    config: &GrpcConfig,
+) -> impl futures::Stream<Item = std::io::Result<Connection>> + use<> {
     let keepalive = socket2::TcpKeepalive::new()
-        .with_time(tcp_keepalive)
-        .with_interval(tcp_keepalive / 3);
-    futures::stream::unfold(listener, move |listener| {
-        let keepalive = keepalive.clone();
-        let connections = connections.clone();
-        async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        let slot = match connections.try_acquire(peer.ip()) {
-                            Ok(slot) => slot,
-                            Err(refused) => {
-                                debug!(%peer, ?refused, "connection refused");
-                                continue;
-                            }
-                        };
-                        if let Err(err) = stream.set_nodelay(true).and_then(|()| {
-                            socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)
-                        }) {
-                            debug!(%peer, %err, "could not set socket options");
-                        }
-                        let connection = Connection::new(stream, peer, slot, handshake_timeout);
-                        return Some((Ok(connection), listener));
-                    }
-                    Err(err) => {
-                        warn!(%err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+        .with_time(config.tcp_keepalive)
+        .with_interval(config.tcp_keepalive / 3);
+    let connections = config.connections.clone();
+    let handshake_timeout = config.handshake_timeout;
+    let tls = config.tls.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
+            };
+            let deadline = tokio::time::Instant::now() + handshake_timeout;
+            let slot = match connections.try_acquire(peer.ip()) {
+                Ok(slot) => slot,
+                Err(refused) => {
+                    debug!(%peer, ?refused, "connection refused");
+                    continue;
+                }
+            };
+            if let Err(err) = stream
+                .set_nodelay(true)
+                .and_then(|()| socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive))
+            {
+                debug!(%peer, %err, "could not set socket options");
             }
+            let Some(tls) = &tls else {
+                let connection = Connection::new(Io::Plain(stream), peer, slot, deadline);
+                if tx.send(Ok(connection)).await.is_err() {
+                    break;
+                }
+                continue;
+            };
+            let tls = tls.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let connection =
+                            Connection::new(Io::Tls(Box::new(stream)), peer, slot, deadline);
+                        let _ = tx.send(Ok(connection)).await;
+                    }
+                    Ok(Err(err)) => debug!(%peer, %err, "TLS handshake failed"),
+                    Err(_) => debug!(%peer, "no TLS handshake within the handshake timeout"),
+                }
+            });
         }
-    })
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -7,7 +7,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use chat_core::{Chat, ConnectionLimit, MemoryStore, Store};
 use chat_grpc::GrpcConfig;
 use chat_socket::ServerConfig;
 use chat_store_sql::{SqliteOptions, SqliteStore};
+use chat_tls::ServerTls;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -75,11 +76,18 @@ pub struct Tuning {
     /// Accounts that may be created from one address at once.
     #[arg(long, default_value_t = Tuning::default().create_burst)]
     pub create_burst: u32,
-    /// Serve on an address other than loopback although the transports are
-    /// plaintext (TLS is not built yet): passwords and messages then cross
-    /// the network unencrypted. Without it, such an address is refused.
+    /// Serve plaintext on an address other than loopback: passwords and
+    /// messages then cross the network unencrypted. Without it, such an
+    /// address needs --tls-cert and --tls-key.
     #[arg(long)]
     pub insecure_plaintext: bool,
+    /// Serve TLS on every transport with this PEM certificate chain (leaf
+    /// first); needs --tls-key. Both files are read again on SIGHUP.
+    #[arg(long, env = "CHAT_TLS_CERT", requires = "tls_key", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "CHAT_TLS_KEY", requires = "tls_cert", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
     /// Most accounts the server may hold (0: no cap); past it creates fail
     /// with `account_limit`.
     #[arg(long, default_value_t = Tuning::default().max_accounts)]
@@ -115,6 +123,8 @@ impl Default for Tuning {
             list_rate: 2,
             list_burst: 10,
             insecure_plaintext: false,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -143,6 +153,16 @@ impl Tuning {
             max_accounts: (self.max_accounts > 0).then_some(self.max_accounts),
             list_rate,
             ..chat_core::Config::default()
+        }
+    }
+
+    /// The certificate and key of `--tls-cert` and `--tls-key`, loaded, if
+    /// given.
+    pub fn server_tls(&self) -> anyhow::Result<Option<ServerTls>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(ServerTls::load(cert, key)?)),
+            (None, None) => Ok(None),
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
         }
     }
 
@@ -277,8 +297,13 @@ pub fn init_logging() {
 /// one shared engine on all of them until Ctrl-C or SIGTERM, then shuts
 /// down cleanly.
 pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyhow::Result<()> {
-    check_plaintext(listen, tuning.insecure_plaintext)?;
+    let tls = tuning.server_tls()?;
+    check_plaintext(listen, tuning.insecure_plaintext, tls.is_some())?;
     let shutdown = shutdown_signal().context("cannot install the signal handlers")?;
+    if let Some(tls) = &tls {
+        tracing::info!(cert = %tls.cert_path().display(), "serving TLS; SIGHUP reloads the certificate and key");
+        reload_on_hangup(tls.clone()).context("cannot install the SIGHUP handler")?;
+    }
     let chat = storage.open_with(tuning.engine()).await?;
     let bound = Bound::bind(listen).await?;
     {
@@ -288,7 +313,7 @@ pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyho
         }
         stdout.flush()?;
     }
-    bound.serve(chat, tuning, shutdown).await
+    bound.serve_with_tls(chat, tuning, tls, shutdown).await
 }
 
 /// Binds `listen` and serves `chat` on them in the background until the
@@ -345,13 +370,33 @@ impl Bound {
     }
 
     /// Serves `chat` on every listener until `shutdown` completes (or a
-    /// transport fails), then stops them all and the engine.
+    /// transport fails), then stops them all and the engine. TLS is on
+    /// when `tuning` names a certificate and key.
     pub async fn serve(
         self,
         chat: Chat,
         tuning: &Tuning,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        let tls = tuning.server_tls()?;
+        self.serve_with_tls(chat, tuning, tls, shutdown).await
+    }
+
+    /// [`Bound::serve`] with TLS from `tls` (whoever holds a clone of it
+    /// can reload it) instead of from `tuning`.
+    pub async fn serve_with_tls(
+        self,
+        chat: Chat,
+        tuning: &Tuning,
+        tls: Option<ServerTls>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let acceptor = |alpn| -> anyhow::Result<_> {
+            tls.as_ref()
+                .map(|tls| tls.acceptor(alpn))
+                .transpose()
+                .context("cannot set up TLS")
+        };
         let stop = CancellationToken::new();
         let mut servers = tokio::task::JoinSet::new();
         // One count for every transport: each connection is a file
@@ -366,7 +411,10 @@ impl Bound {
             let stop = stop.clone().cancelled_owned();
             match spec {
                 Listen::Socket(_) => {
-                    let config = tuning.socket(connections.clone());
+                    let config = ServerConfig {
+                        tls: acceptor(chat_tls::ALPN_SOCKET)?,
+                        ..tuning.socket(connections.clone())
+                    };
                     tracing::info!(addr = %listener.local_addr()?, "socket transport ready");
                     servers.spawn(async move {
                         chat_socket::serve(listener, chat, config, stop)
@@ -375,7 +423,10 @@ impl Bound {
                     });
                 }
                 Listen::Grpc(_) => {
-                    let config = tuning.grpc(connections.clone());
+                    let config = GrpcConfig {
+                        tls: acceptor(chat_tls::ALPN_GRPC)?,
+                        ..tuning.grpc(connections.clone())
+                    };
                     tracing::info!(addr = %listener.local_addr()?, "grpc transport ready");
                     servers.spawn(async move {
                         chat_grpc::serve(listener, chat, config, stop)
@@ -418,10 +469,13 @@ impl Bound {
     }
 }
 
-/// Refuses to serve plaintext on an address other than loopback unless
-/// `insecure` (`--insecure-plaintext`) says to: passwords would cross the
-/// network unencrypted.
-pub fn check_plaintext(listen: &[Listen], insecure: bool) -> anyhow::Result<()> {
+/// Refuses to serve plaintext (`tls` false) on an address other than
+/// loopback unless `insecure` (`--insecure-plaintext`) says to: passwords
+/// would cross the network unencrypted.
+pub fn check_plaintext(listen: &[Listen], insecure: bool, tls: bool) -> anyhow::Result<()> {
+    if tls {
+        return Ok(());
+    }
     for spec in listen {
         let addr = match spec {
             Listen::Socket(addr) | Listen::Grpc(addr) => addr,
@@ -432,8 +486,8 @@ pub fn check_plaintext(listen: &[Listen], insecure: bool) -> anyhow::Result<()> 
         if !insecure {
             anyhow::bail!(
                 "refusing to serve plaintext on {addr}: passwords and messages would cross the \
-                 network unencrypted, and TLS is not available yet; listen on a loopback address, \
-                 or pass --insecure-plaintext to accept the risk"
+                 network unencrypted; serve TLS with --tls-cert and --tls-key, listen on a \
+                 loopback address, or pass --insecure-plaintext to accept the risk"
             );
         }
         tracing::warn!(%addr, "serving plaintext on a non-loopback address (--insecure-plaintext)");
@@ -492,6 +546,33 @@ pub fn connection_budget(wanted: usize) -> usize {
         );
     }
     chosen
+}
+
+/// Reads `tls`'s certificate and key again on every SIGHUP, logging the
+/// outcome; a pair that fails to load leaves the old one serving.
+#[cfg(unix)]
+pub fn reload_on_hangup(tls: ServerTls) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => {
+                    tracing::info!(cert = %tls.cert_path().display(), "SIGHUP: TLS certificate reloaded")
+                }
+                Err(err) => {
+                    tracing::error!(%err, code = err.code(), "SIGHUP: TLS certificate not reloaded; the old one stays")
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Reloading on SIGHUP exists only on Unix.
+#[cfg(not(unix))]
+pub fn reload_on_hangup(_tls: ServerTls) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Installs the Ctrl-C (SIGINT) and SIGTERM handlers now, and returns a

@@ -42,8 +42,9 @@ use std::time::Duration;
 
 use chat_core::client::{ChatClient, ClientError, Push, Seen, Unreturned};
 use chat_core::{ErrorCode, Message, MessageId, SendReceipt, SessionState, Username};
+use chat_tls::ClientTls;
 use futures::{SinkExt, StreamExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -92,6 +93,8 @@ pub struct ServerInfo {
 /// A connection to a chat server speaking the socket protocol.
 pub struct SocketClient {
     addr: String,
+    /// Set for TLS connections; kept for reconnects.
+    tls: Option<ClientTls>,
     conn: Conn,
     /// This client's send key, kept across reconnects so that a resent
     /// SEND ONCE matches its original.
@@ -167,10 +170,25 @@ impl SocketClient {
     /// Connects, performs the version handshake, and starts the connection
     /// task.
     pub async fn connect(addr: impl ToSocketAddrs + ToString) -> Result<Self, ClientError> {
+        Self::open(addr.to_string(), None).await
+    }
+
+    /// [`SocketClient::connect`] over TLS: the server's certificate must be
+    /// trusted by `tls` and name the host of `addr` (or the name `tls` was
+    /// given). Reconnects use TLS too.
+    pub async fn connect_tls(
+        addr: impl ToSocketAddrs + ToString,
+        tls: ClientTls,
+    ) -> Result<Self, ClientError> {
+        Self::open(addr.to_string(), Some(tls)).await
+    }
+
+    async fn open(addr: String, tls: Option<ClientTls>) -> Result<Self, ClientError> {
         let send_key: SendKey = rand::random();
-        let conn = Conn::open(addr.to_string().as_str(), send_key).await?;
+        let conn = Conn::open(&addr, tls.as_ref(), send_key).await?;
         Ok(Self {
-            addr: addr.to_string(),
+            addr,
+            tls,
             conn,
             send_key,
             next_id: 0,
@@ -203,7 +221,7 @@ impl SocketClient {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
-            let Ok(conn) = Conn::open(&self.addr, self.send_key).await else {
+            let Ok(conn) = Conn::open(&self.addr, self.tls.as_ref(), self.send_key).await else {
                 continue;
             };
             self.conn = conn;
@@ -222,14 +240,74 @@ impl SocketClient {
     }
 }
 
+/// Whether a frame that could not be read was a TLS record: a TLS server
+/// answers a plaintext hello with an alert (content type 21, version 3.x),
+/// whose first four bytes read as an impossible frame length.
+fn speaks_tls(err: &FrameError) -> bool {
+    match err {
+        FrameError::TooLarge { len, .. } => {
+            let Ok(len) = u32::try_from(*len) else {
+                return false;
+            };
+            let [kind, major, ..] = len.to_be_bytes();
+            matches!(kind, 0x15 | 0x16) && major == 0x03
+        }
+        _ => false,
+    }
+}
+
+/// A connected stream that splits into halves the connection task reads
+/// and writes independently.
+trait Split: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    type Read: AsyncRead + Send + Unpin + 'static;
+    type Write: AsyncWrite + Send + Unpin + 'static;
+    fn split(self) -> (Self::Read, Self::Write);
+}
+
+impl Split for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Split for chat_tls::client::TlsStream<TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 impl Conn {
-    async fn open(addr: &str, send_key: SendKey) -> Result<Self, ClientError> {
+    async fn open(
+        addr: &str,
+        tls: Option<&ClientTls>,
+        send_key: SendKey,
+    ) -> Result<Self, ClientError> {
         let stream = TcpStream::connect(addr).await.map_err(connection_error)?;
         stream.set_nodelay(true).map_err(connection_error)?;
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30));
         socket2::SockRef::from(&stream)
             .set_tcp_keepalive(&keepalive)
             .map_err(connection_error)?;
+        let Some(tls) = tls else {
+            return Self::start(stream, send_key).await;
+        };
+        let stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tls.connect(stream, addr, chat_tls::ALPN_SOCKET),
+        )
+        .await
+        .map_err(|_| connection_error("no TLS handshake with the server within 10 s"))?
+        .map_err(|err| connection_error(format!("TLS handshake with {addr} failed: {err}")))?;
+        Self::start(stream, send_key).await
+    }
+
+    /// The protocol's hello on a connected stream, then the connection
+    /// task.
+    async fn start<S: Split>(stream: S, send_key: SendKey) -> Result<Self, ClientError> {
         let mut framed = Framed::new(stream, ClientCodec::new(DEFAULT_MAX_RESPONSE));
         framed
             .send(ClientFrame::Hello {
@@ -271,6 +349,11 @@ impl Conn {
                     "expected a welcome, got {other:?}"
                 )));
             }
+            Some(Err(err)) if speaks_tls(&err) => {
+                return Err(connection_error(
+                    "the server answered in TLS: connect with TLS (chat --tls)",
+                ));
+            }
             Some(Err(err)) => return Err(ClientError::Protocol(err.to_string())),
             None => {
                 return Err(connection_error(
@@ -292,7 +375,7 @@ impl Conn {
         // for the server to make room never stops the task from reading
         // (the server may be waiting for us to read).
         let parts = framed.into_parts();
-        let (read, write) = parts.io.into_split();
+        let (read, write) = parts.io.split();
         let mut reader = FramedRead::new(read, ClientCodec::new(DEFAULT_MAX_RESPONSE));
         reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
         let writer = FramedWrite::new(write, ClientCodec::new(DEFAULT_MAX_RESPONSE));
@@ -338,9 +421,9 @@ enum Step {
 }
 
 /// The connection task's state.
-struct Task {
-    reader: FramedRead<OwnedReadHalf, ClientCodec>,
-    writer: FramedWrite<OwnedWriteHalf, ClientCodec>,
+struct Task<R, W> {
+    reader: FramedRead<R, ClientCodec>,
+    writer: FramedWrite<W, ClientCodec>,
     waiting: HashMap<RequestId, oneshot::Sender<ServerFrame>>,
     pushes: mpsc::Sender<Queued>,
     unreturned: Unreturned,
@@ -349,7 +432,7 @@ struct Task {
     idle_timeout: Duration,
 }
 
-impl Task {
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Task<R, W> {
     async fn run(mut self, mut requests: mpsc::Receiver<Request>, closed: Arc<OnceLock<Closed>>) {
         let period = (self.idle_timeout / 3).max(Duration::from_millis(10));
         let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
@@ -572,7 +655,7 @@ impl SocketClient {
         // sent under the old key with the wrapped ids: `key_spent` stays set
         // (and the send fails) if it cannot be opened.
         let key: SendKey = rand::random();
-        let conn = Conn::open(&self.addr, key).await?;
+        let conn = Conn::open(&self.addr, self.tls.as_ref(), key).await?;
         // The old connection ends here, and with it its login.
         self.conn = conn;
         self.login_floor = 0;

@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_core::{Chat, ConnectionLimit, ErrorCode, Event, LogoutReason, Refusal, Session};
+use chat_tls::Acceptor;
 use futures::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -59,6 +60,10 @@ pub struct ServerConfig {
     /// The server's name in the welcome (default `chat-socket` and this
     /// crate's version).
     pub server_name: String,
+    /// Serve TLS (ALPN [`chat_tls::ALPN_SOCKET`]) instead of plaintext
+    /// (default: plaintext). The TLS handshake counts against
+    /// [`ServerConfig::handshake_timeout`], with the hello.
+    pub tls: Option<Acceptor>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +76,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             server_name: concat!("chat-socket ", env!("CARGO_PKG_VERSION")).to_string(),
+            tls: None,
         }
     }
 }
@@ -117,9 +123,10 @@ pub async fn serve(
                     }
                 };
                 if let Ok(refusal) = Arc::clone(&refusals).try_acquire_owned() {
+                    let tls = config.tls.clone();
                     tracker.spawn(async move {
                         let _refusal = refusal;
-                        refuse(stream, ErrorCode::ServerFull, message).await;
+                        refuse(stream, tls, ErrorCode::ServerFull, message).await;
                     });
                 }
                 continue;
@@ -130,10 +137,23 @@ pub async fn serve(
         let stop = stop.clone();
         tracker.spawn(async move {
             let _slot = slot;
+            let accepted = Instant::now();
             if let Err(err) = configure(&stream, &config) {
                 debug!(%peer, %err, "could not set socket options");
             }
-            serve_connection(stream, peer, chat, &config, stop).await;
+            let Some(tls) = &config.tls else {
+                serve_connection(stream, peer, accepted, chat, &config, stop).await;
+                return;
+            };
+            let handshake = tokio::select! {
+                handshake = tokio::time::timeout(config.handshake_timeout, tls.accept(stream)) => handshake,
+                () = stop.cancelled() => return,
+            };
+            match handshake {
+                Ok(Ok(stream)) => serve_connection(stream, peer, accepted, chat, &config, stop).await,
+                Ok(Err(err)) => debug!(%peer, %err, "TLS handshake failed"),
+                Err(_) => debug!(%peer, "no TLS handshake within the handshake timeout"),
+            }
         });
     }
     info!("socket server stopping");
@@ -151,14 +171,26 @@ pub async fn serve(
 /// Most connections being refused (`server_full`) at once.
 const MAX_REFUSALS: usize = 256;
 
-/// Tells a connection goodbye before serving it, and closes it.
-async fn refuse(stream: TcpStream, code: ErrorCode, message: &str) {
-    let mut framed = Framed::new(stream, ServerCodec::new(0));
+/// Tells a connection goodbye before serving it, and closes it; over TLS
+/// after the handshake, so that the client can read why. All within a
+/// second.
+async fn refuse(stream: TcpStream, tls: Option<Acceptor>, code: ErrorCode, message: &str) {
     let goodbye = ServerFrame::Goodbye {
         code,
         message: message.into(),
         versions: Vec::new(),
     };
+    let Some(tls) = tls else {
+        say_goodbye(stream, goodbye).await;
+        return;
+    };
+    if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(1), tls.accept(stream)).await {
+        say_goodbye(stream, goodbye).await;
+    }
+}
+
+async fn say_goodbye<S: AsyncRead + AsyncWrite + Unpin>(stream: S, goodbye: ServerFrame) {
+    let mut framed = Framed::new(stream, ServerCodec::new(0));
     let _ = tokio::time::timeout(Duration::from_secs(1), framed.send(goodbye)).await;
     linger(framed.into_inner()).await;
 }
@@ -192,9 +224,10 @@ const CONNECTION_BUFFER: usize = 1024;
 /// often.
 const MAX_BATCH: usize = 64;
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
     peer: SocketAddr,
+    accepted: Instant,
     chat: Chat,
     config: &ServerConfig,
     stop: CancellationToken,
@@ -209,7 +242,7 @@ async fn serve_connection(
     let (session, mut events) = chat.open_session_from(peer.ip());
     debug!(%peer, session = session.id(), "connected");
     // Until the hello, the (shorter) handshake timeout applies.
-    let mut deadline = Instant::now() + config.handshake_timeout.min(config.idle_timeout);
+    let mut deadline = accepted + config.handshake_timeout.min(config.idle_timeout);
     let mut greeting = Greeting::default();
     // Both waits are made once, not per loop: registering a timer or a
     // cancellation waiter takes a lock shared with other connections. The
@@ -330,7 +363,10 @@ fn supported_versions() -> Vec<u16> {
 
 /// Sends a last frame and closes. Best effort, and bounded: the peer may
 /// be gone already, or not reading.
-async fn goodbye(mut framed: Framed<TcpStream, ServerCodec>, frame: ServerFrame) {
+async fn goodbye<S: AsyncRead + AsyncWrite + Unpin>(
+    mut framed: Framed<S, ServerCodec>,
+    frame: ServerFrame,
+) {
     let _ = tokio::time::timeout(Duration::from_secs(1), framed.send(frame)).await;
     linger(framed.into_inner()).await;
 }
@@ -345,9 +381,9 @@ enum Input {
 
 /// Handles one input; replies and pushes are queued on the connection
 /// (written once the buffer fills or at the next flush).
-async fn handle(
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     input: Input,
-    framed: &mut Framed<TcpStream, ServerCodec>,
+    framed: &mut Framed<S, ServerCodec>,
     session: &Session,
     chat: &Chat,
     greeting: &mut Greeting,
@@ -424,8 +460,8 @@ async fn handle(
 /// Queues one frame. A peer that stops reading cannot stall its connection
 /// (and hold its account) forever: a write that cannot make progress within
 /// the idle timeout ends the connection.
-async fn feed(
-    framed: &mut Framed<TcpStream, ServerCodec>,
+async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, ServerCodec>,
     frame: ServerFrame,
     timeout: Duration,
 ) -> Result<(), End> {
@@ -433,7 +469,10 @@ async fn feed(
 }
 
 /// Writes everything queued, under the same time limit.
-async fn flush(framed: &mut Framed<TcpStream, ServerCodec>, timeout: Duration) -> Result<(), End> {
+async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, ServerCodec>,
+    timeout: Duration,
+) -> Result<(), End> {
     io_result(tokio::time::timeout(timeout, SinkExt::<ServerFrame>::flush(framed)).await)
 }
 
@@ -650,7 +689,7 @@ enum Reply {
 /// a moment, before the socket is dropped. Closing with unread input makes
 /// the kernel send a reset, which can destroy the goodbye frame before the
 /// peer reads it; this lets the frame arrive.
-async fn linger(mut stream: TcpStream) {
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     const MAX_DISCARD: usize = 64 * 1024;
     let _ = stream.shutdown().await;
     let mut buf = [0u8; 4096];

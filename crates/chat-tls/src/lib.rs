@@ -25,6 +25,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 pub use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
@@ -171,11 +172,7 @@ impl ServerTls {
     /// handshake on. On error the pair in use stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let pair = load_pair(&self.keys.cert, &self.keys.key, &self.keys.provider)?;
-        *self
-            .keys
-            .current
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
+        *self.keys.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
         Ok(())
     }
 
@@ -186,14 +183,45 @@ impl ServerTls {
 
     /// An acceptor that offers `alpn` (and accepts clients that ask for no
     /// protocol), with this certificate.
-    pub fn acceptor(&self, alpn: &[u8]) -> Result<TlsAcceptor, TlsError> {
+    pub fn acceptor(&self, alpn: &[u8]) -> Result<Acceptor, TlsError> {
         let mut config = ServerConfig::builder_with_provider(Arc::clone(&self.keys.provider))
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(Arc::clone(&self.keys) as Arc<dyn ResolvesServerCert>);
         config.alpn_protocols = vec![alpn.to_vec()];
         config.ticketer = rustls::crypto::ring::Ticketer::new()?;
-        Ok(TlsAcceptor::from(Arc::new(config)))
+        Ok(Acceptor {
+            inner: TlsAcceptor::from(Arc::new(config)),
+            cert: self.keys.cert.clone(),
+        })
+    }
+}
+
+/// Accepts TLS connections for one transport: made by
+/// [`ServerTls::acceptor`], cheap to clone, and serving whatever pair its
+/// [`ServerTls`] holds at each handshake.
+#[derive(Clone)]
+pub struct Acceptor {
+    inner: TlsAcceptor,
+    cert: PathBuf,
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptor")
+            .field("cert", &self.cert)
+            .field("alpn", &self.inner.config().alpn_protocols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Acceptor {
+    /// Runs the server side of the TLS handshake on `stream`.
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+    ) -> io::Result<server::TlsStream<S>> {
+        self.inner.accept(stream).await
     }
 }
 
@@ -341,6 +369,13 @@ impl ClientTls {
     }
 }
 
+/// The `host:port` part of an address that may be a URI
+/// (`https://host:port/` → `host:port`).
+pub fn authority_of(addr: &str) -> &str {
+    let rest = addr.split_once("://").map_or(addr, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest)
+}
+
 /// The host part of `host:port`, `[v6]:port`, `v6` or a URI such as
 /// `https://host:port/`.
 pub fn host_of(addr: &str) -> &str {
@@ -404,7 +439,7 @@ mod tests {
     }
 
     /// Serves one TLS connection that echoes one line.
-    async fn echo_once(acceptor: TlsAcceptor) -> std::net::SocketAddr {
+    async fn echo_once(acceptor: Acceptor) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -440,8 +475,11 @@ mod tests {
     #[tokio::test]
     async fn a_client_trusting_the_ca_talks_to_the_server() {
         let pki = make_pki();
-        let server = ServerTls::load(pki.dir.path().join("cert.pem"), pki.dir.path().join("key.pem"))
-            .unwrap();
+        let server = ServerTls::load(
+            pki.dir.path().join("cert.pem"),
+            pki.dir.path().join("key.pem"),
+        )
+        .unwrap();
         let addr = echo_once(server.acceptor(ALPN_SOCKET).unwrap()).await;
         let client = ClientTls::with_ca_pem(pki.ca_pem.as_bytes()).unwrap();
         assert_eq!(hello(&client, addr).await.unwrap(), b"hello");
@@ -454,8 +492,11 @@ mod tests {
     async fn a_client_refuses_an_unknown_ca_and_a_wrong_name() {
         let pki = make_pki();
         let other = make_pki();
-        let server = ServerTls::load(pki.dir.path().join("cert.pem"), pki.dir.path().join("key.pem"))
-            .unwrap();
+        let server = ServerTls::load(
+            pki.dir.path().join("cert.pem"),
+            pki.dir.path().join("key.pem"),
+        )
+        .unwrap();
         let addr = echo_once(server.acceptor(ALPN_SOCKET).unwrap()).await;
         let stranger = ClientTls::with_ca_pem(other.ca_pem.as_bytes()).unwrap();
         let err = hello(&stranger, addr).await.unwrap_err();
@@ -507,8 +548,11 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.code(), "tls_key_mismatch", "{err}");
-        let err = ServerTls::load(pki.dir.path().join("missing.pem"), pki.dir.path().join("key.pem"))
-            .unwrap_err();
+        let err = ServerTls::load(
+            pki.dir.path().join("missing.pem"),
+            pki.dir.path().join("key.pem"),
+        )
+        .unwrap_err();
         assert_eq!(err.code(), "tls_read", "{err}");
         // The message names the file, never its contents.
         assert!(err.to_string().contains("missing.pem"), "{err}");
@@ -524,5 +568,10 @@ mod tests {
         assert_eq!(host_of("::1"), "::1");
         assert_eq!(host_of("https://chat.example.org:443/"), "chat.example.org");
         assert_eq!(host_of("chat.example.org"), "chat.example.org");
+        assert_eq!(
+            authority_of("https://chat.example.org:443/"),
+            "chat.example.org:443"
+        );
+        assert_eq!(authority_of("[::1]:7000"), "[::1]:7000");
     }
 }
