@@ -20,9 +20,15 @@ struct ChatProcess {
 
 impl ChatProcess {
     /// Starts `chat` against `server` over `transport` (`socket`/`grpc`).
-    fn spawn((transport, server): (&str, &str)) -> Self {
+    fn spawn(at: (&str, &str)) -> Self {
+        Self::spawn_with(at, &[])
+    }
+
+    /// [`ChatProcess::spawn`] with more flags.
+    fn spawn_with((transport, server): (&str, &str), flags: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chat"))
             .args(["--server", server, "--transport", transport])
+            .args(flags)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -204,6 +210,54 @@ async fn end_of_input_exits_cleanly_and_logs_out() {
             "carol never logged out"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `--ca` on both transports against a TLS server: a socket user and a gRPC
+/// user chat; without `--ca` (the system roots do not know the test CA) the
+/// connection is refused and the reason shown.
+#[tokio::test]
+async fn users_chat_over_tls_with_the_servers_ca() {
+    let pki = chat_conformance::pki::TestPki::new();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let tuning = chat_server::Tuning {
+        tls_cert: Some(pki.cert_path()),
+        tls_key: Some(pki.key_path()),
+        ..chat_server::Tuning::default()
+    };
+    let addrs = chat_server::spawn_with(
+        &[Listen::Socket(any), Listen::Grpc(any)],
+        Chat::in_memory(),
+        tuning,
+    )
+    .await
+    .unwrap();
+    let (socket, grpc) = (addrs[0].to_string(), addrs[1].to_string());
+    let ca = pki.ca_path();
+    let ca = ca.to_str().unwrap();
+    let mut bob = ChatProcess::spawn_with(("socket", &socket), &["--ca", ca]);
+    let mut alice = ChatProcess::spawn_with(("grpc", &grpc), &["--ca", ca]);
+    assert_eq!(bob.run("create bob password1").await, "ok logged in as bob");
+    assert_eq!(
+        alice.run("create alice password1").await,
+        "ok logged in as alice"
+    );
+    assert_eq!(alice.run("send bob over tls").await, "ok sent bob 1");
+    assert_eq!(bob.line().await, "message 1 alice over tls");
+
+    // The "system" roots: another CA, whatever this machine has.
+    let stranger = chat_conformance::pki::TestPki::new();
+    for (transport, addr) in [("socket", &socket), ("grpc", &grpc)] {
+        let output = Command::new(env!("CARGO_BIN_EXE_chat"))
+            .args(["--server", addr, "--transport", transport, "--tls"])
+            .env("SSL_CERT_FILE", stranger.ca_path())
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{transport}: {stderr}");
+        assert!(stderr.contains("cannot connect"), "{transport}: {stderr}");
     }
 }
 

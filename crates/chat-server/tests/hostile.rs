@@ -129,6 +129,70 @@ async fn a_pair_keeps_chatting_while_both_ports_are_attacked() {
     carol.create("carol", "password1").await.unwrap();
 }
 
+/// The same at TLS ports: connections that never start a TLS handshake,
+/// start one and stall, trickle it, or speak plaintext are all closed
+/// within the handshake timeout, while a TLS pair chats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_pair_keeps_chatting_while_handshakes_are_attacked() {
+    let pki = chat_conformance::pki::TestPki::new();
+    let tuning = Tuning {
+        handshake_timeout_secs: 1,
+        tls_cert: Some(pki.cert_path()),
+        tls_key: Some(pki.key_path()),
+        ..Tuning::default()
+    };
+    let addrs = chat_server::spawn_with(&both(), Chat::in_memory(), tuning)
+        .await
+        .unwrap();
+    let (socket, grpc) = (addrs[0], addrs[1]);
+    let mut alice = SocketClient::connect_tls(socket, pki.client())
+        .await
+        .unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    let mut bob = GrpcClient::connect_tls(&grpc.to_string(), pki.client())
+        .await
+        .unwrap();
+    bob.create("bob", "password1").await.unwrap();
+
+    let mut attacks = tokio::task::JoinSet::new();
+    for addr in [socket, grpc] {
+        // Silent: not a byte.
+        attacks.spawn(expect_closed(addr, Vec::new()));
+        // Half a ClientHello, then nothing.
+        attacks.spawn(expect_closed(addr, tls_client_hello()));
+        attacks.spawn(slow_loris(addr, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]));
+        // Plaintext protocols at a TLS port.
+        attacks.spawn(expect_closed(
+            addr,
+            b"\x00\x00\x00\x0d\x01CHAT\x00\x02\x00\x02\x00\x00\x00\x00".to_vec(),
+        ));
+        attacks.spawn(expect_closed(
+            addr,
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+        ));
+    }
+    let chat = async {
+        for i in 0..MESSAGES {
+            alice.send("bob", &format!("a{i}")).await.unwrap();
+            bob.send("alice", &format!("b{i}")).await.unwrap();
+        }
+        for i in 0..MESSAGES {
+            assert_eq!(next_body(&mut bob).await, format!("a{i}"));
+            assert_eq!(next_body(&mut alice).await, format!("b{i}"));
+        }
+    };
+    tokio::time::timeout(PATIENCE * 2, chat)
+        .await
+        .expect("the pair chatted in time");
+    while let Some(attack) = attacks.join_next().await {
+        attack.expect("every attack saw its connection closed");
+    }
+    let mut carol = SocketClient::connect_tls(socket, pki.client())
+        .await
+        .unwrap();
+    carol.create("carol", "password1").await.unwrap();
+}
+
 async fn next_body<C: ChatClient>(client: &mut C) -> String {
     match tokio::time::timeout(PATIENCE, client.next_push()).await {
         Ok(Some(Push::Message(m))) => {

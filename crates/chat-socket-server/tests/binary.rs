@@ -83,3 +83,66 @@ async fn plaintext_off_loopback_needs_an_explicit_flag() {
     alice.create("alice", "password1").await.unwrap();
     server.terminate().await;
 }
+
+/// With a certificate the server may listen beyond loopback without
+/// `--insecure-plaintext`; SIGHUP makes it serve a renewed certificate to
+/// new connections while open sessions carry on.
+#[tokio::test]
+async fn tls_serves_beyond_loopback_and_reloads_on_sighup() {
+    let mut pki = chat_conformance::pki::TestPki::new();
+    let (cert, key) = (pki.cert_path(), pki.key_path());
+    let args = [
+        "--listen",
+        "0.0.0.0:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--store",
+        "memory",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let server = ServerProcess::start(SERVER, &args, 2).await;
+    let port = server.addrs[0].rsplit(':').next().unwrap().to_string();
+    let socket_addr = format!("127.0.0.1:{port}");
+    let mut alice = SocketClient::connect_tls(socket_addr.as_str(), pki.client())
+        .await
+        .unwrap();
+    let mut bob = GrpcClient::connect_tls(&server.addrs[1], pki.client())
+        .await
+        .unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
+
+    pki.renew();
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+    // The reload happens when the server handles the signal: try new
+    // connections until one is served the renewed certificate.
+    let deadline = tokio::time::Instant::now() + chat_conformance::PATIENCE;
+    loop {
+        match SocketClient::connect_tls(socket_addr.as_str(), pki.client()).await {
+            Ok(_) => break,
+            Err(err) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the renewed certificate was not served: {err}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+    GrpcClient::connect_tls(&server.addrs[1], pki.client())
+        .await
+        .expect("gRPC serves the renewed certificate too");
+    alice.send("bob", "across the reload").await.unwrap();
+    assert_eq!(
+        next_message(&mut bob).await.body.as_str(),
+        "across the reload"
+    );
+    server.terminate().await;
+}
