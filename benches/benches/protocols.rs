@@ -19,9 +19,11 @@ use chat_bench::{
     Bytes, Latency, Logins, MESSAGE_BYTES, Machine, Report, Served, ServerProcess, Sessions,
     Throughput,
 };
+use chat_conformance::pki::TestPki;
 use chat_core::client::{ChatClient, Push};
 use chat_grpc::GrpcClient;
 use chat_socket::SocketClient;
+use chat_tls::ClientTls;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -45,25 +47,54 @@ const FULL: Settings = Settings {
     sessions: 10_000,
 };
 
+/// Where the load connects: a server's address, with what to trust if it
+/// serves TLS.
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    tls: Option<ClientTls>,
+}
+
+impl Target {
+    fn plain(addr: SocketAddr) -> Self {
+        Self { addr, tls: None }
+    }
+
+    /// The transport's name in the report: `socket`, or `socket+tls`.
+    fn label<C: Dial>(&self) -> String {
+        match self.tls {
+            Some(_) => format!("{}+tls", C::NAME),
+            None => C::NAME.to_string(),
+        }
+    }
+}
+
 /// A client library the benchmark can open.
 trait Dial: ChatClient + Sized + Send + 'static {
     const NAME: &'static str;
-    fn dial(addr: SocketAddr) -> impl Future<Output = Self> + Send;
+    fn dial(target: &Target) -> impl Future<Output = Self> + Send;
 }
 
 impl Dial for SocketClient {
     const NAME: &'static str = "socket";
-    async fn dial(addr: SocketAddr) -> Self {
-        SocketClient::connect(addr).await.expect("socket connect")
+    async fn dial(target: &Target) -> Self {
+        match &target.tls {
+            Some(tls) => SocketClient::connect_tls(target.addr, tls.clone()).await,
+            None => SocketClient::connect(target.addr).await,
+        }
+        .expect("socket connect")
     }
 }
 
 impl Dial for GrpcClient {
     const NAME: &'static str = "grpc";
-    async fn dial(addr: SocketAddr) -> Self {
-        GrpcClient::connect(&addr.to_string())
-            .await
-            .expect("grpc connect")
+    async fn dial(target: &Target) -> Self {
+        let addr = target.addr.to_string();
+        match &target.tls {
+            Some(tls) => GrpcClient::connect_tls(&addr, tls.clone()).await,
+            None => GrpcClient::connect(&addr).await,
+        }
+        .expect("grpc connect")
     }
 }
 
@@ -112,13 +143,14 @@ async fn next_message<C: ChatClient>(client: &mut C) -> chat_core::Message {
 
 /// Per-operation round trips, one at a time.
 async fn latencies<C: Dial>(
-    addr: SocketAddr,
+    target: &Target,
     store: &str,
     tag: &str,
     samples: usize,
 ) -> Vec<Latency> {
-    let mut a = C::dial(addr).await;
-    let mut b = C::dial(addr).await;
+    let name = target.label::<C>();
+    let mut a = C::dial(target).await;
+    let mut b = C::dial(target).await;
     let mut out = Vec::new();
 
     let mut h = histogram();
@@ -130,7 +162,7 @@ async fn latencies<C: Dial>(
         h.record(micros(t.elapsed())).ok();
         a.logout().await.expect("logout");
     }
-    out.push(latency(C::NAME, store, "create", &h));
+    out.push(latency(&name, store, "create", &h));
 
     let mut h = histogram();
     for _ in 0..samples {
@@ -141,7 +173,7 @@ async fn latencies<C: Dial>(
         h.record(micros(t.elapsed())).ok();
         a.logout().await.expect("logout");
     }
-    out.push(latency(C::NAME, store, "login", &h));
+    out.push(latency(&name, store, "login", &h));
 
     let mut h = histogram();
     for _ in 0..samples {
@@ -149,7 +181,7 @@ async fn latencies<C: Dial>(
         a.list(&format!("^{tag}c1"), 10).await.expect("list");
         h.record(micros(t.elapsed())).ok();
     }
-    out.push(latency(C::NAME, store, "list", &h));
+    out.push(latency(&name, store, "list", &h));
 
     a.create(&format!("{tag}alice"), "password1")
         .await
@@ -170,8 +202,8 @@ async fn latencies<C: Dial>(
             b.ack(m.id).await.expect("ack");
         }
     }
-    out.push(latency(C::NAME, store, "send", &send));
-    out.push(latency(C::NAME, store, "send → delivery", &deliver));
+    out.push(latency(&name, store, "send", &send));
+    out.push(latency(&name, store, "send → delivery", &deliver));
 
     // The same, while other clients log in and out as fast as they can:
     // every login hashes a password (argon2id, on the blocking pool, as
@@ -180,7 +212,7 @@ async fn latencies<C: Dial>(
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut storm = Vec::new();
     for i in 0..LOGIN_STORM_CLIENTS {
-        let mut c = C::dial(addr).await;
+        let mut c = C::dial(target).await;
         let name = format!("{tag}storm{i}");
         c.create(&name, "password1").await.expect("create");
         c.logout().await.expect("logout");
@@ -218,12 +250,11 @@ async fn latencies<C: Dial>(
         logins += task.await.expect("storm task");
     }
     eprintln!(
-        "    {} / {store}: {logins} logins in {:.1} s during the login-storm samples",
-        C::NAME,
+        "    {name} / {store}: {logins} logins in {:.1} s during the login-storm samples",
         window.as_secs_f64()
     );
     out.push(latency(
-        C::NAME,
+        &name,
         store,
         "send → delivery (login storm)",
         &deliver,
@@ -259,21 +290,21 @@ async fn raw_latency(addr: SocketAddr, samples: usize) -> Latency {
 /// delivery latency, and server CPU per delivered message.
 async fn throughput<C: Dial>(
     server: &ServerProcess,
+    target: &Target,
     store: &str,
     tag: &str,
     pairs: usize,
     window: Duration,
 ) -> Throughput {
-    let addr = server.addr();
     let mut senders = Vec::new();
     let mut recipients = Vec::new();
     for i in 0..pairs {
-        let mut r = C::dial(addr).await;
+        let mut r = C::dial(target).await;
         r.create(&format!("{tag}r{i}"), "password1")
             .await
             .expect("create recipient");
         recipients.push(r);
-        let mut s = C::dial(addr).await;
+        let mut s = C::dial(target).await;
         s.create(&format!("{tag}s{i}"), "password1")
             .await
             .expect("create sender");
@@ -339,7 +370,7 @@ async fn throughput<C: Dial>(
     }
     let seconds = start.elapsed().min(window).as_secs_f64();
     Throughput {
-        transport: C::NAME.into(),
+        transport: target.label::<C>(),
         store: store.into(),
         pairs,
         delivered: count,
@@ -414,7 +445,7 @@ async fn sessions<C: Dial>(server: &ServerProcess, count: usize) -> Sessions {
     let before = server.rss_bytes();
     let mut clients = Vec::with_capacity(count);
     for i in 0..count {
-        let mut c = C::dial(server.addr()).await;
+        let mut c = C::dial(&Target::plain(server.addr())).await;
         c.create(&format!("idle{i}"), "password1")
             .await
             .expect("create idle");
@@ -432,12 +463,13 @@ async fn sessions<C: Dial>(server: &ServerProcess, count: usize) -> Sessions {
     }
 }
 
-/// Logins per second (no password), 16 concurrent clients for the window.
-async fn logins<C: Dial>(addr: SocketAddr, window: Duration) -> Logins {
+/// Logins per second (each checks a password: an argon2id hash), 16
+/// concurrent clients for the window.
+async fn logins<C: Dial>(target: &Target, window: Duration) -> Logins {
     const CLIENTS: usize = 16;
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
-        let mut c = C::dial(addr).await;
+        let mut c = C::dial(target).await;
         c.create(&format!("login{i}"), "password1")
             .await
             .expect("create");
@@ -463,7 +495,7 @@ async fn logins<C: Dial>(addr: SocketAddr, window: Duration) -> Logins {
         total += t.expect("login task");
     }
     Logins {
-        transport: C::NAME.into(),
+        transport: target.label::<C>(),
         clients: CLIENTS,
         logins: total,
         per_second: total as f64 / start.elapsed().as_secs_f64(),
@@ -471,16 +503,19 @@ async fn logins<C: Dial>(addr: SocketAddr, window: Duration) -> Logins {
 }
 
 async fn wire<C: Dial>(addr: SocketAddr) -> Vec<Bytes> {
-    chat_conformance::wire::measure(addr, |a| C::dial(a))
-        .await
-        .into_iter()
-        .map(|c| Bytes {
-            transport: C::NAME.into(),
-            op: c.operation.into(),
-            up: c.up,
-            down: c.down,
-        })
-        .collect()
+    chat_conformance::wire::measure(addr, |a| {
+        let target = Target::plain(a);
+        async move { C::dial(&target).await }
+    })
+    .await
+    .into_iter()
+    .map(|c| Bytes {
+        transport: C::NAME.into(),
+        op: c.operation.into(),
+        up: c.up,
+        down: c.down,
+    })
+    .collect()
 }
 
 async fn transport<C: Dial>(
@@ -501,22 +536,32 @@ async fn transport<C: Dial>(
             Served::Socket
         };
         let server = chat_bench::start_server(served, &arg).await?;
+        let target = Target::plain(server.addr());
         eprintln!("  {} / {store}: latency", C::NAME);
         report
             .latency
-            .extend(latencies::<C>(server.addr(), store, "l", settings.samples).await);
+            .extend(latencies::<C>(&target, store, "l", settings.samples).await);
         for (run, &pairs) in settings.pairs.iter().enumerate() {
             eprintln!("  {} / {store}: throughput, {pairs} pairs", C::NAME);
             report.throughput.push(
-                throughput::<C>(&server, store, &format!("t{run}"), pairs, settings.window).await,
+                throughput::<C>(
+                    &server,
+                    &target,
+                    store,
+                    &format!("t{run}"),
+                    pairs,
+                    settings.window,
+                )
+                .await,
             );
         }
         if store == "memory" {
             eprintln!("  {}: logins", C::NAME);
             report
                 .logins
-                .push(logins::<C>(server.addr(), settings.window).await);
+                .push(logins::<C>(&target, settings.window).await);
             drop(server);
+            tls_rows::<C>(report, settings, served).await?;
             // Fresh servers, so nothing earlier is in the lists or the RSS.
             eprintln!("  {}: bytes per operation", C::NAME);
             let fresh = chat_bench::start_server(served, "memory").await?;
@@ -529,6 +574,46 @@ async fn transport<C: Dial>(
                 .push(sessions::<C>(&fresh, settings.sessions).await);
         }
     }
+    Ok(())
+}
+
+/// The memory-store rows again over TLS (certificates made now), to be
+/// read as ratios to the plaintext rows of the same run.
+async fn tls_rows<C: Dial>(
+    report: &mut Report,
+    settings: &Settings,
+    served: Served,
+) -> anyhow::Result<()> {
+    let pki = TestPki::new();
+    let server =
+        chat_bench::start_server_tls(served, "memory", &pki.cert_path(), &pki.key_path()).await?;
+    let target = Target {
+        addr: server.addr(),
+        tls: Some(pki.client()),
+    };
+    let name = target.label::<C>();
+    eprintln!("  {name} / memory: latency");
+    report
+        .latency
+        .extend(latencies::<C>(&target, "memory", "l", settings.samples).await);
+    for (run, &pairs) in settings.pairs.iter().enumerate() {
+        eprintln!("  {name} / memory: throughput, {pairs} pairs");
+        report.throughput.push(
+            throughput::<C>(
+                &server,
+                &target,
+                "memory",
+                &format!("t{run}"),
+                pairs,
+                settings.window,
+            )
+            .await,
+        );
+    }
+    eprintln!("  {name}: logins");
+    report
+        .logins
+        .push(logins::<C>(&target, settings.window).await);
     Ok(())
 }
 
@@ -549,7 +634,7 @@ fn print(report: &Report) {
     let raw = find(report, "raw", "-", "echo round trip");
     println!("\n## Round-trip latency, µs (p50 / p99 / p99.9)");
     println!(
-        "{:<8} {:<8} {:<16} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "{:<10} {:<8} {:<16} {:>10} {:>10} {:>10} {:>12} {:>12}",
         "transport", "store", "op", "p50", "p99", "p99.9", "p50 ÷ raw", "p99 ÷ raw"
     );
     for l in &report.latency {
@@ -557,7 +642,7 @@ fn print(report: &Report) {
             .map(|r| (l.p50_us / r.p50_us, l.p99_us / r.p99_us))
             .unwrap_or((0.0, 0.0));
         println!(
-            "{:<8} {:<8} {:<16} {:>10.0} {:>10.0} {:>10.0} {:>11.2}× {:>11.2}×",
+            "{:<10} {:<8} {:<16} {:>10.0} {:>10.0} {:>10.0} {:>11.2}× {:>11.2}×",
             l.transport, l.store, l.op, l.p50_us, l.p99_us, l.p999_us, r50, r99
         );
     }
@@ -576,7 +661,7 @@ fn print(report: &Report) {
         "\n## Throughput (delivered messages/s; delivery latency under load, µs; server CPU µs per message)"
     );
     println!(
-        "{:<8} {:<8} {:>6} {:>12} {:>9} {:>9} {:>10} {:>11} {:>11}",
+        "{:<10} {:<8} {:>6} {:>12} {:>9} {:>9} {:>10} {:>11} {:>11}",
         "transport", "store", "pairs", "msgs/s", "p50", "p99", "cpu/msg", "÷ raw tput", "÷ raw cpu"
     );
     for t in &report.throughput {
@@ -593,7 +678,7 @@ fn print(report: &Report) {
             })
             .unwrap_or((0.0, 0.0));
         println!(
-            "{:<8} {:<8} {:>6} {:>12.0} {:>9.0} {:>9.0} {:>10.2} {:>10.2}× {:>10.2}×",
+            "{:<10} {:<8} {:>6} {:>12.0} {:>9.0} {:>9.0} {:>10.2} {:>10.2}× {:>10.2}×",
             t.transport,
             t.store,
             t.pairs,
@@ -604,6 +689,37 @@ fn print(report: &Report) {
             rt,
             rc
         );
+    }
+    println!("\n## TLS ÷ plaintext (memory store, same run)");
+    for transport in ["socket", "grpc"] {
+        let tls = format!("{transport}+tls");
+        for op in ["send → delivery", "login", "create"] {
+            if let (Some(t), Some(p)) = (
+                find(report, &tls, "memory", op),
+                find(report, transport, "memory", op),
+            ) {
+                println!(
+                    "{transport:<8} {op:<16} p50 {:.2}×  p99 {:.2}×",
+                    t.p50_us / p.p50_us,
+                    t.p99_us / p.p99_us
+                );
+            }
+        }
+        for pairs in settings_pairs(report) {
+            let row = |name: &str| {
+                report
+                    .throughput
+                    .iter()
+                    .find(|r| r.transport == name && r.store == "memory" && r.pairs == pairs)
+            };
+            if let (Some(t), Some(p)) = (row(&tls), row(transport)) {
+                println!(
+                    "{transport:<8} {pairs:>3} pairs        msgs/s {:.2}×  cpu/msg {:.2}×",
+                    t.per_second / p.per_second,
+                    t.server_cpu_us_per_msg / p.server_cpu_us_per_msg
+                );
+            }
+        }
     }
     println!("\n## Bytes on the wire per operation (up / down)");
     for b in &report.bytes {
@@ -622,6 +738,14 @@ fn print(report: &Report) {
             l.transport, l.per_second, l.clients
         );
     }
+}
+
+/// The pair counts the throughput rows were measured at, in order.
+fn settings_pairs(report: &Report) -> Vec<usize> {
+    let mut pairs: Vec<usize> = report.throughput.iter().map(|t| t.pairs).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    pairs
 }
 
 fn today() -> String {
@@ -667,8 +791,14 @@ async fn profile(spec: &str) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t = match served {
         Served::Echo => raw_throughput(&server, pairs, window).await,
-        Served::Socket => throughput::<SocketClient>(&server, store, "p", pairs, window).await,
-        Served::Grpc => throughput::<GrpcClient>(&server, store, "p", pairs, window).await,
+        Served::Socket => {
+            let target = Target::plain(server.addr());
+            throughput::<SocketClient>(&server, &target, store, "p", pairs, window).await
+        }
+        Served::Grpc => {
+            let target = Target::plain(server.addr());
+            throughput::<GrpcClient>(&server, &target, store, "p", pairs, window).await
+        }
     };
     println!(
         "{} messages, {:.0}/s, delivery p50 {:.0} µs p99 {:.0} µs, server CPU {:.2} µs/message",

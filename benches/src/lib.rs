@@ -199,11 +199,32 @@ impl Served {
 /// or a data directory for the durable store), as a child process whose CPU
 /// time and memory the benchmark reads. It stops when dropped.
 pub async fn start_server(served: Served, store: &str) -> anyhow::Result<ServerProcess> {
+    spawn_server(&[SERVE_ARG, served.arg(), store]).await
+}
+
+/// [`start_server`] serving TLS with the PEM certificate and key at `cert`
+/// and `key`.
+pub async fn start_server_tls(
+    served: Served,
+    store: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<ServerProcess> {
+    let utf8 = |path: &std::path::Path| {
+        path.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", path.display()))
+    };
+    let (cert, key) = (utf8(cert)?, utf8(key)?);
+    spawn_server(&[SERVE_ARG, served.arg(), store, &cert, &key]).await
+}
+
+async fn spawn_server(args: &[&str]) -> anyhow::Result<ServerProcess> {
     let exe = std::env::current_exe()?;
     let exe = exe
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("the benchmark's path is not UTF-8"))?;
-    Ok(ServerProcess::start_showing_errors(exe, &[SERVE_ARG, served.arg(), store], 1).await)
+    Ok(ServerProcess::start_showing_errors(exe, args, 1).await)
 }
 
 /// In server mode (the binary was started with [`SERVE_ARG`]): serves until
@@ -215,6 +236,12 @@ pub fn serve_if_asked() {
     };
     let served = args.get(at + 1).map(String::as_str).unwrap_or("socket");
     let store = args.get(at + 2).cloned().unwrap_or_else(|| "memory".into());
+    let tls = args.get(at + 3).zip(args.get(at + 4));
+    let tuning = chat_server::Tuning {
+        tls_cert: tls.map(|(cert, _)| cert.into()),
+        tls_key: tls.map(|(_, key)| key.into()),
+        ..bench_tuning()
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("chat-server")
@@ -254,7 +281,7 @@ pub fn serve_if_asked() {
             burst: u32::MAX,
             per_second: 1e9,
         };
-        let mut engine = bench_tuning().engine();
+        let mut engine = tuning.engine();
         engine.throttle.checks_per_address = unlimited;
         engine.throttle.per_address = unlimited;
         let chat = storage.open_with(engine).await?;
@@ -265,7 +292,7 @@ pub fn serve_if_asked() {
         };
         let bound = chat_server::Bound::bind(&[listen]).await?;
         announce(bound.local_addrs()?[0])?;
-        bound.serve(chat, &bench_tuning(), stop).await
+        bound.serve(chat, &tuning, stop).await
     });
     if let Err(err) = result {
         eprintln!("benchmark server failed: {err:#}");

@@ -333,16 +333,23 @@ impl Chat {
     /// Opens a session (one per connection) and the stream of events pushed
     /// to it. Call [`Session::close`] when the connection ends.
     pub fn open_session(&self) -> (Session, Events) {
-        self.open(None)
+        self.open(None, false)
     }
 
-    /// [`Chat::open_session`] for a connection from `peer`: limits per
-    /// address ([`Config::create_rate`]) apply to it.
+    /// [`Chat::open_session`] for a plaintext connection from `peer`:
+    /// limits per address ([`Config::create_rate`]) apply to it.
     pub fn open_session_from(&self, peer: IpAddr) -> (Session, Events) {
-        self.open(Some(peer))
+        self.open(Some(peer), false)
     }
 
-    fn open(&self, peer: Option<IpAddr>) -> (Session, Events) {
+    /// [`Chat::open_session_from`] for a connection the transport encrypts
+    /// (TLS): like loopback, it may set the first password of an account
+    /// from before passwords.
+    pub fn open_encrypted_session_from(&self, peer: IpAddr) -> (Session, Events) {
+        self.open(Some(peer), true)
+    }
+
+    fn open(&self, peer: Option<IpAddr>, encrypted: bool) -> (Session, Events) {
         let (tx, rx) = mpsc::channel(self.inner.config.session_event_capacity.max(1));
         let shared = Arc::new(Shared {
             id: self.inner.next_session.fetch_add(1, Ordering::Relaxed),
@@ -359,6 +366,7 @@ impl Chat {
             shared: Arc::clone(&shared),
             state: Mutex::new(None),
             peer,
+            encrypted,
             lists: StdMutex::new(self.inner.config.list_rate.map(Bucket::full)),
         };
         let events = Events {
@@ -519,6 +527,8 @@ pub struct Session {
     state: Mutex<Option<Username>>,
     /// Where the connection comes from, if the transport said.
     peer: Option<IpAddr>,
+    /// Whether the transport encrypts the connection.
+    encrypted: bool,
     /// This session's lists ([`Config::list_rate`]).
     lists: StdMutex<Option<Bucket>>,
 }
@@ -639,11 +649,14 @@ impl Session {
     }
 
     /// Whether a password may be set over this session without one to
-    /// check first (an account from before passwords): only over a loopback
-    /// connection, or with no network at all (an embedding app).
+    /// check first (an account from before passwords): only over an
+    /// encrypted or loopback connection, or with no network at all (an
+    /// embedding app).
     fn trusted(&self) -> bool {
-        self.peer
-            .is_none_or(|peer| peer.to_canonical().is_loopback())
+        self.encrypted
+            || self
+                .peer
+                .is_none_or(|peer| peer.to_canonical().is_loopback())
     }
 
     /// Checks `password` against `name`'s, throttled per account and per

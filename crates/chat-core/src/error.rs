@@ -84,8 +84,8 @@ pub enum ChatError {
         retry_after: std::time::Duration,
     },
     /// Login: the account predates passwords and has none yet; one can be
-    /// set only by logging in over a loopback connection (or TLS).
-    #[error("{0} has no password yet; log in once over a loopback connection to set one")]
+    /// set only by logging in over a TLS or loopback connection.
+    #[error("{0} has no password yet; log in once over TLS or a loopback connection to set one")]
     PasswordNotSet(Username),
 }
 

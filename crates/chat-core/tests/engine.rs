@@ -729,10 +729,10 @@ async fn failed_logins_are_throttled_per_account_and_per_address() {
 }
 
 /// An account from before passwords has no hash: its next login sets the
-/// password given, but only over a trusted connection (loopback, or an
+/// password given, but only over a trusted connection (loopback, TLS, or an
 /// embedding app); anywhere else it is refused, so nobody else can take it.
 #[tokio::test]
-async fn an_account_from_before_passwords_sets_one_over_loopback_only() {
+async fn an_account_from_before_passwords_sets_one_over_a_trusted_connection_only() {
     let store = Arc::new(TestStore {
         legacy: true,
         ..TestStore::default()
@@ -753,6 +753,19 @@ async fn an_account_from_before_passwords_sets_one_over_loopback_only() {
     let err = remote.login("old", "another guess").await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::WrongPassword);
     remote.login("old", "a new password").await.unwrap();
+    remote.logout().await.unwrap();
+
+    // Over TLS from anywhere.
+    store
+        .inner
+        .create_account(&name("older"), "unused")
+        .await
+        .unwrap();
+    let (encrypted, _e) = chat.open_encrypted_session_from("192.0.2.10".parse().unwrap());
+    encrypted.login("older", "its new password").await.unwrap();
+    encrypted.logout().await.unwrap();
+    let err = remote.login("older", "a wrong guess").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::WrongPassword);
 }
 
 /// A memory store that counts the engine's prune calls and, if `legacy`,

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tonic::transport::server::Connected;
 
@@ -27,7 +28,23 @@ use tonic::transport::server::Connected;
 pub struct ConnInfo {
     /// The peer's address.
     pub remote: SocketAddr,
+    /// Whether the connection is TLS.
+    pub encrypted: bool,
     handshake: Arc<AtomicBool>,
+    /// Calls' work running for this connection (see
+    /// [`ConnInfo::work_permit`]).
+    work: Arc<Semaphore>,
+}
+
+impl ConnInfo {
+    /// Waits until fewer calls' work runs for this connection than it may
+    /// have calls open, and holds one place until dropped.
+    pub(crate) async fn work_permit(&self) -> Result<OwnedSemaphorePermit, tonic::Status> {
+        Arc::clone(&self.work)
+            .acquire_owned()
+            .await
+            .map_err(|_| tonic::Status::unavailable("the connection is closing"))
+    }
 }
 
 /// The peer address of the connection a request came on.
@@ -37,6 +54,25 @@ pub fn peer_of<T>(request: &tonic::Request<T>) -> Option<SocketAddr> {
         .get::<ConnInfo>()
         .map(|info| info.remote)
 }
+
+/// Opens an engine session for the connection a request came on: from its
+/// peer address (or, without one, from [`UNKNOWN_PEER`]: treated as remote,
+/// never trusted, its limits counted together), encrypted if it is TLS.
+pub(crate) fn open_session<T>(
+    chat: &chat_core::Chat,
+    request: &tonic::Request<T>,
+) -> (chat_core::Session, chat_core::Events) {
+    match request.extensions().get::<ConnInfo>() {
+        Some(info) if info.encrypted => chat.open_encrypted_session_from(info.remote.ip()),
+        Some(info) => chat.open_session_from(info.remote.ip()),
+        None => chat.open_session_from(UNKNOWN_PEER),
+    }
+}
+
+/// The address counted for a caller whose connection gave none (not one
+/// from [`crate::serve`]'s listener).
+pub(crate) const UNKNOWN_PEER: std::net::IpAddr =
+    std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 
 /// Marks the handshake of the request's connection done (a server-wide
 /// interceptor: it lets every call through).
@@ -65,12 +101,16 @@ impl Connection {
         remote: SocketAddr,
         slot: ConnectionSlot,
         handshake_deadline: Instant,
+        max_work: usize,
     ) -> Self {
+        let encrypted = matches!(stream, Io::Tls(_));
         Self {
             stream,
             info: ConnInfo {
                 remote,
+                encrypted,
                 handshake: Arc::default(),
+                work: Arc::new(Semaphore::new(max_work.max(1))),
             },
             deadline: Some(Box::pin(tokio::time::sleep_until(handshake_deadline))),
             _slot: slot,

@@ -202,6 +202,7 @@ fn accept_loop(
     let connections = config.connections.clone();
     let handshake_timeout = config.handshake_timeout;
     let tls = config.tls.clone();
+    let max_work = config.max_streams_per_connection as usize;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -232,7 +233,7 @@ fn accept_loop(
                 debug!(%peer, %err, "could not set socket options");
             }
             let Some(tls) = &tls else {
-                let connection = Connection::new(Io::Plain(stream), peer, slot, deadline);
+                let connection = Connection::new(Io::Plain(stream), peer, slot, deadline, max_work);
                 if tx.send(Ok(connection)).await.is_err() {
                     break;
                 }
@@ -243,8 +244,13 @@ fn accept_loop(
             tokio::spawn(async move {
                 match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        let connection =
-                            Connection::new(Io::Tls(Box::new(stream)), peer, slot, deadline);
+                        let connection = Connection::new(
+                            Io::Tls(Box::new(stream)),
+                            peer,
+                            slot,
+                            deadline,
+                            max_work,
+                        );
                         let _ = tx.send(Ok(connection)).await;
                     }
                     Ok(Err(err)) => debug!(%peer, %err, "TLS handshake failed"),

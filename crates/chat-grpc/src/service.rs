@@ -17,7 +17,7 @@ use chat_core::{Chat, ChatError, ErrorCode, SessionState};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::connection::peer_of;
+use crate::connection::{ConnInfo, UNKNOWN_PEER, open_session, peer_of};
 use crate::forward::{self, PushStream, pb_message};
 use crate::pb;
 use crate::pb::chat_server::Chat as ChatRpc;
@@ -33,9 +33,6 @@ pub struct ChatService {
     pub(crate) push_timeout: Duration,
     pub(crate) stop: CancellationToken,
 }
-
-/// The address counted for a caller whose connection gave none.
-const UNKNOWN_PEER: std::net::IpAddr = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 
 fn bearer<T>(request: &Request<T>) -> Result<Option<&str>, Status> {
     let Some(value) = request.metadata().get("authorization") else {
@@ -126,8 +123,7 @@ impl ChatService {
         }
         // Without a known address the caller is treated as remote (never
         // trusted, limits counted together), not as an embedding app.
-        let peer = peer_of(request).map_or(UNKNOWN_PEER, |p| p.ip());
-        let (session, events) = self.chat.open_session_from(peer);
+        let (session, events) = open_session(&self.chat, request);
         let result = if create {
             session.create(name, password).await
         } else {
@@ -311,6 +307,12 @@ impl ChatService {
     /// delivered and replying, would leave them stored as delivered but
     /// never seen. Detached, the work always completes; only the reply may
     /// be lost (and the client resends).
+    ///
+    /// Each connection may have at most as many calls' work running as it
+    /// may have calls open ([`crate::GrpcConfig::max_streams_per_connection`]),
+    /// counting work whose client has gone: a client that opens calls and
+    /// cancels them at once waits for its earlier work before more starts,
+    /// rather than piling up tasks.
     async fn detached<Req, Reply, Work>(
         &self,
         request: Request<Req>,
@@ -320,14 +322,22 @@ impl ChatService {
         Work: Future<Output = Result<Response<Reply>, Status>> + Send + 'static,
         Reply: Send + 'static,
     {
-        tokio::spawn(rpc(self.clone(), request))
-            .await
-            .unwrap_or_else(|err| {
-                Err(to_status(
-                    ErrorCode::Internal,
-                    format!("request task failed: {err}"),
-                ))
-            })
+        let permit = match request.extensions().get::<ConnInfo>() {
+            Some(info) => Some(info.work_permit().await?),
+            None => None,
+        };
+        let work = rpc(self.clone(), request);
+        tokio::spawn(async move {
+            let _permit = permit;
+            work.await
+        })
+        .await
+        .unwrap_or_else(|err| {
+            Err(to_status(
+                ErrorCode::Internal,
+                format!("request task failed: {err}"),
+            ))
+        })
     }
 }
 

@@ -142,7 +142,7 @@ pub async fn serve(
                 debug!(%peer, %err, "could not set socket options");
             }
             let Some(tls) = &config.tls else {
-                serve_connection(stream, peer, accepted, chat, &config, stop).await;
+                serve_connection(stream, peer, false, accepted, chat, &config, stop).await;
                 return;
             };
             let handshake = tokio::select! {
@@ -150,7 +150,9 @@ pub async fn serve(
                 () = stop.cancelled() => return,
             };
             match handshake {
-                Ok(Ok(stream)) => serve_connection(stream, peer, accepted, chat, &config, stop).await,
+                Ok(Ok(stream)) => {
+                    serve_connection(stream, peer, true, accepted, chat, &config, stop).await;
+                }
                 Ok(Err(err)) => debug!(%peer, %err, "TLS handshake failed"),
                 Err(_) => debug!(%peer, "no TLS handshake within the handshake timeout"),
             }
@@ -227,6 +229,7 @@ const MAX_BATCH: usize = 64;
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: SocketAddr,
+    encrypted: bool,
     accepted: Instant,
     chat: Chat,
     config: &ServerConfig,
@@ -239,7 +242,11 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         ServerCodec::new(config.max_request),
         CONNECTION_BUFFER,
     );
-    let (session, mut events) = chat.open_session_from(peer.ip());
+    let (session, mut events) = if encrypted {
+        chat.open_encrypted_session_from(peer.ip())
+    } else {
+        chat.open_session_from(peer.ip())
+    };
     debug!(%peer, session = session.id(), "connected");
     // Until the hello, the (shorter) handshake timeout applies.
     let mut deadline = accepted + config.handshake_timeout.min(config.idle_timeout);
