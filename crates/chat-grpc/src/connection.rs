@@ -37,6 +37,18 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
+    /// A connection's information as if accepted from `remote`, for unit
+    /// tests of the handlers.
+    #[cfg(test)]
+    pub(crate) fn for_tests(remote: SocketAddr, max_work: usize) -> Self {
+        Self {
+            remote,
+            encrypted: false,
+            handshake: Arc::default(),
+            work: Arc::new(Semaphore::new(max_work)),
+        }
+    }
+
     /// Waits until fewer calls' work runs for this connection than it may
     /// have calls open, and holds one place until dropped.
     pub(crate) async fn work_permit(&self) -> Result<OwnedSemaphorePermit, tonic::Status> {

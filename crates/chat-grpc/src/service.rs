@@ -437,3 +437,43 @@ impl ChatRpc for ChatService {
         Ok(Response::new(stream))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    /// A connection's calls' work is bounded even after its client has gone:
+    /// with all its places taken (here held by the test, as work whose
+    /// caller cancelled would hold them), a new call waits, and runs as
+    /// soon as one is given back.
+    #[tokio::test]
+    async fn a_connections_work_waits_for_a_free_place() {
+        let service = ChatService {
+            chat: chat_core::Chat::in_memory(),
+            sessions: Arc::default(),
+            stream_grace: Duration::from_secs(10),
+            push_timeout: Duration::from_secs(30),
+            stop: CancellationToken::new(),
+        };
+        let info = ConnInfo::for_tests("127.0.0.1:9".parse().unwrap(), 2);
+        let held = [
+            info.work_permit().await.unwrap(),
+            info.work_permit().await.unwrap(),
+        ];
+        let mut request = Request::new(pb::ListAccountsRequest {
+            pattern: String::new(),
+            max: 0,
+        });
+        request.extensions_mut().insert(info.clone());
+        let mut call = Box::pin(service.list_accounts(request));
+        assert!(
+            (&mut call).now_or_never().is_none(),
+            "the call started although the connection's work was at its bound"
+        );
+        drop(held);
+        let reply = call.await.expect("the call runs once a place is free");
+        assert!(reply.into_inner().usernames.is_empty());
+    }
+}

@@ -108,22 +108,7 @@ async fn a_pair_keeps_chatting_while_both_ports_are_attacked() {
     attacks.spawn(slow_loris(grpc, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
 
     // Meanwhile, the pair chats: every message arrives, in order.
-    let chat = async {
-        for i in 0..MESSAGES {
-            alice.send("bob", &format!("a{i}")).await.unwrap();
-            bob.send("alice", &format!("b{i}")).await.unwrap();
-        }
-        for i in 0..MESSAGES {
-            assert_eq!(next_body(&mut bob).await, format!("a{i}"));
-            assert_eq!(next_body(&mut alice).await, format!("b{i}"));
-        }
-    };
-    tokio::time::timeout(PATIENCE * 2, chat)
-        .await
-        .expect("the pair chatted in time");
-    while let Some(attack) = attacks.join_next().await {
-        attack.expect("every attack saw its connection closed");
-    }
+    chat_through(&mut alice, &mut bob, attacks).await;
     // And the server still takes new users.
     let mut carol = SocketClient::connect(socket).await.unwrap();
     carol.create("carol", "password1").await.unwrap();
@@ -171,14 +156,29 @@ async fn a_tls_pair_keeps_chatting_while_handshakes_are_attacked() {
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
         ));
     }
+    chat_through(&mut alice, &mut bob, attacks).await;
+    let mut carol = SocketClient::connect_tls(socket, pki.client())
+        .await
+        .unwrap();
+    carol.create("carol", "password1").await.unwrap();
+}
+
+/// Alice and Bob exchange [`MESSAGES`] each way while `attacks` run: every
+/// message arrives, in order; then every attack must have seen its
+/// connection closed.
+async fn chat_through(
+    alice: &mut impl ChatClient,
+    bob: &mut impl ChatClient,
+    mut attacks: tokio::task::JoinSet<()>,
+) {
     let chat = async {
         for i in 0..MESSAGES {
             alice.send("bob", &format!("a{i}")).await.unwrap();
             bob.send("alice", &format!("b{i}")).await.unwrap();
         }
         for i in 0..MESSAGES {
-            assert_eq!(next_body(&mut bob).await, format!("a{i}"));
-            assert_eq!(next_body(&mut alice).await, format!("b{i}"));
+            assert_eq!(next_body(bob).await, format!("a{i}"));
+            assert_eq!(next_body(alice).await, format!("b{i}"));
         }
     };
     tokio::time::timeout(PATIENCE * 2, chat)
@@ -187,10 +187,6 @@ async fn a_tls_pair_keeps_chatting_while_handshakes_are_attacked() {
     while let Some(attack) = attacks.join_next().await {
         attack.expect("every attack saw its connection closed");
     }
-    let mut carol = SocketClient::connect_tls(socket, pki.client())
-        .await
-        .unwrap();
-    carol.create("carol", "password1").await.unwrap();
 }
 
 async fn next_body<C: ChatClient>(client: &mut C) -> String {
