@@ -78,23 +78,18 @@ trait Dial: ChatClient + Sized + Send + 'static {
 impl Dial for SocketClient {
     const NAME: &'static str = "socket";
     async fn dial(target: &Target) -> Self {
-        match &target.tls {
-            Some(tls) => SocketClient::connect_tls(target.addr, tls.clone()).await,
-            None => SocketClient::connect(target.addr).await,
-        }
-        .expect("socket connect")
+        SocketClient::connect_with(target.addr, target.tls.clone())
+            .await
+            .expect("socket connect")
     }
 }
 
 impl Dial for GrpcClient {
     const NAME: &'static str = "grpc";
     async fn dial(target: &Target) -> Self {
-        let addr = target.addr.to_string();
-        match &target.tls {
-            Some(tls) => GrpcClient::connect_tls(&addr, tls.clone()).await,
-            None => GrpcClient::connect(&addr).await,
-        }
-        .expect("grpc connect")
+        GrpcClient::connect_with(&target.addr.to_string(), target.tls.clone())
+            .await
+            .expect("grpc connect")
     }
 }
 
@@ -537,29 +532,8 @@ async fn transport<C: Dial>(
         };
         let server = chat_bench::start_server(served, &arg).await?;
         let target = Target::plain(server.addr());
-        eprintln!("  {} / {store}: latency", C::NAME);
-        report
-            .latency
-            .extend(latencies::<C>(&target, store, "l", settings.samples).await);
-        for (run, &pairs) in settings.pairs.iter().enumerate() {
-            eprintln!("  {} / {store}: throughput, {pairs} pairs", C::NAME);
-            report.throughput.push(
-                throughput::<C>(
-                    &server,
-                    &target,
-                    store,
-                    &format!("t{run}"),
-                    pairs,
-                    settings.window,
-                )
-                .await,
-            );
-        }
+        loads::<C>(report, settings, &server, &target, store).await;
         if store == "memory" {
-            eprintln!("  {}: logins", C::NAME);
-            report
-                .logins
-                .push(logins::<C>(&target, settings.window).await);
             drop(server);
             tls_rows::<C>(report, settings, served).await?;
             // Fresh servers, so nothing earlier is in the lists or the RSS.
@@ -577,6 +551,42 @@ async fn transport<C: Dial>(
     Ok(())
 }
 
+/// Latencies, throughput at every pair count and (memory store only)
+/// logins against one running server.
+async fn loads<C: Dial>(
+    report: &mut Report,
+    settings: &Settings,
+    server: &ServerProcess,
+    target: &Target,
+    store: &str,
+) {
+    let name = target.label::<C>();
+    eprintln!("  {name} / {store}: latency");
+    report
+        .latency
+        .extend(latencies::<C>(target, store, "l", settings.samples).await);
+    for (run, &pairs) in settings.pairs.iter().enumerate() {
+        eprintln!("  {name} / {store}: throughput, {pairs} pairs");
+        report.throughput.push(
+            throughput::<C>(
+                server,
+                target,
+                store,
+                &format!("t{run}"),
+                pairs,
+                settings.window,
+            )
+            .await,
+        );
+    }
+    if store == "memory" {
+        eprintln!("  {name}: logins");
+        report
+            .logins
+            .push(logins::<C>(target, settings.window).await);
+    }
+}
+
 /// The memory-store rows again over TLS (certificates made now), to be
 /// read as ratios to the plaintext rows of the same run.
 async fn tls_rows<C: Dial>(
@@ -591,29 +601,7 @@ async fn tls_rows<C: Dial>(
         addr: server.addr(),
         tls: Some(pki.client()),
     };
-    let name = target.label::<C>();
-    eprintln!("  {name} / memory: latency");
-    report
-        .latency
-        .extend(latencies::<C>(&target, "memory", "l", settings.samples).await);
-    for (run, &pairs) in settings.pairs.iter().enumerate() {
-        eprintln!("  {name} / memory: throughput, {pairs} pairs");
-        report.throughput.push(
-            throughput::<C>(
-                &server,
-                &target,
-                "memory",
-                &format!("t{run}"),
-                pairs,
-                settings.window,
-            )
-            .await,
-        );
-    }
-    eprintln!("  {name}: logins");
-    report
-        .logins
-        .push(logins::<C>(&target, settings.window).await);
+    loads::<C>(report, settings, &server, &target, "memory").await;
     Ok(())
 }
 

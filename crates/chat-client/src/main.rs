@@ -99,20 +99,12 @@ async fn main() -> ExitCode {
         eprintln!("chat: cannot connect to {server}: {err}");
         ExitCode::from(1)
     };
-    match (args.transport, tls) {
-        (Transport::Socket, None) => match SocketClient::connect(&server).await {
+    match args.transport {
+        Transport::Socket => match SocketClient::connect_with(&server, tls).await {
             Ok(client) => run(client, console).await,
             Err(err) => unreachable(err),
         },
-        (Transport::Socket, Some(tls)) => match SocketClient::connect_tls(&server, tls).await {
-            Ok(client) => run(client, console).await,
-            Err(err) => unreachable(err),
-        },
-        (Transport::Grpc, None) => match GrpcClient::connect(&server).await {
-            Ok(client) => run(client, console).await,
-            Err(err) => unreachable(err),
-        },
-        (Transport::Grpc, Some(tls)) => match GrpcClient::connect_tls(&server, tls).await {
+        Transport::Grpc => match GrpcClient::connect_with(&server, tls).await {
             Ok(client) => run(client, console).await,
             Err(err) => unreachable(err),
         },

@@ -116,8 +116,13 @@ fn reason_from(text: &str) -> LogoutReason {
     }
 }
 
-/// An error and its sources, for people: tonic's transport error alone says
-/// only "transport error".
+/// A failed connection, with the error's sources: tonic's transport error
+/// alone says only "transport error".
+fn cannot_connect(addr: &str, err: &dyn std::error::Error) -> ClientError {
+    ClientError::Connection(format!("cannot connect to {addr}: {}", causes(err)))
+}
+
+/// An error and its sources, for people.
 fn causes(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
@@ -151,9 +156,7 @@ impl GrpcClient {
             .tcp_nodelay(true)
             .connect()
             .await
-            .map_err(|e| {
-                ClientError::Connection(format!("cannot connect to {addr}: {}", causes(&e)))
-            })?;
+            .map_err(|e| cannot_connect(addr, &e))?;
         Self::start(addr, channel).await
     }
 
@@ -162,6 +165,15 @@ impl GrpcClient {
     /// the host of `addr` (or the name `tls` was given). The channel's
     /// reconnects use TLS too.
     pub async fn connect_tls(addr: &str, tls: ClientTls) -> Result<Self, ClientError> {
+        Self::connect_with(addr, Some(tls)).await
+    }
+
+    /// [`GrpcClient::connect_tls`] when `tls` is given, else
+    /// [`GrpcClient::connect`].
+    pub async fn connect_with(addr: &str, tls: Option<ClientTls>) -> Result<Self, ClientError> {
+        let Some(tls) = tls else {
+            return Self::connect(addr).await;
+        };
         // Our connector does the TLS; to tonic the channel is plain HTTP/2.
         let authority = chat_tls::authority_of(addr).to_string();
         let uri = format!("http://{authority}");
@@ -182,9 +194,7 @@ impl GrpcClient {
         let channel = endpoint(addr, uri)?
             .connect_with_connector(connector)
             .await
-            .map_err(|e| {
-                ClientError::Connection(format!("cannot connect to {addr}: {}", causes(&e)))
-            })?;
+            .map_err(|e| cannot_connect(addr, &e))?;
         Self::start(addr, channel).await
     }
 

@@ -120,7 +120,13 @@ async fn plaintext_clients_of_a_tls_server_fail_at_connect() {
     let grpc = start::<GrpcClient>(Listen::Grpc).await;
     let err = SocketClient::connect(socket.addr).await.unwrap_err();
     assert!(err.to_string().contains("connect with TLS"), "{err}");
-    assert!(GrpcClient::connect(&grpc.addr.to_string()).await.is_err());
+    let err = GrpcClient::connect(&grpc.addr.to_string())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, chat_core::client::ClientError::Connection(_)),
+        "{err}"
+    );
     // And the server still serves TLS clients.
     socket
         .connect()

@@ -170,7 +170,7 @@ impl SocketClient {
     /// Connects, performs the version handshake, and starts the connection
     /// task.
     pub async fn connect(addr: impl ToSocketAddrs + ToString) -> Result<Self, ClientError> {
-        Self::open(addr.to_string(), None).await
+        Self::connect_with(addr, None).await
     }
 
     /// [`SocketClient::connect`] over TLS: the server's certificate must be
@@ -180,10 +180,16 @@ impl SocketClient {
         addr: impl ToSocketAddrs + ToString,
         tls: ClientTls,
     ) -> Result<Self, ClientError> {
-        Self::open(addr.to_string(), Some(tls)).await
+        Self::connect_with(addr, Some(tls)).await
     }
 
-    async fn open(addr: String, tls: Option<ClientTls>) -> Result<Self, ClientError> {
+    /// [`SocketClient::connect_tls`] when `tls` is given, else
+    /// [`SocketClient::connect`].
+    pub async fn connect_with(
+        addr: impl ToSocketAddrs + ToString,
+        tls: Option<ClientTls>,
+    ) -> Result<Self, ClientError> {
+        let addr = addr.to_string();
         let send_key: SendKey = rand::random();
         let conn = Conn::open(&addr, tls.as_ref(), send_key).await?;
         Ok(Self {

@@ -379,8 +379,7 @@ pub fn authority_of(addr: &str) -> &str {
 /// The host part of `host:port`, `[v6]:port`, `v6` or a URI such as
 /// `https://host:port/`.
 pub fn host_of(addr: &str) -> &str {
-    let rest = addr.split_once("://").map_or(addr, |(_, rest)| rest);
-    let rest = rest.split('/').next().unwrap_or(rest);
+    let rest = authority_of(addr);
     if let Some(bracketed) = rest.strip_prefix('[') {
         return bracketed.split(']').next().unwrap_or(bracketed);
     }
