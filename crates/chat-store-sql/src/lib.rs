@@ -83,10 +83,13 @@
 //!
 //! # Pruning
 //!
-//! The writer deletes send ids past their retention and evicts idle
-//! accounts from its counters caches every [`SqliteOptions::prune_every`],
-//! even when no writes arrive. [`Store::prune_expired`] runs the same prune
-//! on demand, by the time it is given; a caller need not call it.
+//! [`Store::prune_expired`] deletes send ids past their retention and
+//! evicts idle accounts from the writer's counters caches, by the time it
+//! is given. The engine (`chat_core::Chat`) calls it every
+//! `chat_core::PRUNE_INTERVAL`; a store used without an engine can have
+//! the writer prune on its own timer instead
+//! ([`SqliteOptions::prune_every`]), not both, so that no prune is done
+//! twice on the one write connection.
 //!
 //! # Schema
 //!
@@ -134,9 +137,10 @@ pub struct SqliteOptions {
     /// Read connections (default 4).
     pub readers: u32,
     /// How often the writer deletes expired send ids and evicts idle
-    /// accounts' counters, whether or not writes arrive (default one
-    /// minute).
-    pub prune_every: Duration,
+    /// accounts' counters by itself, whether or not writes arrive (default:
+    /// never, since the engine calls [`Store::prune_expired`] every minute;
+    /// set it when using the store without `chat_core::Chat`).
+    pub prune_every: Option<Duration>,
     /// How long an account's counters stay cached in the writer after the
     /// last write that used them (default ten minutes); evicted counters
     /// are read from the database again when needed.
@@ -156,7 +160,7 @@ impl Default for SqliteOptions {
             queue_limit: chat_core::DEFAULT_QUEUE_LIMIT,
             max_batch: 512,
             readers: 4,
-            prune_every: Duration::from_secs(60),
+            prune_every: None,
             idle_account_after: Duration::from_secs(10 * 60),
             send_ids_per_sender: chat_core::MAX_SEND_IDS_PER_SENDER,
         }
@@ -459,9 +463,8 @@ impl Store for SqliteStore {
     /// than [`chat_core::SEND_ID_RETENTION`] and evicts the cached counters
     /// (of messages as a recipient, of send ids as a sender) of accounts no
     /// write used for [`SqliteOptions::idle_account_after`]; returns how
-    /// many of these went. The writer also prunes on its own
-    /// every [`SqliteOptions::prune_every`] by the wall clock, so calling
-    /// this is optional.
+    /// many of these went. With [`SqliteOptions::prune_every`] set, the
+    /// writer also prunes on its own by the wall clock.
     async fn prune_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
         self.write(Job::Prune, now_ms).await
     }

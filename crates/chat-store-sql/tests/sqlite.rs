@@ -888,7 +888,7 @@ async fn expired_send_ids_are_pruned_on_a_timer() {
     let dir = tempfile::tempdir().unwrap();
     let every = std::time::Duration::from_secs(3600);
     let options = SqliteOptions {
-        prune_every: every,
+        prune_every: Some(every),
         ..SqliteOptions::default()
     };
     let store = SqliteStore::open(dir.path(), options).await.unwrap();

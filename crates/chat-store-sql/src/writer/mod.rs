@@ -60,12 +60,13 @@
 //!
 //! # Pruning
 //!
-//! Every [`SqliteOptions::prune_every`], even when no writes arrive, the
-//! task runs a prune job: it deletes send ids past their retention (and
+//! On `Store::prune_expired` (the engine calls it every minute), or by
+//! itself every [`SqliteOptions::prune_every`] if that is set, the task
+//! runs a prune job: it deletes send ids past their retention (and
 //! takes them off the cached per-sender counts) and evicts the cached
 //! counters of accounts no batch has used for
 //! [`SqliteOptions::idle_account_after`] (they are read again on the next
-//! write). `Store::prune_expired` runs the same job on demand.
+//! write).
 
 use std::time::Duration;
 
@@ -147,6 +148,16 @@ struct Writer {
     send_ids: SendIdCounts,
 }
 
+/// The next tick of the writer's own prune timer, if it has one.
+async fn tick(timer: &mut Option<tokio::time::Interval>) {
+    match timer {
+        Some(timer) => {
+            timer.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// The writer task: batches until every store handle is dropped (`Ok`) or
 /// the connection is unusable (`Err`).
 async fn run(
@@ -154,9 +165,12 @@ async fn run(
     mut jobs: mpsc::Receiver<Job>,
     options: SqliteOptions,
 ) -> Result<(), Fatal> {
-    let every = options.prune_every.max(Duration::from_millis(1));
-    let mut prune_timer = tokio::time::interval_at(Instant::now() + every, every);
-    prune_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut prune_timer = options.prune_every.map(|every| {
+        let every = every.max(Duration::from_millis(1));
+        let mut timer = tokio::time::interval_at(Instant::now() + every, every);
+        timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        timer
+    });
     let mut writer = Writer {
         conn,
         options,
@@ -168,7 +182,7 @@ async fn run(
             // The timer first: it fires once a period, so it cannot starve
             // the writes, and a busy writer still prunes on time.
             biased;
-            _ = prune_timer.tick() => {
+            _ = tick(&mut prune_timer) => {
                 writer.prune_now().await?;
                 continue;
             }
