@@ -138,23 +138,14 @@ impl Hashing {
 
     /// The PHC string of `password`, with a fresh random salt.
     pub(crate) async fn hash(&self, password: &Password) -> Result<String, ChatError> {
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| hashing_failed())?;
-        let params = self.params.clone();
         let password = password.clone();
-        // The permit moves into the blocking task: a hash keeps its place
-        // until it is done, even if the caller stops waiting.
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            Self::argon2(params)
+        self.on_pool(move |argon2| {
+            argon2
                 .hash_password(password.as_bytes())
                 .map(|hash| hash.to_string())
                 .map_err(|_| hashing_failed())
         })
-        .await
-        .map_err(|_| hashing_failed())?
+        .await?
     }
 
     /// Whether `password` matches `stored`; with no stored hash (no such
@@ -169,21 +160,36 @@ impl Hashing {
             Some(phc) => (phc.to_owned(), true),
             None => (self.decoy().await?, false),
         };
+        let password = password.clone();
+        let matched = self
+            .on_pool(move |argon2| {
+                argon2
+                    .verify_password(password.as_bytes(), phc.as_str())
+                    .is_ok()
+            })
+            .await?;
+        Ok(real && matched)
+    }
+
+    /// Runs `work` with this configuration's hasher on the blocking pool,
+    /// once one of the permits is free. The permit moves into the blocking
+    /// task: a hash keeps its place until it is done, even if the caller
+    /// stops waiting.
+    async fn on_pool<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(Argon2<'static>) -> T + Send + 'static,
+    ) -> Result<T, ChatError> {
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
             .map_err(|_| hashing_failed())?;
         let params = self.params.clone();
-        let password = password.clone();
-        let matched = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            Self::argon2(params)
-                .verify_password(password.as_bytes(), phc.as_str())
-                .is_ok()
+            work(Self::argon2(params))
         })
         .await
-        .map_err(|_| hashing_failed())?;
-        Ok(real && matched)
+        .map_err(|_| hashing_failed())
     }
 
     /// Computes the decoy now (at start), so that the first login for a
@@ -192,28 +198,19 @@ impl Hashing {
         let _ = self.decoy().await;
     }
 
+    /// A hash with this configuration's parameters, for checks that have
+    /// no real one. Its password does not matter: [`Hashing::verify`]
+    /// answers `false` for a decoy whatever matched; only its cost must
+    /// equal a real check's.
     async fn decoy(&self) -> Result<String, ChatError> {
         self.decoy
             .get_or_try_init(|| async {
-                let random: [u8; 16] = rand_bytes();
-                let text: String = random.iter().map(|b| format!("{b:02x}")).collect();
-                self.hash(&Password(text)).await
+                let decoy = Password("decoy password".into());
+                self.hash(&decoy).await
             })
             .await
             .cloned()
     }
-}
-
-fn rand_bytes() -> [u8; 16] {
-    // The decoy's password only has to be unguessable; the salt that
-    // argon2 draws from the OS is random anyway.
-    let mut bytes = [0u8; 16];
-    let seed = std::collections::hash_map::RandomState::new();
-    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
-        use std::hash::BuildHasher;
-        chunk.copy_from_slice(&seed.hash_one(i).to_le_bytes());
-    }
-    bytes
 }
 
 fn hashing_failed() -> ChatError {
