@@ -90,12 +90,20 @@ enum Pushed {
     Stopping,
 }
 
+/// Puts `item` in the stream: at once when there is room (no timer, no
+/// cancellation waiter: the common case, once per delivered message), else
+/// waiting up to `timeout` for the client to make room.
 async fn push_into(
     tx: &mpsc::Sender<Item>,
     item: Item,
     stop: &CancellationToken,
     timeout: Duration,
 ) -> Pushed {
+    let item = match tx.try_send(item) {
+        Ok(()) => return Pushed::Yes,
+        Err(mpsc::error::TrySendError::Closed(_)) => return Pushed::Gone,
+        Err(mpsc::error::TrySendError::Full(item)) => item,
+    };
     tokio::select! {
         sent = tokio::time::timeout(timeout, tx.send(item)) => match sent {
             Ok(Ok(())) => Pushed::Yes,
@@ -116,6 +124,9 @@ async fn forward(
     stop: CancellationToken,
     push_timeout: Duration,
 ) -> Vec<Item> {
+    // A child token: waiting on it takes a lock of this session's alone,
+    // not the server-wide one every forwarder would share.
+    let stop = stop.child_token();
     let ended = |pushed: Pushed| -> Option<Vec<Item>> {
         match pushed {
             Pushed::Yes => None,
