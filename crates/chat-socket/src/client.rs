@@ -628,16 +628,17 @@ impl SocketClient {
         }
     }
 
-    /// Before a login or create: pushes still queued were for an earlier
-    /// login and must not be shown as this one's. Nothing is lost: they are
-    /// stored, and replayed to their user at its next login.
-    fn drop_queued_pushes(&mut self) {
+    /// Before a login or create: messages still on their way to the
+    /// application were for an earlier login, and none of them may hold
+    /// back this one's acks. (`next_push` skips them by their login stamp;
+    /// nothing is lost: they are stored, and replayed to their user at its
+    /// next login.)
+    fn forget_unreturned(&mut self) {
         if self.state.user().is_some() {
-            // Still logged in: the server refuses the call, and the queued
-            // pushes are this user's.
+            // Still logged in: the server refuses the call, and the
+            // messages are this user's.
             return;
         }
-        while self.conn.pushes.try_recv().is_ok() {}
         self.conn.unreturned.clear();
     }
 
@@ -729,14 +730,15 @@ impl SocketClient {
         }
     }
 
-    /// A create or login: pushes queued for an earlier login go, and the
-    /// password is kept to log in again after a reconnect.
+    /// A create or login: pushes queued for an earlier login are not shown
+    /// after it, and the password is kept to log in again after a
+    /// reconnect.
     async fn enter(
         &mut self,
         password: &str,
         make: impl FnOnce(RequestId) -> ClientFrame,
     ) -> Result<SessionState, ClientError> {
-        self.drop_queued_pushes();
+        self.forget_unreturned();
         let state = self.simple(make).await?;
         self.login_floor = self.conn.logins.load(Ordering::Acquire);
         self.password = Some(password.to_owned());
@@ -887,13 +889,18 @@ impl ChatClient for SocketClient {
     async fn next_push(&mut self) -> Option<Push> {
         loop {
             let Queued { logins, push } = self.conn.pushes.recv().await?;
+            // Read before the current login's answer: about an earlier
+            // login (perhaps another user's), already over. Its messages
+            // are stored and come again at their user's next login; their
+            // ids are of another sequence, so they must not count as seen.
+            if logins < self.login_floor {
+                continue;
+            }
             if let Push::Message(m) = &push {
                 self.conn.unreturned.returned(m.id);
             }
             match &push {
                 Push::Message(m) if !self.seen.first(m.id) => continue,
-                // About a login before the current one: already over.
-                Push::LoggedOut { .. } if logins < self.login_floor => continue,
                 Push::LoggedOut { user, .. } if self.state.user() == Some(user) => {
                     self.adopt(SessionState::LoggedOut);
                 }
@@ -1079,6 +1086,74 @@ mod tests {
             other => panic!("the stale notice was shown: {other:?}"),
         }
         assert_eq!(client.state(), &SessionState::LoggedIn(alice()));
+    }
+
+    /// Pushes the client read for one login, also those it held back while
+    /// the application's queue was full, are never shown after the next
+    /// login (here as another user, whose ids start again at 1).
+    #[tokio::test]
+    async fn pushes_held_for_an_earlier_login_are_not_shown_after_the_next() {
+        const PUSHES: u64 = PUSH_QUEUE as u64 + 8;
+        let bob = || Username::parse("bob").unwrap();
+        let addr = fake_server(move |mut conn| async move {
+            let answer = |id, state| ServerFrame::Done {
+                id,
+                state,
+                replay: Some(0),
+            };
+            match conn.next().await {
+                Some(Ok(ClientFrame::Create { id, .. })) => {
+                    conn.send(answer(id, SessionState::LoggedIn(alice())))
+                        .await
+                        .unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+            for id in 1..=PUSHES {
+                conn.feed(ServerFrame::PushMessage(message(id)))
+                    .await
+                    .unwrap();
+            }
+            conn.flush().await.unwrap();
+            match conn.next().await {
+                Some(Ok(ClientFrame::Logout { id })) => {
+                    conn.send(answer(id, SessionState::LoggedOut))
+                        .await
+                        .unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+            match conn.next().await {
+                Some(Ok(ClientFrame::Login { id, .. })) => {
+                    conn.feed(answer(id, SessionState::LoggedIn(bob())))
+                        .await
+                        .unwrap();
+                    let for_bob = Message {
+                        body: chat_core::MessageBody::parse("for bob").unwrap(),
+                        ..message(1)
+                    };
+                    conn.feed(ServerFrame::PushMessage(for_bob)).await.unwrap();
+                    conn.flush().await.unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+            let _ = conn.next().await;
+        })
+        .await;
+        let mut client = SocketClient::connect(addr).await.unwrap();
+        client.create("alice", "password1").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client.conn.pushes.len() < PUSH_QUEUE {
+            assert!(Instant::now() < deadline, "the queue never filled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The logout is answered behind the pushes the client holds back.
+        client.logout().await.unwrap();
+        client.login("bob", "password1").await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(20), client.next_push()).await {
+            Ok(Some(Push::Message(m))) => assert_eq!(m.body.as_str(), "for bob"),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A call that fails because the connection ended, then a close: the
