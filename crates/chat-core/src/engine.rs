@@ -423,13 +423,15 @@ impl Chat {
 
     /// [`Chat::list`] for a caller without a session of its own (a gRPC
     /// call without a token) from `peer`: [`Config::list_rate`] applies
-    /// per address.
+    /// per address, and once the engine stops it fails with
+    /// `shutting_down`, as a session's list does.
     pub async fn list_from(
         &self,
         peer: IpAddr,
         pattern: &str,
         max: usize,
     ) -> Result<Vec<Username>, ChatError> {
+        self.check_running()?;
         if let Some(rate) = self.inner.config.list_rate {
             take_token(
                 &self.inner.lists,

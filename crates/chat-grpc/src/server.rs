@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use chat_core::{Chat, ConnectionLimit};
 use tokio::net::TcpListener;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tonic::service::InterceptorLayer;
 use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn};
 
-use crate::connection::{Connection, Io, first_request};
+use crate::connection::{Connection, first_request};
 use crate::pb;
 use crate::pb::chat_server::ChatServer;
 use crate::service::ChatService;
@@ -233,7 +234,8 @@ fn accept_loop(
                 debug!(%peer, %err, "could not set socket options");
             }
             let Some(tls) = &tls else {
-                let connection = Connection::new(Io::Plain(stream), peer, slot, deadline, max_work);
+                let connection =
+                    Connection::new(Either::Left(stream), peer, slot, deadline, max_work);
                 if tx.send(Ok(connection)).await.is_err() {
                     break;
                 }
@@ -245,7 +247,7 @@ fn accept_loop(
                 match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         let connection = Connection::new(
-                            Io::Tls(Box::new(stream)),
+                            Either::Right(Box::new(stream)),
                             peer,
                             slot,
                             deadline,

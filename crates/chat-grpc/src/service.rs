@@ -256,13 +256,9 @@ impl ChatService {
                 entry.session.state().await,
             ),
             None => {
-                let names = if self.chat.is_shutting_down() {
-                    Err(ChatError::ShuttingDown)
-                } else {
-                    // No session to count lists on: count them per address.
-                    let peer = peer_of(&request).map_or(UNKNOWN_PEER, |p| p.ip());
-                    self.chat.list_from(peer, &query.pattern, max).await
-                };
+                // No session to count lists on: count them per address.
+                let peer = peer_of(&request).map_or(UNKNOWN_PEER, |p| p.ip());
+                let names = self.chat.list_from(peer, &query.pattern, max).await;
                 (names, SessionState::LoggedOut)
             }
         };
