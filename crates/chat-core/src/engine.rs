@@ -342,11 +342,12 @@ impl Chat {
         self.open(Some(peer), false)
     }
 
-    /// [`Chat::open_session_from`] for a connection the transport encrypts
-    /// (TLS): like loopback, it may set the first password of an account
-    /// from before passwords.
-    pub fn open_encrypted_session_from(&self, peer: IpAddr) -> (Session, Events) {
-        self.open(Some(peer), true)
+    /// [`Chat::open_session_from`] for a connection that the transport
+    /// encrypts (TLS) if `encrypted`: like a loopback one, an encrypted
+    /// connection may set the first password of an account from before
+    /// passwords.
+    pub fn open_session_over(&self, peer: IpAddr, encrypted: bool) -> (Session, Events) {
+        self.open(Some(peer), encrypted)
     }
 
     fn open(&self, peer: Option<IpAddr>, encrypted: bool) -> (Session, Events) {

@@ -761,7 +761,7 @@ async fn an_account_from_before_passwords_sets_one_over_a_trusted_connection_onl
         .create_account(&name("older"), "unused")
         .await
         .unwrap();
-    let (encrypted, _e) = chat.open_encrypted_session_from("192.0.2.10".parse().unwrap());
+    let (encrypted, _e) = chat.open_session_over("192.0.2.10".parse().unwrap(), true);
     encrypted.login("older", "its new password").await.unwrap();
     encrypted.logout().await.unwrap();
     let err = remote.login("older", "a wrong guess").await.unwrap_err();

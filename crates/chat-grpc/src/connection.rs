@@ -76,8 +76,7 @@ pub(crate) fn open_session<T>(
     request: &tonic::Request<T>,
 ) -> (chat_core::Session, chat_core::Events) {
     match request.extensions().get::<ConnInfo>() {
-        Some(info) if info.encrypted => chat.open_encrypted_session_from(info.remote.ip()),
-        Some(info) => chat.open_session_from(info.remote.ip()),
+        Some(info) => chat.open_session_over(info.remote.ip(), info.encrypted),
         None => chat.open_session_from(UNKNOWN_PEER),
     }
 }

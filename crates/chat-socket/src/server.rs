@@ -242,11 +242,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         ServerCodec::new(config.max_request),
         CONNECTION_BUFFER,
     );
-    let (session, mut events) = if encrypted {
-        chat.open_encrypted_session_from(peer.ip())
-    } else {
-        chat.open_session_from(peer.ip())
-    };
+    let (session, mut events) = chat.open_session_over(peer.ip(), encrypted);
     debug!(%peer, session = session.id(), "connected");
     // Until the hello, the (shorter) handshake timeout applies.
     let mut deadline = accepted + config.handshake_timeout.min(config.idle_timeout);
