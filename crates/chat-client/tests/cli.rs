@@ -257,7 +257,10 @@ async fn users_chat_over_tls_with_the_servers_ca() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{transport}: {stderr}");
-        assert!(stderr.contains("cannot connect"), "{transport}: {stderr}");
+        assert!(
+            stderr.contains("cannot connect") && stderr.contains("UnknownIssuer"),
+            "{transport}: {stderr}"
+        );
     }
 }
 

@@ -32,12 +32,14 @@ async fn expect_closed(addr: SocketAddr, bytes: Vec<u8>) {
     );
 }
 
-/// Writes one byte at a time, slowly; the server must give up on the
-/// connection (its handshake timeout) long before the trickle would end.
-async fn slow_loris(addr: SocketAddr, first: &'static [u8]) {
+/// Writes `start` and then zeros, one byte at a time, slowly. Each `start`
+/// announces a frame or record far longer than the trickle can deliver in
+/// [`PATIENCE`], so nothing the server reads ever completes: only its
+/// handshake timeout can close the connection, and it must.
+async fn slow_loris(addr: SocketAddr, start: &'static [u8]) {
     let mut conn = TcpStream::connect(addr).await.unwrap();
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    for byte in first.iter().cycle() {
+    for byte in start.iter().chain(std::iter::repeat(&0)) {
         if conn.write_all(&[*byte]).await.is_err() {
             return;
         }
@@ -53,6 +55,17 @@ async fn slow_loris(addr: SocketAddr, first: &'static [u8]) {
         );
     }
 }
+
+/// A socket frame of 8,191 bytes (a HELLO), of which the trickle sends the
+/// start.
+const SOCKET_TRICKLE: &[u8] = b"\x00\x00\x1f\xff\x01CHAT";
+
+/// The HTTP/2 preface, then a SETTINGS frame of 16,380 bytes.
+const HTTP2_TRICKLE: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x3f\xfc\x04\x00\x00\x00\x00\x00";
+
+/// A TLS handshake record of 16,383 bytes.
+const TLS_TRICKLE: &[u8] = &[0x16, 0x03, 0x01, 0x3f, 0xff, 0x01];
 
 /// Pretends to be a TLS client: a ClientHello record header and the start
 /// of its handshake message.
@@ -103,9 +116,9 @@ async fn a_pair_keeps_chatting_while_both_ports_are_attacked() {
             b"GET / HTTP/1.1\r\nHost: chat\r\n\r\n".to_vec(),
         ));
         attacks.spawn(expect_closed(addr, tls_client_hello()));
-        attacks.spawn(slow_loris(addr, b"\x00\x00\x00\x0d\x01CHAT"));
+        attacks.spawn(slow_loris(addr, SOCKET_TRICKLE));
     }
-    attacks.spawn(slow_loris(grpc, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+    attacks.spawn(slow_loris(grpc, HTTP2_TRICKLE));
 
     // Meanwhile, the pair chats: every message arrives, in order.
     chat_through(&mut alice, &mut bob, attacks).await;
@@ -145,7 +158,7 @@ async fn a_tls_pair_keeps_chatting_while_handshakes_are_attacked() {
         attacks.spawn(expect_closed(addr, Vec::new()));
         // Half a ClientHello, then nothing.
         attacks.spawn(expect_closed(addr, tls_client_hello()));
-        attacks.spawn(slow_loris(addr, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]));
+        attacks.spawn(slow_loris(addr, TLS_TRICKLE));
         // Plaintext protocols at a TLS port.
         attacks.spawn(expect_closed(
             addr,
