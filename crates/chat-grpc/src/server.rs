@@ -130,7 +130,7 @@ pub async fn serve(
         sessions: Arc::new(Sessions::default()),
         stream_grace: config.stream_grace,
         push_timeout: config.push_timeout,
-        stop: stop.clone(),
+        stop: Arc::new(stop.clone()),
     };
     // A store that can no longer write makes the server unhealthy: load
     // balancers and orchestrators stop sending it users.

@@ -31,7 +31,9 @@ pub struct ChatService {
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) stream_grace: Duration,
     pub(crate) push_timeout: Duration,
-    pub(crate) stop: CancellationToken,
+    /// Shared, so that cloning the service for each call costs no lock of
+    /// the token tree.
+    pub(crate) stop: Arc<CancellationToken>,
 }
 
 fn bearer<T>(request: &Request<T>) -> Result<Option<&str>, Status> {
@@ -423,8 +425,13 @@ impl ChatRpc for ChatService {
             .user()
             .map(ToString::to_string)
             .unwrap_or_default();
-        let (stream, forwarder) =
-            forward::subscribe(entry.id, user, events, self.stop.clone(), self.push_timeout);
+        let (stream, forwarder) = forward::subscribe(
+            entry.id,
+            user,
+            events,
+            (*self.stop).clone(),
+            self.push_timeout,
+        );
         let sessions = Arc::clone(&self.sessions);
         tokio::spawn(async move {
             forwarder.await;
@@ -461,7 +468,7 @@ mod tests {
             sessions: Arc::default(),
             stream_grace: Duration::from_secs(10),
             push_timeout: Duration::from_secs(30),
-            stop: CancellationToken::new(),
+            stop: Arc::default(),
         };
         let info = ConnInfo::for_tests("127.0.0.1:9".parse().unwrap(), 2);
         let held = [

@@ -306,7 +306,11 @@ impl Conn {
             tls.connect(stream, addr, chat_tls::ALPN_SOCKET),
         )
         .await
-        .map_err(|_| connection_error("no TLS handshake with the server within 10 s"))?
+        .map_err(|_| {
+            connection_error(format!(
+                "no TLS handshake with the server within {HANDSHAKE_TIMEOUT:?}"
+            ))
+        })?
         .map_err(|err| connection_error(format!("TLS handshake with {addr} failed: {err}")))?;
         Self::start(stream, send_key).await
     }
@@ -326,7 +330,11 @@ impl Conn {
             .map_err(connection_error)?;
         let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next())
             .await
-            .map_err(|_| connection_error("no welcome from the server within 10 s"))?;
+            .map_err(|_| {
+                connection_error(format!(
+                    "no welcome from the server within {HANDSHAKE_TIMEOUT:?}"
+                ))
+            })?;
         let info = match welcome {
             Some(Ok(ServerFrame::Welcome {
                 version,
@@ -454,7 +462,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Task<R, W> {
         let why = loop {
             let step = tokio::select! {
                 request = requests.recv() => Step::Request(request),
-                permit = self.pushes.clone().reserve_owned(), if !held.is_empty() => Step::Room(permit.ok()),
+                // In a block: select! builds every branch's future, also a
+                // disabled one's, and cloning the sender costs atomics.
+                permit = async { self.pushes.clone().reserve_owned().await }, if !held.is_empty() => {
+                    Step::Room(permit.ok())
+                }
                 frame = self.reader.next(), if held.is_empty() || !self.waiting.is_empty() => Step::Frame(frame),
                 flushed = SinkExt::<ClientFrame>::flush(&mut self.writer), if unflushed => Step::Flushed(flushed),
                 _ = ticks.tick() => Step::Tick,
@@ -480,6 +492,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Task<R, W> {
                 Step::Room(Some(permit)) => {
                     if let Some(push) = held.pop_front() {
                         permit.send(push);
+                    }
+                    // And as many more as there is room for now.
+                    while let Some(push) = held.pop_front() {
+                        match self.pushes.try_send(push) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(push)) => {
+                                held.push_front(push);
+                                break;
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
+                        }
                     }
                 }
                 Step::Frame(None) => break "the server closed the connection".to_string(),
