@@ -60,7 +60,9 @@ mod store;
 mod types;
 
 pub use auth::{HashingConfig, MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, Password, ThrottleConfig};
-pub use engine::{Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session};
+pub use engine::{
+    Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session, now_ms,
+};
 pub use error::{ChatError, ErrorCode};
 pub use limits::{
     ConnectionLimit, ConnectionSlot, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_ADDRESS, Rate,
@@ -69,7 +71,7 @@ pub use limits::{
 pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
 pub use store::{
     Appended, Credentials, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store,
-    StoreError,
+    StoreError, send_id_horizon,
 };
 pub use types::{
     MAX_BODY_CHARS, MAX_USERNAME_CHARS, Message, MessageBody, MessageId, SendReceipt, SessionState,

@@ -16,8 +16,8 @@ use async_trait::async_trait;
 use regex::Regex;
 
 use crate::store::{
-    Appended, Credentials, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store,
-    StoreError,
+    Appended, Credentials, MAX_SEND_IDS_PER_SENDER, NewMessage, SendId, Store, StoreError,
+    send_id_horizon,
 };
 use crate::types::{Message, MessageId, Username};
 
@@ -66,10 +66,6 @@ struct SendIds {
 }
 
 impl SendIds {
-    fn horizon(now_ms: u64) -> u64 {
-        now_ms.saturating_sub(SEND_ID_RETENTION.as_millis() as u64)
-    }
-
     /// Forgets `sender`'s send ids older than `horizon`; returns how many.
     fn expire(&mut self, sender: &Username, horizon: u64) -> usize {
         let Some(ids) = self.by_sender.get_mut(sender) else {
@@ -90,7 +86,7 @@ impl SendIds {
 
     /// Forgets every send id past its retention; returns how many.
     fn prune(&mut self, now_ms: u64) -> usize {
-        let horizon = Self::horizon(now_ms);
+        let horizon = send_id_horizon(now_ms);
         let senders: Vec<Username> = self.by_sender.keys().cloned().collect();
         let pruned = senders.iter().map(|s| self.expire(s, horizon)).sum();
         if pruned > 0 && self.by_key.len() < self.by_key.capacity() / 4 {
@@ -290,7 +286,7 @@ impl Store for MemoryStore {
             None => None,
         };
         if let (Some(ids), Some(send_id)) = (send_ids.as_mut(), message.send_id) {
-            ids.expire(&message.sender, SendIds::horizon(message.timestamp_ms));
+            ids.expire(&message.sender, send_id_horizon(message.timestamp_ms));
             if let Some(first) = ids.by_key.get(&(message.sender.clone(), send_id)) {
                 if first.recipient != message.recipient
                     || first.fingerprint != message.body.fingerprint()

@@ -118,6 +118,12 @@ pub type SendId = u128;
 /// original result.
 pub const SEND_ID_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
 
+/// The oldest send-id timestamp (ms since the Unix epoch) still remembered
+/// at `now_ms`: every store forgets by the same horizon.
+pub fn send_id_horizon(now_ms: u64) -> u64 {
+    now_ms.saturating_sub(SEND_ID_RETENTION.as_millis() as u64)
+}
+
 /// How many send ids a store remembers per sender: a sender's last this
 /// many are always recognised; past it, the oldest are forgotten first (a
 /// resend of a forgotten id is a new send). A store may keep a few more

@@ -100,7 +100,7 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chat_core::{
@@ -332,13 +332,6 @@ impl SqliteStore {
 
 pub(crate) fn unavailable(err: sqlx::Error) -> StoreError {
     StoreError::Unavailable(format!("database error: {err}"))
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 pub(crate) fn message_from_row(row: &SqliteRow) -> Result<Message, StoreError> {

@@ -838,7 +838,7 @@ async fn prune_expired_forgets_send_ids_and_idle_accounts() {
     // counters are used now, by the wall clock.
     let retention = chat_core::SEND_ID_RETENTION.as_millis() as u64;
     let mut sent = message("bob", "kept", false, Some(7));
-    sent.timestamp_ms = wall_clock_ms() - retention - 60_000;
+    sent.timestamp_ms = chat_core::now_ms() - retention - 60_000;
     let first = store.append(sent.clone()).await.unwrap();
 
     // By the message's own time, nothing has expired.
@@ -846,12 +846,12 @@ async fn prune_expired_forgets_send_ids_and_idle_accounts() {
     assert!(store.append(sent.clone()).await.unwrap().duplicate);
     // Now, the send id is past its retention; bob was used just now.
     assert_eq!(
-        store.prune_expired(wall_clock_ms()).await.unwrap(),
+        store.prune_expired(chat_core::now_ms()).await.unwrap(),
         1,
         "the send id, not bob's counters"
     );
     // Two minutes from now, bob is idle: his counters go.
-    let later = wall_clock_ms() + 120_000;
+    let later = chat_core::now_ms() + 120_000;
     assert_eq!(
         store.prune_expired(later).await.unwrap(),
         2,
@@ -873,13 +873,6 @@ async fn prune_expired_forgets_send_ids_and_idle_accounts() {
     );
 }
 
-fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 /// The writer prunes expired send ids on its own timer, also when no
 /// writes arrive (tokio's paused clock drives the timer; the pruning is by
 /// the wall clock, which the send id is far behind).
@@ -895,7 +888,7 @@ async fn expired_send_ids_are_pruned_on_a_timer() {
     store.create_account(&name("bob"), HASH).await.unwrap();
     let mut expired = message("bob", "long ago", false, Some(7));
     expired.timestamp_ms =
-        wall_clock_ms() - chat_core::SEND_ID_RETENTION.as_millis() as u64 - 60_000;
+        chat_core::now_ms() - chat_core::SEND_ID_RETENTION.as_millis() as u64 - 60_000;
     store.append(expired).await.unwrap();
     let mut raw = raw_connection(dir.path()).await;
     let count = "SELECT COUNT(*) FROM send_ids";
@@ -1057,7 +1050,7 @@ async fn pruning_by_time_and_the_bound_keep_the_right_send_ids() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_bounded(dir.path(), 5).await;
     store.create_account(&name("bob"), HASH).await.unwrap();
-    let now = wall_clock_ms();
+    let now = chat_core::now_ms();
     let long_ago = now - chat_core::SEND_ID_RETENTION.as_millis() as u64 - 60_000;
     let stamped = |id: u128, timestamp_ms: u64| NewMessage {
         timestamp_ms,
@@ -1204,7 +1197,7 @@ async fn a_version_5_database_keeps_its_send_ids() {
         .execute(&mut conn)
         .await
         .unwrap();
-        let now = wall_clock_ms() as i64;
+        let now = chat_core::now_ms() as i64;
         // Keyed in another order than their times.
         for (id, message_id, at) in [(3u128, 1, now), (1, 2, now + 1), (2, 3, now + 2)] {
             sqlx::query(
@@ -1225,7 +1218,7 @@ async fn a_version_5_database_keeps_its_send_ids() {
     assert!(resend.duplicate);
     assert_eq!(resend.message.id, 2);
     let mut next = send("alice", 4);
-    next.timestamp_ms = wall_clock_ms() + 10;
+    next.timestamp_ms = chat_core::now_ms() + 10;
     assert!(!store.append(next).await.unwrap().duplicate);
     assert_eq!(remembered(dir.path(), "alice").await, [1, 2, 4]);
 }

@@ -4,14 +4,14 @@
 
 use std::collections::HashMap;
 
-use chat_core::{Appended, Message, NewMessage, SEND_ID_RETENTION, StoreError, Username};
+use chat_core::{Appended, Message, NewMessage, StoreError, Username, now_ms};
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::Writer;
 use super::counters::{CounterCache, Counters, SendIdCounts};
 use super::job::{Ack, Job, NewAccount, SetPassword, Take};
-use crate::{message_from_row, now_ms};
+use crate::message_from_row;
 
 /// Rows per multi-row statement (SQLite allows 32,766 parameters).
 const ROWS_PER_STATEMENT: usize = 500;
@@ -196,9 +196,9 @@ impl Writer {
     }
 }
 
-/// The oldest send-id timestamp still remembered at `now_ms`.
+/// The oldest send-id timestamp still remembered at `now_ms`, as stored.
 fn retention_horizon(now_ms: u64) -> i64 {
-    now_ms.saturating_sub(SEND_ID_RETENTION.as_millis() as u64) as i64
+    chat_core::send_id_horizon(now_ms) as i64
 }
 
 /// Opens the batch's transaction, taking the write lock at once, and finds
@@ -326,8 +326,7 @@ async fn append(
     let send_id = message.send_id.map(u128::to_be_bytes);
     // A send id past its retention (not pruned yet) is forgotten, as the
     // memory store forgets it: measured from the new message's time.
-    let retained_since =
-        (message.timestamp_ms as i64).saturating_sub(SEND_ID_RETENTION.as_millis() as i64);
+    let retained_since = retention_horizon(message.timestamp_ms);
     if let Some(send_id) = send_id
         && let Some(first) = known
             .get(&(message.sender.clone(), send_id))

@@ -70,12 +70,12 @@
 
 use std::time::Duration;
 
-use chat_core::StoreError;
+use chat_core::{StoreError, now_ms};
 use sqlx::sqlite::SqliteConnection;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::{SqliteOptions, now_ms, unavailable};
+use crate::{SqliteOptions, unavailable};
 
 mod apply;
 mod counters;
