@@ -246,7 +246,7 @@ impl Default for ThrottleConfig {
 /// Throttles password attempts. An attempt is charged to its account's
 /// failure budget and its address's checks budget before it is checked (so
 /// attempts made in parallel cannot all pass a budget that has room for
-/// one), and the account's charge is refunded if the password was right; an
+/// one), and a right password resets the account's failure budget; an
 /// attempt is refused unchecked while a budget is spent.
 #[derive(Debug)]
 pub(crate) struct Throttle {

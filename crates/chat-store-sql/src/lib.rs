@@ -36,7 +36,10 @@
 //! If a batch's transaction fails (disk full, I/O error, a constraint), it
 //! is rolled back and its writes are applied again one transaction each:
 //! only a write that fails on its own gets `store_unavailable`, the others
-//! are stored. Nothing is acknowledged that was not stored.
+//! are stored. A transaction that cannot even begin (the database stays
+//! locked past the busy timeout) fails its whole batch at once, without
+//! retries: that is no write's own fault. Nothing is acknowledged that was
+//! not stored.
 //!
 //! If the writer task itself dies (a panic, or a connection it cannot roll
 //! back), the reason is logged at error level, every later write fails

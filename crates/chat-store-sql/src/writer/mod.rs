@@ -48,7 +48,9 @@
 //! applied again one transaction each, so that only a write that fails on
 //! its own gets the error (`store_unavailable`); the others are stored and
 //! answered as usual. A batch that commits costs what it always did; the
-//! retry costs one transaction per job, only after a failure.
+//! retry costs one transaction per job, only after a failure. A transaction
+//! that cannot begin fails the whole batch (or what is left of a retry) at
+//! once: each write would only wait out the same busy timeout.
 //!
 //! If a failed transaction cannot even be rolled back, the connection is in
 //! an unknown state (a later `COMMIT` could store half a batch), so the
