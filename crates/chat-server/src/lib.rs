@@ -323,7 +323,10 @@ pub async fn spawn(listen: &[Listen], chat: Chat) -> anyhow::Result<Vec<SocketAd
     spawn_with(listen, chat, Tuning::default()).await
 }
 
-/// [`spawn`] with `tuning` instead of the default flags.
+/// [`spawn`] with `tuning` instead of the default flags. Only the
+/// transports' half of `tuning` applies here: the engine's (send, create
+/// and list rates, `--max-accounts`) is `chat`'s, so build it with
+/// [`Storage::open_with`]`(tuning.engine())` for those to hold.
 pub async fn spawn_with(
     listen: &[Listen],
     chat: Chat,

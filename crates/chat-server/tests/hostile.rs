@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_core::Chat;
-use chat_core::client::{ChatClient, Push};
+use chat_core::client::ChatClient;
 use chat_grpc::GrpcClient;
 use chat_server::{Listen, Tuning};
 use chat_socket::SocketClient;
@@ -202,14 +202,11 @@ async fn chat_through(
     }
 }
 
+/// The next message's body, acknowledged.
 async fn next_body<C: ChatClient>(client: &mut C) -> String {
-    match tokio::time::timeout(PATIENCE, client.next_push()).await {
-        Ok(Some(Push::Message(m))) => {
-            client.ack(m.id).await.unwrap();
-            m.body.to_string()
-        }
-        other => panic!("expected a message, got {other:?}"),
-    }
+    let m = chat_conformance::next_message(client).await;
+    client.ack(m.id).await.unwrap();
+    m.body.to_string()
 }
 
 /// Both transports on free loopback ports.
