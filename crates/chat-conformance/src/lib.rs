@@ -63,6 +63,8 @@ macro_rules! conformance_tests {
             send_to_unknown_user,
             queued_delivery_then_fetch,
             live_delivery_in_order,
+            pipelined_sends_in_order,
+            batched_acks_go_out_when_due,
             delete_drops_queue_and_frees_name,
             list_accounts_by_pattern,
             connection_drop_logs_out,

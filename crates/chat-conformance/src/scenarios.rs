@@ -197,6 +197,90 @@ pub async fn live_delivery_in_order<K: Connector>(k: &K) {
     assert!(queued.id > last_id);
 }
 
+/// Pipelined sends: many in flight at once, stored and delivered in the
+/// order they were made, answered in that order; one refused in the middle
+/// is answered with its error and the rest go on. Acknowledged in batches,
+/// they are not delivered again.
+pub async fn pipelined_sends_in_order<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("alice", "password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
+    const SENDS: usize = 300;
+    const REFUSED: usize = 150;
+    for i in 0..SENDS {
+        let to = if i == REFUSED { "nobody" } else { "bob" };
+        a.send_pipelined(to, &format!("pipelined {i}"))
+            .await
+            .unwrap();
+        assert_eq!(a.in_flight(), i + 1, "nothing is answered until asked");
+    }
+    let mut last_id = 0;
+    for i in 0..SENDS {
+        let receipt = a.next_receipt().await;
+        if i == REFUSED {
+            expect_code(receipt, ErrorCode::NoSuchUser);
+            continue;
+        }
+        let receipt = receipt.unwrap_or_else(|e| panic!("send {i}: {e}"));
+        assert!(receipt.id > last_id, "answered in order");
+        last_id = receipt.id;
+    }
+    assert_eq!(a.in_flight(), 0);
+    assert!(
+        a.next_receipt().await.is_err(),
+        "no receipt without a send in flight"
+    );
+    for i in (0..SENDS).filter(|&i| i != REFUSED) {
+        let m = next_message(&mut b).await;
+        assert_eq!(m.body.as_str(), format!("pipelined {i}"), "stored in order");
+        b.ack_later(m.id).await.unwrap();
+    }
+    // Logging out sends what is still batched.
+    b.logout().await.unwrap();
+    b.login("bob", "password1").await.unwrap();
+    a.send("bob", "marker").await.unwrap();
+    assert_eq!(
+        next_message(&mut b).await.body.as_str(),
+        "marker",
+        "nothing acknowledged in a batch is delivered again"
+    );
+}
+
+/// A batch of acknowledgements smaller than [`AckBatch::EVERY`] still goes
+/// out, [`AckBatch::DELAY`] after its first message, while the application
+/// waits for pushes.
+///
+/// [`AckBatch::EVERY`]: chat_core::client::AckBatch::EVERY
+/// [`AckBatch::DELAY`]: chat_core::client::AckBatch::DELAY
+pub async fn batched_acks_go_out_when_due<K: Connector>(k: &K) {
+    let mut a = k.connect().await;
+    let mut b = k.connect().await;
+    a.create("alice", "password1").await.unwrap();
+    b.create("bob", "password1").await.unwrap();
+    for body in ["m1", "m2", "m3"] {
+        a.send("bob", body).await.unwrap();
+    }
+    for _ in 0..3 {
+        let m = next_message(&mut b).await;
+        b.ack_later(m.id).await.unwrap();
+    }
+    // Waiting for a push that does not come lets the batch fall due.
+    let nothing =
+        tokio::time::timeout(chat_core::client::AckBatch::DELAY * 40, b.next_push()).await;
+    assert!(nothing.is_err(), "no push expected, got {nothing:?}");
+    drop(b); // no logout: only the timed acknowledgement went out
+
+    let mut b = k.connect().await;
+    login_when_free(&mut b, "bob").await;
+    a.send("bob", "m4").await.unwrap();
+    assert_eq!(
+        next_message(&mut b).await.body.as_str(),
+        "m4",
+        "the acknowledged messages are not replayed"
+    );
+}
+
 /// Deleting an account logs it out, drops its queue and frees the name.
 pub async fn delete_drops_queue_and_frees_name<K: Connector>(k: &K) {
     let mut a = k.connect().await;

@@ -117,10 +117,158 @@ pub trait ChatClient: Send {
     /// server delivers it again at the next login.
     fn ack(&mut self, through: MessageId) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// The next pushed event; `None` once the connection is closed.
-    /// Messages already returned by this client are dropped.
+    /// Messages already returned by this client are dropped. Acknowledgements
+    /// batched by [`ChatClient::ack_later`] go out from here when due.
     fn next_push(&mut self) -> impl Future<Output = Option<Push>> + Send;
     /// The session state the server last reported.
     fn state(&self) -> &SessionState;
+
+    /// Sends a message without waiting for the server's answer: it goes
+    /// out behind the sends before it, and the server stores the sends of
+    /// one client in the order they were made. Returns once the send is
+    /// written (or queued to be); its answer comes from
+    /// [`ChatClient::next_receipt`], in the same order.
+    ///
+    /// Pipelined sends are idempotent like [`ChatClient::send`]: if the
+    /// connection fails, the client logs in again and resends every
+    /// unanswered one, in order, with its original id, so each is stored
+    /// once. Keep a bounded number in flight ([`ChatClient::in_flight`]):
+    /// the client holds each one's text until it is answered.
+    fn send_pipelined(
+        &mut self,
+        to: &str,
+        body: &str,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// The answer to the oldest pipelined send not yet answered: its
+    /// receipt, or why the server refused it (the sends after a refused one
+    /// are answered on their own). Fails with [`ClientError::Protocol`] if
+    /// no send is in flight.
+    fn next_receipt(&mut self) -> impl Future<Output = Result<SendReceipt, ClientError>> + Send;
+    /// How many pipelined sends await their answer.
+    fn in_flight(&self) -> usize;
+
+    /// The acknowledgements batched by [`ChatClient::ack_later`].
+    fn ack_batch(&mut self) -> &mut AckBatch;
+    /// Acknowledges like [`ChatClient::ack`], in a batch: the cumulative
+    /// acknowledgement goes out once [`AckBatch::every`] messages were
+    /// noted, or [`AckBatch::delay`] after the first of them (from
+    /// [`ChatClient::next_push`], or at the next [`ChatClient::flush_acks`]),
+    /// whichever is first. Until it goes out, the server delivers the noted
+    /// messages again at the next login, as for any unacknowledged message.
+    fn ack_later(
+        &mut self,
+        through: MessageId,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move {
+            if self.ack_batch().note(through, tokio::time::Instant::now()) {
+                self.flush_acks().await
+            } else {
+                Ok(())
+            }
+        }
+    }
+    /// Sends the batched acknowledgement now, if there is one. One that
+    /// fails is kept, to go out with the next.
+    fn flush_acks(&mut self) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move {
+            let Some(through) = self.ack_batch().take() else {
+                return Ok(());
+            };
+            let result = self.ack(through).await;
+            if result.is_err() {
+                self.ack_batch().restore(through);
+            }
+            result
+        }
+    }
+}
+
+/// Acknowledgements waiting to go out as one cumulative acknowledgement
+/// (see [`ChatClient::ack_later`]).
+#[derive(Debug, Clone)]
+pub struct AckBatch {
+    /// The highest id noted and not yet acknowledged.
+    through: Option<MessageId>,
+    /// Messages noted since the last acknowledgement went out.
+    noted: usize,
+    /// When the first of them was noted.
+    since: Option<tokio::time::Instant>,
+    every: usize,
+    delay: std::time::Duration,
+}
+
+impl Default for AckBatch {
+    fn default() -> Self {
+        Self::new(Self::EVERY, Self::DELAY)
+    }
+}
+
+impl AckBatch {
+    /// Default batch size: one acknowledgement per this many messages.
+    pub const EVERY: usize = 64;
+    /// Default delay: no noted message waits longer than this for its
+    /// acknowledgement to go out (while the application reads pushes).
+    pub const DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+
+    /// A batch going out every `every` messages (at least 1) or `delay`
+    /// after its first.
+    pub fn new(every: usize, delay: std::time::Duration) -> Self {
+        Self {
+            through: None,
+            noted: 0,
+            since: None,
+            every: every.max(1),
+            delay,
+        }
+    }
+
+    /// Messages per acknowledgement.
+    pub fn every(&self) -> usize {
+        self.every
+    }
+
+    /// The longest a noted message waits.
+    pub fn delay(&self) -> std::time::Duration {
+        self.delay
+    }
+
+    /// Notes that messages up to `through` may be acknowledged; `true` when
+    /// the batch is full and should go out now.
+    pub fn note(&mut self, through: MessageId, now: tokio::time::Instant) -> bool {
+        self.through = self.through.max(Some(through));
+        self.noted += 1;
+        self.since.get_or_insert(now);
+        self.noted >= self.every
+    }
+
+    /// When the batch must go out, if anything is noted.
+    pub fn due_at(&self) -> Option<tokio::time::Instant> {
+        self.through?;
+        self.since.map(|since| since + self.delay)
+    }
+
+    /// Takes the acknowledgement to send, emptying the batch.
+    pub fn take(&mut self) -> Option<MessageId> {
+        self.noted = 0;
+        self.since = None;
+        self.through.take()
+    }
+
+    /// Puts back an acknowledgement that could not be sent, so that it goes
+    /// out with the next (due at once).
+    pub fn restore(&mut self, through: MessageId) {
+        self.through = self.through.max(Some(through));
+        self.noted = self.noted.max(1);
+        let now = tokio::time::Instant::now();
+        self.since
+            .get_or_insert(now.checked_sub(self.delay).unwrap_or(now));
+    }
+
+    /// Forgets what is noted: the login it was for ended (the server
+    /// replays those messages at the next login).
+    pub fn clear(&mut self) {
+        self.take();
+    }
 }
 
 /// Remembers which message ids a client has handed to its user since
@@ -248,6 +396,41 @@ impl Unreturned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ack_batch_goes_out_when_full_or_due() {
+        let t0 = tokio::time::Instant::now();
+        let mut batch = AckBatch::new(3, std::time::Duration::from_millis(50));
+        assert_eq!(batch.due_at(), None);
+        assert!(!batch.note(4, t0));
+        assert_eq!(
+            batch.due_at(),
+            Some(t0 + std::time::Duration::from_millis(50))
+        );
+        assert!(!batch.note(5, t0 + std::time::Duration::from_millis(10)));
+        assert_eq!(
+            batch.due_at(),
+            Some(t0 + std::time::Duration::from_millis(50)),
+            "due from the first noted message"
+        );
+        assert!(batch.note(6, t0), "the third message fills the batch");
+        assert_eq!(batch.take(), Some(6));
+        assert_eq!(batch.take(), None);
+        assert_eq!(batch.due_at(), None);
+        // Ids noted out of order: the batch acknowledges the highest.
+        batch.note(9, t0);
+        batch.note(7, t0);
+        batch.restore(8);
+        assert_eq!(batch.take(), Some(9));
+        batch.restore(10);
+        assert!(
+            batch
+                .due_at()
+                .is_some_and(|at| at <= tokio::time::Instant::now())
+        );
+        batch.clear();
+        assert_eq!(batch.due_at(), None);
+    }
 
     #[test]
     fn acks_wait_for_the_announced_replay_and_stop_below_unreturned_ids() {

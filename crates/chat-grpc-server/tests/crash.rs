@@ -3,7 +3,9 @@
 //! concurrent senders and recipients (some online, some offline) and
 //! restarted on the same data. Afterwards every message whose send was
 //! acknowledged is delivered, each exactly once; nothing is delivered that
-//! was not sent; and the accounts are all there.
+//! was not sent; and the accounts are all there. Half the senders
+//! pipeline their sends (16 in flight), which their clients resend in order
+//! after reconnecting: their messages are stored in the order sent.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,24 +64,44 @@ async fn start(data: &str, grpc: &str, socket: &str) -> ServerProcess {
     ServerProcess::start(SERVER, &args, 2).await
 }
 
-/// Sends numbered messages until told to stop; returns every body it tried
-/// and, for the acknowledged ones, the id the server gave.
+/// Sends numbered messages until told to stop, one at a time (a `window`
+/// of 1) or pipelined with up to `window` in flight; returns every body it
+/// tried and, for the acknowledged ones, the id the server gave.
 async fn sender<C: ChatClient>(
     mut client: C,
     to: String,
     me: String,
     stop: Arc<AtomicBool>,
+    window: usize,
 ) -> (Vec<String>, Vec<(String, MessageId)>) {
     let (mut tried, mut acked) = (Vec::new(), Vec::new());
+    let mut in_flight = std::collections::VecDeque::new();
     let mut n = 0;
+    let fail = |err| -> ! { panic!("{me}: a send failed even after reconnecting: {err}") };
     while !stop.load(Ordering::Relaxed) {
         let body = format!("{me}#{n}");
         n += 1;
         tried.push(body.clone());
-        match client.send(&to, &body).await {
-            Ok(receipt) => acked.push((body, receipt.id)),
-            Err(err) => panic!("{me}: a send failed even after reconnecting: {err}"),
+        if window == 1 {
+            match client.send(&to, &body).await {
+                Ok(receipt) => acked.push((body, receipt.id)),
+                Err(err) => fail(err),
+            }
+            continue;
         }
+        client
+            .send_pipelined(&to, &body)
+            .await
+            .unwrap_or_else(|e| fail(e));
+        in_flight.push_back(body);
+        while client.in_flight() >= window {
+            let receipt = client.next_receipt().await.unwrap_or_else(|e| fail(e));
+            acked.push((in_flight.pop_front().expect("in flight"), receipt.id));
+        }
+    }
+    while client.in_flight() > 0 {
+        let receipt = client.next_receipt().await.unwrap_or_else(|e| fail(e));
+        acked.push((in_flight.pop_front().expect("in flight"), receipt.id));
     }
     (tried, acked)
 }
@@ -178,11 +200,14 @@ async fn acknowledged_messages_survive_sigkill() {
                     }
                     let mut client = $connect($addr).await;
                     client.create(&me, "password1").await.unwrap();
+                    // Odd pairs pipeline their sends.
+                    let window = if i % 2 == 1 { 16 } else { 1 };
                     senders.push(tokio::spawn(sender(
                         client,
                         to.clone(),
                         me.clone(),
                         Arc::clone(&stop),
+                        window,
                     )));
                 }};
             }
@@ -213,6 +238,11 @@ async fn acknowledged_messages_survive_sigkill() {
         let (all, ok) = task.await.expect("sender");
         let to = format!("r{}{i}", transport.tag());
         assert!(!ok.is_empty(), "{to}'s sender got nothing acknowledged");
+        assert!(
+            ok.windows(2).all(|w| w[0].1 < w[1].1),
+            "{to}: sends stored out of order (pipelined: {})",
+            i % 2 == 1
+        );
         tried.insert(to.clone(), all.into_iter().collect());
         acked.insert(to, ok);
     }

@@ -20,10 +20,22 @@
 //! Sends are idempotent: each carries a random 128-bit send id, and a send
 //! whose connection or session failed before the reply is resent with the
 //! same id after logging in again (for up to [`RECONNECT_DEADLINE`]).
+//!
+//! Pipelined sends ([`ChatClient::send_pipelined`]) go on one SendStream
+//! call per session, opened at the first of them: the server stores them in
+//! order and answers them in order. Unary calls would be served
+//! concurrently, in any order, and each costs a whole HTTP/2 stream
+//! (headers both ways); the stream costs one message each way per send. If
+//! the stream or the session fails, the client logs in again and resends
+//! the unanswered sends on a new stream, in order, with their send ids.
+//! Finish them ([`ChatClient::next_receipt`]) before logging out: logout
+//! and delete wait for their answers first.
 
 use std::time::Duration;
 
-use chat_core::client::{ChatClient, ClientError, Push, Seen, Unreturned};
+use std::collections::VecDeque;
+
+use chat_core::client::{AckBatch, ChatClient, ClientError, Push, Seen, Unreturned};
 use chat_core::{
     ErrorCode, LogoutReason, Message, MessageBody, MessageId, SendReceipt, SessionState, Username,
 };
@@ -67,7 +79,43 @@ pub struct GrpcClient {
     /// The logged-in account's password, kept in memory only to log in
     /// again after a failure; dropped at logout.
     password: Option<String>,
+    /// Pipelined sends awaiting their answers, oldest first.
+    pipeline: VecDeque<InFlight>,
+    /// The session's SendStream, once opened.
+    pipe: Option<Pipe>,
+    acks: AckBatch,
 }
+
+/// A pipelined send awaiting its answer.
+struct InFlight {
+    send_id: u128,
+    to: String,
+    body: String,
+    /// Written on the current [`Pipe`].
+    written: bool,
+    /// Its result, when it was settled before the application asked.
+    settled: Option<Result<SendReceipt, ClientError>>,
+}
+
+impl InFlight {
+    fn request(&self) -> pb::SendMessageRequest {
+        pb::SendMessageRequest {
+            recipient: self.to.clone(),
+            body: self.body.clone(),
+            send_id: self.send_id.to_be_bytes().to_vec(),
+        }
+    }
+}
+
+/// An open SendStream call.
+struct Pipe {
+    sends: mpsc::Sender<pb::SendMessageRequest>,
+    answers: tonic::Streaming<pb::SendResult>,
+}
+
+/// Sends the client may have written on a SendStream ahead of the server
+/// (HTTP/2 flow control bounds them too).
+const PIPE_BUFFER: usize = 64;
 
 impl std::fmt::Debug for GrpcClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -227,6 +275,9 @@ impl GrpcClient {
             stream: None,
             closed: false,
             password: None,
+            pipeline: VecDeque::new(),
+            pipe: None,
+            acks: AckBatch::default(),
         })
     }
 
@@ -268,6 +319,94 @@ impl GrpcClient {
     fn forget_session(&mut self) {
         self.token = None;
         self.state = SessionState::LoggedOut;
+        self.drop_pipe();
+    }
+
+    /// The SendStream belongs to one session: its unanswered sends are to
+    /// be written again on the next.
+    fn drop_pipe(&mut self) {
+        self.pipe = None;
+        for entry in &mut self.pipeline {
+            entry.written = false;
+        }
+    }
+
+    /// Writes the pipelined sends not yet written, in order, opening the
+    /// session's SendStream if needed.
+    async fn write_pipeline(&mut self) -> Result<(), ClientError> {
+        if self.pipe.is_none() {
+            let (sends, outgoing) = mpsc::channel(PIPE_BUFFER);
+            let request = self.request(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+            let answers = match self.stub.send_stream(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => return Err(self.fail(status)),
+            };
+            self.pipe = Some(Pipe { sends, answers });
+        }
+        for at in 0..self.pipeline.len() {
+            let entry = &self.pipeline[at];
+            if entry.written || entry.settled.is_some() {
+                continue;
+            }
+            let request = entry.request();
+            let Some(pipe) = &self.pipe else { break };
+            if pipe.sends.send(request).await.is_err() {
+                self.drop_pipe();
+                return Err(ClientError::Connection("the send stream ended".into()));
+            }
+            self.pipeline[at].written = true;
+        }
+        Ok(())
+    }
+
+    /// The next answer on the SendStream.
+    async fn read_answer(&mut self) -> Result<SendReceipt, ClientError> {
+        let Some(pipe) = &mut self.pipe else {
+            return Err(ClientError::Connection("no send stream".into()));
+        };
+        let answer = match pipe.answers.message().await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => {
+                self.drop_pipe();
+                return Err(ClientError::Connection(
+                    "the send stream ended without a reason".into(),
+                ));
+            }
+            Err(status) => {
+                self.drop_pipe();
+                return Err(self.fail(status));
+            }
+        };
+        match answer.result {
+            Some(pb::send_result::Result::Sent(reply)) => {
+                self.adopt(state_from(reply.state)?);
+                Ok(SendReceipt {
+                    id: reply.message_id,
+                    timestamp_ms: reply.timestamp_ms,
+                })
+            }
+            Some(pb::send_result::Result::Error(refused)) => Err(ClientError::Server {
+                code: ErrorCode::from_name(&refused.code).unwrap_or(ErrorCode::Internal),
+                message: refused.message,
+            }),
+            None => Err(protocol("a send answer with no result")),
+        }
+    }
+
+    /// Waits for every pipelined send's answer and keeps them, in order,
+    /// for `next_receipt`.
+    async fn settle_pipeline(&mut self) {
+        let mut settled = VecDeque::with_capacity(self.pipeline.len());
+        while !self.pipeline.is_empty() {
+            settled.push_back(InFlight {
+                send_id: 0,
+                to: String::new(),
+                body: String::new(),
+                written: true,
+                settled: Some(self.next_receipt().await),
+            });
+        }
+        self.pipeline = settled;
     }
 
     /// Logs in again as `user` after a failure, retrying until `deadline`
@@ -466,6 +605,10 @@ impl ChatClient for GrpcClient {
     }
 
     async fn logout(&mut self) -> Result<SessionState, ClientError> {
+        // Sends made before the logout are answered first, and what was
+        // noted for acknowledgement goes out while the login lasts.
+        self.settle_pipeline().await;
+        let _ = self.flush_acks().await;
         match self.stub.logout(self.request(pb::LogoutRequest {})).await {
             Ok(reply) => {
                 self.forget_session();
@@ -477,6 +620,7 @@ impl ChatClient for GrpcClient {
     }
 
     async fn delete(&mut self, password: &str) -> Result<SessionState, ClientError> {
+        self.settle_pipeline().await;
         let request = self.request(pb::DeleteAccountRequest {
             password: password.to_owned(),
         });
@@ -485,6 +629,7 @@ impl ChatClient for GrpcClient {
                 self.forget_session();
                 self.password = None;
                 self.seen.reset();
+                self.acks.clear();
                 state_from(reply.into_inner().state)
             }
             Err(status) => Err(self.fail(status)),
@@ -607,7 +752,19 @@ impl ChatClient for GrpcClient {
             if self.closed {
                 return None;
             }
-            let push = self.pushes.recv().await?;
+            let push = match self.acks.due_at() {
+                Some(due) => match tokio::time::timeout_at(due, self.pushes.recv()).await {
+                    Ok(push) => push,
+                    Err(_) => {
+                        // A failed acknowledgement stays batched; a lost
+                        // connection reaches the caller as a push.
+                        let _ = self.flush_acks().await;
+                        continue;
+                    }
+                },
+                None => self.pushes.recv().await,
+            };
+            let push = push?;
             if let Push::Message(m) = &push {
                 self.unreturned.returned(m.id);
             }
@@ -629,5 +786,75 @@ impl ChatClient for GrpcClient {
 
     fn state(&self) -> &SessionState {
         &self.state
+    }
+
+    async fn send_pipelined(&mut self, to: &str, body: &str) -> Result<(), ClientError> {
+        self.pipeline.push_back(InFlight {
+            send_id: rand::random(),
+            to: to.to_owned(),
+            body: body.to_owned(),
+            written: false,
+            settled: None,
+        });
+        // Written now behind the earlier ones; if the stream cannot be
+        // opened or has failed, `next_receipt` writes them all again.
+        let _ = self.write_pipeline().await;
+        Ok(())
+    }
+
+    async fn next_receipt(&mut self) -> Result<SendReceipt, ClientError> {
+        let deadline = Instant::now() + RECONNECT_DEADLINE;
+        let user = self.state.user().cloned();
+        loop {
+            let Some(front) = self.pipeline.front_mut() else {
+                return Err(protocol("no pipelined send in flight"));
+            };
+            if let Some(result) = front.settled.take() {
+                self.pipeline.pop_front();
+                return result;
+            }
+            let outcome = if front.written {
+                self.read_answer().await
+            } else {
+                match self.write_pipeline().await {
+                    // Written now: its answer is read next time round.
+                    Ok(()) => continue,
+                    Err(err) => Err(err),
+                }
+            };
+            let err = match outcome {
+                Ok(receipt) => {
+                    self.pipeline.pop_front();
+                    return Ok(receipt);
+                }
+                Err(err) => err,
+            };
+            // The stream or the session failed: the sends may or may not be
+            // stored. Log in again and resend them with the same ids.
+            let retry = matches!(err, ClientError::Connection(_))
+                || (err.code() == Some(ErrorCode::Unauthenticated) && user.is_some());
+            match (&user, retry) {
+                (Some(user), true) => {
+                    self.drop_pipe();
+                    if let Err(err) = self.reenter(user, deadline, err).await {
+                        self.pipeline.pop_front();
+                        return Err(err);
+                    }
+                }
+                _ => {
+                    // Refused by the server: this send only.
+                    self.pipeline.pop_front();
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pipeline.len()
+    }
+
+    fn ack_batch(&mut self) -> &mut AckBatch {
+        &mut self.acks
     }
 }

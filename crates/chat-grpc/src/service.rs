@@ -22,7 +22,7 @@ use crate::forward::{self, PushStream, pb_message};
 use crate::pb;
 use crate::pb::chat_server::Chat as ChatRpc;
 use crate::sessions::{Entry, Sessions};
-use crate::status::{from_chat_error, to_status};
+use crate::status::{chat_code, from_chat_error, to_status};
 
 /// The `chat.v1.Chat` service.
 #[derive(Clone)]
@@ -219,7 +219,17 @@ impl ChatService {
         request: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageReply>, Status> {
         let entry = self.authorize(&request).await?;
-        let message = request.get_ref();
+        self.send_one(&entry, request.get_ref())
+            .await
+            .map(Response::new)
+    }
+
+    /// One send as `entry`, for SendMessage and SendStream alike.
+    async fn send_one(
+        &self,
+        entry: &Entry,
+        message: &pb::SendMessageRequest,
+    ) -> Result<pb::SendMessageReply, Status> {
         let send_id = match message.send_id.len() {
             0 => None,
             16 => message.send_id[..].try_into().ok().map(u128::from_be_bytes),
@@ -236,13 +246,77 @@ impl ChatService {
             .await
         {
             Ok(receipt) => receipt,
-            Err(err) => return Err(self.failed(&entry, err).await),
+            Err(err) => return Err(self.failed(entry, err).await),
         };
-        Ok(Response::new(pb::SendMessageReply {
+        Ok(pb::SendMessageReply {
             state: pb_state(&entry.session.state().await),
             message_id: receipt.id,
             timestamp_ms: receipt.timestamp_ms,
-        }))
+        })
+    }
+
+    /// Serves one SendStream: its sends one after another, in order, each
+    /// answered before the next is read. The work runs on its own task (as
+    /// [`ChatService::detached`] does for unary calls) under one of the
+    /// connection's work places, so a send read from the stream is always
+    /// carried through, even if the client goes.
+    async fn send_stream_inner(
+        &self,
+        request: Request<tonic::Streaming<pb::SendMessageRequest>>,
+    ) -> Result<Response<SendResults>, Status> {
+        let entry = self.authorize(&request).await?;
+        let permit = match request.extensions().get::<ConnInfo>() {
+            Some(info) => Some(info.work_permit().await?),
+            None => None,
+        };
+        let mut sends = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(SEND_STREAM_BUFFER);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            loop {
+                let next = tokio::select! {
+                    next = sends.message() => next,
+                    () = service.stop.cancelled() => {
+                        let _ = tx
+                            .send(Err(to_status(
+                                ErrorCode::ShuttingDown,
+                                "the server is shutting down",
+                            )))
+                            .await;
+                        break;
+                    }
+                };
+                // The client ended its stream, or is gone.
+                let Ok(Some(message)) = next else { break };
+                let (result, last) = match service.send_one(&entry, &message).await {
+                    Ok(reply) => (Ok(pb::send_result::Result::Sent(reply)), false),
+                    // The session is over: so is the stream.
+                    Err(status) if chat_code(&status) == Some(ErrorCode::Unauthenticated) => {
+                        (Err(status), true)
+                    }
+                    Err(status) => (
+                        Ok(pb::send_result::Result::Error(pb::SendError {
+                            code: chat_code(&status)
+                                .unwrap_or(ErrorCode::Internal)
+                                .as_str()
+                                .to_string(),
+                            message: status.message().to_string(),
+                        })),
+                        false,
+                    ),
+                };
+                let item = result.map(|result| pb::SendResult {
+                    result: Some(result),
+                });
+                if tx.send(item).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn list_accounts_inner(
@@ -339,6 +413,15 @@ impl ChatService {
     }
 }
 
+/// What a SendStream call returns.
+pub type SendResults =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::SendResult, Status>> + Send>>;
+
+/// Answers buffered between a SendStream's task and its response stream:
+/// the task reads the next send only once its answer is queued, so a client
+/// that stops reading answers stops its own sends.
+const SEND_STREAM_BUFFER: usize = 64;
+
 #[tonic::async_trait]
 impl ChatRpc for ChatService {
     async fn create_account(
@@ -402,6 +485,15 @@ impl ChatRpc for ChatService {
         request: Request<pb::AcknowledgeRequest>,
     ) -> Result<Response<pb::StateReply>, Status> {
         self.detached(request, Self::acknowledge_inner).await
+    }
+
+    type SendStreamStream = SendResults;
+
+    async fn send_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::SendMessageRequest>>,
+    ) -> Result<Response<SendResults>, Status> {
+        self.send_stream_inner(request).await
     }
 
     type SubscribeStream = PushStream;

@@ -34,13 +34,23 @@
 //! again and resends with the same request id (for up to
 //! [`RECONNECT_DEADLINE`]), so the send either gets its original result or
 //! is stored once now.
+//!
+//! # Pipelining
+//!
+//! [`ChatClient::send_pipelined`] writes a send without waiting for its
+//! answer; the server answers a connection's requests in order, and
+//! [`ChatClient::next_receipt`] returns the answers in that order. If the
+//! connection fails, the client reconnects, logs in again and resends every
+//! unanswered send in order under its original request id, so the server
+//! stores each once. [`ChatClient::ack_later`] batches acknowledgements
+//! ([`AckBatch`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use chat_core::client::{ChatClient, ClientError, Push, Seen, Unreturned};
+use chat_core::client::{AckBatch, ChatClient, ClientError, Push, Seen, Unreturned};
 use chat_core::{ErrorCode, Message, MessageId, SendReceipt, SessionState, Username};
 use chat_tls::ClientTls;
 use futures::{SinkExt, StreamExt};
@@ -112,6 +122,37 @@ pub struct SocketClient {
     /// The logged-in account's password, kept in memory only to log in
     /// again after a reconnect; dropped at logout.
     password: Option<String>,
+    /// Pipelined sends awaiting their answers, oldest first.
+    pipeline: VecDeque<InFlight>,
+    /// Counts the connections this client opened: a pipelined send written
+    /// on an earlier one has to be written again.
+    generation: u64,
+    acks: AckBatch,
+}
+
+/// A pipelined send awaiting its answer.
+struct InFlight {
+    id: RequestId,
+    to: String,
+    body: String,
+    /// Where its answer arrives, and on which connection it was written;
+    /// `None` once that connection failed (it is to be resent).
+    answer: Option<(u64, oneshot::Receiver<ServerFrame>)>,
+    /// Its result, when it was settled before the application asked (see
+    /// `settle_pipeline`).
+    settled: Option<Result<SendReceipt, ClientError>>,
+}
+
+impl InFlight {
+    /// Whether it needs no writing on connection `generation`: written on
+    /// it, or settled.
+    fn current(&self, generation: u64) -> bool {
+        self.settled.is_some()
+            || self
+                .answer
+                .as_ref()
+                .is_some_and(|(written_on, _)| *written_on == generation)
+    }
 }
 
 /// One TCP connection, served by its task.
@@ -203,6 +244,9 @@ impl SocketClient {
             seen: Seen::default(),
             login_floor: 0,
             password: None,
+            pipeline: VecDeque::new(),
+            generation: 0,
+            acks: AckBatch::default(),
         })
     }
 
@@ -230,8 +274,7 @@ impl SocketClient {
             let Ok(conn) = Conn::open(&self.addr, self.tls.as_ref(), self.send_key).await else {
                 continue;
             };
-            self.conn = conn;
-            self.login_floor = 0;
+            self.replace_conn(conn);
             let password = self.password.clone().unwrap_or_default();
             match self.login(user.as_str(), &password).await {
                 Ok(_) => return Ok(()),
@@ -684,11 +727,13 @@ impl SocketClient {
         // Until a connection announcing the new key is open, nothing may be
         // sent under the old key with the wrapped ids: `key_spent` stays set
         // (and the send fails) if it cannot be opened.
+        // Pipelined sends under the old key can only be resent under it:
+        // they are answered first.
+        self.settle_pipeline().await;
         let key: SendKey = rand::random();
         let conn = Conn::open(&self.addr, self.tls.as_ref(), key).await?;
         // The old connection ends here, and with it its login.
-        self.conn = conn;
-        self.login_floor = 0;
+        self.replace_conn(conn);
         self.send_key = key;
         self.key_spent = false;
         let Some(user) = self.state.user().cloned() else {
@@ -711,6 +756,13 @@ impl SocketClient {
         }
     }
 
+    /// Uses a new connection from now on.
+    fn replace_conn(&mut self, conn: Conn) {
+        self.conn = conn;
+        self.login_floor = 0;
+        self.generation += 1;
+    }
+
     /// Sends one request and waits for its response, adopting the state it
     /// reports; an error response becomes `ClientError::Server`.
     async fn call(
@@ -718,6 +770,17 @@ impl SocketClient {
         id: RequestId,
         frame: ClientFrame,
     ) -> Result<ServerFrame, ClientError> {
+        let answer = self.submit(id, frame).await?;
+        self.answer(answer).await
+    }
+
+    /// Hands one request to the connection task: it is written in the
+    /// order of submission.
+    async fn submit(
+        &mut self,
+        id: RequestId,
+        frame: ClientFrame,
+    ) -> Result<oneshot::Receiver<ServerFrame>, ClientError> {
         let (reply, answer) = oneshot::channel();
         if self
             .conn
@@ -728,6 +791,14 @@ impl SocketClient {
         {
             return Err(self.closed_error());
         }
+        Ok(answer)
+    }
+
+    /// Waits for a submitted request's response (see [`Self::call`]).
+    async fn answer(
+        &mut self,
+        answer: oneshot::Receiver<ServerFrame>,
+    ) -> Result<ServerFrame, ClientError> {
         // The task records why it ended before it drops the waiters.
         let reply = answer.await.map_err(|_| self.closed_error())?;
         match reply {
@@ -763,6 +834,7 @@ impl SocketClient {
     ) -> Result<SessionState, ClientError> {
         self.forget_unreturned();
         let state = self.simple(make).await?;
+        self.acks.clear();
         self.login_floor = self.conn.logins.load(Ordering::Acquire);
         self.password = Some(password.to_owned());
         Ok(state)
@@ -777,6 +849,62 @@ impl SocketClient {
             ServerFrame::Done { state, .. } => Ok(state),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+impl SocketClient {
+    /// Writes the pipelined sends whose connection failed again, in order,
+    /// on the current connection.
+    async fn resend_pipeline(&mut self) -> Result<(), ClientError> {
+        for at in 0..self.pipeline.len() {
+            let entry = &self.pipeline[at];
+            if entry.current(self.generation) {
+                continue;
+            }
+            let (id, frame) = (entry.id, send_frame(entry));
+            let answer = self.submit(id, frame).await?;
+            self.pipeline[at].answer = Some((self.generation, answer));
+        }
+        Ok(())
+    }
+
+    /// Waits for every pipelined send's answer and keeps them, in order,
+    /// for `next_receipt`.
+    async fn settle_pipeline(&mut self) {
+        let mut settled = VecDeque::with_capacity(self.pipeline.len());
+        while !self.pipeline.is_empty() {
+            let entry = InFlight {
+                id: 0,
+                to: String::new(),
+                body: String::new(),
+                answer: None,
+                settled: Some(self.next_receipt().await),
+            };
+            settled.push_back(entry);
+        }
+        self.pipeline = settled;
+    }
+}
+
+fn send_frame(entry: &InFlight) -> ClientFrame {
+    ClientFrame::SendOnce {
+        id: entry.id,
+        to: entry.to.clone(),
+        body: entry.body.clone(),
+    }
+}
+
+fn receipt_of(frame: ServerFrame) -> Result<SendReceipt, ClientError> {
+    match frame {
+        ServerFrame::Sent {
+            message_id,
+            timestamp_ms,
+            ..
+        } => Ok(SendReceipt {
+            id: message_id,
+            timestamp_ms,
+        }),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -806,6 +934,8 @@ impl ChatClient for SocketClient {
     }
 
     async fn logout(&mut self) -> Result<SessionState, ClientError> {
+        // What was noted goes out while the login lasts.
+        let _ = self.flush_acks().await;
         let state = self.simple(|id| ClientFrame::Logout { id }).await?;
         self.password = None;
         Ok(state)
@@ -817,6 +947,7 @@ impl ChatClient for SocketClient {
             .simple(|id| ClientFrame::Delete { id, password })
             .await?;
         self.seen.reset();
+        self.acks.clear();
         self.password = None;
         Ok(state)
     }
@@ -850,17 +981,7 @@ impl ChatClient for SocketClient {
                 body: body.to_owned(),
             };
             match self.call(id, frame).await {
-                Ok(ServerFrame::Sent {
-                    message_id,
-                    timestamp_ms,
-                    ..
-                }) => {
-                    return Ok(SendReceipt {
-                        id: message_id,
-                        timestamp_ms,
-                    });
-                }
-                Ok(other) => return Err(unexpected(other)),
+                Ok(reply) => return receipt_of(reply),
                 // The send may or may not have been stored: resend the same
                 // id on a new connection and let the server tell.
                 Err(ClientError::Connection(why)) => self.reconnect(deadline, why).await?,
@@ -911,7 +1032,19 @@ impl ChatClient for SocketClient {
 
     async fn next_push(&mut self) -> Option<Push> {
         loop {
-            let Queued { logins, push } = self.conn.pushes.recv().await?;
+            let queued = match self.acks.due_at() {
+                Some(due) => match tokio::time::timeout_at(due, self.conn.pushes.recv()).await {
+                    Ok(queued) => queued,
+                    Err(_) => {
+                        // A failed acknowledgement stays batched; the
+                        // connection's end reaches the caller as a push.
+                        let _ = self.flush_acks().await;
+                        continue;
+                    }
+                },
+                None => self.conn.pushes.recv().await,
+            };
+            let Queued { logins, push } = queued?;
             // Read before the current login's answer: about an earlier
             // login (perhaps another user's), already over. Its messages
             // are stored and come again at their user's next login; their
@@ -935,6 +1068,82 @@ impl ChatClient for SocketClient {
 
     fn state(&self) -> &SessionState {
         &self.state
+    }
+
+    async fn send_pipelined(&mut self, to: &str, body: &str) -> Result<(), ClientError> {
+        let mut id = self.request_id();
+        if self.key_spent {
+            self.renew_send_key().await?;
+            id = self.request_id();
+        }
+        let entry = InFlight {
+            id,
+            to: to.to_owned(),
+            body: body.to_owned(),
+            answer: None,
+            settled: None,
+        };
+        let frame = send_frame(&entry);
+        // Written now only behind sends written on this connection: if an
+        // earlier one waits to be written again, `next_receipt` writes them
+        // all, in order (as it does after the connection fails).
+        let behind_current = self
+            .pipeline
+            .back()
+            .is_none_or(|last| last.current(self.generation));
+        self.pipeline.push_back(entry);
+        if behind_current
+            && let Ok(answer) = self.submit(id, frame).await
+            && let Some(last) = self.pipeline.back_mut()
+        {
+            last.answer = Some((self.generation, answer));
+        }
+        Ok(())
+    }
+
+    async fn next_receipt(&mut self) -> Result<SendReceipt, ClientError> {
+        let deadline = Instant::now() + RECONNECT_DEADLINE;
+        loop {
+            let Some(front) = self.pipeline.front_mut() else {
+                return Err(ClientError::Protocol("no pipelined send in flight".into()));
+            };
+            if let Some(result) = front.settled.take() {
+                self.pipeline.pop_front();
+                return result;
+            }
+            let outcome = match front.answer.take() {
+                Some((generation, answer)) if generation == self.generation => {
+                    self.answer(answer).await
+                }
+                // Written on a connection that failed since.
+                _ => match self.resend_pipeline().await {
+                    Ok(()) => continue,
+                    Err(err) => Err(err),
+                },
+            };
+            match outcome {
+                Err(ClientError::Connection(why)) => {
+                    // Stored or not: resend the same ids on a new
+                    // connection and let the server tell.
+                    if let Err(err) = self.reconnect(deadline, why).await {
+                        self.pipeline.pop_front();
+                        return Err(err);
+                    }
+                }
+                outcome => {
+                    self.pipeline.pop_front();
+                    return outcome.and_then(receipt_of);
+                }
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pipeline.len()
+    }
+
+    fn ack_batch(&mut self) -> &mut AckBatch {
+        &mut self.acks
     }
 }
 
