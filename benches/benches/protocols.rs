@@ -1,11 +1,22 @@
-//! The protocol comparison: socket vs gRPC vs a raw TCP echo, on the memory
-//! and the durable store, measured in one run so every figure is also a
-//! ratio. Servers run as child processes (this binary in server mode), so
-//! their CPU time and memory are theirs alone; the load runs here.
+//! The protocol comparison: socket vs gRPC, each on the memory and the
+//! durable store and over TLS, against two floors measured in the same run:
+//! a raw TCP echo (one message per round trip) and a minimal relay
+//! (length-delimited frames forwarded by name: the least a framed chat
+//! server can do). Every figure is also a ratio to rows of the same run.
+//! Servers run as child processes (this binary in server mode), so their
+//! CPU time and memory are theirs alone; the load runs here, and its own
+//! CPU is measured too, to tell which side limited a row.
+//!
+//! Throughput rows come in two modes. **Pipelined** (the floor: the relay):
+//! each sender keeps up to [`WINDOW`] messages in flight, a place freeing
+//! when its recipient gets one, and recipients acknowledge in batches; this
+//! is what the server can do. **One at a time** (the floor: the echo): each
+//! send waits for its answer, as the benchmark did before pipelining; it
+//! measures the round trips as much as the server.
 //!
 //! `cargo bench` at the workspace root runs it in full;
 //! `cargo bench -p chat-bench --bench protocols -- --quick` (or
-//! `CHAT_BENCH_QUICK=1`) runs a reduced version in well under a minute.
+//! `CHAT_BENCH_QUICK=1`) runs a reduced version in a minute or two.
 //! Results: a table on stdout and `target/chat-bench/report.json`, which
 //! `cargo xtask bench-report` turns into docs/BENCHMARKS.md.
 
@@ -16,35 +27,49 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chat_bench::{
-    Bytes, Latency, Logins, MESSAGE_BYTES, Machine, Report, Served, ServerProcess, Sessions,
-    Throughput,
+    Bytes, Connects, Latency, Logins, MESSAGE_BYTES, Machine, Passwords, Report, Served,
+    ServerProcess, Sessions, Throughput, busiest_thread, cpu_seconds_of, thread_ticks,
 };
 use chat_conformance::pki::TestPki;
 use chat_core::client::{ChatClient, Push};
 use chat_grpc::GrpcClient;
 use chat_socket::SocketClient;
 use chat_tls::ClientTls;
+use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 struct Settings {
     samples: usize,
     window: Duration,
-    pairs: &'static [usize],
-    sessions: usize,
+    /// Pair counts of the pipelined rows (the scaling curve).
+    pipelined_pairs: &'static [usize],
+    /// Pair counts of the one-at-a-time rows.
+    one_at_a_time_pairs: &'static [usize],
+    /// Idle sessions held, per row of the idle-session curve. This
+    /// machine allows 20,000 descriptors per process (and no more, even to
+    /// root), which bounds the largest.
+    idle_sessions: &'static [usize],
+    /// argon2id verifications timed alone.
+    hash_samples: usize,
 }
 
 const QUICK: Settings = Settings {
     samples: 300,
     window: Duration::from_millis(700),
-    pairs: &[1, 16, 32, 256],
-    sessions: 1000,
+    pipelined_pairs: &[1, 32, 256],
+    one_at_a_time_pairs: &[32],
+    idle_sessions: &[300],
+    hash_samples: 5,
 };
 const FULL: Settings = Settings {
     samples: 5000,
     window: Duration::from_secs(3),
-    pairs: &[1, 16, 32, 256],
-    sessions: 10_000,
+    pipelined_pairs: &[1, 4, 16, 32, 64, 256, 1024],
+    one_at_a_time_pairs: &[1, 16, 32, 256],
+    idle_sessions: &[1000, 5000, 15_000],
+    hash_samples: 30,
 };
 
 /// Where the load connects: a server's address, with what to trust if it
@@ -281,16 +306,101 @@ async fn raw_latency(addr: SocketAddr, samples: usize) -> Latency {
     latency("raw", "-", "echo round trip", &h)
 }
 
-/// N sender/recipient pairs for the window: delivered messages per second,
-/// delivery latency, and server CPU per delivered message.
-async fn throughput<C: Dial>(
-    server: &ServerProcess,
-    target: &Target,
-    store: &str,
-    tag: &str,
+/// Messages each pipelining sender keeps in flight: a send waits until
+/// fewer than this many of its messages are still on their way to its
+/// recipient.
+const WINDOW: usize = 32;
+
+/// Reads CPU time of the server and of this process (the load generator)
+/// over a measured window.
+struct Meter {
+    started: Instant,
+    server: f64,
+    generator: f64,
+    threads: std::collections::HashMap<u32, (String, u64)>,
+}
+
+impl Meter {
+    fn start(server: &ServerProcess) -> Self {
+        Self {
+            started: Instant::now(),
+            server: server.cpu_seconds(),
+            generator: cpu_seconds_of(std::process::id()),
+            threads: thread_ticks(server.pid()),
+        }
+    }
+
+    /// What the window used (see [`Used`]).
+    fn read(&self, server: &ServerProcess) -> Used {
+        let seconds = self.started.elapsed().as_secs_f64();
+        Used {
+            seconds,
+            server: server.cpu_seconds() - self.server,
+            generator: cpu_seconds_of(std::process::id()) - self.generator,
+            busiest: busiest_thread(&self.threads, &thread_ticks(server.pid()), seconds),
+        }
+    }
+}
+
+/// Wall seconds of a measured window, the CPU seconds the server and the
+/// generator used in it, and the server's busiest thread.
+struct Used {
+    seconds: f64,
+    server: f64,
+    generator: f64,
+    busiest: (String, f64),
+}
+
+/// One throughput row's figures.
+struct Row<'a> {
+    transport: String,
+    store: &'a str,
+    mode: &'a str,
+    window: usize,
     pairs: usize,
-    window: Duration,
-) -> Throughput {
+    delivered: u64,
+    latency: Histogram<u64>,
+    meter: Used,
+}
+
+impl Row<'_> {
+    fn finish(self) -> Throughput {
+        let Used {
+            seconds,
+            server,
+            generator,
+            busiest,
+        } = self.meter;
+        let seconds = seconds.max(1e-9);
+        let (server_cores, generator_cores) = (server / seconds, generator / seconds);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Throughput {
+            transport: self.transport,
+            store: self.store.into(),
+            mode: self.mode.into(),
+            window: self.window,
+            pairs: self.pairs,
+            delivered: self.delivered,
+            per_second: self.delivered as f64 / seconds,
+            p50_us: self.latency.value_at_quantile(0.5) as f64,
+            p99_us: self.latency.value_at_quantile(0.99) as f64,
+            server_cpu_us_per_msg: if self.delivered > 0 {
+                server * 1e6 / self.delivered as f64
+            } else {
+                0.0
+            },
+            server_cores,
+            generator_cores,
+            bottleneck: chat_bench::bottleneck(server_cores, generator_cores, busiest.1, cores)
+                .into(),
+            server_busiest_thread: busiest,
+        }
+    }
+}
+
+/// Logged-in senders and recipients for `pairs` pairs (sender i writes to
+/// recipient i, `{tag}r{i}`).
+async fn pair_up<C: Dial>(target: &Target, tag: &str, pairs: usize) -> (Vec<C>, Vec<C>) {
     let mut senders = Vec::new();
     let mut recipients = Vec::new();
     for i in 0..pairs {
@@ -305,23 +415,117 @@ async fn throughput<C: Dial>(
             .expect("create sender");
         senders.push(s);
     }
+    (senders, recipients)
+}
+
+/// N pairs for the window, pipelined: each sender keeps up to [`WINDOW`]
+/// messages in flight (a place frees when its recipient gets one), reading
+/// its receipts as they come; recipients acknowledge in batches
+/// (`ack_later`). Delivered messages per second, delivery latency, and
+/// both sides' CPU.
+async fn pipelined<C: Dial>(
+    server: &ServerProcess,
+    target: &Target,
+    store: &str,
+    tag: &str,
+    pairs: usize,
+    window: Duration,
+) -> Throughput {
+    let (senders, recipients) = pair_up::<C>(target, tag, pairs).await;
+    let epoch = Instant::now();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let meter = Meter::start(server);
+    let deadline = Instant::now() + window;
+    let mut receivers = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, (mut s, mut r)) in senders.into_iter().zip(recipients).enumerate() {
+        let places = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+        let delivered = Arc::clone(&delivered);
+        let freed = Arc::clone(&places);
+        receivers.push(tokio::spawn(async move {
+            let mut h = histogram();
+            while let Ok(Some(push)) = tokio::time::timeout_at(deadline.into(), r.next_push()).await
+            {
+                if let Push::Message(m) = push {
+                    if let Some(sent) = stamp_of(m.body.as_str()) {
+                        h.record(micros(epoch.elapsed()).saturating_sub(sent).max(1))
+                            .ok();
+                    }
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    freed.add_permits(1);
+                    let _ = r.ack_later(m.id).await;
+                }
+            }
+            let _ = r.flush_acks().await;
+            h
+        }));
+        let to = format!("{tag}r{i}");
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Ok(place)) =
+                tokio::time::timeout_at(deadline.into(), places.acquire()).await
+            {
+                place.forget();
+                let stamp = micros(epoch.elapsed());
+                if s.send_pipelined(&to, &body(stamp)).await.is_err() {
+                    break;
+                }
+                while s.in_flight() >= WINDOW {
+                    if s.next_receipt().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep_until(deadline.into()).await;
+    let count = delivered.load(Ordering::Relaxed);
+    let meter = meter.read(server);
+    let mut latency = histogram();
+    for r in receivers {
+        latency.add(r.await.expect("receiver")).ok();
+    }
+    for t in tasks {
+        t.await.ok();
+    }
+    Row {
+        transport: target.label::<C>(),
+        store,
+        mode: "pipelined",
+        window: WINDOW,
+        pairs,
+        delivered: count,
+        latency,
+        meter,
+    }
+    .finish()
+}
+
+/// N pairs for the window, one send at a time: each send waits for its
+/// answer; recipients acknowledge every 64th message and wait for that.
+/// (The load generator of earlier reports: it measures round trips as
+/// much as the server.)
+async fn one_at_a_time<C: Dial>(
+    server: &ServerProcess,
+    target: &Target,
+    store: &str,
+    tag: &str,
+    pairs: usize,
+    window: Duration,
+) -> Throughput {
+    let (senders, recipients) = pair_up::<C>(target, tag, pairs).await;
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
-    let cpu_before = server.cpu_seconds();
-    let start = Instant::now();
-    let deadline = start + window;
+    let meter = Meter::start(server);
+    let deadline = Instant::now() + window;
     let mut receivers = Vec::new();
     for mut r in recipients {
         let delivered = Arc::clone(&delivered);
         receivers.push(tokio::spawn(async move {
             let mut h = histogram();
             let mut last = 0;
-            loop {
-                let Ok(Some(push)) = tokio::time::timeout_at(deadline.into(), r.next_push()).await
-                else {
-                    break;
-                };
+            while let Ok(Some(push)) = tokio::time::timeout_at(deadline.into(), r.next_push()).await
+            {
                 if let Push::Message(m) = push {
                     if let Some(sent) = stamp_of(m.body.as_str()) {
                         h.record(micros(epoch.elapsed()).saturating_sub(sent).max(1))
@@ -354,37 +558,141 @@ async fn throughput<C: Dial>(
     }
     tokio::time::sleep_until(deadline.into()).await;
     let count = delivered.load(Ordering::Relaxed);
-    let cpu = server.cpu_seconds() - cpu_before;
+    let meter = meter.read(server);
     stop.store(true, Ordering::Relaxed);
-    let mut h = histogram();
+    let mut latency = histogram();
     for r in receivers {
-        h.add(r.await.expect("receiver")).ok();
+        latency.add(r.await.expect("receiver")).ok();
     }
     for t in tasks {
         t.await.ok();
     }
-    let seconds = start.elapsed().min(window).as_secs_f64();
-    Throughput {
+    Row {
         transport: target.label::<C>(),
-        store: store.into(),
+        store,
+        mode: "one at a time",
+        window: 1,
         pairs,
         delivered: count,
-        per_second: count as f64 / seconds,
-        p50_us: h.value_at_quantile(0.5) as f64,
-        p99_us: h.value_at_quantile(0.99) as f64,
-        server_cpu_us_per_msg: if count > 0 {
-            cpu * 1e6 / count as f64
-        } else {
-            0.0
-        },
+        latency,
+        meter,
     }
+    .finish()
 }
 
-/// The same for the raw echo: N connections ping-ponging the payload.
+/// A connection to the minimal relay ([`chat_bench::relay`]), named and
+/// answered.
+async fn relay_connect(
+    addr: SocketAddr,
+    name: &str,
+) -> Framed<tokio::net::TcpStream, LengthDelimitedCodec> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect relay");
+    stream.set_nodelay(true).ok();
+    let mut framed = Framed::new(stream, LengthDelimitedCodec::new());
+    framed
+        .send(bytes::Bytes::copy_from_slice(name.as_bytes()))
+        .await
+        .expect("name");
+    framed
+        .next()
+        .await
+        .expect("relay answer")
+        .expect("relay answer");
+    framed
+}
+
+/// The pipelined load on the minimal relay: the floor for every
+/// transport's pipelined rows.
+async fn relay_throughput(server: &ServerProcess, pairs: usize, window: Duration) -> Throughput {
+    let addr = server.addr();
+    let mut conns = Vec::new();
+    for i in 0..pairs {
+        let r = relay_connect(addr, &format!("r{i}")).await;
+        let s = relay_connect(addr, &format!("s{i}")).await;
+        conns.push((s, r));
+    }
+    let epoch = Instant::now();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let meter = Meter::start(server);
+    let deadline = Instant::now() + window;
+    let mut receivers = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, (mut s, mut r)) in conns.into_iter().enumerate() {
+        let places = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+        let freed = Arc::clone(&places);
+        let delivered = Arc::clone(&delivered);
+        receivers.push(tokio::spawn(async move {
+            let mut h = histogram();
+            while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline.into(), r.next()).await
+            {
+                if let Some(sent) = std::str::from_utf8(&frame).ok().and_then(stamp_of) {
+                    h.record(micros(epoch.elapsed()).saturating_sub(sent).max(1))
+                        .ok();
+                }
+                delivered.fetch_add(1, Ordering::Relaxed);
+                freed.add_permits(1);
+            }
+            h
+        }));
+        let to = format!("r{i}");
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let place = match places.try_acquire() {
+                    Ok(place) => place,
+                    Err(_) => {
+                        // Out of places: what is written goes out while
+                        // this sender waits.
+                        if SinkExt::<bytes::Bytes>::flush(&mut s).await.is_err() {
+                            return;
+                        }
+                        match tokio::time::timeout_at(deadline.into(), places.acquire()).await {
+                            Ok(Ok(place)) => place,
+                            _ => return,
+                        }
+                    }
+                };
+                place.forget();
+                let text = body(micros(epoch.elapsed()));
+                let mut frame = Vec::with_capacity(1 + to.len() + text.len());
+                frame.push(to.len() as u8);
+                frame.extend_from_slice(to.as_bytes());
+                frame.extend_from_slice(text.as_bytes());
+                if s.feed(bytes::Bytes::from(frame)).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep_until(deadline.into()).await;
+    let count = delivered.load(Ordering::Relaxed);
+    let meter = meter.read(server);
+    let mut latency = histogram();
+    for r in receivers {
+        latency.add(r.await.expect("relay receiver")).ok();
+    }
+    for t in tasks {
+        t.await.ok();
+    }
+    Row {
+        transport: "relay".into(),
+        store: "-",
+        mode: "pipelined",
+        window: WINDOW,
+        pairs,
+        delivered: count,
+        latency,
+        meter,
+    }
+    .finish()
+}
+
+/// The raw echo: N connections ping-ponging the payload (the floor for
+/// the one-at-a-time rows).
 async fn raw_throughput(server: &ServerProcess, pairs: usize, window: Duration) -> Throughput {
-    let cpu_before = server.cpu_seconds();
-    let start = Instant::now();
-    let deadline = start + window;
+    let meter = Meter::start(server);
+    let deadline = Instant::now() + window;
     let mut tasks = Vec::new();
     for _ in 0..pairs {
         let addr = server.addr();
@@ -411,50 +719,169 @@ async fn raw_throughput(server: &ServerProcess, pairs: usize, window: Duration) 
         }));
     }
     let mut count = 0;
-    let mut h = histogram();
+    let mut latency = histogram();
     for t in tasks {
         let (n, th) = t.await.expect("echo task");
         count += n;
-        h.add(th).ok();
+        latency.add(th).ok();
     }
-    let cpu = server.cpu_seconds() - cpu_before;
-    let seconds = start.elapsed().as_secs_f64();
-    Throughput {
+    Row {
         transport: "raw".into(),
-        store: "-".into(),
+        store: "-",
+        mode: "ping-pong",
+        window: 1,
         pairs,
         delivered: count,
-        per_second: count as f64 / seconds,
-        p50_us: h.value_at_quantile(0.5) as f64,
-        p99_us: h.value_at_quantile(0.99) as f64,
-        server_cpu_us_per_msg: if count > 0 {
-            cpu * 1e6 / count as f64
+        latency,
+        meter: meter.read(server),
+    }
+    .finish()
+}
+
+/// Connections per second: `CONNECTORS` clients opening a connection,
+/// completing its handshake and dropping it, for the window.
+async fn connects<F, Fut>(
+    server: &ServerProcess,
+    transport: String,
+    window: Duration,
+    open: F,
+) -> Connects
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    const CONNECTORS: usize = 8;
+    let meter = Meter::start(server);
+    let deadline = Instant::now() + window;
+    let tasks: Vec<_> = (0..CONNECTORS)
+        .map(|_| {
+            let open = open.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    open().await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("connector");
+    }
+    let Used {
+        seconds,
+        server: server_cpu,
+        ..
+    } = meter.read(server);
+    Connects {
+        transport,
+        clients: CONNECTORS,
+        connects: total,
+        per_second: total as f64 / seconds,
+        server_cpu_us_per_connect: if total > 0 {
+            server_cpu * 1e6 / total as f64
         } else {
             0.0
         },
     }
 }
 
-/// Server RSS per idle logged-in session.
-async fn sessions<C: Dial>(server: &ServerProcess, count: usize) -> Sessions {
+/// [`connects`] with a transport's client library.
+async fn client_connects<C: Dial>(
+    server: &ServerProcess,
+    target: &Target,
+    window: Duration,
+) -> Connects {
+    let target = target.clone();
+    let label = target.label::<C>();
+    connects(server, label, window, move || {
+        let target = target.clone();
+        async move {
+            drop(C::dial(&target).await);
+        }
+    })
+    .await
+}
+
+/// Server RSS per idle logged-in session on a fresh server, and a small
+/// pipelined load's figures while they are held. The accounts are created
+/// (and logged out) first, so the RSS growth is the sessions' alone.
+async fn sessions<C: Dial>(
+    served: Served,
+    store: &str,
+    data: &std::path::Path,
+    count: usize,
+) -> Sessions {
+    let arg = store_arg(store, &data.join(format!("{}-idle-{count}", C::NAME)));
+    let server = chat_bench::start_server(served, &arg, Passwords::Cheap)
+        .await
+        .expect("start server");
+    let target = Target::plain(server.addr());
+    // Accounts first, from a few connections at once.
+    const MAKERS: usize = 16;
+    let makers: Vec<_> = (0..MAKERS)
+        .map(|m| {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut c = C::dial(&target).await;
+                for i in (m..count).step_by(MAKERS) {
+                    c.create(&format!("idle{i}"), "password1")
+                        .await
+                        .expect("create idle");
+                    c.logout().await.expect("logout");
+                }
+            })
+        })
+        .collect();
+    for maker in makers {
+        maker.await.expect("account maker");
+    }
+    // Let the store's writes and the allocator settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server.rss_bytes();
+    let opening = Arc::new(tokio::sync::Semaphore::new(64));
+    let opened: Vec<_> = (0..count)
+        .map(|i| {
+            let target = target.clone();
+            let opening = Arc::clone(&opening);
+            tokio::spawn(async move {
+                let _turn = opening.acquire().await.expect("semaphore");
+                let mut c = C::dial(&target).await;
+                c.login(&format!("idle{i}"), "password1")
+                    .await
+                    .expect("login idle");
+                c
+            })
+        })
+        .collect();
     let mut clients = Vec::with_capacity(count);
-    for i in 0..count {
-        let mut c = C::dial(&Target::plain(server.addr())).await;
-        c.create(&format!("idle{i}"), "password1")
-            .await
-            .expect("create idle");
-        clients.push(c);
+    for c in opened {
+        clients.push(c.await.expect("idle session"));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = server.rss_bytes();
+    let load = pipelined::<C>(&server, &target, store, "held", 16, Duration::from_secs(1)).await;
     drop(clients);
     let delta = after.saturating_sub(before);
     Sessions {
         transport: C::NAME.into(),
+        store: store.into(),
         sessions: count,
         rss_delta: delta,
         per_session: delta as f64 / count as f64,
+        load_per_second: load.per_second,
+        load_p99_us: load.p99_us,
+    }
+}
+
+/// The server's store argument: `memory`, or a data directory.
+fn store_arg(store: &str, dir: &std::path::Path) -> String {
+    if store == "memory" {
+        "memory".to_string()
+    } else {
+        dir.to_string_lossy().to_string()
     }
 }
 
@@ -513,46 +940,50 @@ async fn wire<C: Dial>(addr: SocketAddr) -> Vec<Bytes> {
     .collect()
 }
 
+fn served_for<C: Dial>() -> Served {
+    if C::NAME == "grpc" {
+        Served::Grpc
+    } else {
+        Served::Socket
+    }
+}
+
 async fn transport<C: Dial>(
     report: &mut Report,
     settings: &Settings,
     data: &std::path::Path,
 ) -> anyhow::Result<()> {
+    let served = served_for::<C>();
     for store in ["memory", "durable"] {
-        let dir = data.join(format!("{}-{store}", C::NAME));
-        let arg = if store == "memory" {
-            "memory".to_string()
-        } else {
-            dir.to_string_lossy().to_string()
-        };
-        let served = if C::NAME == "grpc" {
-            Served::Grpc
-        } else {
-            Served::Socket
-        };
-        let server = chat_bench::start_server(served, &arg).await?;
+        let arg = store_arg(store, &data.join(format!("{}-{store}", C::NAME)));
+        let server = chat_bench::start_server(served, &arg, Passwords::Cheap).await?;
         let target = Target::plain(server.addr());
         loads::<C>(report, settings, &server, &target, store).await;
-        if store == "memory" {
-            drop(server);
-            tls_rows::<C>(report, settings, served).await?;
-            // Fresh servers, so nothing earlier is in the lists or the RSS.
-            eprintln!("  {}: bytes per operation", C::NAME);
-            let fresh = chat_bench::start_server(served, "memory").await?;
-            report.bytes.extend(wire::<C>(fresh.addr()).await);
-            drop(fresh);
-            eprintln!("  {}: {} idle sessions", C::NAME, settings.sessions);
-            let fresh = chat_bench::start_server(served, "memory").await?;
+        drop(server);
+        for &count in settings.idle_sessions {
+            eprintln!("  {} / {store}: {count} idle sessions", C::NAME);
             report
                 .sessions
-                .push(sessions::<C>(&fresh, settings.sessions).await);
+                .push(sessions::<C>(served, store, data, count).await);
         }
     }
+    tls_rows::<C>(report, settings, served).await?;
+    // Fresh servers, so nothing earlier is in the lists.
+    eprintln!("  {}: bytes per operation", C::NAME);
+    let fresh = chat_bench::start_server(served, "memory", Passwords::Cheap).await?;
+    report.bytes.extend(wire::<C>(fresh.addr()).await);
+    drop(fresh);
+    // Logins with the server's real password hashing.
+    eprintln!("  {}: logins", C::NAME);
+    let real = chat_bench::start_server(served, "memory", Passwords::Real).await?;
+    report
+        .logins
+        .push(logins::<C>(&Target::plain(real.addr()), settings.window).await);
     Ok(())
 }
 
-/// Latencies, throughput at every pair count and (memory store only)
-/// logins against one running server.
+/// Latencies, throughput at every pair count in both modes and (memory
+/// store only) connections per second against one running server.
 async fn loads<C: Dial>(
     report: &mut Report,
     settings: &Settings,
@@ -565,25 +996,25 @@ async fn loads<C: Dial>(
     report
         .latency
         .extend(latencies::<C>(target, store, "l", settings.samples).await);
-    for (run, &pairs) in settings.pairs.iter().enumerate() {
-        eprintln!("  {name} / {store}: throughput, {pairs} pairs");
-        report.throughput.push(
-            throughput::<C>(
-                server,
-                target,
-                store,
-                &format!("t{run}"),
-                pairs,
-                settings.window,
-            )
-            .await,
-        );
+    for (run, &pairs) in settings.pipelined_pairs.iter().enumerate() {
+        eprintln!("  {name} / {store}: pipelined, {pairs} pairs");
+        let tag = format!("p{run}");
+        report
+            .throughput
+            .push(pipelined::<C>(server, target, store, &tag, pairs, settings.window).await);
+    }
+    for (run, &pairs) in settings.one_at_a_time_pairs.iter().enumerate() {
+        eprintln!("  {name} / {store}: one at a time, {pairs} pairs");
+        let tag = format!("o{run}");
+        report
+            .throughput
+            .push(one_at_a_time::<C>(server, target, store, &tag, pairs, settings.window).await);
     }
     if store == "memory" {
-        eprintln!("  {name}: logins");
+        eprintln!("  {name}: connects");
         report
-            .logins
-            .push(logins::<C>(target, settings.window).await);
+            .connects
+            .push(client_connects::<C>(server, target, settings.window).await);
     }
 }
 
@@ -595,8 +1026,14 @@ async fn tls_rows<C: Dial>(
     served: Served,
 ) -> anyhow::Result<()> {
     let pki = TestPki::new();
-    let server =
-        chat_bench::start_server_tls(served, "memory", &pki.cert_path(), &pki.key_path()).await?;
+    let server = chat_bench::start_server_tls(
+        served,
+        "memory",
+        Passwords::Cheap,
+        &pki.cert_path(),
+        &pki.key_path(),
+    )
+    .await?;
     let target = Target {
         addr: server.addr(),
         tls: Some(pki.client()),
@@ -620,9 +1057,9 @@ fn print(report: &Report) {
         report.machine.cpu
     );
     let raw = find(report, "raw", "-", "echo round trip");
-    println!("\n## Round-trip latency, µs (p50 / p99 / p99.9)");
+    println!("\n## Round-trip latency, idle, µs (p50 / p99 / p99.9)");
     println!(
-        "{:<10} {:<8} {:<16} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "{:<11} {:<8} {:<30} {:>8} {:>8} {:>8} {:>10} {:>10}",
         "transport", "store", "op", "p50", "p99", "p99.9", "p50 ÷ raw", "p99 ÷ raw"
     );
     for l in &report.latency {
@@ -630,34 +1067,42 @@ fn print(report: &Report) {
             .map(|r| (l.p50_us / r.p50_us, l.p99_us / r.p99_us))
             .unwrap_or((0.0, 0.0));
         println!(
-            "{:<10} {:<8} {:<16} {:>10.0} {:>10.0} {:>10.0} {:>11.2}× {:>11.2}×",
+            "{:<11} {:<8} {:<30} {:>8.0} {:>8.0} {:>8.0} {:>9.2}× {:>9.2}×",
             l.transport, l.store, l.op, l.p50_us, l.p99_us, l.p999_us, r50, r99
         );
     }
-    for store in ["memory", "durable"] {
-        if let (Some(g), Some(s)) = (
-            find(report, "grpc", store, "send → delivery"),
-            find(report, "socket", store, "send → delivery"),
-        ) {
-            println!(
-                "gRPC ÷ socket, send → delivery p50 ({store}): {:.2}×",
-                g.p50_us / s.p50_us
-            );
-        }
-    }
     println!(
-        "\n## Throughput (delivered messages/s; delivery latency under load, µs; server CPU µs per message)"
+        "\n## Throughput (delivered messages/s; delivery latency under load, µs; server CPU µs per \
+         delivered message; cores used by the server and by the load generator)"
     );
     println!(
-        "{:<10} {:<8} {:>6} {:>12} {:>9} {:>9} {:>10} {:>11} {:>11}",
-        "transport", "store", "pairs", "msgs/s", "p50", "p99", "cpu/msg", "÷ raw tput", "÷ raw cpu"
+        "{:<11} {:<8} {:<13} {:>5} {:>9} {:>7} {:>7} {:>8} {:>6} {:>6} {:<9} {:>9} {:>9}",
+        "transport",
+        "store",
+        "mode",
+        "pairs",
+        "msgs/s",
+        "p50",
+        "p99",
+        "cpu/msg",
+        "srv",
+        "gen",
+        "limit",
+        "÷ floor",
+        "cpu ÷"
     );
     for t in &report.throughput {
-        let raw = report
+        // Pipelined rows against the relay, the others against the echo.
+        let floor_name = if t.mode == "pipelined" {
+            "relay"
+        } else {
+            "raw"
+        };
+        let floor = report
             .throughput
             .iter()
-            .find(|r| r.transport == "raw" && r.pairs == t.pairs);
-        let (rt, rc) = raw
+            .find(|r| r.transport == floor_name && r.pairs == t.pairs);
+        let (ft, fc) = floor
             .map(|r| {
                 (
                     t.per_second / r.per_second,
@@ -666,65 +1111,144 @@ fn print(report: &Report) {
             })
             .unwrap_or((0.0, 0.0));
         println!(
-            "{:<10} {:<8} {:>6} {:>12.0} {:>9.0} {:>9.0} {:>10.2} {:>10.2}× {:>10.2}×",
+            "{:<11} {:<8} {:<13} {:>5} {:>9.0} {:>7.0} {:>7.0} {:>8.2} {:>6.2} {:>6.2} {:<9} {:>8.2}× {:>8.2}×",
             t.transport,
             t.store,
+            t.mode,
             t.pairs,
             t.per_second,
             t.p50_us,
             t.p99_us,
             t.server_cpu_us_per_msg,
-            rt,
-            rc
+            t.server_cores,
+            t.generator_cores,
+            t.bottleneck,
+            ft,
+            fc
         );
     }
-    println!("\n## TLS ÷ plaintext (memory store, same run)");
-    for transport in ["socket", "grpc"] {
-        let tls = format!("{transport}+tls");
-        for op in ["send → delivery", "login", "create"] {
-            if let (Some(t), Some(p)) = (
-                find(report, &tls, "memory", op),
-                find(report, transport, "memory", op),
-            ) {
-                println!(
-                    "{transport:<8} {op:<16} p50 {:.2}×  p99 {:.2}×",
-                    t.p50_us / p.p50_us,
-                    t.p99_us / p.p99_us
-                );
-            }
-        }
-        for pairs in settings_pairs(report) {
-            let row = |name: &str| {
-                report
-                    .throughput
-                    .iter()
-                    .find(|r| r.transport == name && r.store == "memory" && r.pairs == pairs)
-            };
-            if let (Some(t), Some(p)) = (row(&tls), row(transport)) {
-                println!(
-                    "{transport:<8} {pairs:>3} pairs        msgs/s {:.2}×  cpu/msg {:.2}×",
-                    t.per_second / p.per_second,
-                    t.server_cpu_us_per_msg / p.server_cpu_us_per_msg
-                );
-            }
-        }
-    }
+    println!("(÷ floor: pipelined rows ÷ the relay's, others ÷ the raw echo's, same pairs)");
+    print_ratios(report);
     println!("\n## Bytes on the wire per operation (up / down)");
     for b in &report.bytes {
         println!("{:<8} {:<28} {:>6} {:>6}", b.transport, b.op, b.up, b.down);
     }
-    println!("\n## Idle sessions and logins");
+    println!("\n## Idle sessions (RSS per session; a 16-pair pipelined load while held)");
     for s in &report.sessions {
         println!(
-            "{:<8} {} sessions: {:.0} bytes of server RSS each",
-            s.transport, s.sessions, s.per_session
+            "{:<8} {:<8} {:>6} sessions: {:>6.0} bytes each; load {:>8.0} msgs/s, p99 {:>7.0} µs",
+            s.transport, s.store, s.sessions, s.per_session, s.load_per_second, s.load_p99_us
+        );
+    }
+    println!("\n## Connections per second (connect and handshake)");
+    for c in &report.connects {
+        println!(
+            "{:<11} {:>8.0}/s with {} clients, server CPU {:.0} µs each",
+            c.transport, c.per_second, c.clients, c.server_cpu_us_per_connect
+        );
+    }
+    println!("\n## Logins with the server's password hashing");
+    if let Some(h) = &report.hash_cost {
+        println!(
+            "argon2id verification alone: {:.0} µs; at the server's {} at a time {:.0}/s, on every core {:.0}/s",
+            h.verify_us, h.concurrent, h.configured_per_second, h.all_cores_per_second
         );
     }
     for l in &report.logins {
+        let of = report
+            .hash_cost
+            .as_ref()
+            .map(|h| {
+                format!(
+                    " ({:.0}% of the configured hashing, {:.0}% of every core's)",
+                    100.0 * l.per_second / h.configured_per_second,
+                    100.0 * l.per_second / h.all_cores_per_second
+                )
+            })
+            .unwrap_or_default();
         println!(
-            "{:<8} {:.0} logins/s with {} clients",
+            "{:<8} {:.0} logins/s with {} clients{of}",
             l.transport, l.per_second, l.clients
         );
+    }
+}
+
+/// The ratios the targets are stated in, from rows of this run.
+fn print_ratios(report: &Report) {
+    let row = |transport: &str, store: &str, mode: &str, pairs: usize| {
+        report.throughput.iter().find(|r| {
+            r.transport == transport && r.store == store && r.mode == mode && r.pairs == pairs
+        })
+    };
+    println!("\n## Ratios (pipelined rows, same run)");
+    for pairs in settings_pairs(report) {
+        let p = "pipelined";
+        if let (Some(d), Some(m)) = (
+            row("socket", "durable", p, pairs),
+            row("socket", "memory", p, pairs),
+        ) {
+            println!(
+                "socket durable ÷ memory, {pairs:>4} pairs: msgs/s {:.2}×, cpu/msg {:.2}×",
+                d.per_second / m.per_second,
+                d.server_cpu_us_per_msg / m.server_cpu_us_per_msg
+            );
+        }
+        for store in ["memory", "durable"] {
+            if let (Some(g), Some(s)) =
+                (row("grpc", store, p, pairs), row("socket", store, p, pairs))
+            {
+                println!(
+                    "gRPC ÷ socket ({store}), {pairs:>4} pairs: msgs/s {:.2}×, cpu/msg {:.2}×",
+                    g.per_second / s.per_second,
+                    g.server_cpu_us_per_msg / s.server_cpu_us_per_msg
+                );
+            }
+        }
+        for transport in ["socket", "grpc"] {
+            if let (Some(t), Some(r)) = (
+                row(transport, "memory", p, pairs),
+                row("relay", "-", p, pairs),
+            ) {
+                println!(
+                    "{transport} memory ÷ relay, {pairs:>4} pairs: msgs/s {:.2}×, cpu/msg {:.2}×",
+                    t.per_second / r.per_second,
+                    t.server_cpu_us_per_msg / r.server_cpu_us_per_msg
+                );
+            }
+            let tls = format!("{transport}+tls");
+            if let (Some(t), Some(r)) = (
+                row(&tls, "memory", p, pairs),
+                row(transport, "memory", p, pairs),
+            ) {
+                println!(
+                    "{tls} ÷ {transport}, {pairs:>4} pairs: msgs/s {:.2}×, cpu/msg {:.2}×",
+                    t.per_second / r.per_second,
+                    t.server_cpu_us_per_msg / r.server_cpu_us_per_msg
+                );
+            }
+        }
+    }
+    for store in ["memory", "durable"] {
+        if let (Some(g), Some(s)) = (
+            find(report, "grpc", store, "send → delivery"),
+            find(report, "socket", store, "send → delivery"),
+        ) {
+            println!(
+                "gRPC ÷ socket, idle send → delivery p50 ({store}): {:.2}×",
+                g.p50_us / s.p50_us
+            );
+        }
+    }
+    let connects = |t: &str| report.connects.iter().find(|c| c.transport == t);
+    if let Some(relay) = connects("relay") {
+        for t in ["socket", "grpc", "socket+tls", "grpc+tls"] {
+            if let Some(c) = connects(t) {
+                println!(
+                    "{t} connects ÷ relay's: {:.2}×",
+                    c.per_second / relay.per_second
+                );
+            }
+        }
     }
 }
 
@@ -745,52 +1269,71 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
-/// `CHAT_BENCH_PROFILE=<raw|socket|grpc>/<memory|durable>/<pairs>/<seconds>`:
-/// runs that one throughput load alone, for a profiler. It prints the
-/// server's pid, waits two seconds (attach now, e.g. `perf record -p PID`
-/// or `perf stat -e 'syscalls:sys_enter_*' -p PID`), runs the load, and
-/// prints its figures.
+/// `CHAT_BENCH_PROFILE=<relay|raw|socket|grpc>/<memory|durable>/<pairs>/<seconds>[/once]`:
+/// runs that one throughput load alone (pipelined, or one at a time with
+/// `/once`), for a profiler. It prints the server's pid, waits two seconds
+/// (attach now, e.g. `perf record -p PID` or
+/// `perf stat -e 'syscalls:sys_enter_*' -p PID`), runs the load, and prints
+/// its figures.
 async fn profile(spec: &str) -> anyhow::Result<()> {
     let parts: Vec<&str> = spec.split('/').collect();
-    let [transport, store, pairs, seconds] = parts[..] else {
-        anyhow::bail!(
-            "CHAT_BENCH_PROFILE is transport/store/pairs/seconds, e.g. socket/memory/256/10"
-        );
+    let (transport, store, pairs, seconds, once) = match parts[..] {
+        [t, st, p, s] => (t, st, p, s, false),
+        [t, st, p, s, "once"] => (t, st, p, s, true),
+        _ => anyhow::bail!(
+            "CHAT_BENCH_PROFILE is transport/store/pairs/seconds[/once], e.g. socket/memory/256/10"
+        ),
     };
     let pairs: usize = pairs.parse()?;
     let window = Duration::from_secs_f64(seconds.parse()?);
     let data = std::env::temp_dir().join(format!("chat-bench-profile-{}", std::process::id()));
     let store_arg = match store {
-        "memory" => "memory".to_string(),
-        "durable" => data.to_string_lossy().to_string(),
+        "memory" | "durable" => store_arg(store, &data),
         other => anyhow::bail!("unknown store {other:?} (memory or durable)"),
     };
     let served = match transport {
         "raw" => Served::Echo,
+        "relay" => Served::Relay,
         "socket" => Served::Socket,
         "grpc" => Served::Grpc,
-        other => anyhow::bail!("unknown transport {other:?} (raw, socket or grpc)"),
+        other => anyhow::bail!("unknown transport {other:?} (relay, raw, socket or grpc)"),
     };
-    let server = chat_bench::start_server(served, &store_arg).await?;
+    let server = chat_bench::start_server(served, &store_arg, Passwords::Cheap).await?;
     println!(
         "server pid {} ({transport}/{store}, {pairs} pairs, {seconds} s)",
         server.pid()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let t = match served {
-        Served::Echo => raw_throughput(&server, pairs, window).await,
-        Served::Socket => {
-            let target = Target::plain(server.addr());
-            throughput::<SocketClient>(&server, &target, store, "p", pairs, window).await
+    let target = Target::plain(server.addr());
+    let t = match (served, once) {
+        (Served::Echo, _) => raw_throughput(&server, pairs, window).await,
+        (Served::Relay, _) => relay_throughput(&server, pairs, window).await,
+        (Served::Socket, false) => {
+            pipelined::<SocketClient>(&server, &target, store, "p", pairs, window).await
         }
-        Served::Grpc => {
-            let target = Target::plain(server.addr());
-            throughput::<GrpcClient>(&server, &target, store, "p", pairs, window).await
+        (Served::Socket, true) => {
+            one_at_a_time::<SocketClient>(&server, &target, store, "p", pairs, window).await
+        }
+        (Served::Grpc, false) => {
+            pipelined::<GrpcClient>(&server, &target, store, "p", pairs, window).await
+        }
+        (Served::Grpc, true) => {
+            one_at_a_time::<GrpcClient>(&server, &target, store, "p", pairs, window).await
         }
     };
     println!(
-        "{} messages, {:.0}/s, delivery p50 {:.0} µs p99 {:.0} µs, server CPU {:.2} µs/message",
-        t.delivered, t.per_second, t.p50_us, t.p99_us, t.server_cpu_us_per_msg
+        "{} messages, {:.0}/s, delivery p50 {:.0} µs p99 {:.0} µs, server CPU {:.2} µs/message, \
+         cores: server {:.2} (busiest thread {} {:.2}), generator {:.2} ({})",
+        t.delivered,
+        t.per_second,
+        t.p50_us,
+        t.p99_us,
+        t.server_cpu_us_per_msg,
+        t.server_cores,
+        t.server_busiest_thread.0,
+        t.server_busiest_thread.1,
+        t.generator_cores,
+        t.bottleneck
     );
     drop(server);
     let _ = std::fs::remove_dir_all(&data);
@@ -808,6 +1351,8 @@ fn main() -> anyhow::Result<()> {
     let quick =
         args.iter().any(|a| a == "--quick") || std::env::var_os("CHAT_BENCH_QUICK").is_some();
     let settings = if quick { &QUICK } else { &FULL };
+    // Thousands of idle sessions need as many descriptors on this side too.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("chat-bench-load")
@@ -816,6 +1361,7 @@ fn main() -> anyhow::Result<()> {
         return runtime.block_on(profile(&spec));
     }
     let data = std::env::temp_dir().join(format!("chat-bench-{}", std::process::id()));
+    eprintln!("argon2id alone");
     let mut report = Report {
         date: today(),
         machine: Machine::describe(),
@@ -825,19 +1371,41 @@ fn main() -> anyhow::Result<()> {
         bytes: Vec::new(),
         sessions: Vec::new(),
         logins: Vec::new(),
+        hash_cost: Some(chat_bench::measure_hash_cost(settings.hash_samples)?),
+        connects: Vec::new(),
     };
     runtime.block_on(async {
         eprintln!("raw TCP echo");
-        let echo = chat_bench::start_server(Served::Echo, "-").await?;
+        let echo = chat_bench::start_server(Served::Echo, "-", Passwords::Cheap).await?;
         report
             .latency
             .push(raw_latency(echo.addr(), settings.samples).await);
-        for &pairs in settings.pairs {
+        for &pairs in settings.one_at_a_time_pairs {
             report
                 .throughput
                 .push(raw_throughput(&echo, pairs, settings.window).await);
         }
         drop(echo);
+        eprintln!("minimal relay");
+        let relay = chat_bench::start_server(Served::Relay, "-", Passwords::Cheap).await?;
+        for &pairs in settings.pipelined_pairs {
+            report
+                .throughput
+                .push(relay_throughput(&relay, pairs, settings.window).await);
+        }
+        let addr = relay.addr();
+        report.connects.push(
+            connects(
+                &relay,
+                "relay".into(),
+                settings.window,
+                move || async move {
+                    drop(relay_connect(addr, "c").await);
+                },
+            )
+            .await,
+        );
+        drop(relay);
         eprintln!("socket transport");
         transport::<SocketClient>(&mut report, settings, &data).await?;
         eprintln!("gRPC transport");

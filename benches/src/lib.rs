@@ -11,7 +11,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::Command;
 
-pub use chat_conformance::process::ServerProcess;
+pub use chat_conformance::process::{ServerProcess, cpu_seconds_of};
 use serde::{Deserialize, Serialize};
 
 /// The argument that turns the benchmark binary into a server process.
@@ -96,10 +96,18 @@ pub struct Latency {
 /// Delivered messages per second with N sender/recipient pairs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Throughput {
-    /// `socket`, `grpc` or `raw`.
+    /// `socket`, `grpc`, `relay` or `raw`.
     pub transport: String,
     /// `memory`, `durable` or `-`.
     pub store: String,
+    /// How the load sends: `pipelined` (each sender keeps up to `window`
+    /// messages in flight, released as its recipient gets them; recipients
+    /// acknowledge in batches) or `one at a time` (each send waits for its
+    /// answer; recipients acknowledge every 64th message and wait for it);
+    /// `ping-pong` for the raw echo.
+    pub mode: String,
+    /// Messages in flight per sender (pipelined).
+    pub window: usize,
     /// Concurrent pairs.
     pub pairs: usize,
     /// Messages delivered (echoed, for raw) in the window.
@@ -112,6 +120,108 @@ pub struct Throughput {
     pub p99_us: f64,
     /// Server CPU time (user + system) per delivered message, µs.
     pub server_cpu_us_per_msg: f64,
+    /// Cores the server used on average (CPU seconds per second).
+    pub server_cores: f64,
+    /// Cores the load generator (this process) used on average.
+    pub generator_cores: f64,
+    /// The server's busiest thread over the row: its name and the share
+    /// of one core it used.
+    pub server_busiest_thread: (String, f64),
+    /// Which side limited the row (see [`bottleneck`]).
+    pub bottleneck: String,
+}
+
+/// CPU time of each thread of process `pid` so far: thread id → (name,
+/// clock ticks of 1/100 s).
+pub fn thread_ticks(pid: u32) -> std::collections::HashMap<u32, (String, u64)> {
+    let mut threads = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return threads;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+            .map(|(name, _)| name.to_string())
+            .unwrap_or_default();
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        threads.insert(tid, (name, ticks(11) + ticks(12)));
+    }
+    threads
+}
+
+/// The thread that used the most CPU between two [`thread_ticks`]
+/// readings `seconds` apart: its name and cores used.
+pub fn busiest_thread(
+    before: &std::collections::HashMap<u32, (String, u64)>,
+    after: &std::collections::HashMap<u32, (String, u64)>,
+    seconds: f64,
+) -> (String, f64) {
+    after
+        .iter()
+        .map(|(tid, (name, ticks))| {
+            let start = before.get(tid).map_or(0, |(_, t)| *t);
+            (
+                name.clone(),
+                ticks.saturating_sub(start) as f64 / 100.0 / seconds.max(1e-9),
+            )
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or_default()
+}
+
+/// Which side limited a load, from the cores each used on a machine with
+/// `cores` cores and the share of a core the server's busiest thread used:
+/// a server thread busy at least 90% of the time is the bottleneck
+/// (`server thread`: work that one thread does, whatever the cores); else,
+/// when the two sides together used nearly all the cores (at least 85%),
+/// the one using more is; otherwise neither was short of CPU and the load
+/// waited (for round trips, or for the disk).
+pub fn bottleneck(
+    server_cores: f64,
+    generator_cores: f64,
+    busiest_server_thread: f64,
+    cores: usize,
+) -> &'static str {
+    if busiest_server_thread >= 0.9 {
+        "server thread"
+    } else if server_cores + generator_cores < 0.85 * cores as f64 {
+        "waiting"
+    } else if server_cores >= generator_cores {
+        "server"
+    } else {
+        "generator"
+    }
+}
+
+/// New connections per second, each completing the transport's handshake
+/// (socket: HELLO and WELCOME; gRPC: HTTP/2 and a health call; relay: the
+/// name and its empty answer; over TLS, the TLS handshake first).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Connects {
+    /// `socket`, `grpc`, `relay`, or with `+tls`.
+    pub transport: String,
+    /// Concurrent connecting clients.
+    pub clients: usize,
+    /// Connections completed.
+    pub connects: u64,
+    /// Per second.
+    pub per_second: f64,
+    /// Server CPU per connection, µs.
+    pub server_cpu_us_per_connect: f64,
 }
 
 /// Bytes on the wire for one operation.
@@ -127,20 +237,29 @@ pub struct Bytes {
     pub down: u64,
 }
 
-/// Server memory per idle logged-in session.
+/// Server memory per idle logged-in session, and a small load's figures
+/// while they are held.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sessions {
     /// `socket` or `grpc`.
     pub transport: String,
+    /// `memory` or `durable`.
+    pub store: String,
     /// Sessions held.
     pub sessions: usize,
-    /// Server RSS growth, bytes.
+    /// Server RSS growth from opening them (the accounts existed before),
+    /// bytes.
     pub rss_delta: u64,
     /// Per session, bytes.
     pub per_session: f64,
+    /// Delivered messages per second of a pipelined 16-pair load run while
+    /// the sessions are held.
+    pub load_per_second: f64,
+    /// That load's delivery latency, 99th percentile, µs.
+    pub load_p99_us: f64,
 }
 
-/// Logins per second.
+/// Logins per second, with the server's real password hashing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Logins {
     /// `socket` or `grpc`.
@@ -151,6 +270,20 @@ pub struct Logins {
     pub logins: u64,
     /// Per second.
     pub per_second: f64,
+}
+
+/// What the password hash alone allows, measured in the same run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HashCost {
+    /// One argon2id verification with the server's default parameters,
+    /// alone on an idle machine, µs (median).
+    pub verify_us: f64,
+    /// Hashes the server runs at once (its default).
+    pub concurrent: usize,
+    /// Logins per second that allows: `concurrent` verifications at a time.
+    pub configured_per_second: f64,
+    /// Logins per second with every core hashing.
+    pub all_cores_per_second: f64,
 }
 
 /// Everything one run measured.
@@ -172,6 +305,10 @@ pub struct Report {
     pub sessions: Vec<Sessions>,
     /// Logins per second.
     pub logins: Vec<Logins>,
+    /// What hashing alone allows.
+    pub hash_cost: Option<HashCost>,
+    /// Connections per second.
+    pub connects: Vec<Connects>,
 }
 
 /// What a child server runs.
@@ -183,6 +320,8 @@ pub enum Served {
     Grpc,
     /// A raw TCP echo (the physical limit).
     Echo,
+    /// The minimal relay (see [`relay`]).
+    Relay,
 }
 
 impl Served {
@@ -191,6 +330,27 @@ impl Served {
             Served::Socket => "socket",
             Served::Grpc => "grpc",
             Served::Echo => "echo",
+            Served::Relay => "relay",
+        }
+    }
+}
+
+/// How a benchmark server hashes passwords.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passwords {
+    /// The server's defaults (argon2id, 19 MiB, 2 passes): for the rows
+    /// that measure logins.
+    Real,
+    /// argon2's cheapest parameters: for every other row, which would
+    /// otherwise measure hashing (and the allocator's memory of it).
+    Cheap,
+}
+
+impl Passwords {
+    fn arg(self) -> &'static str {
+        match self {
+            Passwords::Real => "real",
+            Passwords::Cheap => "cheap",
         }
     }
 }
@@ -198,8 +358,12 @@ impl Served {
 /// Starts this binary again in server mode: `served` on `store` (`memory`,
 /// or a data directory for the durable store), as a child process whose CPU
 /// time and memory the benchmark reads. It stops when dropped.
-pub async fn start_server(served: Served, store: &str) -> anyhow::Result<ServerProcess> {
-    spawn_server(&[SERVE_ARG, served.arg(), store]).await
+pub async fn start_server(
+    served: Served,
+    store: &str,
+    passwords: Passwords,
+) -> anyhow::Result<ServerProcess> {
+    spawn_server(&[SERVE_ARG, served.arg(), store, passwords.arg()]).await
 }
 
 /// [`start_server`] serving TLS with the PEM certificate and key at `cert`
@@ -207,6 +371,7 @@ pub async fn start_server(served: Served, store: &str) -> anyhow::Result<ServerP
 pub async fn start_server_tls(
     served: Served,
     store: &str,
+    passwords: Passwords,
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> anyhow::Result<ServerProcess> {
@@ -216,7 +381,7 @@ pub async fn start_server_tls(
             .ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", path.display()))
     };
     let (cert, key) = (utf8(cert)?, utf8(key)?);
-    spawn_server(&[SERVE_ARG, served.arg(), store, &cert, &key]).await
+    spawn_server(&[SERVE_ARG, served.arg(), store, passwords.arg(), &cert, &key]).await
 }
 
 async fn spawn_server(args: &[&str]) -> anyhow::Result<ServerProcess> {
@@ -236,7 +401,8 @@ pub fn serve_if_asked() {
     };
     let served = args.get(at + 1).map(String::as_str).unwrap_or("socket");
     let store = args.get(at + 2).cloned().unwrap_or_else(|| "memory".into());
-    let tls = args.get(at + 3).zip(args.get(at + 4));
+    let cheap = args.get(at + 3).is_some_and(|p| p == "cheap");
+    let tls = args.get(at + 4).zip(args.get(at + 5));
     let tuning = chat_server::Tuning {
         tls_cert: tls.map(|(cert, _)| cert.into()),
         tls_key: tls.map(|(_, key)| key.into()),
@@ -261,12 +427,19 @@ pub fn serve_if_asked() {
             })
             .await;
         };
-        if served == "echo" {
+        if served == "echo" || served == "relay" {
             let listener = tokio::net::TcpListener::bind(listener_addr).await?;
             announce(listener.local_addr()?)?;
-            tokio::select! {
-                _ = echo(listener) => {}
-                _ = stop => {}
+            if served == "echo" {
+                tokio::select! {
+                    _ = echo(listener) => {}
+                    _ = stop => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = relay(listener) => {}
+                    _ = stop => {}
+                }
             }
             return anyhow::Ok(());
         }
@@ -282,6 +455,9 @@ pub fn serve_if_asked() {
             per_second: 1e9,
         };
         let mut engine = tuning.engine();
+        if cheap {
+            engine.hashing = chat_core::HashingConfig::cheap_for_tests();
+        }
         engine.throttle.checks_per_address = unlimited;
         engine.throttle.per_address = unlimited;
         let chat = storage.open_with(engine).await?;
@@ -323,6 +499,75 @@ fn announce(addr: SocketAddr) -> std::io::Result<()> {
     stdout.flush()
 }
 
+/// The minimal relay: the least any framed chat server can do. Frames are
+/// length-delimited (a 4-byte big-endian length, as tokio-util's
+/// `LengthDelimitedCodec`). A connection's first frame is its name, answered
+/// with an empty frame once the name is taken; every later frame is
+/// `[recipient name length: u8][recipient name][body]`, and the body alone
+/// is forwarded to the connection of that name (dropped if there is none).
+/// No accounts, no acknowledgements, no storage.
+pub async fn relay(listener: tokio::net::TcpListener) {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use futures::{SinkExt, StreamExt};
+    use tokio::sync::mpsc;
+    use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+    type Routes = Arc<Mutex<HashMap<bytes::Bytes, mpsc::Sender<bytes::Bytes>>>>;
+    let routes: Routes = Arc::default();
+    while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
+        let routes = Arc::clone(&routes);
+        tokio::spawn(async move {
+            let mut framed = Framed::new(stream, LengthDelimitedCodec::new());
+            let Some(Ok(name)) = framed.next().await else {
+                return;
+            };
+            let name = name.freeze();
+            let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(1024);
+            if let Ok(mut routes) = routes.lock() {
+                routes.insert(name.clone(), tx);
+            }
+            if framed.send(bytes::Bytes::new()).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    frame = framed.next() => {
+                        let Some(Ok(frame)) = frame else { break };
+                        let frame = frame.freeze();
+                        let Some((&len, rest)) = frame.split_first() else { continue };
+                        let len = usize::from(len).min(rest.len());
+                        let to = frame.slice(1..1 + len);
+                        let body = frame.slice(1 + len..);
+                        let peer = routes.lock().ok().and_then(|r| r.get(&to).cloned());
+                        if let Some(peer) = peer {
+                            let _ = peer.send(body).await;
+                        }
+                    }
+                    body = rx.recv() => {
+                        let Some(body) = body else { break };
+                        if framed.feed(body).await.is_err() {
+                            break;
+                        }
+                        let mut failed = false;
+                        while let Ok(body) = rx.try_recv() {
+                            failed |= framed.feed(body).await.is_err();
+                        }
+                        if failed || SinkExt::<bytes::Bytes>::flush(&mut framed).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Ok(mut routes) = routes.lock() {
+                routes.remove(&name);
+            }
+        });
+    }
+}
+
 /// The raw TCP echo: every byte read is written back.
 async fn echo(listener: tokio::net::TcpListener) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -342,4 +587,43 @@ async fn echo(listener: tokio::net::TcpListener) {
             }
         });
     }
+}
+
+/// Times argon2id verifications with the server's default parameters
+/// ([`chat_core::HashingConfig::default`]), one at a time on this thread,
+/// and derives the logins per second they allow.
+pub fn measure_hash_cost(samples: usize) -> anyhow::Result<HashCost> {
+    use argon2::password_hash::PasswordHasher;
+    use argon2::{Algorithm, Argon2, Params, PasswordVerifier, Version};
+
+    let config = chat_core::HashingConfig::default();
+    let params = Params::new(
+        config.memory_kib,
+        config.iterations,
+        config.parallelism,
+        None,
+    )
+    .map_err(|e| anyhow::anyhow!("argon2 parameters: {e}"))?;
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+    let hash = argon
+        .hash_password(b"password1")
+        .map_err(|e| anyhow::anyhow!("hash: {e}"))?
+        .to_string();
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples.max(1) {
+        let started = std::time::Instant::now();
+        argon
+            .verify_password(b"password1", hash.as_str())
+            .map_err(|e| anyhow::anyhow!("verify: {e}"))?;
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    let verify_us = times[times.len() / 2];
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    Ok(HashCost {
+        verify_us,
+        concurrent: config.max_concurrent,
+        configured_per_second: config.max_concurrent as f64 * 1e6 / verify_us,
+        all_cores_per_second: cores as f64 * 1e6 / verify_us,
+    })
 }

@@ -83,19 +83,7 @@ impl ServerProcess {
 
     /// CPU time (user + system) the server has used so far, seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are
-        // the 14th and 15th fields overall, in clock ticks (100 per second).
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (ticks(11) + ticks(12)) / 100.0
+        cpu_seconds_of(self.pid())
     }
 
     /// Resident memory now, bytes.
@@ -134,4 +122,21 @@ impl ServerProcess {
         let rest = self.stdout.next_line().await.expect("readable stdout");
         assert_eq!(rest, None, "nothing on stdout but the listening lines");
     }
+}
+
+/// CPU time (user + system) process `pid` has used so far, seconds (0 if
+/// it cannot be read). `std::process::id()` gives this process's own.
+pub fn cpu_seconds_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are
+    // the 14th and 15th fields overall, in clock ticks (100 per second).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
