@@ -53,6 +53,8 @@ struct Settings {
     idle_sessions: &'static [usize],
     /// argon2id verifications timed alone.
     hash_samples: usize,
+    /// Pair counts of the pipelined rows on the SQLite store.
+    sqlite_pairs: &'static [usize],
 }
 
 const QUICK: Settings = Settings {
@@ -62,6 +64,7 @@ const QUICK: Settings = Settings {
     one_at_a_time_pairs: &[32],
     idle_sessions: &[300],
     hash_samples: 5,
+    sqlite_pairs: &[],
 };
 const FULL: Settings = Settings {
     samples: 5000,
@@ -70,6 +73,7 @@ const FULL: Settings = Settings {
     one_at_a_time_pairs: &[1, 16, 32, 256],
     idle_sessions: &[1000, 5000, 15_000],
     hash_samples: 30,
+    sqlite_pairs: &[32, 256],
 };
 
 /// Where the load connects: a server's address, with what to trust if it
@@ -876,12 +880,13 @@ async fn sessions<C: Dial>(
     }
 }
 
-/// The server's store argument: `memory`, or a data directory.
+/// The server's store argument: `memory`, a data directory (`durable`:
+/// the default log store) or `sqlite:` and one.
 fn store_arg(store: &str, dir: &std::path::Path) -> String {
-    if store == "memory" {
-        "memory".to_string()
-    } else {
-        dir.to_string_lossy().to_string()
+    match store {
+        "memory" => "memory".to_string(),
+        "sqlite" => format!("sqlite:{}", dir.to_string_lossy()),
+        _ => dir.to_string_lossy().to_string(),
     }
 }
 
@@ -960,6 +965,20 @@ async fn transport<C: Dial>(
         let target = Target::plain(server.addr());
         loads::<C>(report, settings, &server, &target, store).await;
         drop(server);
+        if store == "durable" && !settings.sqlite_pairs.is_empty() {
+            // The SQLite store (the durable default before the log store),
+            // pipelined, for comparison.
+            let arg = store_arg("sqlite", &data.join(format!("{}-sqlite", C::NAME)));
+            let server = chat_bench::start_server(served, &arg, Passwords::Cheap).await?;
+            let target = Target::plain(server.addr());
+            for (run, &pairs) in settings.sqlite_pairs.iter().enumerate() {
+                eprintln!("  {} / sqlite: pipelined, {pairs} pairs", C::NAME);
+                let tag = format!("q{run}");
+                report.throughput.push(
+                    pipelined::<C>(&server, &target, "sqlite", &tag, pairs, settings.window).await,
+                );
+            }
+        }
         for &count in settings.idle_sessions {
             eprintln!("  {} / {store}: {count} idle sessions", C::NAME);
             report
@@ -1269,7 +1288,7 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
-/// `CHAT_BENCH_PROFILE=<relay|raw|socket|grpc>/<memory|durable>/<pairs>/<seconds>[/once]`:
+/// `CHAT_BENCH_PROFILE=<relay|raw|socket|grpc>/<memory|durable|sqlite>/<pairs>/<seconds>[/once]`:
 /// runs that one throughput load alone (pipelined, or one at a time with
 /// `/once`), for a profiler. It prints the server's pid, waits two seconds
 /// (attach now, e.g. `perf record -p PID` or
@@ -1288,8 +1307,8 @@ async fn profile(spec: &str) -> anyhow::Result<()> {
     let window = Duration::from_secs_f64(seconds.parse()?);
     let data = std::env::temp_dir().join(format!("chat-bench-profile-{}", std::process::id()));
     let store_arg = match store {
-        "memory" | "durable" => store_arg(store, &data),
-        other => anyhow::bail!("unknown store {other:?} (memory or durable)"),
+        "memory" | "durable" | "sqlite" => store_arg(store, &data),
+        other => anyhow::bail!("unknown store {other:?} (memory, durable or sqlite)"),
     };
     let served = match transport {
         "raw" => Served::Echo,

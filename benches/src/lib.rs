@@ -356,7 +356,8 @@ impl Passwords {
 }
 
 /// Starts this binary again in server mode: `served` on `store` (`memory`,
-/// or a data directory for the durable store), as a child process whose CPU
+/// a data directory for the durable store, the default log store, or
+/// `sqlite:` and a data directory for the SQLite store), as a child process whose CPU
 /// time and memory the benchmark reads. It stops when dropped.
 pub async fn start_server(
     served: Served,
@@ -445,8 +446,10 @@ pub fn serve_if_asked() {
         }
         let storage = if store == "memory" {
             chat_server::Storage::memory()
+        } else if let Some(dir) = store.strip_prefix("sqlite:") {
+            chat_server::Storage::sqlite(dir)
         } else {
-            chat_server::Storage::sqlite(store)
+            chat_server::Storage::durable(store)
         };
         // Password checks from the one loopback address are not throttled
         // either: the login benchmark measures what hashing allows.

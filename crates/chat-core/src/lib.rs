@@ -68,7 +68,7 @@ pub use limits::{
     ConnectionLimit, ConnectionSlot, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_ADDRESS, Rate,
     Refusal, address_key,
 };
-pub use memory::{DEFAULT_QUEUE_LIMIT, MemoryStore};
+pub use memory::{Change, DEFAULT_QUEUE_LIMIT, Journal, MemoryStore};
 pub use store::{
     Appended, Credentials, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store,
     StoreError, send_id_horizon,

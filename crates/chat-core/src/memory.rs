@@ -5,6 +5,22 @@
 //! different recipients run in parallel and contend only on their own
 //! mailbox; create and delete take it for writing. The locks are std ones:
 //! no critical section awaits, and they are held for microseconds.
+//!
+//! # Journaling
+//!
+//! A store given a [`Journal`] hands it every change it applies, as a
+//! [`Change`], under the locks that ordered the change: changes that depend
+//! on each other (to one account, one sender's send ids, creates and
+//! deletes) reach the journal in the order they were applied. Replaying
+//! the journal's changes in that order with [`MemoryStore::apply`] rebuilds
+//! the same state; [`MemoryStore::dump`] gives the changes that rebuild the
+//! current state from empty (a snapshot), with no change applied meanwhile.
+//! This is how a durable store keeps its data here and its journal on disk
+//! (see the `chat-store-log` crate). The journal makes changes durable; the
+//! store does not wait for it.
+//!
+//! Expired send ids are forgotten without a record: whether one is still
+//! here or not changes no answer (an append checks expiry itself).
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -24,6 +40,93 @@ use crate::types::{Message, MessageId, Username};
 /// Queue length per recipient past which sends get `queue_full`.
 pub const DEFAULT_QUEUE_LIMIT: usize = 10_000;
 
+/// One change to a [`MemoryStore`]'s state, as a [`Journal`] records it and
+/// [`MemoryStore::apply`] replays it. The first six are what the store's
+/// operations do; the last three appear only in a [`MemoryStore::dump`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// An account was created, with this password hash.
+    Create {
+        /// The account.
+        name: Username,
+        /// Its argon2id PHC string (`None`: an account without a password).
+        password_hash: Option<String>,
+    },
+    /// An account's password hash was replaced.
+    Password {
+        /// The account.
+        name: Username,
+        /// The new PHC string.
+        password_hash: String,
+    },
+    /// An account was deleted, with its messages and its send ids.
+    Delete {
+        /// The account.
+        name: Username,
+    },
+    /// A message was stored for `recipient` with the id it carries.
+    Append {
+        /// Who it is for.
+        recipient: Username,
+        /// The message, with its id and timestamp.
+        message: Message,
+        /// Stored as delivered (pushed live) rather than queued.
+        delivered: bool,
+        /// The sender's idempotency key, remembered with it.
+        send_id: Option<SendId>,
+    },
+    /// A fetch took `name`'s queued messages with ids up to `through` (they
+    /// are delivered now, awaiting an acknowledgement).
+    Take {
+        /// The recipient.
+        name: Username,
+        /// The highest id taken.
+        through: MessageId,
+    },
+    /// `name` acknowledged its delivered messages up to `through`.
+    Ack {
+        /// The recipient.
+        name: Username,
+        /// The acknowledged id.
+        through: MessageId,
+    },
+    /// Snapshot: the id floor (new accounts' ids start above it).
+    Floor {
+        /// The highest id any deleted account had.
+        id: MessageId,
+    },
+    /// Snapshot: an account's last id (after its stored messages).
+    LastId {
+        /// The account.
+        name: Username,
+        /// The last id it gave.
+        last_id: MessageId,
+    },
+    /// Snapshot: a remembered send id (its message may be gone).
+    SendId {
+        /// The sender.
+        sender: Username,
+        /// The sender's key.
+        send_id: SendId,
+        /// The message id it was given.
+        id: MessageId,
+        /// When it was stored.
+        timestamp_ms: u64,
+        /// Who it was for.
+        recipient: Username,
+        /// The body's fingerprint.
+        fingerprint: u32,
+    },
+}
+
+/// Where a journaled [`MemoryStore`] records its changes (see the module
+/// docs).
+pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
+    /// Records `change`, which was just applied. It is called under the
+    /// store's locks, so it must be quick (no I/O, no waiting).
+    fn record(&self, change: Change);
+}
+
 /// An in-memory store; see the module docs.
 #[derive(Debug)]
 pub struct MemoryStore {
@@ -41,6 +144,12 @@ pub struct MemoryStore {
     shard_hasher: RandomState,
     /// Most send ids remembered per sender.
     send_id_bound: usize,
+    /// Where changes are recorded, once set.
+    journal: std::sync::OnceLock<Arc<dyn Journal>>,
+    /// Held shared by every journaled change, from applying it to recording
+    /// it, and exclusively by [`MemoryStore::dump`]: a dump sees no change
+    /// half done. Taken before any other lock.
+    gate: RwLock<()>,
 }
 
 /// Lock shards for remembered send ids.
@@ -146,7 +255,181 @@ impl MemoryStore {
             send_ids: (0..SEND_ID_SHARDS).map(|_| Mutex::default()).collect(),
             shard_hasher: RandomState::new(),
             send_id_bound: MAX_SEND_IDS_PER_SENDER,
+            journal: std::sync::OnceLock::new(),
+            gate: RwLock::new(()),
         }
+    }
+
+    /// Records every change from now on in `journal`; `false` (and nothing
+    /// changes) if a journal was set already.
+    pub fn set_journal(&self, journal: Arc<dyn Journal>) -> bool {
+        self.journal.set(journal).is_ok()
+    }
+
+    fn record(&self, change: impl FnOnce() -> Change) {
+        if let Some(journal) = self.journal.get() {
+            journal.record(change());
+        }
+    }
+
+    /// Applies a recorded change (replaying a journal), recording nothing.
+    /// A change to an account that does not exist is skipped, as it was
+    /// when first applied (a write racing the account's deletion).
+    pub fn apply(&self, change: Change) -> Result<(), StoreError> {
+        let mailbox = |name: &Username| self.mailbox(name);
+        match change {
+            Change::Create {
+                name,
+                password_hash,
+            } => {
+                let mut accounts = self.accounts.write().map_err(poisoned)?;
+                let mailbox = Mailbox {
+                    password_hash,
+                    last_id: self.id_floor.load(Ordering::Acquire),
+                    ..Mailbox::default()
+                };
+                accounts.insert(name, Arc::new(Mutex::new(mailbox)));
+            }
+            Change::Password {
+                name,
+                password_hash,
+            } => {
+                if let Ok(mailbox) = mailbox(&name) {
+                    mailbox.lock().map_err(poisoned)?.password_hash = Some(password_hash);
+                }
+            }
+            Change::Delete { name } => {
+                let removed = self.accounts.write().map_err(poisoned)?.remove(&name);
+                if let Some(mailbox) = removed {
+                    let last_id = mailbox.lock().map_err(poisoned)?.last_id;
+                    self.id_floor.fetch_max(last_id, Ordering::AcqRel);
+                    self.send_id_shard(&name)
+                        .lock()
+                        .map_err(poisoned)?
+                        .forget(&name);
+                }
+            }
+            Change::Append {
+                recipient,
+                message,
+                delivered,
+                send_id,
+            } => {
+                if let Some(send_id) = send_id {
+                    let mut ids = self
+                        .send_id_shard(&message.sender)
+                        .lock()
+                        .map_err(poisoned)?;
+                    ids.expire(&message.sender, send_id_horizon(message.timestamp_ms));
+                    let what = Remembered {
+                        id: message.id,
+                        timestamp_ms: message.timestamp_ms,
+                        recipient: recipient.clone(),
+                        fingerprint: message.body.fingerprint(),
+                    };
+                    ids.remember(&message.sender, send_id, what, self.send_id_bound);
+                }
+                if let Ok(mailbox) = mailbox(&recipient) {
+                    let mut mailbox = mailbox.lock().map_err(poisoned)?;
+                    mailbox.last_id = mailbox.last_id.max(message.id);
+                    mailbox.queue.push_back((message, delivered));
+                }
+            }
+            Change::Take { name, through } => {
+                if let Ok(mailbox) = mailbox(&name) {
+                    for (message, delivered) in mailbox.lock().map_err(poisoned)?.queue.iter_mut() {
+                        if message.id <= through {
+                            *delivered = true;
+                        }
+                    }
+                }
+            }
+            Change::Ack { name, through } => {
+                if let Ok(mailbox) = mailbox(&name) {
+                    mailbox
+                        .lock()
+                        .map_err(poisoned)?
+                        .queue
+                        .retain(|(m, delivered)| !(*delivered && m.id <= through));
+                }
+            }
+            Change::Floor { id } => {
+                self.id_floor.fetch_max(id, Ordering::AcqRel);
+            }
+            Change::LastId { name, last_id } => {
+                if let Ok(mailbox) = mailbox(&name) {
+                    mailbox.lock().map_err(poisoned)?.last_id = last_id;
+                }
+            }
+            Change::SendId {
+                sender,
+                send_id,
+                id,
+                timestamp_ms,
+                recipient,
+                fingerprint,
+            } => {
+                let what = Remembered {
+                    id,
+                    timestamp_ms,
+                    recipient,
+                    fingerprint,
+                };
+                self.send_id_shard(&sender)
+                    .lock()
+                    .map_err(poisoned)?
+                    .remember(&sender, send_id, what, self.send_id_bound);
+            }
+        }
+        Ok(())
+    }
+
+    /// The changes that rebuild this store's state from empty, taken with
+    /// no change half done; `at_once` runs before any further change can
+    /// be applied (a journal switches files there, so that the dump and the
+    /// new file together hold everything).
+    pub fn dump<R>(&self, at_once: impl FnOnce() -> R) -> Result<(Vec<Change>, R), StoreError> {
+        let _gate = self.gate.write().map_err(poisoned)?;
+        let mut changes = vec![Change::Floor {
+            id: self.id_floor.load(Ordering::Acquire),
+        }];
+        for (name, mailbox) in self.accounts.read().map_err(poisoned)?.iter() {
+            let mailbox = mailbox.lock().map_err(poisoned)?;
+            changes.push(Change::Create {
+                name: name.clone(),
+                password_hash: mailbox.password_hash.clone(),
+            });
+            for (message, delivered) in &mailbox.queue {
+                changes.push(Change::Append {
+                    recipient: name.clone(),
+                    message: message.clone(),
+                    delivered: *delivered,
+                    send_id: None,
+                });
+            }
+            changes.push(Change::LastId {
+                name: name.clone(),
+                last_id: mailbox.last_id,
+            });
+        }
+        for shard in &self.send_ids {
+            let shard = shard.lock().map_err(poisoned)?;
+            for (sender, ids) in &shard.by_sender {
+                for (_, send_id) in ids {
+                    if let Some(what) = shard.by_key.get(&(sender.clone(), *send_id)) {
+                        changes.push(Change::SendId {
+                            sender: sender.clone(),
+                            send_id: *send_id,
+                            id: what.id,
+                            timestamp_ms: what.timestamp_ms,
+                            recipient: what.recipient.clone(),
+                            fingerprint: what.fingerprint,
+                        });
+                    }
+                }
+            }
+        }
+        Ok((changes, at_once()))
     }
 
     /// This store, remembering at most `bound` send ids per sender instead
@@ -178,6 +461,7 @@ fn poisoned<T>(_: T) -> StoreError {
 #[async_trait]
 impl Store for MemoryStore {
     async fn create_account(&self, name: &Username, password_hash: &str) -> Result<(), StoreError> {
+        let _gate = self.gate.read().map_err(poisoned)?;
         let mut accounts = self.accounts.write().map_err(poisoned)?;
         if accounts.contains_key(name) {
             return Err(StoreError::AccountExists(name.clone()));
@@ -188,6 +472,10 @@ impl Store for MemoryStore {
             ..Mailbox::default()
         };
         accounts.insert(name.clone(), Arc::new(Mutex::new(mailbox)));
+        self.record(|| Change::Create {
+            name: name.clone(),
+            password_hash: Some(password_hash.to_owned()),
+        });
         Ok(())
     }
 
@@ -202,12 +490,17 @@ impl Store for MemoryStore {
     }
 
     async fn set_password(&self, name: &Username, password_hash: &str) -> Result<(), StoreError> {
+        let _gate = self.gate.read().map_err(poisoned)?;
         let mailbox = self.mailbox(name)?;
         let mut mailbox = mailbox.lock().map_err(poisoned)?;
         if mailbox.deleted {
             return Err(StoreError::NoSuchAccount(name.clone()));
         }
         mailbox.password_hash = Some(password_hash.to_owned());
+        self.record(|| Change::Password {
+            name: name.clone(),
+            password_hash: password_hash.to_owned(),
+        });
         Ok(())
     }
 
@@ -220,6 +513,7 @@ impl Store for MemoryStore {
     }
 
     async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
+        let _gate = self.gate.read().map_err(poisoned)?;
         let mut accounts = self.accounts.write().map_err(poisoned)?;
         let removed = accounts.remove(name);
         if let Some(mailbox) = &removed {
@@ -227,6 +521,7 @@ impl Store for MemoryStore {
             // same name (which needs that lock) starts above it.
             let last_id = mailbox.lock().map_err(poisoned)?.last_id;
             self.id_floor.fetch_max(last_id, Ordering::AcqRel);
+            self.record(|| Change::Delete { name: name.clone() });
         }
         drop(accounts);
         if removed.is_some() {
@@ -275,6 +570,7 @@ impl Store for MemoryStore {
     }
 
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        let _gate = self.gate.read().map_err(poisoned)?;
         // The sender's send-id shard is held across the append so that two
         // concurrent resends of one id cannot both store.
         let mut send_ids = match message.send_id {
@@ -331,6 +627,12 @@ impl Store for MemoryStore {
             };
             ids.remember(&stored.sender, send_id, what, self.send_id_bound);
         }
+        self.record(|| Change::Append {
+            recipient: message.recipient.clone(),
+            message: stored.clone(),
+            delivered: message.delivered,
+            send_id: message.send_id,
+        });
         Ok(Appended {
             message: stored,
             duplicate: false,
@@ -342,6 +644,7 @@ impl Store for MemoryStore {
         name: &Username,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
+        let _gate = self.gate.read().map_err(poisoned)?;
         let mailbox = self.mailbox(name)?;
         let mut mailbox = mailbox.lock().map_err(poisoned)?;
         let mut taken = Vec::new();
@@ -353,6 +656,12 @@ impl Store for MemoryStore {
                 *delivered = true;
                 taken.push(message.clone());
             }
+        }
+        if let Some(last) = taken.last() {
+            self.record(|| Change::Take {
+                name: name.clone(),
+                through: last.id,
+            });
         }
         Ok(taken)
     }
@@ -369,13 +678,21 @@ impl Store for MemoryStore {
     }
 
     async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError> {
+        let _gate = self.gate.read().map_err(poisoned)?;
         let mailbox = self.mailbox(name)?;
         let mut mailbox = mailbox.lock().map_err(poisoned)?;
         let before = mailbox.queue.len();
         mailbox
             .queue
             .retain(|(m, delivered)| !(*delivered && m.id <= through));
-        Ok(before - mailbox.queue.len())
+        let removed = before - mailbox.queue.len();
+        if removed > 0 {
+            self.record(|| Change::Ack {
+                name: name.clone(),
+                through,
+            });
+        }
+        Ok(removed)
     }
 
     fn queue_limit(&self) -> usize {

@@ -197,8 +197,10 @@ pub struct Storage {
     /// `:memory:` to keep nothing across restarts.
     #[arg(long, env = "CHAT_DATA", default_value = "chat-data")]
     pub data: String,
-    /// Storage engine; `--data :memory:` implies `memory`.
-    #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
+    /// Storage engine; `--data :memory:` implies `memory`. With `log` (the
+    /// default), a data directory that holds only a SQLite database from an
+    /// earlier version keeps being served by SQLite.
+    #[arg(long, value_enum, default_value_t = StoreKind::Log)]
     pub store: StoreKind,
     /// Messages stored per recipient (queued or awaiting acknowledgement)
     /// past which sends get `queue_full`.
@@ -209,8 +211,13 @@ pub struct Storage {
 /// A storage engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoreKind {
-    /// Embedded SQLite in the data directory: every acknowledged message
-    /// survives a crash.
+    /// State in memory, every change in an append-only log in the data
+    /// directory with group commit (chat-store-log): every acknowledged
+    /// message survives a crash.
+    Log,
+    /// Embedded SQLite in the data directory (chat-store-sql): every
+    /// acknowledged message survives a crash; slower, and holds no message
+    /// in memory.
     Sqlite,
     /// In memory: fast, and gone when the process stops.
     Memory,
@@ -220,7 +227,7 @@ impl Default for Storage {
     fn default() -> Self {
         Self {
             data: "chat-data".into(),
-            store: StoreKind::Sqlite,
+            store: StoreKind::Log,
             queue_limit: chat_core::DEFAULT_QUEUE_LIMIT,
         }
     }
@@ -235,11 +242,43 @@ impl Storage {
         }
     }
 
-    /// A durable store in `dir`.
-    pub fn sqlite(dir: impl Into<String>) -> Self {
+    /// The default durable store (the log) in `dir`.
+    pub fn durable(dir: impl Into<String>) -> Self {
         Self {
             data: dir.into(),
             ..Self::default()
+        }
+    }
+
+    /// The SQLite store in `dir`.
+    pub fn sqlite(dir: impl Into<String>) -> Self {
+        Self {
+            data: dir.into(),
+            store: StoreKind::Sqlite,
+            ..Self::default()
+        }
+    }
+
+    /// The engine that serves the data directory: `--store`, except that
+    /// `log` on a directory holding only an earlier version's SQLite
+    /// database keeps SQLite.
+    pub fn engine(&self) -> StoreKind {
+        if self.store == StoreKind::Memory || self.data == ":memory:" {
+            return StoreKind::Memory;
+        }
+        let dir = Path::new(&self.data);
+        let has_sqlite = dir.join(chat_store_sql::DATABASE_FILE).exists();
+        let has_log = std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("log-") || name.starts_with("snapshot-")
+            })
+        });
+        if self.store == StoreKind::Log && has_sqlite && !has_log {
+            StoreKind::Sqlite
+        } else {
+            self.store
         }
     }
 
@@ -251,18 +290,34 @@ impl Storage {
     /// [`Storage::open`] with the engine's settings.
     pub async fn open_with(&self, config: chat_core::Config) -> anyhow::Result<Chat> {
         let queue_limit = self.queue_limit.max(1);
-        let store: Arc<dyn Store> = if self.store == StoreKind::Memory || self.data == ":memory:" {
-            tracing::info!("keeping data in memory only");
-            Arc::new(MemoryStore::new(queue_limit))
-        } else {
-            let dir = Path::new(&self.data);
-            let options = SqliteOptions {
-                queue_limit,
-                ..SqliteOptions::default()
-            };
-            let store = SqliteStore::open(dir, options).await?;
-            tracing::info!(data = %dir.display(), "durable store open");
-            Arc::new(store)
+        let dir = Path::new(&self.data);
+        let store: Arc<dyn Store> = match self.engine() {
+            StoreKind::Memory => {
+                tracing::info!("keeping data in memory only");
+                Arc::new(MemoryStore::new(queue_limit))
+            }
+            StoreKind::Log => {
+                let options = chat_store_log::LogOptions {
+                    queue_limit,
+                    ..chat_store_log::LogOptions::default()
+                };
+                Arc::new(chat_store_log::LogStore::open(dir, options).await?)
+            }
+            StoreKind::Sqlite => {
+                if self.store == StoreKind::Log {
+                    tracing::info!(
+                        data = %dir.display(),
+                        "the data directory holds an earlier version's SQLite database: serving it with SQLite"
+                    );
+                }
+                let options = SqliteOptions {
+                    queue_limit,
+                    ..SqliteOptions::default()
+                };
+                let store = SqliteStore::open(dir, options).await?;
+                tracing::info!(data = %dir.display(), "SQLite store open");
+                Arc::new(store)
+            }
         };
         Ok(Chat::new(store, config))
     }

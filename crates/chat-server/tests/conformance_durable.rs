@@ -1,5 +1,6 @@
-//! The conformance suite over both transports with the durable SQLite
-//! store (a fresh database per test), as the servers run by default.
+//! The conformance suite over both transports on both durable stores (a
+//! fresh data directory per test): the log store, as the servers run by
+//! default, and SQLite.
 
 use std::net::SocketAddr;
 
@@ -15,9 +16,9 @@ struct Durable<C> {
     _client: std::marker::PhantomData<fn() -> C>,
 }
 
-async fn start<C>(listen: fn(SocketAddr) -> Listen) -> Durable<C> {
+async fn start<C>(listen: fn(SocketAddr) -> Listen, storage: fn(String) -> Storage) -> Durable<C> {
     let data = tempfile::tempdir().expect("temporary directory");
-    let chat = Storage::sqlite(data.path().to_string_lossy())
+    let chat = storage(data.path().to_string_lossy().to_string())
         .open()
         .await
         .expect("open the store");
@@ -47,11 +48,31 @@ impl Connector for Durable<GrpcClient> {
     }
 }
 
+mod socket_log {
+    use super::*;
+
+    async fn start() -> Durable<SocketClient> {
+        super::start(Listen::Socket, Storage::durable).await
+    }
+
+    conformance_tests!(start);
+}
+
+mod grpc_log {
+    use super::*;
+
+    async fn start() -> Durable<GrpcClient> {
+        super::start(Listen::Grpc, Storage::durable).await
+    }
+
+    conformance_tests!(start);
+}
+
 mod socket_sqlite {
     use super::*;
 
     async fn start() -> Durable<SocketClient> {
-        super::start(Listen::Socket).await
+        super::start(Listen::Socket, Storage::sqlite).await
     }
 
     conformance_tests!(start);
@@ -61,7 +82,7 @@ mod grpc_sqlite {
     use super::*;
 
     async fn start() -> Durable<GrpcClient> {
-        super::start(Listen::Grpc).await
+        super::start(Listen::Grpc, Storage::sqlite).await
     }
 
     conformance_tests!(start);
