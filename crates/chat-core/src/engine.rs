@@ -33,7 +33,7 @@ use crate::auth::{Hashing, HashingConfig, Password, Throttle, ThrottleConfig};
 use crate::error::ChatError;
 use crate::limits::{Bucket, Rate, address_key};
 use crate::memory::MemoryStore;
-use crate::store::{Credentials, NewMessage, SendId, Store};
+use crate::store::{Credentials, Durable, NewMessage, SendId, Store};
 use crate::types::{Message, MessageBody, MessageId, SendReceipt, SessionState, Username};
 
 /// Number of lock stripes for login state; a power of two.
@@ -195,7 +195,7 @@ struct Shared {
     /// the channel allocates its slots 32 at a time as soon as it is made,
     /// and a pointer per slot instead of a whole message saves each idle
     /// session about 1.5 KiB.
-    tx: mpsc::Sender<Box<(u64, Message)>>,
+    tx: mpsc::Sender<Box<Pushed>>,
     /// Bumped at every login and logout, so a message pushed to an earlier
     /// login of this session is not shown to a later one (it stays stored
     /// and is replayed when its recipient logs in again).
@@ -372,6 +372,7 @@ impl Chat {
         };
         let events = Events {
             rx,
+            held: None,
             shared,
             // A child token: its lock is this session's alone, so checking it on
             // every receive does not contend with every other session.
@@ -751,6 +752,23 @@ impl Session {
         body: &str,
         send_id: Option<SendId>,
     ) -> Result<SendReceipt, ChatError> {
+        let (receipt, durable) = self.send_staged(to, body, send_id).await?;
+        durable.wait().await?;
+        Ok(receipt)
+    }
+
+    /// [`Session::send_once`] in two steps, for a transport that pipelines
+    /// a connection's sends: returns once the message has its place in the
+    /// store (its id and its order among this session's sends, the session
+    /// free for the next request) with a [`Durable`] that completes once it
+    /// is durable. The receipt must not be given before that; a push of the
+    /// message to its recipient waits for the same.
+    pub async fn send_staged(
+        &self,
+        to: &str,
+        body: &str,
+        send_id: Option<SendId>,
+    ) -> Result<(SendReceipt, Durable), ChatError> {
         let to = Username::parse(to)?;
         let body = MessageBody::parse(body)?;
         let state = self.lock_logged_in().await?;
@@ -767,19 +785,24 @@ impl Session {
             send_id,
         };
         // Reserve the live slot before storing the message, so a message
-        // stored as delivered is always pushed.
+        // stored as delivered is always pushed (in id order: the stripe is
+        // held until it is queued to the recipient).
         let recipient = stripe.get(&to).cloned();
         if let Some(recipient) = recipient {
             match recipient.tx.try_reserve() {
                 Ok(permit) => {
                     message.delivered = true;
-                    let appended = store.append(message).await?;
+                    let (appended, durable) = store.stage(message).await?;
                     let receipt = receipt(&appended.message);
                     if !appended.duplicate {
                         let login = recipient.login.load(Ordering::Acquire);
-                        permit.send(Box::new((login, appended.message)));
+                        permit.send(Box::new(Pushed {
+                            login,
+                            message: appended.message,
+                            durable: durable.clone(),
+                        }));
                     }
-                    return Ok(receipt);
+                    return Ok((receipt, durable));
                 }
                 Err(mpsc::error::TrySendError::Full(())) => {
                     tracing::warn!(user = %to, "slow consumer logged out; its messages are queued");
@@ -798,7 +821,8 @@ impl Session {
                 }
             }
         }
-        Ok(receipt(&store.append(message).await?.message))
+        let (appended, durable) = store.stage(message).await?;
+        Ok((receipt(&appended.message), durable))
     }
 
     /// Takes up to `max` queued messages, oldest first (`max` = 0 means the
@@ -972,10 +996,22 @@ fn to_state(state: &Option<Username>) -> SessionState {
     }
 }
 
+/// A message pushed to a session: for which of its logins, and when it is
+/// durable.
+struct Pushed {
+    login: u64,
+    message: Message,
+    durable: Durable,
+}
+
 /// The stream of [`Event`]s pushed to one session. Bounded: a session that
 /// lets [`Config::session_event_capacity`] events pile up is logged out.
 pub struct Events {
-    rx: mpsc::Receiver<Box<(u64, Message)>>,
+    rx: mpsc::Receiver<Box<Pushed>>,
+    /// A message taken from `rx` whose write is not durable yet: it is
+    /// returned once it is (kept here so that a `recv` dropped while it
+    /// waits loses nothing).
+    held: Option<(Message, Durable)>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     told_shutdown: bool,
@@ -1018,10 +1054,20 @@ impl Events {
             {
                 return Some(Event::Message(message));
             }
-            if let Ok(pushed) = self.rx.try_recv() {
-                let (login, message) = *pushed;
-                if self.current(login) {
+            if let Some((_, durable)) = &self.held {
+                // Not shown before it is durable: its sender has not been
+                // told it is stored either.
+                let durable = durable.wait().await;
+                let (message, _) = self.held.take()?;
+                if durable.is_ok() {
                     return Some(Event::Message(message));
+                }
+                // Never durable (the store failed): it does not exist.
+                continue;
+            }
+            if let Ok(pushed) = self.rx.try_recv() {
+                if let Some(event) = self.take(*pushed) {
+                    return Some(event);
                 }
                 continue;
             }
@@ -1044,9 +1090,10 @@ impl Events {
                 return Some(Event::Shutdown);
             }
             tokio::select! {
-                pushed = self.rx.recv() => match pushed.map(|p| *p) {
-                    Some((login, message)) if self.current(login) => return Some(Event::Message(message)),
-                    Some(_) => {}
+                pushed = self.rx.recv() => match pushed {
+                    Some(pushed) => if let Some(event) = self.take(*pushed) {
+                        return Some(event);
+                    },
                     None => return None,
                 },
                 _ = self.shared.notify.notified() => {}
@@ -1058,6 +1105,19 @@ impl Events {
     /// Whether a message pushed to login `login` is for the login now.
     fn current(&self, login: u64) -> bool {
         login == self.shared.login.load(Ordering::Acquire)
+    }
+
+    /// A pushed message for the current login, as an event if it is
+    /// durable already; else held until it is (see `held`).
+    fn take(&mut self, pushed: Pushed) -> Option<Event> {
+        if !self.current(pushed.login) {
+            return None;
+        }
+        if pushed.durable.is_now() {
+            return Some(Event::Message(pushed.message));
+        }
+        self.held = Some((pushed.message, pushed.durable));
+        None
     }
 
     fn take_notice(&self) -> Option<Notice> {

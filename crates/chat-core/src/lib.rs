@@ -70,8 +70,8 @@ pub use limits::{
 };
 pub use memory::{Change, DEFAULT_QUEUE_LIMIT, Journal, MemoryStore};
 pub use store::{
-    Appended, Credentials, MAX_SEND_IDS_PER_SENDER, NewMessage, SEND_ID_RETENTION, SendId, Store,
-    StoreError, send_id_horizon,
+    Appended, Credentials, Durable, DurableWait, MAX_SEND_IDS_PER_SENDER, NewMessage,
+    SEND_ID_RETENTION, SendId, Store, StoreError, send_id_horizon,
 };
 pub use types::{
     MAX_BODY_CHARS, MAX_USERNAME_CHARS, Message, MessageBody, MessageId, SendReceipt, SessionState,

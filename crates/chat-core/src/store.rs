@@ -228,4 +228,56 @@ pub trait Store: Send + Sync + 'static {
     async fn failed(&self) -> String {
         std::future::pending().await
     }
+
+    /// [`Store::append`] in two steps: returns as soon as the message has
+    /// its place among the store's writes (its id, its order, and the send
+    /// id check), with a [`Durable`] that completes once it is durable.
+    /// Nothing may be acknowledged to anyone before that; meanwhile the
+    /// caller can release its locks and stage the next write, so one
+    /// sender's writes share a commit. Every other operation of a store
+    /// that stages returns only once all writes staged before it are
+    /// durable. The default appends and is durable at once.
+    async fn stage(&self, message: NewMessage) -> Result<(Appended, Durable), StoreError> {
+        Ok((self.append(message).await?, Durable::now()))
+    }
+}
+
+/// Waits for a store's writes to become durable, up to a position.
+pub trait DurableWait: Send + Sync + std::fmt::Debug {
+    /// Completes once every write up to `position` is durable, or fails
+    /// if the store cannot make it so.
+    fn wait(
+        &self,
+        position: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>;
+}
+
+/// When a staged write is durable (see [`Store::stage`]). Cheap to clone:
+/// the sender's reply and the recipient's push wait for the same one.
+#[derive(Debug, Clone, Default)]
+pub struct Durable(Option<(std::sync::Arc<dyn DurableWait>, u64)>);
+
+impl Durable {
+    /// Durable already.
+    pub fn now() -> Self {
+        Self(None)
+    }
+
+    /// Durable once `waiter` says `position` is.
+    pub fn at(waiter: std::sync::Arc<dyn DurableWait>, position: u64) -> Self {
+        Self(Some((waiter, position)))
+    }
+
+    /// Whether it is known to be durable without waiting.
+    pub fn is_now(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Completes once the write is durable.
+    pub async fn wait(&self) -> Result<(), StoreError> {
+        match &self.0 {
+            None => Ok(()),
+            Some((waiter, position)) => waiter.wait(*position).await,
+        }
+    }
 }

@@ -13,7 +13,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_core::{Chat, ChatError, ErrorCode, SessionState};
+use std::collections::VecDeque;
+
+use chat_core::{Chat, ChatError, Durable, ErrorCode, SessionState};
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -219,17 +222,22 @@ impl ChatService {
         request: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageReply>, Status> {
         let entry = self.authorize(&request).await?;
-        self.send_one(&entry, request.get_ref())
+        let (reply, durable) = self.send_one(&entry, request.get_ref()).await?;
+        durable
+            .wait()
             .await
-            .map(Response::new)
+            .map_err(|err| from_chat_error(&err.into()))?;
+        Ok(Response::new(reply))
     }
 
-    /// One send as `entry`, for SendMessage and SendStream alike.
+    /// One send as `entry`, staged (see `Session::send_staged`), for
+    /// SendMessage and SendStream alike: its reply may go once the
+    /// [`Durable`] completes.
     async fn send_one(
         &self,
         entry: &Entry,
         message: &pb::SendMessageRequest,
-    ) -> Result<pb::SendMessageReply, Status> {
+    ) -> Result<(pb::SendMessageReply, Durable), Status> {
         let send_id = match message.send_id.len() {
             0 => None,
             16 => message.send_id[..].try_into().ok().map(u128::from_be_bytes),
@@ -240,23 +248,26 @@ impl ChatService {
                 ));
             }
         };
-        let receipt = match entry
+        let (receipt, durable) = match entry
             .session
-            .send_once(&message.recipient, &message.body, send_id)
+            .send_staged(&message.recipient, &message.body, send_id)
             .await
         {
-            Ok(receipt) => receipt,
+            Ok(staged) => staged,
             Err(err) => return Err(self.failed(entry, err).await),
         };
-        Ok(pb::SendMessageReply {
+        let reply = pb::SendMessageReply {
             state: pb_state(&entry.session.state().await),
             message_id: receipt.id,
             timestamp_ms: receipt.timestamp_ms,
-        })
+        };
+        Ok((reply, durable))
     }
 
-    /// Serves one SendStream: its sends one after another, in order, each
-    /// answered before the next is read. The work runs on its own task (as
+    /// Serves one SendStream: its sends in order, each staged in the store
+    /// as it is read (its place and id taken), and answered in order once
+    /// its message is durable; up to [`SEND_STREAM_BUFFER`] wait for that
+    /// at once, while the next are read. The work runs on its own task (as
     /// [`ChatService::detached`] does for unary calls) under one of the
     /// connection's work places, so a send read from the stream is always
     /// carried through, even if the client goes.
@@ -274,10 +285,49 @@ impl ChatService {
         let service = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let mut staged: VecDeque<(StreamItem, Durable)> = VecDeque::new();
+            let mut reading = true;
             loop {
-                let next = tokio::select! {
-                    next = sends.message() => next,
-                    () = service.stop.cancelled() => {
+                let step = tokio::select! {
+                    next = sends.message(), if reading && staged.len() < SEND_STREAM_BUFFER => {
+                        Step::Read(next)
+                    }
+                    durable = async {
+                        match staged.front() {
+                            Some((_, durable)) => durable.wait().await,
+                            None => std::future::pending().await,
+                        }
+                    }, if !staged.is_empty() => Step::Durable(durable),
+                    () = service.stop.cancelled() => Step::Stop,
+                };
+                match step {
+                    Step::Read(Ok(Some(message))) => {
+                        let (item, durable) = match service.send_one(&entry, &message).await {
+                            Ok((reply, durable)) => (
+                                StreamItem::Answer(pb::send_result::Result::Sent(reply)),
+                                durable,
+                            ),
+                            Err(status) => (refused(status), Durable::now()),
+                        };
+                        staged.push_back((item, durable));
+                    }
+                    // The client ended its stream, or is gone: what is
+                    // staged is still answered.
+                    Step::Read(_) => reading = false,
+                    Step::Durable(durable) => {
+                        let Some((item, _)) = staged.pop_front() else {
+                            continue;
+                        };
+                        let item = match durable {
+                            Ok(()) => item,
+                            Err(err) => refused(from_chat_error(&err.into())),
+                        };
+                        let last = matches!(item, StreamItem::End(_));
+                        if tx.send(item.into_result()).await.is_err() || last {
+                            break;
+                        }
+                    }
+                    Step::Stop => {
                         let _ = tx
                             .send(Err(to_status(
                                 ErrorCode::ShuttingDown,
@@ -286,30 +336,19 @@ impl ChatService {
                             .await;
                         break;
                     }
-                };
-                // The client ended its stream, or is gone.
-                let Ok(Some(message)) = next else { break };
-                let (result, last) = match service.send_one(&entry, &message).await {
-                    Ok(reply) => (Ok(pb::send_result::Result::Sent(reply)), false),
-                    // The session is over: so is the stream.
-                    Err(status) if chat_code(&status) == Some(ErrorCode::Unauthenticated) => {
-                        (Err(status), true)
+                }
+                // Answers already durable go out without another turn.
+                while let Some(Some(Ok(()))) = staged.front().map(|(_, d)| d.wait().now_or_never())
+                {
+                    let Some((item, _)) = staged.pop_front() else {
+                        break;
+                    };
+                    let last = matches!(item, StreamItem::End(_));
+                    if tx.send(item.into_result()).await.is_err() || last {
+                        return;
                     }
-                    Err(status) => (
-                        Ok(pb::send_result::Result::Error(pb::SendError {
-                            code: chat_code(&status)
-                                .unwrap_or(ErrorCode::Internal)
-                                .as_str()
-                                .to_string(),
-                            message: status.message().to_string(),
-                        })),
-                        false,
-                    ),
-                };
-                let item = result.map(|result| pb::SendResult {
-                    result: Some(result),
-                });
-                if tx.send(item).await.is_err() || last {
+                }
+                if !reading && staged.is_empty() {
                     break;
                 }
             }
@@ -411,6 +450,46 @@ impl ChatService {
             ))
         })
     }
+}
+
+/// What woke a SendStream's task.
+enum Step {
+    Read(Result<Option<pb::SendMessageRequest>, Status>),
+    Durable(Result<(), chat_core::StoreError>),
+    Stop,
+}
+
+/// One item of a SendStream's answers: a send's result, or the status that
+/// ends the stream (the session is over).
+enum StreamItem {
+    Answer(pb::send_result::Result),
+    End(Status),
+}
+
+impl StreamItem {
+    fn into_result(self) -> Result<pb::SendResult, Status> {
+        match self {
+            StreamItem::Answer(result) => Ok(pb::SendResult {
+                result: Some(result),
+            }),
+            StreamItem::End(status) => Err(status),
+        }
+    }
+}
+
+/// A refused send's answer: `unauthenticated` (the session is over) ends
+/// the stream; anything else is this send's error.
+fn refused(status: Status) -> StreamItem {
+    if chat_code(&status) == Some(ErrorCode::Unauthenticated) {
+        return StreamItem::End(status);
+    }
+    StreamItem::Answer(pb::send_result::Result::Error(pb::SendError {
+        code: chat_code(&status)
+            .unwrap_or(ErrorCode::Internal)
+            .as_str()
+            .to_string(),
+        message: status.message().to_string(),
+    }))
 }
 
 /// What a SendStream call returns.

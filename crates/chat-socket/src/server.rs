@@ -19,7 +19,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_core::{Chat, ConnectionLimit, ErrorCode, Event, LogoutReason, Refusal, Session};
+use chat_core::{
+    Chat, ConnectionLimit, Durable, ErrorCode, Event, LogoutReason, Refusal, Session, StoreError,
+};
 use chat_tls::Acceptor;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -226,6 +228,34 @@ const CONNECTION_BUFFER: usize = 1024;
 /// often.
 const MAX_BATCH: usize = 64;
 
+/// Most sends of one connection whose answers wait for their messages to
+/// become durable: past it, the connection's next frames wait in the
+/// socket.
+const MAX_STAGED: usize = 64;
+
+/// A connection's answers that wait for durability, in request order, and
+/// a request that waits for them to go first.
+///
+/// Sends are pipelined: each is staged in the store (its place and id
+/// taken, in order) and the next frame is read while it becomes durable;
+/// its answer goes out once it is. Any other request runs only after the
+/// answers before it have gone, as if the connection were served one
+/// request at a time (a login's answer, for one, must reach the client
+/// before the replay that follows it).
+#[derive(Default)]
+struct Staged {
+    answers: std::collections::VecDeque<(ServerFrame, Durable)>,
+    /// A request other than a send, read while answers wait.
+    deferred: Option<ClientFrame>,
+}
+
+impl Staged {
+    /// Whether the connection may read another frame now.
+    fn reading(&self) -> bool {
+        self.deferred.is_none() && self.answers.len() < MAX_STAGED
+    }
+}
+
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: SocketAddr,
@@ -256,10 +286,17 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     tokio::pin!(stopped);
     let idle = tokio::time::sleep_until(deadline);
     tokio::pin!(idle);
+    let mut staged = Staged::default();
     let end = loop {
         let input = tokio::select! {
-            frame = framed.next() => Input::Frame(frame),
+            frame = framed.next(), if staged.reading() => Input::Frame(frame),
             event = events.recv() => Input::Event(event),
+            durable = async {
+                match staged.answers.front() {
+                    Some((_, durable)) => durable.wait().await,
+                    None => std::future::pending().await,
+                }
+            }, if !staged.answers.is_empty() => Input::Durable(durable),
             () = &mut idle => {
                 if Instant::now() < deadline {
                     idle.as_mut().reset(deadline);
@@ -281,6 +318,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 &chat,
                 &mut greeting,
                 &mut deadline,
+                &mut staged,
                 config,
             )
             .await;
@@ -288,7 +326,21 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             if step.is_err() || handled == MAX_BATCH {
                 break step;
             }
-            input = if let Some(frame) = framed.next().now_or_never() {
+            input = if staged.answers.is_empty()
+                && let Some(frame) = staged.deferred.take()
+            {
+                Input::Frame(Some(Ok(frame)))
+            } else if let Some(Ok(durable)) = staged
+                .answers
+                .front()
+                .and_then(|(_, durable)| durable.wait().now_or_never())
+            {
+                Input::Durable(Ok(durable))
+            } else if let Some(frame) = staged
+                .reading()
+                .then(|| framed.next().now_or_never())
+                .flatten()
+            {
                 Input::Frame(frame)
             } else if let Some(event) = events.recv().now_or_never() {
                 Input::Event(event)
@@ -378,12 +430,15 @@ async fn goodbye<S: AsyncRead + AsyncWrite + Unpin>(
 enum Input {
     Frame(Option<Result<ClientFrame, FrameError>>),
     Event(Option<Event>),
+    /// The first staged answer's message is durable (or cannot be).
+    Durable(Result<(), StoreError>),
     Idle,
     Stop,
 }
 
 /// Handles one input; replies and pushes are queued on the connection
 /// (written once the buffer fills or at the next flush).
+#[allow(clippy::too_many_arguments)]
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     input: Input,
     framed: &mut Framed<S, ServerCodec>,
@@ -391,6 +446,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     chat: &Chat,
     greeting: &mut Greeting,
     deadline: &mut Instant,
+    staged: &mut Staged,
     config: &ServerConfig,
 ) -> Result<(), End> {
     let shutting_down = || {
@@ -400,7 +456,19 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         )
     };
     match input {
-        Input::Frame(None) => Err(End::Eof),
+        Input::Frame(None) => {
+            // The client is done sending: its staged sends are answered
+            // before the connection ends.
+            while let Some((reply, durable)) = staged.answers.pop_front() {
+                let reply = match durable.wait().await {
+                    Ok(()) => reply,
+                    Err(err) => unstored(reply, err),
+                };
+                feed(framed, reply, config.idle_timeout).await?;
+            }
+            flush(framed, config.idle_timeout).await?;
+            Err(End::Eof)
+        }
         Input::Frame(Some(Err(FrameError::Io(err)))) => Err(End::Io(err)),
         // Only a first frame can be a version 1 client's hello; later, a
         // second hello of any layout is malformed.
@@ -414,10 +482,32 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         Input::Frame(Some(Err(err))) => Err(End::Goodbye(err.code(), err.to_string())),
         Input::Frame(Some(Ok(frame))) => {
             *deadline = Instant::now() + config.idle_timeout;
+            let send = matches!(
+                frame,
+                ClientFrame::Send { .. } | ClientFrame::SendOnce { .. }
+            );
+            if !send && !staged.answers.is_empty() {
+                staged.deferred = Some(frame);
+                return Ok(());
+            }
             // A login's replay is not written here: the event stream yields
             // it next, under the same flow control as live pushes, and the
             // answer says how many messages it holds.
-            let reply = answer(session, chat, frame, greeting, config).await?;
+            let (reply, durable) = answer(session, chat, frame, greeting, config).await?;
+            if staged.answers.is_empty() && durable.is_now() {
+                return feed(framed, reply, config.idle_timeout).await;
+            }
+            staged.answers.push_back((reply, durable));
+            Ok(())
+        }
+        Input::Durable(durable) => {
+            let Some((reply, _)) = staged.answers.pop_front() else {
+                return Ok(());
+            };
+            let reply = match durable {
+                Ok(()) => reply,
+                Err(err) => unstored(reply, err),
+            };
             feed(framed, reply, config.idle_timeout).await
         }
         Input::Event(Some(Event::Message(message))) => {
@@ -553,17 +643,32 @@ fn welcome(
     })
 }
 
-/// Runs one request against the session and builds its reply.
+/// A staged send's answer when its message could not be made durable.
+fn unstored(reply: ServerFrame, err: StoreError) -> ServerFrame {
+    match reply {
+        ServerFrame::Sent { id, state, .. } => ServerFrame::Error {
+            id,
+            state,
+            code: ErrorCode::StoreUnavailable,
+            message: err.to_string(),
+        },
+        other => other,
+    }
+}
+
+/// Runs one request against the session and builds its reply, with when
+/// the reply may go (a send's, once its message is durable).
 async fn answer(
     session: &Session,
     chat: &Chat,
     frame: ClientFrame,
     greeting: &mut Greeting,
     config: &ServerConfig,
-) -> Result<ServerFrame, End> {
+) -> Result<(ServerFrame, Durable), End> {
     if !greeting.greeted {
-        return welcome(chat, frame, greeting, config);
+        return Ok((welcome(chat, frame, greeting, config)?, Durable::now()));
     }
+    let mut durable = Durable::now();
     let (id, result) = match frame {
         ClientFrame::Hello { .. } => {
             return Err(End::Goodbye(
@@ -571,7 +676,7 @@ async fn answer(
                 "hello sent twice".into(),
             ));
         }
-        ClientFrame::Ping { nonce } => return Ok(ServerFrame::Pong { nonce }),
+        ClientFrame::Ping { nonce } => return Ok((ServerFrame::Pong { nonce }, Durable::now())),
         ClientFrame::Create { id, name, password } => (
             id,
             session
@@ -601,10 +706,16 @@ async fn answer(
         }
         ClientFrame::Send { id, to, body } => (
             id,
-            session.send(&to, &body).await.map(|receipt| Reply::Sent {
-                message_id: receipt.id,
-                timestamp_ms: receipt.timestamp_ms,
-            }),
+            session
+                .send_staged(&to, &body, None)
+                .await
+                .map(|(receipt, staged)| {
+                    durable = staged;
+                    Reply::Sent {
+                        message_id: receipt.id,
+                        timestamp_ms: receipt.timestamp_ms,
+                    }
+                }),
         ),
         ClientFrame::List { id, max, pattern } => (
             id,
@@ -628,18 +739,21 @@ async fn answer(
             (
                 id,
                 session
-                    .send_once(&to, &body, Some(send_id(key, id)))
+                    .send_staged(&to, &body, Some(send_id(key, id)))
                     .await
-                    .map(|receipt| Reply::Sent {
-                        message_id: receipt.id,
-                        timestamp_ms: receipt.timestamp_ms,
+                    .map(|(receipt, staged)| {
+                        durable = staged;
+                        Reply::Sent {
+                            message_id: receipt.id,
+                            timestamp_ms: receipt.timestamp_ms,
+                        }
                     }),
             )
         }
         ClientFrame::Ack { id, through } => (id, session.ack(through).await.map(|_| Reply::Done)),
     };
     let state = session.state().await;
-    Ok(match result {
+    let reply = match result {
         Ok(Reply::Done) => ServerFrame::Done {
             id,
             state,
@@ -671,7 +785,8 @@ async fn answer(
             code: err.code(),
             message: err.to_string(),
         },
-    })
+    };
+    Ok((reply, durable))
 }
 
 enum Reply {

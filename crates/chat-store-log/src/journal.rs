@@ -18,7 +18,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use chat_core::{Change, Journal, StoreError};
+use chat_core::{Change, DurableWait, Journal, StoreError};
 use tokio::sync::{Notify, watch};
 
 use crate::codec;
@@ -71,6 +71,16 @@ impl Journal for LogJournal {
         if was_empty {
             self.wake.notify_one();
         }
+    }
+}
+
+impl DurableWait for LogJournal {
+    fn wait(
+        &self,
+        position: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>
+    {
+        Box::pin(self.settle_at(position))
     }
 }
 

@@ -58,7 +58,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chat_core::{
-    Appended, Change, Credentials, MemoryStore, MessageId, NewMessage, Store, StoreError, Username,
+    Appended, Change, Credentials, Durable, DurableWait, MemoryStore, MessageId, NewMessage, Store,
+    StoreError, Username,
 };
 use regex::Regex;
 use tokio_util::sync::CancellationToken;
@@ -566,6 +567,22 @@ impl Store for LogStore {
         let result = self.inner.memory.append(message).await;
         self.inner.journal.settle().await?;
         result
+    }
+
+    async fn stage(&self, message: NewMessage) -> Result<(Appended, Durable), StoreError> {
+        match self.inner.memory.append(message).await {
+            Ok(appended) => {
+                // Its record, or a duplicate's original, is at or before
+                // the position recorded by now.
+                let position = self.inner.journal.position();
+                let waiter: Arc<dyn DurableWait> = self.inner.journal.clone();
+                Ok((appended, Durable::at(waiter, position)))
+            }
+            Err(err) => {
+                self.inner.journal.settle().await?;
+                Err(err)
+            }
+        }
     }
 
     async fn take_undelivered(
