@@ -1011,7 +1011,7 @@ pub struct Events {
     /// A message taken from `rx` whose write is not durable yet: it is
     /// returned once it is (kept here so that a `recv` dropped while it
     /// waits loses nothing).
-    held: Option<(Message, Durable)>,
+    held: Option<Pushed>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     told_shutdown: bool,
@@ -1054,15 +1054,16 @@ impl Events {
             {
                 return Some(Event::Message(message));
             }
-            if let Some((_, durable)) = &self.held {
+            if let Some(held) = &self.held {
                 // Not shown before it is durable: its sender has not been
                 // told it is stored either.
-                let durable = durable.wait().await;
-                let (message, _) = self.held.take()?;
-                if durable.is_ok() {
-                    return Some(Event::Message(message));
+                let durable = held.durable.wait().await;
+                let held = self.held.take()?;
+                // Never durable (the store failed), it does not exist; for
+                // a login that ended meanwhile, it is replayed at the next.
+                if durable.is_ok() && self.current(held.login) {
+                    return Some(Event::Message(held.message));
                 }
-                // Never durable (the store failed): it does not exist.
                 continue;
             }
             if let Ok(pushed) = self.rx.try_recv() {
@@ -1116,7 +1117,7 @@ impl Events {
         if pushed.durable.is_now() {
             return Some(Event::Message(pushed.message));
         }
-        self.held = Some((pushed.message, pushed.durable));
+        self.held = Some(pushed);
         None
     }
 

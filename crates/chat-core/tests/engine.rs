@@ -875,3 +875,165 @@ async fn parallel_guesses_cannot_outrun_the_throttle() {
     }
     assert_eq!(checked, 3, "only the account's budget was checked");
 }
+
+/// A memory store whose staged writes become durable only when the test
+/// says so: each `stage` takes the next position, `release(n)` makes
+/// positions up to `n` durable.
+#[derive(Debug)]
+struct HeldStore {
+    memory: MemoryStore,
+    staged: std::sync::atomic::AtomicU64,
+    durable: tokio::sync::watch::Sender<u64>,
+}
+
+impl HeldStore {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            memory: MemoryStore::default(),
+            staged: std::sync::atomic::AtomicU64::new(0),
+            durable: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    fn release(&self, through: u64) {
+        self.durable.send_replace(through);
+    }
+}
+
+impl chat_core::DurableWait for HeldStore {
+    fn wait(
+        &self,
+        position: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>
+    {
+        let mut durable = self.durable.subscribe();
+        Box::pin(async move {
+            durable
+                .wait_for(|d| *d >= position)
+                .await
+                .map(|_| ())
+                .map_err(|_| StoreError::Unavailable("gone".into()))
+        })
+    }
+}
+
+/// The store's operations, delegated; only `stage` differs.
+struct Held(Arc<HeldStore>);
+
+#[async_trait::async_trait]
+impl Store for Held {
+    async fn create_account(&self, name: &Username, hash: &str) -> Result<(), StoreError> {
+        self.0.memory.create_account(name, hash).await
+    }
+    async fn credentials(
+        &self,
+        name: &Username,
+    ) -> Result<Option<chat_core::Credentials>, StoreError> {
+        self.0.memory.credentials(name).await
+    }
+    async fn set_password(&self, name: &Username, hash: &str) -> Result<(), StoreError> {
+        self.0.memory.set_password(name, hash).await
+    }
+    async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {
+        self.0.memory.account_exists(name).await
+    }
+    async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
+        self.0.memory.delete_account(name).await
+    }
+    async fn list_accounts(
+        &self,
+        pattern: &regex::Regex,
+        limit: usize,
+    ) -> Result<Vec<Username>, StoreError> {
+        self.0.memory.list_accounts(pattern, limit).await
+    }
+    async fn append(&self, message: NewMessage) -> Result<chat_core::Appended, StoreError> {
+        self.0.memory.append(message).await
+    }
+    async fn take_undelivered(
+        &self,
+        name: &Username,
+        limit: usize,
+    ) -> Result<Vec<chat_core::Message>, StoreError> {
+        self.0.memory.take_undelivered(name, limit).await
+    }
+    async fn unacked(&self, name: &Username) -> Result<Vec<chat_core::Message>, StoreError> {
+        self.0.memory.unacked(name).await
+    }
+    async fn ack(&self, name: &Username, through: u64) -> Result<usize, StoreError> {
+        self.0.memory.ack(name, through).await
+    }
+    async fn account_count(&self) -> Result<usize, StoreError> {
+        self.0.memory.account_count().await
+    }
+    async fn stage(
+        &self,
+        message: NewMessage,
+    ) -> Result<(chat_core::Appended, chat_core::Durable), StoreError> {
+        let appended = self.0.memory.append(message).await?;
+        let position = self
+            .0
+            .staged
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let waiter: Arc<dyn chat_core::DurableWait> = self.0.clone();
+        Ok((appended, chat_core::Durable::at(waiter, position)))
+    }
+}
+
+/// A staged send holds nothing while its message becomes durable: the
+/// sender's next send is staged meanwhile, in order, but neither receipt
+/// nor push is given before the store says the message is durable.
+#[tokio::test]
+async fn a_send_is_answered_and_pushed_only_once_durable() {
+    let held = HeldStore::new();
+    let chat = Chat::new(Arc::new(Held(Arc::clone(&held))), fast_config());
+    let (alice, _alice_events) = chat.open_session();
+    let alice = Arc::new(alice);
+    let (bob, mut bob_events) = chat.open_session();
+    alice.create("alice", "password1").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
+
+    let (first, first_durable) = alice.send_staged("bob", "one", None).await.unwrap();
+    // The session is free: the next send stages behind the first.
+    let (second, second_durable) = alice.send_staged("bob", "two", None).await.unwrap();
+    assert!(second.id > first.id, "staged in order");
+    assert!(
+        futures_now(first_durable.wait()).is_none(),
+        "not durable before the store says so"
+    );
+    assert!(
+        futures_now(bob_events.recv()).is_none(),
+        "no push before its message is durable"
+    );
+    // A plain send waits for its own durability.
+    let third = tokio::spawn({
+        let alice = Arc::clone(&alice);
+        async move { alice.send("bob", "three").await }
+    });
+    tokio::task::yield_now().await;
+    assert!(!third.is_finished());
+
+    held.release(1);
+    first_durable.wait().await.unwrap();
+    assert!(futures_now(second_durable.wait()).is_none());
+    match bob_events.recv().await {
+        Some(Event::Message(m)) => assert_eq!(m.body.as_str(), "one"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        futures_now(bob_events.recv()).is_none(),
+        "two is not durable"
+    );
+
+    held.release(3);
+    second_durable.wait().await.unwrap();
+    let third = third.await.unwrap().unwrap();
+    assert!(third.id > second.id);
+    for body in ["two", "three"] {
+        match bob_events.recv().await {
+            Some(Event::Message(m)) => assert_eq!(m.body.as_str(), body),
+            other => panic!("{other:?}"),
+        }
+    }
+}
