@@ -51,8 +51,8 @@ struct Settings {
     /// machine allows 20,000 descriptors per process (and no more, even to
     /// root), which bounds the largest.
     idle_sessions: &'static [usize],
-    /// argon2id verifications timed alone.
-    hash_samples: usize,
+    /// How long argon2id verifications are timed alone.
+    hash_window: Duration,
     /// Pair counts of the pipelined rows on the SQLite store.
     sqlite_pairs: &'static [usize],
 }
@@ -63,7 +63,7 @@ const QUICK: Settings = Settings {
     pipelined_pairs: &[1, 32, 256],
     one_at_a_time_pairs: &[32],
     idle_sessions: &[300],
-    hash_samples: 5,
+    hash_window: Duration::from_millis(700),
     sqlite_pairs: &[],
 };
 const FULL: Settings = Settings {
@@ -72,7 +72,7 @@ const FULL: Settings = Settings {
     pipelined_pairs: &[1, 4, 16, 32, 64, 256, 1024],
     one_at_a_time_pairs: &[1, 16, 32, 256],
     idle_sessions: &[1000, 5000, 15_000],
-    hash_samples: 30,
+    hash_window: Duration::from_secs(3),
     sqlite_pairs: &[32, 256],
 };
 
@@ -1166,6 +1166,9 @@ fn print(report: &Report) {
             c.transport, c.per_second, c.clients, c.server_cpu_us_per_connect
         );
     }
+    if let Some(sync) = report.sync_us {
+        println!("\none 400-byte append and fdatasync alone: {sync:.0} µs");
+    }
     println!("\n## Logins with the server's password hashing");
     if let Some(h) = &report.hash_cost {
         println!(
@@ -1390,8 +1393,9 @@ fn main() -> anyhow::Result<()> {
         bytes: Vec::new(),
         sessions: Vec::new(),
         logins: Vec::new(),
-        hash_cost: Some(chat_bench::measure_hash_cost(settings.hash_samples)?),
+        hash_cost: Some(chat_bench::measure_hash_cost(settings.hash_window)?),
         connects: Vec::new(),
+        sync_us: Some(chat_bench::measure_sync(&data, 200)?),
     };
     runtime.block_on(async {
         eprintln!("raw TCP echo");

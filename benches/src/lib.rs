@@ -276,7 +276,7 @@ pub struct Logins {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HashCost {
     /// One argon2id verification with the server's default parameters,
-    /// alone on an idle machine, µs (median).
+    /// alone on an idle machine, µs (from the rate below).
     pub verify_us: f64,
     /// Hashes the server runs at once (its default).
     pub concurrent: usize,
@@ -309,6 +309,9 @@ pub struct Report {
     pub hash_cost: Option<HashCost>,
     /// Connections per second.
     pub connects: Vec<Connects>,
+    /// One small append and `fdatasync` on the data directory's disk,
+    /// alone, µs (median): what one durable commit costs at least.
+    pub sync_us: Option<f64>,
 }
 
 /// What a child server runs.
@@ -592,10 +595,11 @@ async fn echo(listener: tokio::net::TcpListener) {
     }
 }
 
-/// Times argon2id verifications with the server's default parameters
-/// ([`chat_core::HashingConfig::default`]), one at a time on this thread,
-/// and derives the logins per second they allow.
-pub fn measure_hash_cost(samples: usize) -> anyhow::Result<HashCost> {
+/// Measures what argon2id verifications with the server's default
+/// parameters ([`chat_core::HashingConfig::default`]) allow on this
+/// machine, alone: verifications per second for `window` with as many
+/// threads verifying at once as the server allows, and with one per core.
+pub fn measure_hash_cost(window: std::time::Duration) -> anyhow::Result<HashCost> {
     use argon2::password_hash::PasswordHasher;
     use argon2::{Algorithm, Argon2, Params, PasswordVerifier, Version};
 
@@ -612,21 +616,56 @@ pub fn measure_hash_cost(samples: usize) -> anyhow::Result<HashCost> {
         .hash_password(b"password1")
         .map_err(|e| anyhow::anyhow!("hash: {e}"))?
         .to_string();
+    let rate = |threads: usize| -> f64 {
+        let deadline = std::time::Instant::now() + window;
+        let started = std::time::Instant::now();
+        let done: usize = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut n = 0;
+                        while std::time::Instant::now() < deadline {
+                            let _ = argon.verify_password(b"password1", hash.as_str());
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+        });
+        done as f64 / started.elapsed().as_secs_f64()
+    };
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let configured = rate(config.max_concurrent);
+    let all = rate(cores);
+    Ok(HashCost {
+        verify_us: config.max_concurrent as f64 * 1e6 / configured.max(1e-9),
+        concurrent: config.max_concurrent,
+        configured_per_second: configured,
+        all_cores_per_second: all,
+    })
+}
+
+/// Times appending 400 bytes and `fdatasync` to a file in `dir`, `samples`
+/// times; the median, µs.
+pub fn measure_sync(dir: &std::path::Path, samples: usize) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("sync-probe");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    let record = [b'x'; 400];
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples.max(1) {
         let started = std::time::Instant::now();
-        argon
-            .verify_password(b"password1", hash.as_str())
-            .map_err(|e| anyhow::anyhow!("verify: {e}"))?;
+        file.write_all(&record)?;
+        file.sync_data()?;
         times.push(started.elapsed().as_secs_f64() * 1e6);
     }
+    drop(file);
+    std::fs::remove_file(&path)?;
     times.sort_by(f64::total_cmp);
-    let verify_us = times[times.len() / 2];
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    Ok(HashCost {
-        verify_us,
-        concurrent: config.max_concurrent,
-        configured_per_second: config.max_concurrent as f64 * 1e6 / verify_us,
-        all_cores_per_second: cores as f64 * 1e6 / verify_us,
-    })
+    Ok(times[times.len() / 2])
 }

@@ -147,6 +147,9 @@ pub async fn serve(
                 serve_connection(stream, peer, false, accepted, chat, &config, stop).await;
                 return;
             };
+            // Boxed: inline, a TLS connection's larger state would make
+            // every connection's task that large.
+            Box::pin(async {
             let handshake = tokio::select! {
                 handshake = tokio::time::timeout(config.handshake_timeout, tls.accept(stream)) => handshake,
                 () = stop.cancelled() => return,
@@ -158,6 +161,8 @@ pub async fn serve(
                 Ok(Err(err)) => debug!(%peer, %err, "TLS handshake failed"),
                 Err(_) => debug!(%peer, "no TLS handshake within the handshake timeout"),
             }
+            })
+            .await;
         });
     }
     info!("socket server stopping");
@@ -354,6 +359,11 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         if let Err(end) = step {
             break end;
         }
+        // An idle connection keeps no write buffer: the next frame written
+        // allocates one of its size.
+        if framed.write_buffer().is_empty() && framed.write_buffer().capacity() > 0 {
+            *framed.write_buffer_mut() = bytes::BytesMut::new();
+        }
     };
     // Log out first: the goodbye and the lingering close below may take a
     // moment, and the account must be free as soon as the peer hears why.
@@ -493,7 +503,9 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             // A login's replay is not written here: the event stream yields
             // it next, under the same flow control as live pushes, and the
             // answer says how many messages it holds.
-            let (reply, durable) = answer(session, chat, frame, greeting, config).await?;
+            // Boxed: the largest requests (a login hashes a password) would
+            // otherwise make every idle connection's task as large.
+            let (reply, durable) = Box::pin(answer(session, chat, frame, greeting, config)).await?;
             if staged.answers.is_empty() && durable.is_now() {
                 return feed(framed, reply, config.idle_timeout).await;
             }
@@ -810,7 +822,9 @@ enum Reply {
 async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     const MAX_DISCARD: usize = 64 * 1024;
     let _ = stream.shutdown().await;
-    let mut buf = [0u8; 4096];
+    // On the heap: inline, this buffer would be part of every connection's
+    // task, idle or not.
+    let mut buf = vec![0u8; 4096];
     let mut discarded = 0;
     let deadline = Instant::now() + Duration::from_millis(500);
     while discarded < MAX_DISCARD {
