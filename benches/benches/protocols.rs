@@ -777,9 +777,12 @@ where
     let Used {
         seconds,
         server: server_cpu,
+        generator,
         ..
     } = meter.read(server);
     Connects {
+        server_cores: server_cpu / seconds,
+        generator_cores: generator / seconds,
         transport,
         clients: CONNECTORS,
         connects: total,
@@ -789,6 +792,31 @@ where
         } else {
             0.0
         },
+    }
+}
+
+/// A socket-protocol handshake with nothing else: connect, HELLO with a send
+/// key, read the WELCOME.
+async fn bare_hello(addr: SocketAddr) {
+    use chat_socket::codec::ClientCodec;
+    use chat_socket::frame::{OLDEST_VERSION, feature};
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect socket");
+    stream.set_nodelay(true).ok();
+    let mut framed = Framed::new(stream, ClientCodec::new(1 << 16));
+    framed
+        .send(chat_socket::ClientFrame::Hello {
+            highest: chat_socket::PROTOCOL_VERSION,
+            lowest: OLDEST_VERSION,
+            features: feature::IDEMPOTENT_SEND,
+            send_key: Some([7; 12]),
+        })
+        .await
+        .expect("hello");
+    match framed.next().await {
+        Some(Ok(chat_socket::ServerFrame::Welcome { .. })) => {}
+        other => panic!("expected a welcome, got {other:?}"),
     }
 }
 
@@ -1034,6 +1062,21 @@ async fn loads<C: Dial>(
         report
             .connects
             .push(client_connects::<C>(server, target, settings.window).await);
+        if C::NAME == "socket" && target.tls.is_none() {
+            // The server's side alone: a generator as lean as the relay's,
+            // not the client library (which also starts a task, channels
+            // and a heartbeat per connection).
+            let addr = target.addr;
+            report.connects.push(
+                connects(
+                    server,
+                    "socket (bare hello)".into(),
+                    settings.window,
+                    move || bare_hello(addr),
+                )
+                .await,
+            );
+        }
     }
 }
 
@@ -1162,8 +1205,13 @@ fn print(report: &Report) {
     println!("\n## Connections per second (connect and handshake)");
     for c in &report.connects {
         println!(
-            "{:<11} {:>8.0}/s with {} clients, server CPU {:.0} µs each",
-            c.transport, c.per_second, c.clients, c.server_cpu_us_per_connect
+            "{:<20} {:>8.0}/s with {} clients, server CPU {:.0} µs each; cores: server {:.2}, generator {:.2}",
+            c.transport,
+            c.per_second,
+            c.clients,
+            c.server_cpu_us_per_connect,
+            c.server_cores,
+            c.generator_cores
         );
     }
     if let Some(sync) = report.sync_us {

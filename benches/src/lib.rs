@@ -222,6 +222,10 @@ pub struct Connects {
     pub per_second: f64,
     /// Server CPU per connection, µs.
     pub server_cpu_us_per_connect: f64,
+    /// Cores the server used on average.
+    pub server_cores: f64,
+    /// Cores the generator (this process) used on average.
+    pub generator_cores: f64,
 }
 
 /// Bytes on the wire for one operation.

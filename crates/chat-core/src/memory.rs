@@ -207,7 +207,13 @@ impl SendIds {
     }
 
     /// Remembers a send id, forgetting the sender's oldest past `bound`.
+    /// Remembering an id already remembered changes nothing (a replay may
+    /// meet one twice: in a snapshot and in the log after it).
     fn remember(&mut self, sender: &Username, send_id: SendId, what: Remembered, bound: usize) {
+        let key = (sender.clone(), send_id);
+        if self.by_key.contains_key(&key) {
+            return;
+        }
         let ids = self.by_sender.entry(sender.clone()).or_default();
         ids.push_back((what.timestamp_ms, send_id));
         while ids.len() > bound.max(1) {
@@ -215,7 +221,7 @@ impl SendIds {
                 self.by_key.remove(&(sender.clone(), old));
             }
         }
-        self.by_key.insert((sender.clone(), send_id), what);
+        self.by_key.insert(key, what);
     }
 
     /// Forgets everything `sender` sent (its account was deleted).
@@ -384,12 +390,18 @@ impl MemoryStore {
         Ok(())
     }
 
-    /// The changes that rebuild this store's state from empty, taken with
-    /// no change half done; `at_once` runs before any further change can
-    /// be applied (a journal switches files there, so that the dump and the
-    /// new file together hold everything).
+    /// The changes that rebuild this store's state from empty: accounts
+    /// and messages taken with no change half done, and `at_once` run
+    /// before any further change can be applied (a journal switches files
+    /// there, so that the dump and the new file together hold everything).
+    ///
+    /// Remembered send ids, which can be millions, are taken after that,
+    /// one shard at a time, so that writes do not wait for them: one
+    /// remembered or forgotten meanwhile is also in the changes after
+    /// `at_once` (an append carries its send id, a delete forgets), and
+    /// replaying a send id twice is harmless.
     pub fn dump<R>(&self, at_once: impl FnOnce() -> R) -> Result<(Vec<Change>, R), StoreError> {
-        let _gate = self.gate.write().map_err(poisoned)?;
+        let gate = self.gate.write().map_err(poisoned)?;
         let mut changes = vec![Change::Floor {
             id: self.id_floor.load(Ordering::Acquire),
         }];
@@ -412,6 +424,8 @@ impl MemoryStore {
                 last_id: mailbox.last_id,
             });
         }
+        let at_once = at_once();
+        drop(gate);
         for shard in &self.send_ids {
             let shard = shard.lock().map_err(poisoned)?;
             for (sender, ids) in &shard.by_sender {
@@ -429,7 +443,7 @@ impl MemoryStore {
                 }
             }
         }
-        Ok((changes, at_once()))
+        Ok((changes, at_once))
     }
 
     /// This store, remembering at most `bound` send ids per sender instead

@@ -1,4 +1,5 @@
-//! Send throughput on the durable SQLite store (group commit) against the
+//! Send throughput on the default durable store (the log store: group
+//! commit, one fdatasync per batch) against the
 //! memory store, with 64 concurrent senders, in one run so the figures are
 //! ratios: once calling the engine directly (the storage write path alone),
 //! once through the socket transport with the real client library (64
@@ -106,14 +107,14 @@ async fn main() -> anyhow::Result<()> {
     for round in 0..3 {
         let memory = throughput(Storage::memory().open().await?).await;
         let durable = throughput(
-            Storage::sqlite(data.join(format!("engine{round}")).to_string_lossy())
+            Storage::durable(data.join(format!("engine{round}")).to_string_lossy())
                 .open()
                 .await?,
         )
         .await;
         let socket_memory = over_socket(Storage::memory().open().await?).await;
         let socket_durable = over_socket(
-            Storage::sqlite(data.join(format!("socket{round}")).to_string_lossy())
+            Storage::durable(data.join(format!("socket{round}")).to_string_lossy())
                 .open()
                 .await?,
         )

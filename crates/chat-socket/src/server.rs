@@ -224,9 +224,10 @@ enum End {
     NoCommonVersion(String),
 }
 
-/// Initial read and write buffer size per connection, bytes (tokio-util's
-/// default is 8 KiB each).
-const CONNECTION_BUFFER: usize = 1024;
+/// Initial read buffer size per connection, bytes (tokio-util's default is
+/// 8 KiB, and as much again for writing): a login or a send fits, and a
+/// burst grows it (and it shrinks back once the burst is read).
+const CONNECTION_BUFFER: usize = 512;
 
 /// Most inputs handled between two flushes: replies and pushes that are
 /// ready together go out in one write, but a busy connection still flushes
@@ -359,12 +360,29 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         if let Err(end) = step {
             break end;
         }
-        // An idle connection keeps no write buffer: the next frame written
-        // allocates one of its size.
+        // An idle connection keeps no write buffer (the next frame written
+        // allocates one of its size), nor a read buffer a burst grew.
         if framed.write_buffer().is_empty() && framed.write_buffer().capacity() > 0 {
             *framed.write_buffer_mut() = bytes::BytesMut::new();
         }
+        if framed.read_buffer().is_empty()
+            && framed.read_buffer().capacity() > 8 * CONNECTION_BUFFER
+        {
+            *framed.read_buffer_mut() = bytes::BytesMut::with_capacity(CONNECTION_BUFFER);
+        }
     };
+    // Boxed, as the request handling is: the ending's state is not kept
+    // in every connection's task while it serves.
+    Box::pin(end_connection(end, framed, session, peer)).await;
+}
+
+/// Ends a connection: logs its session out, then says why (best effort).
+async fn end_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    end: End,
+    framed: Framed<S, ServerCodec>,
+    session: Session,
+    peer: SocketAddr,
+) {
     // Log out first: the goodbye and the lingering close below may take a
     // moment, and the account must be free as soon as the peer hears why.
     session.close().await;
