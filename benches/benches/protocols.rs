@@ -594,6 +594,10 @@ async fn relay_connect(
         .await
         .expect("connect relay");
     stream.set_nodelay(true).ok();
+    // As `bare_hello`: no TIME_WAIT left behind.
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .ok();
     let mut framed = Framed::new(stream, LengthDelimitedCodec::new());
     framed
         .send(bytes::Bytes::copy_from_slice(name.as_bytes()))
@@ -804,6 +808,11 @@ async fn bare_hello(addr: SocketAddr) {
         .await
         .expect("connect socket");
     stream.set_nodelay(true).ok();
+    // Closed with a reset: thousands of connections in TIME_WAIT would make
+    // every later connect search longer for a free port.
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .ok();
     let mut framed = Framed::new(stream, ClientCodec::new(1 << 16));
     framed
         .send(chat_socket::ClientFrame::Hello {
@@ -1062,21 +1071,6 @@ async fn loads<C: Dial>(
         report
             .connects
             .push(client_connects::<C>(server, target, settings.window).await);
-        if C::NAME == "socket" && target.tls.is_none() {
-            // The server's side alone: a generator as lean as the relay's,
-            // not the client library (which also starts a task, channels
-            // and a heartbeat per connection).
-            let addr = target.addr;
-            report.connects.push(
-                connects(
-                    server,
-                    "socket (bare hello)".into(),
-                    settings.window,
-                    move || bare_hello(addr),
-                )
-                .await,
-            );
-        }
     }
 }
 
@@ -1477,6 +1471,21 @@ fn main() -> anyhow::Result<()> {
             .await,
         );
         drop(relay);
+        // The socket server's handshake with a generator as lean as the
+        // relay's, right after it (the client library's rows come with
+        // each transport).
+        let socket = chat_bench::start_server(Served::Socket, "memory", Passwords::Cheap).await?;
+        let addr = socket.addr();
+        report.connects.push(
+            connects(
+                &socket,
+                "socket (bare hello)".into(),
+                settings.window,
+                move || bare_hello(addr),
+            )
+            .await,
+        );
+        drop(socket);
         eprintln!("socket transport");
         transport::<SocketClient>(&mut report, settings, &data).await?;
         eprintln!("gRPC transport");

@@ -30,7 +30,8 @@
 //!
 //! Messages are appended and acknowledged, so the log grows while the state
 //! does not. When the current log passes [`LogOptions::compact_after`] (or
-//! twice the last snapshot, if larger), the store dumps its state with no
+//! four times the last snapshot, if larger: the rewriting then costs at most
+//! a quarter of what the log writes), the store dumps its state with no
 //! change half done, switches new records to `log-N+1` at that instant,
 //! writes `snapshot-N+1` beside it (to a temporary name, synced, then
 //! renamed), and deletes the older files. A crash at any step leaves a
@@ -72,7 +73,7 @@ pub struct LogOptions {
     /// Messages stored per recipient past which sends get `queue_full`.
     pub queue_limit: usize,
     /// Bytes the current log may reach before it is compacted into a
-    /// snapshot (default 64 MiB; at least twice the last snapshot).
+    /// snapshot (default 64 MiB; at least four times the last snapshot).
     pub compact_after: u64,
 }
 
@@ -170,6 +171,11 @@ struct Recovered {
 
 const LOCK_FILE: &str = "LOCK";
 
+/// The log may grow to this many times the last snapshot before the next
+/// compaction, so that rewriting the state costs at most a quarter of the
+/// bytes the log itself writes.
+const SNAPSHOT_RATIO: u64 = 4;
+
 fn log_name(generation: u64) -> String {
     format!("log-{generation:020}")
 }
@@ -204,7 +210,7 @@ impl LogStore {
             lock,
             replayed,
         } = recovered;
-        let threshold = configured.max(snapshot_bytes.saturating_mul(2));
+        let threshold = configured.max(snapshot_bytes.saturating_mul(SNAPSHOT_RATIO));
         let (journal, committer) =
             LogJournal::start(file, size, threshold).map_err(io_error(&dir))?;
         memory.set_journal(Arc::clone(&journal) as Arc<dyn chat_core::Journal>);
@@ -326,9 +332,11 @@ async fn compact(inner: &Inner) -> Result<(), LogError> {
     })
     .await
     .map_err(|err| StoreError::Unavailable(format!("compaction task failed: {err}")))??;
-    inner
-        .journal
-        .compact_after(inner.compact_after.max(bytes.saturating_mul(2)));
+    inner.journal.compact_after(
+        inner
+            .compact_after
+            .max(bytes.saturating_mul(SNAPSHOT_RATIO)),
+    );
     tracing::info!(
         generation,
         snapshot_bytes = bytes,
