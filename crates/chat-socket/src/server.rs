@@ -225,9 +225,9 @@ enum End {
 }
 
 /// Initial read buffer size per connection, bytes (tokio-util's default is
-/// 8 KiB, and as much again for writing): a login or a send fits, and a
-/// burst grows it (and it shrinks back once the burst is read).
-const CONNECTION_BUFFER: usize = 512;
+/// 8 KiB, and as much again for writing): a hello or a login fits, a send
+/// grows it, and so does a burst (it shrinks back once the burst is read).
+const CONNECTION_BUFFER: usize = 256;
 
 /// Most inputs handled between two flushes: replies and pushes that are
 /// ready together go out in one write, but a busy connection still flushes
@@ -366,7 +366,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             *framed.write_buffer_mut() = bytes::BytesMut::new();
         }
         if framed.read_buffer().is_empty()
-            && framed.read_buffer().capacity() > 8 * CONNECTION_BUFFER
+            && framed.read_buffer().capacity() > 4 * CONNECTION_BUFFER
         {
             *framed.read_buffer_mut() = bytes::BytesMut::with_capacity(CONNECTION_BUFFER);
         }
@@ -486,15 +486,9 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     match input {
         Input::Frame(None) => {
             // The client is done sending: its staged sends are answered
-            // before the connection ends.
-            while let Some((reply, durable)) = staged.answers.pop_front() {
-                let reply = match durable.wait().await {
-                    Ok(()) => reply,
-                    Err(err) => unstored(reply, err),
-                };
-                feed(framed, reply, config.idle_timeout).await?;
-            }
-            flush(framed, config.idle_timeout).await?;
+            // before the connection ends (boxed: a rare path, kept out of
+            // every connection's task).
+            Box::pin(answer_staged(framed, staged, config)).await?;
             Err(End::Eof)
         }
         Input::Frame(Some(Err(FrameError::Io(err)))) => Err(End::Io(err)),
@@ -578,6 +572,22 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             format!("no frame for {} ms", config.idle_timeout.as_millis()),
         )),
     }
+}
+
+/// Writes every staged answer once its message is durable, in order.
+async fn answer_staged<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, ServerCodec>,
+    staged: &mut Staged,
+    config: &ServerConfig,
+) -> Result<(), End> {
+    while let Some((reply, durable)) = staged.answers.pop_front() {
+        let reply = match durable.wait().await {
+            Ok(()) => reply,
+            Err(err) => unstored(reply, err),
+        };
+        feed(framed, reply, config.idle_timeout).await?;
+    }
+    flush(framed, config.idle_timeout).await
 }
 
 /// Queues one frame. A peer that stops reading cannot stall its connection
