@@ -168,14 +168,16 @@ pub trait ChatClient: Send {
         }
     }
     /// Sends the batched acknowledgement now, if there is one. One that
-    /// fails is kept, to go out with the next.
+    /// fails on the connection is kept, to go out with the next (one delay
+    /// later); one the server refuses (the login is over) is dropped: those
+    /// messages are delivered again at the next login.
     fn flush_acks(&mut self) -> impl Future<Output = Result<(), ClientError>> + Send {
         async move {
             let Some(through) = self.ack_batch().take() else {
                 return Ok(());
             };
             let result = self.ack(through).await;
-            if result.is_err() {
+            if matches!(result, Err(ClientError::Connection(_))) {
                 self.ack_batch().restore(through);
             }
             result
@@ -255,13 +257,12 @@ impl AckBatch {
     }
 
     /// Puts back an acknowledgement that could not be sent, so that it goes
-    /// out with the next (due at once).
+    /// out with the next (due one delay from now, not at once: a failing
+    /// connection is not retried in a tight loop).
     pub fn restore(&mut self, through: MessageId) {
         self.through = self.through.max(Some(through));
         self.noted = self.noted.max(1);
-        let now = tokio::time::Instant::now();
-        self.since
-            .get_or_insert(now.checked_sub(self.delay).unwrap_or(now));
+        self.since.get_or_insert(tokio::time::Instant::now());
     }
 
     /// Forgets what is noted: the login it was for ended (the server
@@ -422,11 +423,13 @@ mod tests {
         batch.note(7, t0);
         batch.restore(8);
         assert_eq!(batch.take(), Some(9));
+        let before = tokio::time::Instant::now();
         batch.restore(10);
         assert!(
             batch
                 .due_at()
-                .is_some_and(|at| at <= tokio::time::Instant::now())
+                .is_some_and(|at| at >= before + std::time::Duration::from_millis(50)),
+            "a restored acknowledgement waits one delay"
         );
         batch.clear();
         assert_eq!(batch.due_at(), None);

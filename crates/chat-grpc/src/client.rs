@@ -89,6 +89,9 @@ pub struct GrpcClient {
 /// A pipelined send awaiting its answer.
 struct InFlight {
     send_id: u128,
+    /// Who sent it: after a failure the client logs in again as this user
+    /// to resend it, even if another call noticed the failure first.
+    user: Option<Username>,
     to: String,
     body: String,
     /// Written on the current [`Pipe`].
@@ -312,7 +315,10 @@ impl GrpcClient {
     }
 
     fn adopt(&mut self, state: SessionState) {
-        self.seen.follow(&state);
+        if self.seen.follow(&state) {
+            // Acknowledgements noted for another user are not this one's.
+            self.acks.clear();
+        }
         self.state = state;
     }
 
@@ -400,6 +406,7 @@ impl GrpcClient {
         while !self.pipeline.is_empty() {
             settled.push_back(InFlight {
                 send_id: 0,
+                user: None,
                 to: String::new(),
                 body: String::new(),
                 written: true,
@@ -789,8 +796,10 @@ impl ChatClient for GrpcClient {
     }
 
     async fn send_pipelined(&mut self, to: &str, body: &str) -> Result<(), ClientError> {
+        let user = self.state.user().cloned();
         self.pipeline.push_back(InFlight {
             send_id: rand::random(),
+            user,
             to: to.to_owned(),
             body: body.to_owned(),
             written: false,
@@ -804,11 +813,11 @@ impl ChatClient for GrpcClient {
 
     async fn next_receipt(&mut self) -> Result<SendReceipt, ClientError> {
         let deadline = Instant::now() + RECONNECT_DEADLINE;
-        let user = self.state.user().cloned();
         loop {
             let Some(front) = self.pipeline.front_mut() else {
                 return Err(protocol("no pipelined send in flight"));
             };
+            let user = front.user.clone();
             if let Some(result) = front.settled.take() {
                 self.pipeline.pop_front();
                 return result;
@@ -831,8 +840,12 @@ impl ChatClient for GrpcClient {
             };
             // The stream or the session failed: the sends may or may not be
             // stored. Log in again and resend them with the same ids.
+            // A server that stops may have stored it: resend it to the next.
             let retry = matches!(err, ClientError::Connection(_))
-                || (err.code() == Some(ErrorCode::Unauthenticated) && user.is_some());
+                || (matches!(
+                    err.code(),
+                    Some(ErrorCode::Unauthenticated | ErrorCode::ShuttingDown)
+                ) && user.is_some());
             match (&user, retry) {
                 (Some(user), true) => {
                     self.drop_pipe();

@@ -328,6 +328,17 @@ impl ChatService {
                         }
                     }
                     Step::Stop => {
+                        // What is staged is stored (or fails): say which,
+                        // then that the server stops.
+                        for (item, durable) in staged.drain(..) {
+                            let item = match durable.wait().await {
+                                Ok(()) => item,
+                                Err(err) => refused(from_chat_error(&err.into())),
+                            };
+                            if tx.send(item.into_result()).await.is_err() {
+                                return;
+                            }
+                        }
                         let _ = tx
                             .send(Err(to_status(
                                 ErrorCode::ShuttingDown,

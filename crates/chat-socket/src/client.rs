@@ -671,7 +671,10 @@ impl SocketClient {
     }
 
     fn adopt(&mut self, state: SessionState) {
-        self.seen.follow(&state);
+        if self.seen.follow(&state) {
+            // Acknowledgements noted for another user are not this one's.
+            self.acks.clear();
+        }
         self.state = state;
     }
 
@@ -834,7 +837,6 @@ impl SocketClient {
     ) -> Result<SessionState, ClientError> {
         self.forget_unreturned();
         let state = self.simple(make).await?;
-        self.acks.clear();
         self.login_floor = self.conn.logins.load(Ordering::Acquire);
         self.password = Some(password.to_owned());
         Ok(state)
@@ -934,7 +936,10 @@ impl ChatClient for SocketClient {
     }
 
     async fn logout(&mut self) -> Result<SessionState, ClientError> {
-        // What was noted goes out while the login lasts.
+        // Sends made before the logout are answered first (their answers
+        // carry the logged-in state), and what was noted for
+        // acknowledgement goes out while the login lasts.
+        self.settle_pipeline().await;
         let _ = self.flush_acks().await;
         let state = self.simple(|id| ClientFrame::Logout { id }).await?;
         self.password = None;
@@ -942,6 +947,7 @@ impl ChatClient for SocketClient {
     }
 
     async fn delete(&mut self, password: &str) -> Result<SessionState, ClientError> {
+        self.settle_pipeline().await;
         let password = password.to_owned();
         let state = self
             .simple(|id| ClientFrame::Delete { id, password })

@@ -302,23 +302,34 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     tokio::pin!(idle);
     let mut staged = Staged::default();
     let end = loop {
-        let input = tokio::select! {
-            frame = framed.next(), if staged.reading() => Input::Frame(frame),
-            event = events.recv() => Input::Event(event),
-            durable = async {
-                match staged.answers.front() {
-                    Some((_, durable)) => durable.wait().await,
-                    None => std::future::pending().await,
+        // A request that waited for the staged answers goes first once they
+        // are out (the batch below may have ended just as they went).
+        let deferred = if staged.answers.is_empty() {
+            staged.deferred.take()
+        } else {
+            None
+        };
+        let input = if let Some(frame) = deferred {
+            Input::Frame(Some(Ok(frame)))
+        } else {
+            tokio::select! {
+                frame = framed.next(), if staged.reading() => Input::Frame(frame),
+                event = events.recv() => Input::Event(event),
+                durable = async {
+                    match staged.answers.front() {
+                        Some((_, durable)) => durable.wait().await,
+                        None => std::future::pending().await,
+                    }
+                }, if !staged.answers.is_empty() => Input::Durable(durable),
+                () = &mut idle => {
+                    if Instant::now() < deadline {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
+                    Input::Idle
                 }
-            }, if !staged.answers.is_empty() => Input::Durable(durable),
-            () = &mut idle => {
-                if Instant::now() < deadline {
-                    idle.as_mut().reset(deadline);
-                    continue;
-                }
-                Input::Idle
+                () = &mut stopped => Input::Stop,
             }
-            () = &mut stopped => Input::Stop,
         };
         // Whatever else is ready now is handled before one flush: a reply
         // and the pushes behind it leave in one write.

@@ -164,12 +164,17 @@ pub struct Decoded {
     pub valid: usize,
     /// Why reading stopped before the end, if it did.
     pub stopped: Option<String>,
+    /// Reading stopped at a record whose checksum holds but whose contents
+    /// this version cannot read: damage or another version's file, never a
+    /// torn write.
+    pub unreadable: bool,
 }
 
 /// Reads the records in `bytes` (a file's contents after its magic).
 pub fn decode(bytes: &[u8]) -> Decoded {
     let mut changes = Vec::new();
     let mut at = 0;
+    let mut unreadable = false;
     let stopped = loop {
         let rest = &bytes[at..];
         if rest.is_empty() {
@@ -191,7 +196,10 @@ pub fn decode(bytes: &[u8]) -> Decoded {
         }
         match Reader(payload).change() {
             Ok(change) => changes.push(change),
-            Err(why) => break Some(format!("an unreadable record at byte {at}: {why}")),
+            Err(why) => {
+                unreadable = true;
+                break Some(format!("an unreadable record at byte {at}: {why}"));
+            }
         }
         at += FRAME + len;
     };
@@ -199,6 +207,7 @@ pub fn decode(bytes: &[u8]) -> Decoded {
         changes,
         valid: at,
         stopped,
+        unreadable,
     }
 }
 

@@ -60,9 +60,12 @@ pub(crate) struct LogJournal {
 
 impl Journal for LogJournal {
     fn record(&self, change: Change) {
-        let Ok(mut pending) = self.pending.lock() else {
-            return;
-        };
+        // A panic elsewhere under this lock leaves the buffer whole (every
+        // change is appended in one piece), so it is used, not skipped.
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let was_empty = pending.bytes.is_empty();
         codec::encode(&change, &mut pending.bytes);
         pending.last += 1;

@@ -154,6 +154,8 @@ struct Inner {
     /// The current log's generation.
     generation: AtomicU64,
     compact_after: u64,
+    /// Held while a compaction runs.
+    compacting: tokio::sync::Mutex<()>,
     /// Held (locked) while the store is open.
     _lock: File,
 }
@@ -228,6 +230,7 @@ impl LogStore {
             dir,
             generation: AtomicU64::new(generation),
             compact_after: configured,
+            compacting: tokio::sync::Mutex::new(()),
             _lock: lock,
         });
         let stop = CancellationToken::new();
@@ -251,8 +254,10 @@ impl LogStore {
     /// acknowledged so far) into `to`, a new or empty directory, which then
     /// opens as a store of its own. Returns the snapshot's size in bytes.
     pub async fn backup(&self, to: impl AsRef<Path>) -> Result<u64, LogError> {
-        let (changes, last) = self.inner.memory.dump(|| self.inner.journal.position())?;
-        self.inner.journal.settle_at(last).await?;
+        let (changes, ()) = self.inner.memory.dump(|| ())?;
+        // Everything the dump holds is durable before it is written: the
+        // send ids it took last may belong to appends after its cut.
+        self.inner.journal.settle().await?;
         let to = to.as_ref().to_path_buf();
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&to).map_err(io_error(&to))?;
@@ -315,14 +320,19 @@ async fn compact_when_wanted(inner: Arc<Inner>, stop: CancellationToken) {
 }
 
 async fn compact(inner: &Inner) -> Result<(), LogError> {
+    // One compaction at a time: two would both create the next log.
+    let _compacting = inner.compacting.lock().await;
     let generation = inner.generation.load(Ordering::Acquire) + 1;
     let dir = inner.dir.clone();
     let file = tokio::task::spawn_blocking(move || create_log(&dir, generation))
         .await
         .map_err(|err| StoreError::Unavailable(format!("compaction task failed: {err}")))??;
     let (changes, last) = inner.memory.dump(|| inner.journal.rotate(file))?;
-    // The old log is complete once its last record is durable.
+    // The old log is complete once its last record is durable; and the
+    // send ids the dump took after the switch may belong to appends in the
+    // new log, which must be durable before a snapshot remembers them.
     inner.journal.settle_at(last).await?;
+    inner.journal.settle().await?;
     inner.generation.store(generation, Ordering::Release);
     let dir = inner.dir.clone();
     let bytes = tokio::task::spawn_blocking(move || {
@@ -472,15 +482,34 @@ fn recover(dir: &Path, options: &LogOptions) -> Result<Recovered, LogError> {
     }
     let base = base.unwrap_or(0);
     let logs: Vec<u64> = logs.into_iter().filter(|&g| g >= base).collect();
-    for (at, &generation) in logs.iter().enumerate() {
+    let mut contents = Vec::with_capacity(logs.len());
+    for &generation in &logs {
         let path = dir.join(log_name(generation));
-        let newest = at + 1 == logs.len();
-        let Some(bytes) = read_file(&path, codec::LOG_MAGIC)? else {
+        let bytes = read_file(&path, codec::LOG_MAGIC)?;
+        contents.push((path, bytes));
+    }
+    // Only the last log holding anything may end in a torn write: a
+    // compaction creates the next log (empty) before the current one's last
+    // batch is written, so a crash can tear a log that an empty one follows.
+    let last_written = contents
+        .iter()
+        .rposition(|(_, bytes)| bytes.as_ref().is_some_and(|b| !b.is_empty()))
+        .unwrap_or(0);
+    for (at, (path, bytes)) in contents.into_iter().enumerate() {
+        let Some(bytes) = bytes else {
             continue;
         };
         let decoded = codec::decode(&bytes);
+        if decoded.unreadable {
+            // Intact by its checksum, yet not a change this version knows:
+            // not a torn write, and nothing after it may be dropped.
+            return Err(LogError::Corrupt {
+                path,
+                why: decoded.stopped.unwrap_or_default(),
+            });
+        }
         if let Some(why) = &decoded.stopped {
-            if !newest {
+            if at < last_written {
                 return Err(LogError::Corrupt {
                     path,
                     why: why.clone(),

@@ -429,3 +429,56 @@ proptest! {
         });
     }
 }
+
+/// A crash while a compaction starts: the next log exists (empty) and the
+/// current one ends in a torn write. The directory opens, without the torn
+/// write.
+#[tokio::test]
+async fn a_torn_log_followed_by_an_empty_one_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    store.create_account(&name("bob"), "hash").await.unwrap();
+    store
+        .append(message("bob", "alice", "kept", None))
+        .await
+        .unwrap();
+    store.close().await;
+    let current = dir.path().join(format!("log-{:020}", 0));
+    let mut record = Vec::new();
+    chat_store_log::codec::encode(&Change::Delete { name: name("bob") }, &mut record);
+    let mut bytes = std::fs::read(&current).unwrap();
+    bytes.extend_from_slice(&record[..record.len() / 2]);
+    std::fs::write(&current, bytes).unwrap();
+    std::fs::write(
+        dir.path().join(format!("log-{:020}", 1)),
+        chat_store_log::codec::LOG_MAGIC,
+    )
+    .unwrap();
+
+    let store = open(dir.path()).await;
+    let taken = store.take_undelivered(&name("bob"), 10).await.unwrap();
+    assert_eq!(taken.len(), 1, "the torn delete never happened");
+    store.close().await;
+}
+
+/// A record whose checksum holds but which this version cannot read is
+/// damage, not a torn write: the store refuses to open rather than drop it
+/// and everything after it.
+#[tokio::test]
+async fn an_intact_but_unreadable_record_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    store.create_account(&name("bob"), "hash").await.unwrap();
+    store.close().await;
+    let current = dir.path().join(format!("log-{:020}", 0));
+    let payload = [99u8];
+    let mut bytes = std::fs::read(&current).unwrap();
+    bytes.extend_from_slice(&1u32.to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    std::fs::write(&current, bytes).unwrap();
+    match LogStore::open(dir.path(), LogOptions::default()).await {
+        Err(err @ LogError::Corrupt { .. }) => assert_eq!(err.code(), "log_corrupt"),
+        other => panic!("expected log_corrupt, got {other:?}"),
+    }
+}
