@@ -23,7 +23,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chat_bench::{
@@ -481,16 +481,8 @@ async fn pipelined<C: Dial>(
             }
         }));
     }
-    tokio::time::sleep_until(deadline.into()).await;
-    let count = delivered.load(Ordering::Relaxed);
-    let meter = meter.read(server);
-    let mut latency = histogram();
-    for r in receivers {
-        latency.add(r.await.expect("receiver")).ok();
-    }
-    for t in tasks {
-        t.await.ok();
-    }
+    let (count, meter, latency) =
+        end_of_window(server, &meter, deadline, &delivered, receivers, tasks).await;
     Row {
         transport: target.label::<C>(),
         store,
@@ -518,7 +510,6 @@ async fn one_at_a_time<C: Dial>(
 ) -> Throughput {
     let (senders, recipients) = pair_up::<C>(target, tag, pairs).await;
     let epoch = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
     let meter = Meter::start(server);
     let deadline = Instant::now() + window;
@@ -550,27 +541,17 @@ async fn one_at_a_time<C: Dial>(
     }
     let mut tasks = Vec::new();
     for (i, mut s) in senders.into_iter().enumerate() {
-        let stop = Arc::clone(&stop);
         let to = format!("{tag}r{i}");
         tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            while Instant::now() < deadline {
                 if s.send(&to, &body(micros(epoch.elapsed()))).await.is_err() {
                     break;
                 }
             }
         }));
     }
-    tokio::time::sleep_until(deadline.into()).await;
-    let count = delivered.load(Ordering::Relaxed);
-    let meter = meter.read(server);
-    stop.store(true, Ordering::Relaxed);
-    let mut latency = histogram();
-    for r in receivers {
-        latency.add(r.await.expect("receiver")).ok();
-    }
-    for t in tasks {
-        t.await.ok();
-    }
+    let (count, meter, latency) =
+        end_of_window(server, &meter, deadline, &delivered, receivers, tasks).await;
     Row {
         transport: target.label::<C>(),
         store,
@@ -582,6 +563,31 @@ async fn one_at_a_time<C: Dial>(
         meter,
     }
     .finish()
+}
+
+/// Waits out a load's window and reads what it counted: messages delivered
+/// and what the server and the generator used, both at the deadline; then
+/// every recipient's latency histogram (receivers and senders stop by
+/// themselves at the deadline).
+async fn end_of_window(
+    server: &ServerProcess,
+    meter: &Meter,
+    deadline: Instant,
+    delivered: &AtomicU64,
+    receivers: Vec<tokio::task::JoinHandle<Histogram<u64>>>,
+    senders: Vec<tokio::task::JoinHandle<()>>,
+) -> (u64, Used, Histogram<u64>) {
+    tokio::time::sleep_until(deadline.into()).await;
+    let count = delivered.load(Ordering::Relaxed);
+    let used = meter.read(server);
+    let mut latency = histogram();
+    for r in receivers {
+        latency.add(r.await.expect("receiver")).ok();
+    }
+    for s in senders {
+        s.await.ok();
+    }
+    (count, used, latency)
 }
 
 /// A connection to the minimal relay ([`chat_bench::relay`]), named and
@@ -673,16 +679,8 @@ async fn relay_throughput(server: &ServerProcess, pairs: usize, window: Duration
             }
         }));
     }
-    tokio::time::sleep_until(deadline.into()).await;
-    let count = delivered.load(Ordering::Relaxed);
-    let meter = meter.read(server);
-    let mut latency = histogram();
-    for r in receivers {
-        latency.add(r.await.expect("relay receiver")).ok();
-    }
-    for t in tasks {
-        t.await.ok();
-    }
+    let (count, meter, latency) =
+        end_of_window(server, &meter, deadline, &delivered, receivers, tasks).await;
     Row {
         transport: "relay".into(),
         store: "-",

@@ -768,13 +768,7 @@ async fn answer(
             session
                 .send_staged(&to, &body, None)
                 .await
-                .map(|(receipt, staged)| {
-                    durable = staged;
-                    Reply::Sent {
-                        message_id: receipt.id,
-                        timestamp_ms: receipt.timestamp_ms,
-                    }
-                }),
+                .map(staged_reply(&mut durable)),
         ),
         ClientFrame::List { id, max, pattern } => (
             id,
@@ -800,13 +794,7 @@ async fn answer(
                 session
                     .send_staged(&to, &body, Some(send_id(key, id)))
                     .await
-                    .map(|(receipt, staged)| {
-                        durable = staged;
-                        Reply::Sent {
-                            message_id: receipt.id,
-                            timestamp_ms: receipt.timestamp_ms,
-                        }
-                    }),
+                    .map(staged_reply(&mut durable)),
             )
         }
         ClientFrame::Ack { id, through } => (id, session.ack(through).await.map(|_| Reply::Done)),
@@ -846,6 +834,19 @@ async fn answer(
         },
     };
     Ok((reply, durable))
+}
+
+/// A staged send's reply; when it may go is left in `durable`.
+fn staged_reply(
+    durable: &mut Durable,
+) -> impl FnOnce((chat_core::SendReceipt, Durable)) -> Reply + '_ {
+    move |(receipt, staged)| {
+        *durable = staged;
+        Reply::Sent {
+            message_id: receipt.id,
+            timestamp_ms: receipt.timestamp_ms,
+        }
+    }
 }
 
 enum Reply {
