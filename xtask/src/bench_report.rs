@@ -599,35 +599,39 @@ pub fn run(input: Option<&str>) -> anyhow::Result<()> {
         "\n## Throughput and the scaling curve\n\n\
          Pipelined rows: each sender keeps up to `window` messages in flight (a place frees when its recipient \
          gets one) and reads its receipts as they come; recipients acknowledge in batches (every 64 messages or \
-         50 ms). The floor is the minimal relay: length-delimited frames forwarded by name, no accounts, no \
-         acknowledgements, no storage. One-at-a-time rows: each send waits for its answer, recipients acknowledge \
-         every 64th message and wait for it; the floor is the raw echo. `srv` and `gen`: cores used by the server \
+         50 ms). The minimal relay (length-delimited frames forwarded by name, no accounts, no acknowledgements, no \
+         storage) is run the same way, pipelined. One-at-a-time rows: each send waits for its answer, recipients \
+         acknowledge every 64th message and wait for it, as the raw echo ping-pongs. Every row is shown as a ratio \
+         to both floors at the same pairs where the run measured them (the relay at every pipelined pair count, the \
+         echo at the one-at-a-time ones); the pipelined rows compare like with like against the relay, the \
+         one-at-a-time rows against the echo. `srv` and `gen`: cores used by the server \
          and by the load generator; `limit`: `server thread` when one server thread was busy ≥ 90%, else the side \
          using more cores when together they used ≥ 85% of the machine, else `waiting`.\n\n\
          ![throughput](bench/throughput.svg)\n\n![p99](bench/p99.svg)\n"
     )?;
     writeln!(
         md,
-        "| transport | store | mode | pairs | delivered/s | p50 µs | p99 µs | server CPU µs/msg | srv | gen | limit | ÷ floor msgs/s | ÷ floor CPU |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+        "| transport | store | mode | pairs | delivered/s | p50 µs | p99 µs | server CPU µs/msg | srv | gen | limit | ÷ relay msgs/s | ÷ relay CPU | ÷ echo msgs/s | ÷ echo CPU |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
     )?;
     for t in rows(&report, "throughput") {
         let pairs = t["pairs"].as_u64().unwrap_or(0);
-        let floor = if s(t, "mode") == "pipelined" {
-            throughput(&report, "relay", "-", "pipelined", pairs)
-        } else {
-            throughput(&report, "raw", "-", "ping-pong", pairs)
+        // Both floors for every row (same pairs), when the run has them.
+        let ratios = |floor: Option<&Value>| {
+            floor
+                .map(|r| {
+                    format!(
+                        "{:.2}× | {:.2}×",
+                        f(t, "per_second") / f(r, "per_second"),
+                        f(t, "server_cpu_us_per_msg") / f(r, "server_cpu_us_per_msg"),
+                    )
+                })
+                .unwrap_or_else(|| "– | –".into())
         };
-        let (a, b) = floor
-            .map(|r| {
-                (
-                    f(t, "per_second") / f(r, "per_second"),
-                    f(t, "server_cpu_us_per_msg") / f(r, "server_cpu_us_per_msg"),
-                )
-            })
-            .unwrap_or((0.0, 0.0));
+        let relay = ratios(throughput(&report, "relay", "-", "pipelined", pairs));
+        let echo = ratios(throughput(&report, "raw", "-", "ping-pong", pairs));
         writeln!(
             md,
-            "| {} | {} | {} | {pairs} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {a:.2}× | {b:.2}× |",
+            "| {} | {} | {} | {pairs} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {relay} | {echo} |",
             s(t, "transport"),
             s(t, "store"),
             s(t, "mode"),
