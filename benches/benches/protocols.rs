@@ -451,11 +451,7 @@ async fn pipelined<C: Dial>(
             while let Ok(Some(push)) = tokio::time::timeout_at(deadline.into(), r.next_push()).await
             {
                 if let Push::Message(m) = push {
-                    if let Some(sent) = stamp_of(m.body.as_str()) {
-                        h.record(micros(epoch.elapsed()).saturating_sub(sent).max(1))
-                            .ok();
-                    }
-                    delivered.fetch_add(1, Ordering::Relaxed);
+                    arrived(&mut h, epoch, m.body.as_str(), &delivered);
                     freed.add_permits(1);
                     let _ = r.ack_later(m.id).await;
                 }
@@ -522,11 +518,7 @@ async fn one_at_a_time<C: Dial>(
             while let Ok(Some(push)) = tokio::time::timeout_at(deadline.into(), r.next_push()).await
             {
                 if let Push::Message(m) = push {
-                    if let Some(sent) = stamp_of(m.body.as_str()) {
-                        h.record(micros(epoch.elapsed()).saturating_sub(sent).max(1))
-                            .ok();
-                    }
-                    delivered.fetch_add(1, Ordering::Relaxed);
+                    arrived(&mut h, epoch, m.body.as_str(), &delivered);
                     last = m.id;
                     if last % 64 == 0 {
                         let _ = r.ack(last).await;
@@ -563,6 +555,17 @@ async fn one_at_a_time<C: Dial>(
         meter,
     }
     .finish()
+}
+
+/// Counts a delivered message and records its send → delivery latency
+/// from the stamp its body starts with.
+fn arrived(latency: &mut Histogram<u64>, epoch: Instant, body: &str, delivered: &AtomicU64) {
+    if let Some(sent) = stamp_of(body) {
+        latency
+            .record(micros(epoch.elapsed()).saturating_sub(sent).max(1))
+            .ok();
+    }
+    delivered.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Waits out a load's window and reads what it counted: messages delivered
@@ -641,11 +644,12 @@ async fn relay_throughput(server: &ServerProcess, pairs: usize, window: Duration
             let mut h = histogram();
             while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline.into(), r.next()).await
             {
-                if let Some(sent) = std::str::from_utf8(&frame).ok().and_then(stamp_of) {
-                    h.record(micros(epoch.elapsed()).saturating_sub(sent).max(1))
-                        .ok();
-                }
-                delivered.fetch_add(1, Ordering::Relaxed);
+                arrived(
+                    &mut h,
+                    epoch,
+                    std::str::from_utf8(&frame).unwrap_or_default(),
+                    &delivered,
+                );
                 freed.add_permits(1);
             }
             h

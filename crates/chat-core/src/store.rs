@@ -250,6 +250,10 @@ pub trait DurableWait: Send + Sync + std::fmt::Debug {
         &self,
         position: u64,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>;
+
+    /// What [`DurableWait::wait`] would complete with now, without
+    /// waiting: `None` while `position` is not durable yet.
+    fn reached(&self, position: u64) -> Option<Result<(), StoreError>>;
 }
 
 /// When a staged write is durable (see [`Store::stage`]). Cheap to clone:
@@ -271,6 +275,15 @@ impl Durable {
     /// Whether it is known to be durable without waiting.
     pub fn is_now(&self) -> bool {
         self.0.is_none()
+    }
+
+    /// Whether the write is durable now (or can never be), without
+    /// waiting or allocating: for a loop that checks many at once.
+    pub fn ready(&self) -> Option<Result<(), StoreError>> {
+        match &self.0 {
+            None => Some(Ok(())),
+            Some((waiter, position)) => waiter.reached(*position),
+        }
     }
 
     /// Completes once the write is durable.

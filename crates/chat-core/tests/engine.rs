@@ -901,6 +901,10 @@ impl HeldStore {
 }
 
 impl chat_core::DurableWait for HeldStore {
+    fn reached(&self, position: u64) -> Option<Result<(), StoreError>> {
+        (*self.durable.borrow() >= position).then_some(Ok(()))
+    }
+
     fn wait(
         &self,
         position: u64,

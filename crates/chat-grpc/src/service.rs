@@ -16,7 +16,6 @@ use std::time::Duration;
 use std::collections::VecDeque;
 
 use chat_core::{Chat, ChatError, Durable, ErrorCode, SessionState};
-use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -349,8 +348,7 @@ impl ChatService {
                     }
                 }
                 // Answers already durable go out without another turn.
-                while let Some(Some(Ok(()))) = staged.front().map(|(_, d)| d.wait().now_or_never())
-                {
+                while let Some(Some(Ok(()))) = staged.front().map(|(_, d)| d.ready()) {
                     let Some((item, _)) = staged.pop_front() else {
                         break;
                     };

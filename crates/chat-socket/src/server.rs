@@ -355,12 +355,12 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 && let Some(frame) = staged.deferred.take()
             {
                 Input::Frame(Some(Ok(frame)))
-            } else if let Some(Ok(durable)) = staged
+            } else if let Some(durable) = staged
                 .answers
                 .front()
-                .and_then(|(_, durable)| durable.wait().now_or_never())
+                .and_then(|(_, durable)| durable.ready())
             {
-                Input::Durable(Ok(durable))
+                Input::Durable(durable)
             } else if let Some(frame) = staged
                 .reading()
                 .then(|| framed.next().now_or_never())

@@ -85,6 +85,14 @@ impl DurableWait for LogJournal {
     {
         Box::pin(self.settle_at(position))
     }
+
+    fn reached(&self, position: u64) -> Option<Result<(), StoreError>> {
+        let durable = self.durable.borrow();
+        match &durable.failed {
+            Some(why) => Some(Err(unavailable(why))),
+            None => (durable.position >= position).then_some(Ok(())),
+        }
+    }
 }
 
 impl LogJournal {
