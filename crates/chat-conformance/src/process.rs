@@ -69,6 +69,16 @@ impl ServerProcess {
         }
     }
 
+    /// The next line the server prints on stdout after its `listening`
+    /// lines (`metrics on ADDRESS`), waiting for it.
+    pub async fn next_line(&mut self) -> String {
+        tokio::time::timeout(PATIENCE, self.stdout.next_line())
+            .await
+            .expect("the server printed a line in time")
+            .expect("readable stdout")
+            .expect("a line")
+    }
+
     /// The first listener's address.
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]

@@ -23,16 +23,17 @@ use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use regex::RegexBuilder;
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Hashing, HashingConfig, Password, Throttle, ThrottleConfig};
-use crate::error::ChatError;
+use crate::error::{ChatError, ErrorCode};
 use crate::limits::{Bucket, Rate, address_key};
 use crate::memory::MemoryStore;
+use crate::metrics::EngineMetrics;
 use crate::store::{Credentials, Durable, NewMessage, SendId, Store};
 use crate::types::{Message, MessageBody, MessageId, SendReceipt, SessionState, Username};
 
@@ -182,6 +183,7 @@ struct Inner {
     /// Lists running at once: each scans every name, and a flood of them
     /// must not take the threads logins hash on.
     lists_running: tokio::sync::Semaphore,
+    metrics: Arc<EngineMetrics>,
 }
 
 /// Online users whose names hash to one stripe, and the session each is
@@ -299,6 +301,7 @@ impl Chat {
             shutdown: CancellationToken::new(),
             creates: StdMutex::default(),
             create_gate: Mutex::new(()),
+            metrics: Arc::new(EngineMetrics::new()),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(housekeeping(Arc::downgrade(&inner)));
@@ -378,6 +381,7 @@ impl Chat {
             // every receive does not contend with every other session.
             shutdown: self.inner.shutdown.child_token(),
             told_shutdown: false,
+            metrics: Arc::clone(&self.inner.metrics),
         };
         (session, events)
     }
@@ -456,6 +460,7 @@ impl Chat {
         let mut stripe = self.stripe(user).lock().await;
         if stripe.get(user).is_some_and(|s| s.id == id) {
             stripe.remove(user);
+            self.inner.metrics.online.decrement(1.0);
         }
     }
 
@@ -581,7 +586,17 @@ impl Session {
         self.chat.inner.store.create_account(&name, &hash).await?;
         self.shared.set_replay(VecDeque::new());
         self.shared.begin_login();
-        stripe.insert(name.clone(), Arc::clone(&self.shared));
+        let metrics = &self.chat.inner.metrics;
+        if stripe
+            .insert(name.clone(), Arc::clone(&self.shared))
+            .is_none()
+        {
+            metrics.online.increment(1.0);
+        }
+        metrics.created.increment(1);
+        metrics.logins.increment(1);
+        tracing::Span::current().record("user", tracing::field::display(&name));
+        tracing::info!(user = %name, "account created");
         *state = Some(name);
         Ok(to_state(&state))
     }
@@ -594,7 +609,16 @@ impl Session {
         let name = Username::parse(name)?;
         let password = Password::parse(password)?;
         let mut state = self.lock_logged_out().await?;
-        self.check_password(&name, &password, true).await?;
+        if let Err(err) = self.check_password(&name, &password, true).await {
+            if matches!(
+                err.code(),
+                ErrorCode::WrongPassword | ErrorCode::NoSuchUser | ErrorCode::TooManyAttempts
+            ) {
+                self.chat.inner.metrics.failed_logins.increment(1);
+                tracing::info!(user = %name, code = err.code().as_str(), "login refused");
+            }
+            return Err(err);
+        }
         let mut stripe = self.chat.stripe(&name).lock().await;
         if !self.chat.inner.store.account_exists(&name).await? {
             return Err(ChatError::NoSuchUser(name));
@@ -611,7 +635,17 @@ impl Session {
         // after and is pushed behind it, never both.
         let unacked = self.chat.inner.store.unacked(&name).await?;
         self.shared.begin_login();
-        stripe.insert(name.clone(), Arc::clone(&self.shared));
+        let metrics = &self.chat.inner.metrics;
+        if stripe
+            .insert(name.clone(), Arc::clone(&self.shared))
+            .is_none()
+        {
+            metrics.online.increment(1.0);
+        }
+        metrics.logins.increment(1);
+        metrics.redelivered.increment(unacked.len() as u64);
+        tracing::Span::current().record("user", tracing::field::display(&name));
+        tracing::info!(user = %name, redelivering = unacked.len(), "logged in");
         // Always replaced: whatever an earlier login left is not this
         // user's to see.
         let replaying = !unacked.is_empty();
@@ -714,6 +748,7 @@ impl Session {
         self.sync(&mut state);
         let user = state.take().ok_or(ChatError::NotLoggedIn)?;
         self.release(&user).await;
+        tracing::info!(user = %user, "logged out");
         self.shared.tell_logout(user, LogoutReason::Requested);
         Ok(SessionState::LoggedOut)
     }
@@ -729,6 +764,8 @@ impl Session {
         self.chat.inner.store.delete_account(&user).await?;
         drop(stripe);
         self.release(&user).await;
+        self.chat.inner.metrics.deleted.increment(1);
+        tracing::info!(user = %user, "account deleted");
         *state = None;
         self.shared.tell_logout(user, LogoutReason::AccountDeleted);
         Ok(SessionState::LoggedOut)
@@ -795,11 +832,13 @@ impl Session {
                     let (appended, durable) = store.stage(message).await?;
                     let receipt = receipt(&appended.message);
                     if !appended.duplicate {
+                        self.chat.inner.metrics.sent.increment(1);
                         let login = recipient.login.load(Ordering::Acquire);
                         permit.send(Box::new(Pushed {
                             login,
                             message: appended.message,
                             durable: durable.clone(),
+                            accepted: Instant::now(),
                         }));
                     }
                     return Ok((receipt, durable));
@@ -807,6 +846,9 @@ impl Session {
                 Err(mpsc::error::TrySendError::Full(())) => {
                     tracing::warn!(user = %to, "slow consumer logged out; its messages are queued");
                     stripe.remove(&to);
+                    let metrics = &self.chat.inner.metrics;
+                    metrics.online.decrement(1.0);
+                    metrics.slow_consumers.increment(1);
                     // The login's number is read before the revocation is
                     // published: once it is, the session may notice it and
                     // log in again, and the notice must name the login that
@@ -818,10 +860,16 @@ impl Session {
                 Err(mpsc::error::TrySendError::Closed(())) => {
                     // The recipient's connection is gone without a logout.
                     stripe.remove(&to);
+                    self.chat.inner.metrics.online.decrement(1.0);
                 }
             }
         }
         let (appended, durable) = store.stage(message).await?;
+        if !appended.duplicate {
+            let metrics = &self.chat.inner.metrics;
+            metrics.sent.increment(1);
+            metrics.queued.increment(1);
+        }
         Ok((receipt(&appended.message), durable))
     }
 
@@ -832,7 +880,10 @@ impl Session {
         let state = self.lock_logged_in().await?;
         let user = state.as_ref().ok_or(ChatError::NotLoggedIn)?;
         let limit = cap(max, self.chat.inner.config.max_fetch_results);
-        Ok(self.chat.inner.store.take_undelivered(user, limit).await?)
+        let messages = self.chat.inner.store.take_undelivered(user, limit).await?;
+        let fetched = messages.len() as u64;
+        self.chat.inner.metrics.fetched.increment(fetched);
+        Ok(messages)
     }
 
     /// Acknowledges every message this user has received (live or fetched)
@@ -841,7 +892,13 @@ impl Session {
     pub async fn ack(&self, through: MessageId) -> Result<usize, ChatError> {
         let state = self.lock_logged_in().await?;
         let user = state.as_ref().ok_or(ChatError::NotLoggedIn)?;
-        Ok(self.chat.inner.store.ack(user, through).await?)
+        let removed = self.chat.inner.store.ack(user, through).await?;
+        self.chat
+            .inner
+            .metrics
+            .acknowledged
+            .increment(removed as u64);
+        Ok(removed)
     }
 
     /// Lists accounts; see [`Chat::list`]. Works logged in or out; limited
@@ -1002,6 +1059,8 @@ struct Pushed {
     login: u64,
     message: Message,
     durable: Durable,
+    /// When the send was accepted, for the delivery latency.
+    accepted: Instant,
 }
 
 /// The stream of [`Event`]s pushed to one session. Bounded: a session that
@@ -1015,6 +1074,7 @@ pub struct Events {
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     told_shutdown: bool,
+    metrics: Arc<EngineMetrics>,
 }
 
 impl std::fmt::Debug for Events {
@@ -1062,7 +1122,7 @@ impl Events {
                 // Never durable (the store failed), it does not exist; for
                 // a login that ended meanwhile, it is replayed at the next.
                 if durable.is_ok() && self.current(held.login) {
-                    return Some(Event::Message(held.message));
+                    return Some(self.delivered(held));
                 }
                 continue;
             }
@@ -1115,10 +1175,19 @@ impl Events {
             return None;
         }
         if pushed.durable.is_now() {
-            return Some(Event::Message(pushed.message));
+            return Some(self.delivered(pushed));
         }
         self.held = Some(pushed);
         None
+    }
+
+    /// A live message handed over: counted, with its latency.
+    fn delivered(&self, pushed: Pushed) -> Event {
+        self.metrics.live.increment(1);
+        self.metrics
+            .delivery_latency
+            .record(pushed.accepted.elapsed());
+        Event::Message(pushed.message)
     }
 
     fn take_notice(&self) -> Option<Notice> {

@@ -56,6 +56,7 @@ mod engine;
 mod error;
 pub mod limits;
 mod memory;
+pub mod metrics;
 mod store;
 mod types;
 

@@ -3,12 +3,16 @@
 //! given.
 //!
 //! Prints one line per listener, `listening on <address>`, to stdout once
-//! bound (the gRPC listener first); logs go to stderr through `tracing`
-//! (filter with `RUST_LOG`). Ctrl-C or SIGTERM shuts it down cleanly.
+//! bound (the gRPC listener first), then `metrics on <address>` with
+//! `--metrics-listen`; logs go to stderr through `tracing`. Ctrl-C or
+//! SIGTERM shuts it down cleanly. Every option also comes from a `CHAT_*`
+//! variable or a TOML file (`--config`); `--print-config` shows the result.
+//! `backup DEST` copies the store, while a server runs or not.
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 
-use chat_server::{Listen, Storage, Tuning};
+use chat_server::{Admin, ConfigFile, Listen, Operations, Storage, Tuning};
 use clap::Parser;
 
 /// Chat server speaking gRPC (`chat.v1.Chat`).
@@ -25,13 +29,23 @@ struct Args {
     tuning: Tuning,
     #[command(flatten)]
     storage: Storage,
+    #[command(flatten)]
+    operations: Operations,
+    #[command(flatten)]
+    config: ConfigFile,
+    #[command(subcommand)]
+    admin: Option<Admin>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    chat_server::init_logging();
-    let args = Args::parse();
+fn main() -> ExitCode {
+    let args: Args = chat_server::config::parse();
     let mut listen = vec![Listen::Grpc(args.listen)];
     listen.extend(args.socket_listen.map(Listen::Socket));
-    chat_server::run(&listen, &args.tuning, &args.storage).await
+    chat_server::main(
+        &listen,
+        &args.tuning,
+        &args.storage,
+        &args.operations,
+        args.admin.as_ref(),
+    )
 }

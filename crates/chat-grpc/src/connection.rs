@@ -35,6 +35,9 @@ pub struct ConnInfo {
     /// Calls' work running for this connection (see
     /// [`ConnInfo::work_permit`]).
     work: Arc<Semaphore>,
+    /// The connection's span (transport, peer, user): every call's work
+    /// runs in it.
+    pub span: tracing::Span,
 }
 
 impl ConnInfo {
@@ -47,6 +50,7 @@ impl ConnInfo {
             encrypted: false,
             handshake: Arc::default(),
             work: Arc::new(Semaphore::new(max_work)),
+            span: tracing::Span::none(),
         }
     }
 
@@ -58,6 +62,14 @@ impl ConnInfo {
             .await
             .map_err(|_| tonic::Status::unavailable("the connection is closing"))
     }
+}
+
+/// The span of the connection a request came on (none without one).
+pub(crate) fn span_of<T>(request: &tonic::Request<T>) -> tracing::Span {
+    request
+        .extensions()
+        .get::<ConnInfo>()
+        .map_or_else(tracing::Span::none, |info| info.span.clone())
 }
 
 /// The peer address of the connection a request came on.
@@ -105,6 +117,7 @@ pub(crate) struct Connection {
     /// Until the first call: when reading fails.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: ConnectionSlot,
+    _open: chat_core::metrics::Held,
 }
 
 impl Connection {
@@ -123,9 +136,16 @@ impl Connection {
                 encrypted,
                 handshake: Arc::default(),
                 work: Arc::new(Semaphore::new(max_work.max(1))),
+                span: tracing::info_span!(
+                    "conn",
+                    transport = "grpc",
+                    peer = %remote,
+                    user = tracing::field::Empty
+                ),
             },
             deadline: Some(Box::pin(tokio::time::sleep_until(handshake_deadline))),
             _slot: slot,
+            _open: chat_core::metrics::Held::new(chat_core::metrics::CONNECTIONS, "grpc"),
         }
     }
 }

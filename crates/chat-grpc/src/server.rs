@@ -205,6 +205,14 @@ fn accept_loop(
     let tls = config.tls.clone();
     let max_work = config.max_streams_per_connection as usize;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let accepted_total = metrics::counter!(
+        chat_core::metrics::CONNECTIONS_ACCEPTED,
+        "transport" => "grpc"
+    );
+    let refused_total = metrics::counter!(
+        chat_core::metrics::CONNECTIONS_REFUSED,
+        "transport" => "grpc"
+    );
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -223,10 +231,12 @@ fn accept_loop(
             let slot = match connections.try_acquire(peer.ip()) {
                 Ok(slot) => slot,
                 Err(refused) => {
+                    refused_total.increment(1);
                     debug!(%peer, ?refused, "connection refused");
                     continue;
                 }
             };
+            accepted_total.increment(1);
             if let Err(err) = stream
                 .set_nodelay(true)
                 .and_then(|()| socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive))

@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 use chat_core::{Chat, ChatError, Durable, ErrorCode, SessionState};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::connection::{ConnInfo, UNKNOWN_PEER, open_session, peer_of};
 use crate::forward::{self, PushStream, pb_message};
@@ -279,89 +280,93 @@ impl ChatService {
             Some(info) => Some(info.work_permit().await?),
             None => None,
         };
+        let span = crate::connection::span_of(&request);
         let mut sends = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(SEND_STREAM_BUFFER);
         let service = self.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let mut staged: VecDeque<(StreamItem, Durable)> = VecDeque::new();
-            let mut reading = true;
-            loop {
-                let step = tokio::select! {
-                    next = sends.message(), if reading && staged.len() < SEND_STREAM_BUFFER => {
-                        Step::Read(next)
-                    }
-                    durable = async {
-                        match staged.front() {
-                            Some((_, durable)) => durable.wait().await,
-                            None => std::future::pending().await,
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let mut staged: VecDeque<(StreamItem, Durable)> = VecDeque::new();
+                let mut reading = true;
+                loop {
+                    let step = tokio::select! {
+                        next = sends.message(), if reading && staged.len() < SEND_STREAM_BUFFER => {
+                            Step::Read(next)
                         }
-                    }, if !staged.is_empty() => Step::Durable(durable),
-                    () = service.stop.cancelled() => Step::Stop,
-                };
-                match step {
-                    Step::Read(Ok(Some(message))) => {
-                        let (item, durable) = match service.send_one(&entry, &message).await {
-                            Ok((reply, durable)) => (
-                                StreamItem::Answer(pb::send_result::Result::Sent(reply)),
-                                durable,
-                            ),
-                            Err(status) => (refused(status), Durable::now()),
-                        };
-                        staged.push_back((item, durable));
-                    }
-                    // The client ended its stream, or is gone: what is
-                    // staged is still answered.
-                    Step::Read(_) => reading = false,
-                    Step::Durable(durable) => {
-                        let Some((item, _)) = staged.pop_front() else {
-                            continue;
-                        };
-                        let item = match durable {
-                            Ok(()) => item,
-                            Err(err) => refused(from_chat_error(&err.into())),
-                        };
-                        let last = matches!(item, StreamItem::End(_));
-                        if tx.send(item.into_result()).await.is_err() || last {
-                            break;
+                        durable = async {
+                            match staged.front() {
+                                Some((_, durable)) => durable.wait().await,
+                                None => std::future::pending().await,
+                            }
+                        }, if !staged.is_empty() => Step::Durable(durable),
+                        () = service.stop.cancelled() => Step::Stop,
+                    };
+                    match step {
+                        Step::Read(Ok(Some(message))) => {
+                            let (item, durable) = match service.send_one(&entry, &message).await {
+                                Ok((reply, durable)) => (
+                                    StreamItem::Answer(pb::send_result::Result::Sent(reply)),
+                                    durable,
+                                ),
+                                Err(status) => (refused(status), Durable::now()),
+                            };
+                            staged.push_back((item, durable));
                         }
-                    }
-                    Step::Stop => {
-                        // What is staged is stored (or fails): say which,
-                        // then that the server stops.
-                        for (item, durable) in staged.drain(..) {
-                            let item = match durable.wait().await {
+                        // The client ended its stream, or is gone: what is
+                        // staged is still answered.
+                        Step::Read(_) => reading = false,
+                        Step::Durable(durable) => {
+                            let Some((item, _)) = staged.pop_front() else {
+                                continue;
+                            };
+                            let item = match durable {
                                 Ok(()) => item,
                                 Err(err) => refused(from_chat_error(&err.into())),
                             };
-                            if tx.send(item.into_result()).await.is_err() {
-                                return;
+                            let last = matches!(item, StreamItem::End(_));
+                            if tx.send(item.into_result()).await.is_err() || last {
+                                break;
                             }
                         }
-                        let _ = tx
-                            .send(Err(to_status(
-                                ErrorCode::ShuttingDown,
-                                "the server is shutting down",
-                            )))
-                            .await;
+                        Step::Stop => {
+                            // What is staged is stored (or fails): say which,
+                            // then that the server stops.
+                            for (item, durable) in staged.drain(..) {
+                                let item = match durable.wait().await {
+                                    Ok(()) => item,
+                                    Err(err) => refused(from_chat_error(&err.into())),
+                                };
+                                if tx.send(item.into_result()).await.is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = tx
+                                .send(Err(to_status(
+                                    ErrorCode::ShuttingDown,
+                                    "the server is shutting down",
+                                )))
+                                .await;
+                            break;
+                        }
+                    }
+                    // Answers already durable go out without another turn.
+                    while let Some(Some(Ok(()))) = staged.front().map(|(_, d)| d.ready()) {
+                        let Some((item, _)) = staged.pop_front() else {
+                            break;
+                        };
+                        let last = matches!(item, StreamItem::End(_));
+                        if tx.send(item.into_result()).await.is_err() || last {
+                            return;
+                        }
+                    }
+                    if !reading && staged.is_empty() {
                         break;
                     }
-                }
-                // Answers already durable go out without another turn.
-                while let Some(Some(Ok(()))) = staged.front().map(|(_, d)| d.ready()) {
-                    let Some((item, _)) = staged.pop_front() else {
-                        break;
-                    };
-                    let last = matches!(item, StreamItem::End(_));
-                    if tx.send(item.into_result()).await.is_err() || last {
-                        return;
-                    }
-                }
-                if !reading && staged.is_empty() {
-                    break;
                 }
             }
-        });
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -446,11 +451,15 @@ impl ChatService {
             Some(info) => Some(info.work_permit().await?),
             None => None,
         };
+        let span = crate::connection::span_of(&request);
         let work = rpc(self.clone(), request);
-        tokio::spawn(async move {
-            let _permit = permit;
-            work.await
-        })
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                work.await
+            }
+            .instrument(span),
+        )
         .await
         .unwrap_or_else(|err| {
             Err(to_status(
@@ -613,10 +622,14 @@ impl ChatRpc for ChatService {
             self.push_timeout,
         );
         let sessions = Arc::clone(&self.sessions);
-        tokio::spawn(async move {
-            forwarder.await;
-            sessions.end(&entry).await;
-        });
+        let span = crate::connection::span_of(&request);
+        tokio::spawn(
+            async move {
+                forwarder.await;
+                sessions.end(&entry).await;
+            }
+            .instrument(span),
+        );
         Ok(Response::new(stream))
     }
 }

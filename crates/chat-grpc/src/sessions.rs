@@ -29,6 +29,8 @@ pub(crate) struct Entry {
     pub(crate) events: Mutex<Option<Events>>,
     /// Cancelled when the session ends, whoever ends it.
     pub(crate) ended: CancellationToken,
+    /// Counts the session while it is in use.
+    _open: chat_core::metrics::Held,
 }
 
 /// The token → session table.
@@ -51,6 +53,7 @@ impl Sessions {
             session,
             events: Mutex::new(Some(events)),
             ended: CancellationToken::new(),
+            _open: chat_core::metrics::Held::new(chat_core::metrics::SESSIONS, "grpc"),
         });
         if let Ok(mut by_id) = self.by_id.lock() {
             by_id.insert(id, Arc::clone(&entry));

@@ -69,6 +69,7 @@ pub fn to_status(code: ErrorCode, message: impl Into<String>) -> Status {
 
 /// The status for an engine error.
 pub fn from_chat_error(err: &ChatError) -> Status {
+    chat_core::metrics::count_error("grpc", err.code());
     to_status(err.code(), err.to_string())
 }
 

@@ -5,7 +5,11 @@
 //! socket protocol chats with a user connected over gRPC: they share one
 //! [`Chat`].
 
-use std::io::{IsTerminal, Write};
+pub mod admin;
+pub mod config;
+pub mod telemetry;
+
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +23,10 @@ use chat_store_sql::{SqliteOptions, SqliteStore};
 use chat_tls::ServerTls;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+pub use admin::{Admin, StoreHandle};
+pub use config::ConfigFile;
+pub use telemetry::LogFormat;
 
 /// Tuning flags shared by both server binaries; `Tuning::default()` is
 /// what the flags default to.
@@ -99,6 +107,11 @@ pub struct Tuning {
     /// Lists one connection may make at once.
     #[arg(long, default_value_t = Tuning::default().list_burst)]
     pub list_burst: u32,
+    /// Password hashes (argon2id, 19 MiB each) computed at once; a login
+    /// storm waits for these [default: one less than the cores, at least
+    /// one, so that delivery keeps a core].
+    #[arg(long)]
+    pub hash_concurrency: Option<usize>,
 }
 
 impl Default for Tuning {
@@ -125,6 +138,7 @@ impl Default for Tuning {
             insecure_plaintext: false,
             tls_cert: None,
             tls_key: None,
+            hash_concurrency: None,
         }
     }
 }
@@ -147,12 +161,21 @@ impl Tuning {
             burst: self.list_burst.max(1),
             per_second: f64::from(self.list_rate),
         });
+        let defaults = chat_core::Config::default();
+        let hashing = chat_core::HashingConfig {
+            max_concurrent: self
+                .hash_concurrency
+                .unwrap_or(defaults.hashing.max_concurrent)
+                .max(1),
+            ..defaults.hashing
+        };
         chat_core::Config {
             send_rate,
             create_rate,
             max_accounts: (self.max_accounts > 0).then_some(self.max_accounts),
             list_rate,
-            ..chat_core::Config::default()
+            hashing,
+            ..defaults
         }
     }
 
@@ -166,8 +189,9 @@ impl Tuning {
         }
     }
 
-    fn socket(&self, connections: ConnectionLimit) -> ServerConfig {
+    fn socket(&self, connections: ConnectionLimit, drain: Duration) -> ServerConfig {
         ServerConfig {
+            drain_timeout: drain,
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             connections,
             handshake_timeout: Duration::from_secs(self.handshake_timeout_secs.max(1)),
@@ -289,19 +313,26 @@ impl Storage {
 
     /// [`Storage::open`] with the engine's settings.
     pub async fn open_with(&self, config: chat_core::Config) -> anyhow::Result<Chat> {
+        Ok(Chat::new(self.open_store().await?.store, config))
+    }
+
+    /// Opens the store: for the engine, and for what only the server does
+    /// with it (backups).
+    pub async fn open_store(&self) -> anyhow::Result<OpenStore> {
         let queue_limit = self.queue_limit.max(1);
         let dir = Path::new(&self.data);
-        let store: Arc<dyn Store> = match self.engine() {
+        let (store, handle): (Arc<dyn Store>, StoreHandle) = match self.engine() {
             StoreKind::Memory => {
                 tracing::info!("keeping data in memory only");
-                Arc::new(MemoryStore::new(queue_limit))
+                (Arc::new(MemoryStore::new(queue_limit)), StoreHandle::Memory)
             }
             StoreKind::Log => {
                 let options = chat_store_log::LogOptions {
                     queue_limit,
                     ..chat_store_log::LogOptions::default()
                 };
-                Arc::new(chat_store_log::LogStore::open(dir, options).await?)
+                let store = Arc::new(chat_store_log::LogStore::open(dir, options).await?);
+                (store.clone(), StoreHandle::Log(store))
             }
             StoreKind::Sqlite => {
                 if self.store == StoreKind::Log {
@@ -314,17 +345,124 @@ impl Storage {
                     queue_limit,
                     ..SqliteOptions::default()
                 };
-                let store = SqliteStore::open(dir, options).await?;
+                let store = Arc::new(SqliteStore::open(dir, options).await?);
                 tracing::info!(data = %dir.display(), "SQLite store open");
-                Arc::new(store)
+                (store.clone(), StoreHandle::Sqlite(store))
             }
         };
-        Ok(Chat::new(store, config))
+        Ok(OpenStore { store, handle })
     }
 }
 
-/// Longest a shutdown waits for the transports to close their connections.
+/// An open store (see [`Storage::open_store`]).
+pub struct OpenStore {
+    /// For the engine.
+    pub store: Arc<dyn Store>,
+    /// For backups.
+    pub handle: StoreHandle,
+}
+
+impl std::fmt::Debug for OpenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenStore")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenStore {
+    /// Closes the store once nothing else holds it: every write recorded
+    /// is on disk and the data directory is free when this returns.
+    pub async fn close(self) {
+        drop(self.store);
+        if let StoreHandle::Log(store) = self.handle
+            && let Ok(store) = Arc::try_unwrap(store)
+        {
+            store.close().await;
+        }
+    }
+}
+
+/// Longest a shutdown waits for the transports to close their connections,
+/// by default (`--shutdown-timeout-secs`).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the process runs: logs, metrics, stopping. Flags shared by both
+/// server binaries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Operations {
+    /// Log format on stderr: readable text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Which logs to write, as a tracing filter: `info`, `debug`,
+    /// `warn,chat_core=debug`, ... (messages and passwords are never
+    /// logged).
+    #[arg(long, env = "RUST_LOG", default_value = "info", value_name = "FILTER")]
+    pub log_filter: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics; port 0 picks a
+    /// free port (printed as `metrics on ADDR`).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// On SIGINT or SIGTERM: seconds to let connections finish what they
+    /// are doing (every answered send is stored; clients are told
+    /// goodbye) before the rest are closed.
+    #[arg(long, visible_alias = "shutdown-timeout", default_value_t = DRAIN_TIMEOUT.as_secs())]
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for Operations {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+            metrics_listen: None,
+            shutdown_timeout_secs: DRAIN_TIMEOUT.as_secs(),
+        }
+    }
+}
+
+impl Operations {
+    /// How long a shutdown drains.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+}
+
+/// What a server binary was asked to do: serve on `listen`, or run
+/// `admin`. Builds the runtime, sets up logging, and returns the exit
+/// status (printing any error).
+pub fn main(
+    listen: &[Listen],
+    tuning: &Tuning,
+    storage: &Storage,
+    operations: &Operations,
+    admin: Option<&Admin>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        telemetry::init_logging(operations.log_format, &operations.log_filter)?;
+        match admin {
+            Some(command) => admin::run(command, storage).await,
+            None => run_with(listen, tuning, storage, operations).await,
+        }
+    });
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
 /// A transport to serve on an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,22 +474,30 @@ pub enum Listen {
 }
 
 /// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default
-/// `info`), colored only on a terminal.
+/// `info`), as readable text colored only on a terminal.
 pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    if telemetry::init_logging(LogFormat::Text, &filter).is_err() {
+        let _ = telemetry::init_logging(LogFormat::Text, "info");
+    }
+}
+
+/// [`run_with`] with the default [`Operations`].
+pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyhow::Result<()> {
+    run_with(listen, tuning, storage, &Operations::default()).await
 }
 
 /// Opens the store, binds every listener (in order), prints one
-/// `listening on ADDRESS` line per listener to stdout in that order, serves
-/// one shared engine on all of them until Ctrl-C or SIGTERM, then shuts
-/// down cleanly.
-pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyhow::Result<()> {
+/// `listening on ADDRESS` line per listener to stdout in that order (then
+/// `metrics on ADDRESS` if metrics are served), serves one shared engine
+/// on all of them until Ctrl-C or SIGTERM, then shuts down cleanly within
+/// the shutdown timeout.
+pub async fn run_with(
+    listen: &[Listen],
+    tuning: &Tuning,
+    storage: &Storage,
+    operations: &Operations,
+) -> anyhow::Result<()> {
     let tls = tuning.server_tls()?;
     check_plaintext(listen, tuning.insecure_plaintext, tls.is_some())?;
     let shutdown = shutdown_signal().context("cannot install the signal handlers")?;
@@ -359,16 +505,47 @@ pub async fn run(listen: &[Listen], tuning: &Tuning, storage: &Storage) -> anyho
         tracing::info!(cert = %tls.cert_path().display(), "serving TLS; SIGHUP reloads the certificate and key");
         reload_on_hangup(tls.clone()).context("cannot install the SIGHUP handler")?;
     }
-    let chat = storage.open_with(tuning.engine()).await?;
+    // Before the engine and the store: they take their metric handles
+    // when made.
+    let metrics = match operations.metrics_listen {
+        Some(addr) => {
+            let handle = telemetry::install_metrics()?;
+            Some(telemetry::MetricsEndpoint::bind(addr, handle).await?)
+        }
+        None => None,
+    };
+    let opened = storage.open_store().await?;
+    let chat = Chat::new(Arc::clone(&opened.store), tuning.engine());
     let bound = Bound::bind(listen).await?;
     {
         let mut stdout = std::io::stdout().lock();
         for addr in bound.local_addrs()? {
             writeln!(stdout, "listening on {addr}")?;
         }
+        if let Some(metrics) = &metrics {
+            writeln!(stdout, "metrics on {}", metrics.local_addr()?)?;
+        }
         stdout.flush()?;
     }
-    bound.serve_with_tls(chat, tuning, tls, shutdown).await
+    let background = CancellationToken::new();
+    if let Some(metrics) = metrics {
+        tokio::spawn(metrics.serve(background.clone()));
+    }
+    if !matches!(opened.handle, StoreHandle::Memory) {
+        tokio::spawn(admin::serve_control(
+            Path::new(&storage.data).join(admin::CONTROL_SOCKET),
+            opened.handle.clone(),
+            background.clone(),
+        ));
+    }
+    let served = bound
+        .serve_draining(chat, tuning, tls, shutdown, operations.shutdown_timeout())
+        .await;
+    background.cancel();
+    // Every write the drain answered is on disk before the process exits,
+    // and the data directory is free for the next one.
+    opened.close().await;
+    served
 }
 
 /// Binds `listen` and serves `chat` on them in the background until the
@@ -449,6 +626,20 @@ impl Bound {
         tls: Option<ServerTls>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        self.serve_draining(chat, tuning, tls, shutdown, DRAIN_TIMEOUT)
+            .await
+    }
+
+    /// [`Bound::serve_with_tls`], giving connections `drain` to finish
+    /// once `shutdown` completes.
+    pub async fn serve_draining(
+        self,
+        chat: Chat,
+        tuning: &Tuning,
+        tls: Option<ServerTls>,
+        shutdown: impl std::future::Future<Output = ()>,
+        drain: Duration,
+    ) -> anyhow::Result<()> {
         let acceptor = |alpn| -> anyhow::Result<_> {
             tls.as_ref()
                 .map(|tls| tls.acceptor(alpn))
@@ -471,7 +662,7 @@ impl Bound {
                 Listen::Socket(_) => {
                     let config = ServerConfig {
                         tls: acceptor(chat_tls::ALPN_SOCKET)?,
-                        ..tuning.socket(connections.clone())
+                        ..tuning.socket(connections.clone(), drain)
                     };
                     tracing::info!(addr = %listener.local_addr()?, "socket transport ready");
                     servers.spawn(async move {
@@ -506,9 +697,10 @@ impl Bound {
         }
         stop.cancel();
         chat.shutdown();
-        // Each transport drains its own connections; a client that neither
-        // reads nor closes must not keep the process alive past this.
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        // Each transport drains its own connections within `drain`; a
+        // client that neither reads nor closes must not keep the process
+        // alive much past it.
+        let drained = tokio::time::timeout(drain + Duration::from_secs(1), async {
             while let Some(result) = servers.join_next().await {
                 result??;
             }
@@ -518,7 +710,7 @@ impl Bound {
         match drained {
             Ok(result) => result?,
             Err(_) => {
-                tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+                tracing::warn!("connections still open after {drain:?}; closing them");
                 servers.shutdown().await;
             }
         }

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_core::metrics::{self as m, Held};
 use chat_core::{
     Chat, ConnectionLimit, Durable, ErrorCode, Event, LogoutReason, Refusal, Session, StoreError,
 };
@@ -31,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::codec::{DEFAULT_MAX_REQUEST, ServerCodec};
 use crate::frame::{
@@ -98,6 +99,8 @@ pub async fn serve(
     // Refusing costs a task and a socket for up to a second; bound how
     // many are refused at once, and drop the rest without a word.
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
+    let accepted_total = metrics::counter!(m::CONNECTIONS_ACCEPTED, "transport" => "socket");
+    let refused_total = metrics::counter!(m::CONNECTIONS_REFUSED, "transport" => "socket");
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -117,6 +120,7 @@ pub async fn serve(
         let slot = match config.connections.try_acquire(peer.ip()) {
             Ok(slot) => slot,
             Err(refused) => {
+                refused_total.increment(1);
                 debug!(%peer, ?refused, "connection refused");
                 let message = match refused {
                     Refusal::Full => "the server is full; try again later",
@@ -134,11 +138,21 @@ pub async fn serve(
                 continue;
             }
         };
+        accepted_total.increment(1);
         let chat = chat.clone();
         let config = Arc::clone(&config);
         let stop = stop.clone();
+        // Every line this connection causes names it; `user` is filled in
+        // by the engine at login.
+        let span = tracing::info_span!(
+            "conn",
+            transport = "socket",
+            %peer,
+            user = tracing::field::Empty
+        );
         tracker.spawn(async move {
             let _slot = slot;
+            let _open = Held::new(m::CONNECTIONS, "socket");
             let accepted = Instant::now();
             if let Err(err) = configure(&stream, &config) {
                 debug!(%peer, %err, "could not set socket options");
@@ -163,7 +177,7 @@ pub async fn serve(
             }
             })
             .await;
-        });
+        }.instrument(span));
     }
     info!("socket server stopping");
     stop.cancel();
@@ -287,7 +301,8 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         CONNECTION_BUFFER,
     );
     let (session, mut events) = chat.open_session_over(peer.ip(), encrypted);
-    debug!(%peer, session = session.id(), "connected");
+    let _session = Held::new(m::SESSIONS, "socket");
+    debug!(session = session.id(), "connected");
     // Until the hello, the (shorter) handshake timeout applies.
     let mut deadline = accepted + config.handshake_timeout.min(config.idle_timeout);
     let mut greeting = Greeting::default();
@@ -705,12 +720,15 @@ fn welcome(
 /// A staged send's answer when its message could not be made durable.
 fn unstored(reply: ServerFrame, err: StoreError) -> ServerFrame {
     match reply {
-        ServerFrame::Sent { id, state, .. } => ServerFrame::Error {
-            id,
-            state,
-            code: ErrorCode::StoreUnavailable,
-            message: err.to_string(),
-        },
+        ServerFrame::Sent { id, state, .. } => {
+            m::count_error("socket", ErrorCode::StoreUnavailable);
+            ServerFrame::Error {
+                id,
+                state,
+                code: ErrorCode::StoreUnavailable,
+                message: err.to_string(),
+            }
+        }
         other => other,
     }
 }
@@ -826,12 +844,15 @@ async fn answer(
             state,
             messages,
         },
-        Err(err) => ServerFrame::Error {
-            id,
-            state,
-            code: err.code(),
-            message: err.to_string(),
-        },
+        Err(err) => {
+            m::count_error("socket", err.code());
+            ServerFrame::Error {
+                id,
+                state,
+                code: err.code(),
+                message: err.to_string(),
+            }
+        }
     };
     Ok((reply, durable))
 }

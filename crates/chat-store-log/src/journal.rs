@@ -188,6 +188,11 @@ impl LogJournal {
 
     fn commit_loop(&self, mut file: File) {
         let mut batch = Vec::new();
+        let latency =
+            metrics::histogram!(chat_core::metrics::STORE_COMMIT_LATENCY, "store" => "log");
+        let batch_size =
+            metrics::histogram!(chat_core::metrics::STORE_COMMIT_BATCH, "store" => "log");
+        let mut committed = self.durable.borrow().position;
         loop {
             let (last, rotate) = {
                 let Ok(mut pending) = self.pending.lock() else {
@@ -210,6 +215,7 @@ impl LogJournal {
                 (pending.last, pending.rotate.take())
             };
             let mut added = batch.len();
+            let started = std::time::Instant::now();
             let written = match rotate {
                 Some((at, next)) => write_synced(&mut file, &batch[..at]).and_then(|()| {
                     file = next;
@@ -224,6 +230,9 @@ impl LogJournal {
                 self.fail(format!("writing the log failed: {err}"));
                 return;
             }
+            latency.record(started.elapsed());
+            batch_size.record(last.saturating_sub(committed) as f64);
+            committed = committed.max(last);
             let size = self.log_bytes.fetch_add(added as u64, Ordering::Relaxed) + added as u64;
             batch.clear();
             self.durable

@@ -224,6 +224,40 @@ pub struct SqliteStore {
     queue_limit: usize,
 }
 
+/// Why a backup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The target directory could not be created or read.
+    #[error("cannot write the backup in {path}: {source}")]
+    Io {
+        /// The directory or file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The target already holds a database (or its name is not UTF-8).
+    #[error("{} already holds a database (or its path is not UTF-8); back up into a new directory", .0.display())]
+    Occupied(PathBuf),
+    /// SQLite could not write the copy.
+    #[error("cannot copy the database into {path}: {source}")]
+    Sql {
+        /// The copy's file.
+        path: PathBuf,
+        /// Why.
+        source: sqlx::Error,
+    },
+}
+
+impl BackupError {
+    /// A stable code for scripts and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BackupError::Io { .. } | BackupError::Sql { .. } => "backup_io",
+            BackupError::Occupied(_) => "backup_occupied",
+        }
+    }
+}
+
 /// The newest schema version this binary knows.
 pub fn schema_version() -> i64 {
     MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
@@ -247,6 +281,36 @@ async fn database_version(conn: &mut SqliteConnection) -> Result<i64, sqlx::Erro
 }
 
 impl SqliteStore {
+    /// Writes a consistent copy of the database as it is now (one read
+    /// transaction: every write acknowledged before it started) into `to`,
+    /// a new or empty directory, which then opens as a store of its own.
+    /// Returns the copy's size in bytes. The server keeps serving while it
+    /// runs.
+    pub async fn backup(&self, to: &Path) -> Result<u64, BackupError> {
+        let io = |source| BackupError::Io {
+            path: to.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(to).map_err(io)?;
+        let target = to.join(DATABASE_FILE);
+        if target.exists() {
+            return Err(BackupError::Occupied(to.to_path_buf()));
+        }
+        let path = target
+            .to_str()
+            .ok_or_else(|| BackupError::Occupied(to.to_path_buf()))?
+            .to_string();
+        sqlx::query("VACUUM INTO ?")
+            .bind(path)
+            .execute(&self.lists)
+            .await
+            .map_err(|source| BackupError::Sql {
+                path: target.clone(),
+                source,
+            })?;
+        std::fs::metadata(&target).map(|m| m.len()).map_err(io)
+    }
+
     /// Opens (creating if needed) the database in the directory `dir`,
     /// migrating an older schema, and starts the writer task.
     pub async fn open(dir: &Path, options: SqliteOptions) -> Result<Self, OpenError> {

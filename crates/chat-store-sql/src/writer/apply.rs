@@ -122,6 +122,7 @@ impl Writer {
             options,
             counters,
             send_ids,
+            metrics: _,
         } = self;
         let mut pending = Pending::default();
         for job in batch.iter_mut() {

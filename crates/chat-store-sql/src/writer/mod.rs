@@ -148,6 +148,8 @@ struct Writer {
     counters: CounterCache,
     /// Send ids remembered per sender, for the per-sender bound.
     send_ids: SendIdCounts,
+    /// Commit latency and writes per commit.
+    metrics: (metrics::Histogram, metrics::Histogram),
 }
 
 /// The next tick of the writer's own prune timer, if it has one.
@@ -178,6 +180,10 @@ async fn run(
         options,
         counters: CounterCache::default(),
         send_ids: SendIdCounts::default(),
+        metrics: (
+            metrics::histogram!(chat_core::metrics::STORE_COMMIT_LATENCY, "store" => "sqlite"),
+            metrics::histogram!(chat_core::metrics::STORE_COMMIT_BATCH, "store" => "sqlite"),
+        ),
     };
     loop {
         let first = tokio::select! {
@@ -204,7 +210,11 @@ async fn run(
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
+        let writes = batch.len();
         writer.run_batch(batch).await?;
+        writer.metrics.0.record(started.elapsed());
+        writer.metrics.1.record(writes as f64);
     }
 }
 

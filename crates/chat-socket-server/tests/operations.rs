@@ -1,0 +1,521 @@
+//! Running the server for real: configuration from flags, environment and
+//! a file; the metrics endpoint; JSON logs with the connection's span;
+//! backups taken while the server runs, and restored. Real child processes
+//! throughout.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use chat_conformance::process::ServerProcess;
+use chat_core::client::{ChatClient, Push};
+use chat_socket::SocketClient;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_chat-socket-server");
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs the server binary to completion with `args` and `env`; returns its
+/// exit code, stdout and stderr.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut command = std::process::Command::new(SERVER);
+    command.args(args);
+    // A variable set where the tests run must not decide what they see.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CHAT_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().copied());
+    let out = command.output().expect("run the server binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--print-config`'s lines as key → (value, source).
+fn effective(printed: &str) -> BTreeMap<String, (String, String)> {
+    printed
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (key, rest) = line.split_once(" = ")?;
+            let (value, source) = rest.split_once("  # ")?;
+            Some((key.to_string(), (value.to_string(), source.to_string())))
+        })
+        .collect()
+}
+
+#[test]
+fn flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("chat.toml");
+    std::fs::write(
+        &file,
+        "idle-timeout-secs = 100\nmax_connections = 50\nsend-rate = 7\ninsecure-plaintext = true\n\
+         data = \"/srv/chat\"\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let (code, out, err) = run(
+        &["--config", file, "--send-rate", "9", "--print-config"],
+        &[("CHAT_MAX_CONNECTIONS", "60"), ("CHAT_SEND_RATE", "8")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let config = effective(&out);
+    let at = |key: &str| {
+        config
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("{key} missing in {out}"))
+    };
+    // Set by all four: the flag wins.
+    assert_eq!(at("send-rate"), ("9".into(), "flag".into()));
+    // Environment and file: the environment.
+    assert_eq!(
+        at("max-connections"),
+        ("60".into(), "environment CHAT_MAX_CONNECTIONS".into())
+    );
+    // File only (underscores or dashes in its keys alike).
+    assert_eq!(
+        at("idle-timeout-secs"),
+        ("100".into(), "config file".into())
+    );
+    assert_eq!(
+        at("insecure-plaintext"),
+        ("true".into(), "config file".into())
+    );
+    assert_eq!(at("data"), ("\"/srv/chat\"".into(), "config file".into()));
+    // Nothing: the default.
+    assert_eq!(at("send-burst"), ("512".into(), "default".into()));
+    assert_eq!(at("store"), ("\"log\"".into(), "default".into()));
+    // The printed configuration is itself a valid config file that gives
+    // the same configuration.
+    let again = dir.path().join("again.toml");
+    let body: String = out
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_once("  # ").map_or(l, |(kv, _)| kv).to_string() + "\n")
+        .collect();
+    std::fs::write(&again, body).unwrap();
+    let (code, out_again, err) = run(
+        &["--config", again.to_str().unwrap(), "--print-config"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let values = |c: &BTreeMap<String, (String, String)>| -> BTreeMap<String, String> {
+        c.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect()
+    };
+    assert_eq!(values(&effective(&out_again)), values(&config));
+}
+
+#[test]
+fn a_bad_option_fails_at_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let cases = [
+        (
+            write("unknown.toml", "max-conections = 5\n"),
+            "max-conections",
+        ),
+        (
+            write("value.toml", "max-connections = \"lots\"\n"),
+            "--max-connections",
+        ),
+        (write("array.toml", "send-rate = [1, 2]\n"), "send-rate"),
+        (
+            write("switch.toml", "insecure-plaintext = \"yes\"\n"),
+            "insecure-plaintext",
+        ),
+        (write("syntax.toml", "send-rate = \n"), "not valid TOML"),
+    ];
+    for (file, named) in &cases {
+        let (code, _, err) = run(&["--config", file, "--data", ":memory:"], &[]);
+        assert_eq!(code, 2, "{file}: {err}");
+        assert!(
+            err.contains(named),
+            "{file}: the error names {named}: {err}"
+        );
+        assert!(
+            err.contains(file.as_str()),
+            "{file}: the error names the file: {err}"
+        );
+    }
+    let (code, _, err) = run(&["--print-config"], &[("CHAT_QUEUE_LIMIT", "many")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--queue-limit"), "{err}");
+    let (code, _, err) = run(&["--log-filter", "info,=x=y", "--data", ":memory:"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--log-filter"), "{err}");
+    // --help lists every option, with its default and variable.
+    let (code, help, _) = run(&["--help"], &[]);
+    assert_eq!(code, 0);
+    for option in [
+        "--max-connections",
+        "--metrics-listen",
+        "--shutdown-timeout-secs",
+        "--config",
+    ] {
+        assert!(help.contains(option), "--help lists {option}");
+    }
+    assert!(help.contains("[env: CHAT_SEND_BURST=]") && help.contains("[default: 512]"));
+}
+
+#[tokio::test]
+async fn the_file_configures_the_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("chat.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\nstore = \"memory\"\nmax-accounts = 1\n",
+    )
+    .unwrap();
+    let server = ServerProcess::start(SERVER, &["--config", file.to_str().unwrap()], 1).await;
+    let mut alice = SocketClient::connect(&server.addrs[0]).await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    let mut bob = SocketClient::connect(&server.addrs[0]).await.unwrap();
+    let refused = bob.create("bob", "password1").await.unwrap_err();
+    assert_eq!(refused.code(), Some(chat_core::ErrorCode::AccountLimit));
+    drop((alice, bob));
+    server.terminate().await;
+}
+
+/// One scrape of `/metrics`: sample name with labels → value.
+async fn scrape(addr: &str) -> BTreeMap<String, f64> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: chat\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
+        .await
+        .expect("scraped in time")
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4")
+    );
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn sample(metrics: &BTreeMap<String, f64>, name: &str) -> f64 {
+    metrics.get(name).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_with_the_traffic() {
+    let data = tempfile::tempdir().unwrap();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let mut server = ServerProcess::start(SERVER, &args, 1).await;
+    let line = server.next_line().await;
+    let metrics_addr = line.strip_prefix("metrics on ").expect(&line).to_string();
+    let before = scrape(&metrics_addr).await;
+    assert_eq!(sample(&before, "chat_messages_sent_total"), 0.0);
+    assert!(
+        sample(&before, "process_resident_memory_bytes") > 0.0,
+        "process figures are served"
+    );
+
+    let addr = server.addrs[0].clone();
+    let mut alice = SocketClient::connect(&addr).await.unwrap();
+    let mut bob = SocketClient::connect(&addr).await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
+    for n in 0..5 {
+        alice.send("bob", &format!("live {n}")).await.unwrap();
+    }
+    let mut last = None;
+    for _ in 0..5 {
+        match tokio::time::timeout(PATIENCE, bob.next_push())
+            .await
+            .unwrap()
+        {
+            Some(Push::Message(m)) => last = Some(m.id),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+    bob.ack(last.unwrap()).await.unwrap();
+    bob.logout().await.unwrap();
+    for n in 0..3 {
+        alice.send("bob", &format!("queued {n}")).await.unwrap();
+    }
+    let mut mallory = SocketClient::connect(&addr).await.unwrap();
+    assert!(mallory.login("alice", "wrong-password").await.is_err());
+
+    let after = scrape(&metrics_addr).await;
+    let moved = |name: &str| sample(&after, name) - sample(&before, name);
+    assert_eq!(moved("chat_messages_sent_total"), 8.0);
+    assert_eq!(moved("chat_messages_delivered_live_total"), 5.0);
+    assert_eq!(moved("chat_messages_queued_total"), 3.0);
+    assert_eq!(moved("chat_messages_acknowledged_total"), 5.0);
+    assert_eq!(moved("chat_accounts_created_total"), 2.0);
+    assert_eq!(moved("chat_logins_total{outcome=\"ok\"}"), 2.0);
+    assert_eq!(moved("chat_logins_total{outcome=\"failed\"}"), 1.0);
+    assert_eq!(
+        moved("chat_errors_total{transport=\"socket\",code=\"wrong_password\"}"),
+        1.0,
+        "{after:?}"
+    );
+    assert_eq!(
+        sample(&after, "chat_connections{transport=\"socket\"}"),
+        3.0
+    );
+    assert_eq!(
+        sample(&after, "chat_users_online"),
+        1.0,
+        "alice; bob logged out"
+    );
+    assert_eq!(
+        moved("chat_connections_accepted_total{transport=\"socket\"}"),
+        3.0
+    );
+    assert_eq!(moved("chat_delivery_latency_seconds_count"), 5.0);
+    assert!(moved("chat_store_commit_seconds_count{store=\"log\"}") >= 1.0);
+    assert!(moved("chat_store_commit_batch_size_sum{store=\"log\"}") >= 8.0);
+    assert!(
+        sample(&after, "process_open_fds") >= 3.0,
+        "the connections' descriptors at least"
+    );
+
+    drop((alice, bob, mallory));
+    // The connections are gone from the gauge once closed.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let now = scrape(&metrics_addr).await;
+        if sample(&now, "chat_connections{transport=\"socket\"}") == 0.0 {
+            assert_eq!(sample(&now, "chat_users_online"), 0.0);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections never closed"
+        );
+        tokio::task::yield_now().await;
+    }
+    server.terminate().await;
+}
+
+#[tokio::test]
+async fn json_logs_name_the_connection_and_never_the_secrets() {
+    let mut child = tokio::process::Command::new(SERVER)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            ":memory:",
+            "--log-format",
+            "json",
+            "--log-filter",
+            "debug",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(PATIENCE, stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = line.strip_prefix("listening on ").unwrap().to_string();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut alice = SocketClient::connect(&addr).await.unwrap();
+    alice.create("alice", "secret-password-1").await.unwrap();
+    alice.send("alice", "a private body").await.unwrap();
+    alice.logout().await.unwrap();
+    drop(alice);
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let mut lines = Vec::new();
+    while let Ok(Some(line)) = tokio::time::timeout(PATIENCE, stderr.next_line())
+        .await
+        .unwrap()
+    {
+        lines.push(line);
+    }
+    assert!(child.wait().await.unwrap().success());
+    let all = lines.join("\n");
+    assert!(
+        !all.contains("secret-password-1"),
+        "a password was logged:\n{all}"
+    );
+    assert!(
+        !all.contains("a private body"),
+        "a message body was logged:\n{all}"
+    );
+    let mut found = false;
+    for line in &lines {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "every line is one JSON object: {line}"
+        );
+        if line.contains("\"message\":\"logged out\"") {
+            // The connection's span: transport, peer and the user.
+            for field in [
+                "\"name\":\"conn\"",
+                "\"transport\":\"socket\"",
+                "\"peer\":\"127.0.0.1:",
+                "\"user\":\"alice\"",
+            ] {
+                assert!(line.contains(field), "{field} in {line}");
+            }
+            found = true;
+        }
+    }
+    assert!(found, "a `logged out` line:\n{all}");
+}
+
+/// Logs `name` in on a fresh connection and takes every message waiting
+/// (replayed and queued), acknowledging them.
+async fn messages_of(addr: &str, name: &str) -> Vec<String> {
+    let mut client = SocketClient::connect(addr).await.unwrap();
+    client.login(name, "password1").await.unwrap();
+    let mut got: Vec<String> = client
+        .fetch(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body.to_string())
+        .collect();
+    got.sort();
+    got
+}
+
+#[tokio::test]
+async fn a_backup_taken_while_serving_restores() {
+    for store in ["log", "sqlite"] {
+        let data = tempfile::tempdir().unwrap();
+        let backups = tempfile::tempdir().unwrap();
+        let data_dir = data.path().to_str().unwrap();
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data_dir,
+            "--store",
+            store,
+        ];
+        let server = ServerProcess::start(SERVER, &args, 1).await;
+        let addr = server.addrs[0].clone();
+        let mut alice = SocketClient::connect(&addr).await.unwrap();
+        alice.create("alice", "password1").await.unwrap();
+        let mut bob = SocketClient::connect(&addr).await.unwrap();
+        bob.create("bob", "password1").await.unwrap();
+        bob.logout().await.unwrap();
+        for n in 0..3 {
+            alice.send("bob", &format!("before {n}")).await.unwrap();
+        }
+
+        // While the server runs: through its control socket.
+        let dest = backups.path().join("online");
+        let (code, out, err) = run(
+            &[
+                "--data",
+                data_dir,
+                "--store",
+                store,
+                "backup",
+                dest.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{store}: {err}");
+        assert!(out.starts_with("backup written to "), "{out}");
+        // Into the same place again: refused, naming why.
+        let (code, _, err) = run(
+            &[
+                "--data",
+                data_dir,
+                "--store",
+                store,
+                "backup",
+                dest.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_ne!(code, 0);
+        assert!(err.contains("backup_occupied"), "{store}: {err}");
+
+        alice.send("bob", "after").await.unwrap();
+        drop(alice);
+        server.terminate().await;
+
+        // With the server stopped: the command opens the store itself.
+        let offline = backups.path().join("offline");
+        let (code, _, err) = run(
+            &[
+                "--data",
+                data_dir,
+                "--store",
+                store,
+                "backup",
+                offline.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{store}: {err}");
+
+        // Restore: serve the copy.
+        for (copy, expected) in [
+            (&dest, vec!["before 0", "before 1", "before 2"]),
+            (&offline, vec!["after", "before 0", "before 1", "before 2"]),
+        ] {
+            let args = [
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                copy.to_str().unwrap(),
+                "--store",
+                store,
+            ];
+            let restored = ServerProcess::start(SERVER, &args, 1).await;
+            let got = messages_of(&restored.addrs[0], "bob").await;
+            assert_eq!(got, expected, "{store}: restored from {}", copy.display());
+            restored.terminate().await;
+        }
+    }
+}
+
+#[test]
+fn a_memory_server_has_nothing_to_back_up() {
+    let dest = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(
+        &[
+            "--data",
+            ":memory:",
+            "backup",
+            dest.path().join("x").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("in memory"), "{err}");
+}
