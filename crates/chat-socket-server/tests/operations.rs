@@ -298,6 +298,25 @@ async fn metrics_move_with_the_traffic() {
         sample(&after, "process_open_fds") >= 3.0,
         "the connections' descriptors at least"
     );
+    // Every metric docs/OPERATIONS.md lists is served.
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/OPERATIONS.md"
+    ))
+    .unwrap();
+    let listed: Vec<&str> = doc
+        .split('`')
+        .filter(|word| {
+            word.starts_with("chat_") && word.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        })
+        .collect();
+    assert!(listed.len() >= 18, "the metrics table: {listed:?}");
+    for name in listed {
+        assert!(
+            after.keys().any(|sample| sample.starts_with(name)),
+            "OPERATIONS.md lists {name}, which the server does not serve"
+        );
+    }
 
     drop((alice, bob, mallory));
     // The connections are gone from the gauge once closed.
@@ -518,4 +537,66 @@ fn a_memory_server_has_nothing_to_back_up() {
     );
     assert_ne!(code, 0);
     assert!(err.contains("in memory"), "{err}");
+}
+
+/// The `--print-config` example in docs/OPERATIONS.md is what the binary
+/// prints for that file, those variables and those flags.
+#[test]
+fn the_operations_guide_shows_the_real_print_config() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/OPERATIONS.md"
+    ))
+    .unwrap();
+    let (_, rest) = doc
+        .split_once("With this `chat.toml`:")
+        .expect("the example");
+    let (_, rest) = rest.split_once("```toml\n").unwrap();
+    let (file, rest) = rest.split_once("```").unwrap();
+    let (_, rest) = rest.split_once("```text\n").unwrap();
+    let (shown, _) = rest.split_once("```").unwrap();
+    let mut shown = shown.lines();
+    let command = shown.next().unwrap().strip_prefix("$ ").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chat.toml");
+    std::fs::write(&path, file).unwrap();
+    let mut env = Vec::new();
+    let mut args = Vec::new();
+    for word in command.split_whitespace().skip_while(|w| w.contains('=')) {
+        args.push(if word == "chat.toml" {
+            path.to_str().unwrap()
+        } else {
+            word
+        });
+    }
+    for word in command.split_whitespace().take_while(|w| w.contains('=')) {
+        env.push(word.split_once('=').unwrap());
+    }
+    assert_eq!(args.first(), Some(&"chat-socket-server"));
+    let (code, out, err) = run(&args[1..], &env);
+    assert_eq!(code, 0, "{err}");
+    let mut printed = out.lines();
+    for line in shown.filter(|line| *line != "...") {
+        assert!(
+            printed.any(|p| p == line),
+            "OPERATIONS.md shows `{line}`, which --print-config does not print (in that order):\n{out}"
+        );
+    }
+}
+
+/// The example configuration shipped in deploy/ is valid.
+#[test]
+fn the_shipped_example_configuration_is_valid() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/chat.toml");
+    let (code, out, err) = run(&["--config", file, "--print-config"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let config = effective(&out);
+    assert_eq!(
+        config["data"],
+        ("\"/var/lib/chat\"".into(), "config file".into())
+    );
+    assert_eq!(
+        config["log-format"],
+        ("\"json\"".into(), "config file".into())
+    );
 }
