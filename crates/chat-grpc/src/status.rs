@@ -53,8 +53,11 @@ pub fn grpc_code(code: ErrorCode) -> Code {
     }
 }
 
-/// A status for `code` with `message`, carrying the stable code.
+/// A status for `code` with `message`, carrying the stable code. Every
+/// error the server answers is made here, so it is counted here
+/// (`chat_errors_total`).
 pub fn to_status(code: ErrorCode, message: impl Into<String>) -> Status {
+    chat_core::metrics::count_error("grpc", code);
     let details = ErrorDetails::with_error_info(
         code.as_str().to_ascii_uppercase(),
         ERROR_DOMAIN,
@@ -69,7 +72,6 @@ pub fn to_status(code: ErrorCode, message: impl Into<String>) -> Status {
 
 /// The status for an engine error.
 pub fn from_chat_error(err: &ChatError) -> Status {
-    chat_core::metrics::count_error("grpc", err.code());
     to_status(err.code(), err.to_string())
 }
 

@@ -227,8 +227,10 @@ async fn metrics_move_with_the_traffic() {
         data.path().to_str().unwrap(),
         "--metrics-listen",
         "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
     ];
-    let mut server = ServerProcess::start(SERVER, &args, 1).await;
+    let mut server = ServerProcess::start(SERVER, &args, 2).await;
     let line = server.next_line().await;
     let metrics_addr = line.strip_prefix("metrics on ").expect(&line).to_string();
     let before = scrape(&metrics_addr).await;
@@ -263,16 +265,29 @@ async fn metrics_move_with_the_traffic() {
     }
     let mut mallory = SocketClient::connect(&addr).await.unwrap();
     assert!(mallory.login("alice", "wrong-password").await.is_err());
+    // gRPC's are counted under its own label.
+    let mut carol = chat_grpc::GrpcClient::connect(&server.addrs[1])
+        .await
+        .unwrap();
+    assert!(carol.login("alice", "wrong-password").await.is_err());
+    carol.create("carol", "password1").await.unwrap();
+    carol.send("bob", "over grpc").await.unwrap();
 
     let after = scrape(&metrics_addr).await;
     let moved = |name: &str| sample(&after, name) - sample(&before, name);
-    assert_eq!(moved("chat_messages_sent_total"), 8.0);
+    assert_eq!(moved("chat_messages_sent_total"), 9.0);
     assert_eq!(moved("chat_messages_delivered_live_total"), 5.0);
-    assert_eq!(moved("chat_messages_queued_total"), 3.0);
+    assert_eq!(moved("chat_messages_queued_total"), 4.0);
     assert_eq!(moved("chat_messages_acknowledged_total"), 5.0);
-    assert_eq!(moved("chat_accounts_created_total"), 2.0);
-    assert_eq!(moved("chat_logins_total{outcome=\"ok\"}"), 2.0);
-    assert_eq!(moved("chat_logins_total{outcome=\"failed\"}"), 1.0);
+    assert_eq!(moved("chat_accounts_created_total"), 3.0);
+    assert_eq!(moved("chat_logins_total{outcome=\"ok\"}"), 3.0);
+    assert_eq!(moved("chat_logins_total{outcome=\"failed\"}"), 2.0);
+    assert_eq!(
+        moved("chat_errors_total{transport=\"grpc\",code=\"wrong_password\"}"),
+        1.0
+    );
+    assert_eq!(sample(&after, "chat_connections{transport=\"grpc\"}"), 1.0);
+    assert_eq!(sample(&after, "chat_sessions{transport=\"grpc\"}"), 1.0);
     assert_eq!(
         moved("chat_errors_total{transport=\"socket\",code=\"wrong_password\"}"),
         1.0,
@@ -284,8 +299,8 @@ async fn metrics_move_with_the_traffic() {
     );
     assert_eq!(
         sample(&after, "chat_users_online"),
-        1.0,
-        "alice; bob logged out"
+        2.0,
+        "alice and carol; bob logged out"
     );
     assert_eq!(
         moved("chat_connections_accepted_total{transport=\"socket\"}"),
@@ -293,7 +308,7 @@ async fn metrics_move_with_the_traffic() {
     );
     assert_eq!(moved("chat_delivery_latency_seconds_count"), 5.0);
     assert!(moved("chat_store_commit_seconds_count{store=\"log\"}") >= 1.0);
-    assert!(moved("chat_store_commit_batch_size_sum{store=\"log\"}") >= 8.0);
+    assert!(moved("chat_store_commit_batch_size_sum{store=\"log\"}") >= 9.0);
     assert!(
         sample(&after, "process_open_fds") >= 3.0,
         "the connections' descriptors at least"
@@ -318,12 +333,14 @@ async fn metrics_move_with_the_traffic() {
         );
     }
 
-    drop((alice, bob, mallory));
+    drop((alice, bob, mallory, carol));
     // The connections are gone from the gauge once closed.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let now = scrape(&metrics_addr).await;
-        if sample(&now, "chat_connections{transport=\"socket\"}") == 0.0 {
+        if sample(&now, "chat_connections{transport=\"socket\"}") == 0.0
+            && sample(&now, "chat_connections{transport=\"grpc\"}") == 0.0
+        {
             assert_eq!(sample(&now, "chat_users_online"), 0.0);
             break;
         }
