@@ -857,3 +857,26 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_concurrency_reaches_the_engine_and_defaults_to_its_own() {
+        let defaults = chat_core::Config::default().hashing;
+        assert_eq!(Tuning::default().engine().hashing, defaults);
+        let tuned = Tuning {
+            hash_concurrency: Some(3),
+            ..Tuning::default()
+        };
+        let hashing = tuned.engine().hashing;
+        assert_eq!(hashing.max_concurrent, 3);
+        assert_eq!(hashing.memory_kib, defaults.memory_kib, "nothing else moves");
+        let zero = Tuning {
+            hash_concurrency: Some(0),
+            ..Tuning::default()
+        };
+        assert_eq!(zero.engine().hashing.max_concurrent, 1, "never none at all");
+    }
+}
