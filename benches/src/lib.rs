@@ -470,6 +470,16 @@ pub fn serve_if_asked() {
         }
         engine.throttle.checks_per_address = unlimited;
         engine.throttle.per_address = unlimited;
+        // `CHAT_BENCH_TELEMETRY=1`: run as an operator would, with info
+        // logs and metrics recorded and served (their cost is then in
+        // every figure). Off by default, like an embedded engine.
+        if std::env::var_os("CHAT_BENCH_TELEMETRY").is_some() {
+            chat_server::telemetry::init_logging(chat_server::LogFormat::Text, "info")?;
+            let handle = chat_server::telemetry::install_metrics()?;
+            let endpoint =
+                chat_server::telemetry::MetricsEndpoint::bind(listener_addr, handle).await?;
+            tokio::spawn(endpoint.serve(tokio_util::sync::CancellationToken::new()));
+        }
         let chat = storage.open_with(engine).await?;
         let listen = if served == "grpc" {
             chat_server::Listen::Grpc(listener_addr)
