@@ -1,13 +1,16 @@
 //! `chat`: the terminal chat client.
 //!
-//! On a terminal it is interactive: a line editor keeps what you type
-//! intact while messages arrive, and the prompt shows who you are. When
-//! standard input is not a terminal (scripts, tests) it reads one command
-//! per line and prints one result line per command; the line format is the
-//! same in both modes and is documented in README.md as stable. It speaks
-//! either transport (`--transport socket|grpc`).
+//! With standard input and output on a terminal it runs a full-screen UI
+//! ([`tui`]): conversations, a message line, a status bar, and reconnection
+//! with backoff. With `--plain`, or when standard input is not a terminal
+//! (scripts, tests), it runs the line mode: one command per line, one
+//! result line per command, in the format README.md documents as stable;
+//! on a terminal that mode has a line editor that keeps what you type
+//! intact while messages arrive. It speaks either transport
+//! (`--transport socket|grpc`).
 
 mod command;
+mod tui;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -44,6 +47,10 @@ struct Args {
     /// host of --server (implies --tls).
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
+    /// Line mode even on a terminal: one command per line, as in scripts
+    /// (the full-screen UI is the default on a terminal).
+    #[arg(long)]
+    plain: bool,
 }
 
 impl Args {
@@ -88,6 +95,26 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !args.plain && std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+        let endpoint = tui::app::Endpoint {
+            server: server.clone(),
+            transport: match args.transport {
+                Transport::Socket => "socket",
+                Transport::Grpc => "grpc",
+            },
+            tls: tls.is_some(),
+        };
+        return match args.transport {
+            Transport::Socket => {
+                let connect = tui::net::SocketConnect { addr: server, tls };
+                tui::run(endpoint, connect).await
+            }
+            Transport::Grpc => {
+                let connect = tui::net::GrpcConnect { addr: server, tls };
+                tui::run(endpoint, connect).await
+            }
+        };
+    }
     let console = match console() {
         Ok(console) => console,
         Err(err) => {
