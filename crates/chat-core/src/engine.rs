@@ -595,6 +595,8 @@ impl Session {
         }
         metrics.created.increment(1);
         metrics.logins.increment(1);
+        // Logged once no shared lock is held: writing a line may block.
+        drop(stripe);
         tracing::Span::current().record("user", tracing::field::display(&name));
         tracing::info!(user = %name, "account created");
         *state = Some(name);
@@ -615,7 +617,14 @@ impl Session {
                 ErrorCode::WrongPassword | ErrorCode::NoSuchUser | ErrorCode::TooManyAttempts
             ) {
                 self.chat.inner.metrics.failed_logins.increment(1);
-                tracing::info!(user = %name, code = err.code().as_str(), "login refused");
+                // A wrong password costs its sender a hash, so it is worth
+                // a line; throttled attempts and unknown names cost nothing
+                // (and a name field may hold a mistyped password).
+                if err.code() == ErrorCode::WrongPassword {
+                    tracing::info!(user = %name, code = err.code().as_str(), "login refused");
+                } else {
+                    tracing::debug!(code = err.code().as_str(), "login refused");
+                }
             }
             return Err(err);
         }
@@ -643,16 +652,17 @@ impl Session {
             metrics.online.increment(1.0);
         }
         metrics.logins.increment(1);
-        metrics.redelivered.increment(unacked.len() as u64);
-        tracing::Span::current().record("user", tracing::field::display(&name));
-        tracing::info!(user = %name, redelivering = unacked.len(), "logged in");
+        let replayed = unacked.len();
+        metrics.redelivered.increment(replayed as u64);
         // Always replaced: whatever an earlier login left is not this
         // user's to see.
-        let replaying = !unacked.is_empty();
         self.shared.set_replay(unacked.into());
-        if replaying {
+        if replayed > 0 {
             self.shared.notify.notify_one();
         }
+        drop(stripe);
+        tracing::Span::current().record("user", tracing::field::display(&name));
+        tracing::info!(user = %name, redelivering = replayed, "logged in");
         *state = Some(name);
         Ok(to_state(&state))
     }
@@ -829,6 +839,9 @@ impl Session {
             match recipient.tx.try_reserve() {
                 Ok(permit) => {
                     message.delivered = true;
+                    // Before the store: a store without staging commits in
+                    // `stage`, and the latency includes the commit.
+                    let accepted = Instant::now();
                     let (appended, durable) = store.stage(message).await?;
                     let receipt = receipt(&appended.message);
                     if !appended.duplicate {
@@ -838,7 +851,7 @@ impl Session {
                             login,
                             message: appended.message,
                             durable: durable.clone(),
-                            accepted: Instant::now(),
+                            accepted,
                         }));
                     }
                     return Ok((receipt, durable));
@@ -924,6 +937,7 @@ impl Session {
         self.sync(&mut state);
         if let Some(user) = state.take() {
             self.release(&user).await;
+            tracing::info!(user = %user, "logged out: connection closed");
         }
     }
 

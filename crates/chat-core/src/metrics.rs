@@ -108,11 +108,24 @@ pub fn describe() {
         "Duration of one store commit (write and sync of a batch)."
     );
     describe_histogram!(STORE_COMMIT_BATCH, "Writes per store commit.");
+    // Every error series exists from the start at 0, so that an alert on
+    // its increase sees the first one after a restart.
+    for transport in ["socket", "grpc"] {
+        for code in ErrorCode::ALL {
+            counter!(ERRORS, "transport" => transport, "code" => code.as_str()).increment(0);
+        }
+    }
 }
 
 /// Counts one request answered with `code` on `transport`.
 pub fn count_error(transport: &'static str, code: ErrorCode) {
     counter!(ERRORS, "transport" => transport, "code" => code.as_str()).increment(1);
+}
+
+/// Counts one login ended because its client stopped reading, found by a
+/// transport (gRPC's push timeout) rather than by the engine.
+pub fn count_slow_consumer() {
+    counter!(SLOW_CONSUMER_LOGOUTS).increment(1);
 }
 
 /// The engine's metric handles, taken once.

@@ -17,10 +17,10 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::pb;
-use crate::status::to_status;
+use crate::status::ending_status;
 
 /// What a Subscribe call returns.
 pub type PushStream = Pin<Box<dyn Stream<Item = Result<pb::Push, tonic::Status>> + Send>>;
@@ -73,7 +73,7 @@ fn logged_out(user: &str, reason: LogoutReason) -> Item {
 }
 
 fn shutting_down() -> Vec<Item> {
-    vec![Err(to_status(
+    vec![Err(ending_status(
         ErrorCode::ShuttingDown,
         "the server is shutting down",
     ))]
@@ -135,10 +135,14 @@ async fn forward(
                 Some(Vec::new())
             }
             Pushed::Stuck => {
-                debug!(session, "push stream not read; session ended");
+                warn!(
+                    user,
+                    "slow consumer logged out: its push stream was not read; its messages are queued"
+                );
+                chat_core::metrics::count_slow_consumer();
                 Some(vec![
                     logged_out(user, LogoutReason::SlowConsumer),
-                    Err(to_status(
+                    Err(ending_status(
                         ErrorCode::Unauthenticated,
                         format!(
                             "session ended: slow consumer (no push read for {} ms)",
@@ -173,7 +177,7 @@ async fn forward(
                 let mut last = vec![logged_out(user.as_str(), reason)];
                 if reason != LogoutReason::Requested {
                     let why = format!("session ended: {}", reason.as_str().replace('_', " "));
-                    last.push(Err(to_status(ErrorCode::Unauthenticated, why)));
+                    last.push(Err(ending_status(ErrorCode::Unauthenticated, why)));
                 }
                 return last;
             }

@@ -342,7 +342,7 @@ impl ChatService {
                                 }
                             }
                             let _ = tx
-                                .send(Err(to_status(
+                                .send(Err(crate::status::ending_status(
                                     ErrorCode::ShuttingDown,
                                     "the server is shutting down",
                                 )))

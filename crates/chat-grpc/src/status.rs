@@ -54,10 +54,17 @@ pub fn grpc_code(code: ErrorCode) -> Code {
 }
 
 /// A status for `code` with `message`, carrying the stable code. Every
-/// error the server answers is made here, so it is counted here
-/// (`chat_errors_total`).
+/// error the server answers a request with is made here, so it is counted
+/// here (`chat_errors_total`); the end of a stream is [`ending_status`].
 pub fn to_status(code: ErrorCode, message: impl Into<String>) -> Status {
     chat_core::metrics::count_error("grpc", code);
+    ending_status(code, message)
+}
+
+/// [`to_status`] for the status that ends a stream (a session over, the
+/// server stopping): news, not a refused request, so not counted as an
+/// error.
+pub fn ending_status(code: ErrorCode, message: impl Into<String>) -> Status {
     let details = ErrorDetails::with_error_info(
         code.as_str().to_ascii_uppercase(),
         ERROR_DOMAIN,

@@ -14,7 +14,11 @@
 //! ← error backup_occupied /absolute/path/to/new-dir already holds a store
 //! ```
 //!
-//! With no server running, the command opens the store itself.
+//! With no server running, the command opens the store itself. One backup
+//! runs at a time (another is answered `backup_busy`); a request line must
+//! arrive within [`REQUEST_TIMEOUT`]; a stop waits for a backup under way
+//! (up to [`STOP_WAIT`]) before the store closes. Only the data directory's
+//! owner (or root) may ask.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +36,12 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 
 /// Longest request line accepted on the control socket.
 const MAX_REQUEST: usize = 8 * 1024;
+
+/// How long a control connection may take to send its request.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a stop waits for a backup under way.
+pub const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// An operator command (a subcommand of both server binaries).
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
@@ -73,9 +83,12 @@ pub enum BackupError {
     /// The server keeps nothing on disk.
     #[error("the server keeps its data in memory: there is nothing to back up")]
     Memory,
-    /// The target already holds a store.
+    /// The target already holds a store, or other files.
     #[error("{0}")]
     Occupied(String),
+    /// Another backup is under way.
+    #[error("another backup is under way; try again when it is done")]
+    Busy,
     /// Writing the copy failed.
     #[error("{0}")]
     Io(String),
@@ -87,6 +100,7 @@ impl BackupError {
         match self {
             BackupError::Memory => "backup_memory",
             BackupError::Occupied(_) => "backup_occupied",
+            BackupError::Busy => "backup_busy",
             BackupError::Io(_) => "backup_io",
         }
     }
@@ -96,6 +110,10 @@ impl StoreHandle {
     /// Writes a consistent copy of the store into `to` (a new or empty
     /// directory) while it serves; returns the copy's size in bytes.
     pub async fn backup(&self, to: &Path) -> Result<u64, BackupError> {
+        if matches!(self, StoreHandle::Memory) {
+            return Err(BackupError::Memory);
+        }
+        prepare_target(to)?;
         match self {
             StoreHandle::Log(store) => store.backup(to).await.map_err(|err| match err {
                 chat_store_log::LogError::Occupied(_) => BackupError::Occupied(err.to_string()),
@@ -110,54 +128,120 @@ impl StoreHandle {
     }
 }
 
-/// Serves the control socket at `path` until `stop`; removes it then. A
-/// socket that cannot be made (a path too long for a Unix socket, a
-/// read-only directory) is logged and skipped: the server runs without.
+/// A backup's target: a new directory, or an empty one, made readable by
+/// its owner only (it holds password hashes and every stored message).
+fn prepare_target(to: &Path) -> Result<(), BackupError> {
+    let io = |err: std::io::Error| BackupError::Io(format!("cannot use {}: {err}", to.display()));
+    if to.exists() {
+        let mut entries = std::fs::read_dir(to).map_err(io)?;
+        if entries.next().is_some() {
+            return Err(BackupError::Occupied(format!(
+                "{} is not empty; back up into a new or empty directory",
+                to.display()
+            )));
+        }
+    } else {
+        std::fs::create_dir_all(to).map_err(io)?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Serves the control socket at `path` until `stop`; then waits for a
+/// backup under way (up to [`STOP_WAIT`]) and removes the socket. A socket
+/// that cannot be made (a path too long for a Unix socket, a read-only
+/// directory) is logged and skipped: the server runs without.
 #[cfg(unix)]
 pub async fn serve_control(path: PathBuf, store: StoreHandle, stop: CancellationToken) {
-    use std::os::unix::fs::PermissionsExt;
-    // A socket file left by a server that did not stop cleanly.
-    let _ = std::fs::remove_file(&path);
-    let listener = match tokio::net::UnixListener::bind(&path) {
+    let listener = match bind_private(&path) {
         Ok(listener) => listener,
         Err(err) => {
             tracing::warn!(path = %path.display(), %err, "no control socket: online backups need the server stopped");
             return;
         }
     };
-    if let Err(err) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
-        tracing::warn!(path = %path.display(), %err, "cannot restrict the control socket to its owner; closing it");
-        let _ = std::fs::remove_file(&path);
-        return;
-    }
     tracing::info!(path = %path.display(), "control socket ready");
+    // Who may ask: the data directory's owner, and root.
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        path.parent()
+            .and_then(|dir| std::fs::metadata(dir).ok())
+            .map(|meta| meta.uid())
+    };
+    let tasks = tokio_util::task::TaskTracker::new();
+    let one_at_a_time = Arc::new(tokio::sync::Semaphore::new(1));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.cancelled() => break,
         };
         let Ok((stream, _)) = accepted else { continue };
+        let allowed = stream
+            .peer_cred()
+            .is_ok_and(|cred| cred.uid() == 0 || Some(cred.uid()) == owner);
         let store = store.clone();
-        tokio::spawn(async move {
+        let one_at_a_time = Arc::clone(&one_at_a_time);
+        tasks.spawn(async move {
             let (read, mut write) = stream.into_split();
-            let mut line = String::new();
-            let mut read = BufReader::new(read).take(MAX_REQUEST as u64);
-            let answer = match read.read_line(&mut line).await {
-                Ok(_) => control_request(line.trim_end_matches(['\r', '\n']), &store).await,
-                Err(err) => format!("error protocol {err}"),
+            let answer = if allowed {
+                let mut line = String::new();
+                let mut read = BufReader::new(read).take(MAX_REQUEST as u64);
+                match tokio::time::timeout(REQUEST_TIMEOUT, read.read_line(&mut line)).await {
+                    Ok(Ok(_)) => {
+                        let request = line.trim_end_matches(['\r', '\n']);
+                        control_request(request, &store, &one_at_a_time).await
+                    }
+                    Ok(Err(err)) => format!("error protocol {err}"),
+                    Err(_) => "error protocol no request within the timeout".to_string(),
+                }
+            } else {
+                "error forbidden only the data directory's owner may use the control socket"
+                    .to_string()
             };
             let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
             let _ = write.shutdown().await;
         });
     }
+    tasks.close();
+    if tokio::time::timeout(STOP_WAIT, tasks.wait()).await.is_err() {
+        tracing::warn!("a backup was still running when the server stopped");
+    }
     let _ = std::fs::remove_file(&path);
+}
+
+/// Binds a Unix socket at `path` that only its owner can use from the
+/// moment it exists: made in a new directory only the owner may enter,
+/// restricted, then moved into place (replacing one left by a server that
+/// did not stop cleanly).
+#[cfg(unix)]
+fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = path.with_extension(format!("new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let staged = dir.join("s");
+    let bound = tokio::net::UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    bound
 }
 
 /// Without Unix sockets there is no control socket.
 #[cfg(not(unix))]
 pub async fn serve_control(_path: PathBuf, _store: StoreHandle, _stop: CancellationToken) {}
 
-async fn control_request(line: &str, store: &StoreHandle) -> String {
+async fn control_request(
+    line: &str,
+    store: &StoreHandle,
+    one_at_a_time: &tokio::sync::Semaphore,
+) -> String {
     let Some(dest) = line.strip_prefix("backup ") else {
         return "error protocol unknown request; expected `backup PATH`".into();
     };
@@ -165,6 +249,10 @@ async fn control_request(line: &str, store: &StoreHandle) -> String {
     if !dest.is_absolute() {
         return "error protocol the backup path must be absolute".into();
     }
+    let Ok(_turn) = one_at_a_time.try_acquire() else {
+        let err = BackupError::Busy;
+        return format!("error {} {err}", err.code());
+    };
     match store.backup(dest).await {
         Ok(bytes) => {
             tracing::info!(dest = %dest.display(), bytes, "backup written");
@@ -184,6 +272,13 @@ pub async fn run(command: &Admin, storage: &Storage) -> anyhow::Result<()> {
         Admin::Backup { dest } => {
             let dest = std::path::absolute(dest)
                 .with_context(|| format!("cannot resolve {}", dest.display()))?;
+            // The path goes to the server as one line of text.
+            if dest.to_str().is_none_or(|text| text.contains(['\n', '\r'])) {
+                anyhow::bail!(
+                    "the backup path {} is not UTF-8 or holds a line break; choose another",
+                    dest.display()
+                );
+            }
             let bytes = backup(storage, &dest).await?;
             println!("backup written to {} ({bytes} bytes)", dest.display());
             Ok(())
@@ -199,18 +294,38 @@ pub async fn backup(storage: &Storage, dest: &Path) -> anyhow::Result<u64> {
     if kind == StoreKind::Memory {
         anyhow::bail!(BackupError::Memory);
     }
-    let socket = Path::new(&storage.data).join(CONTROL_SOCKET);
+    let data = Path::new(&storage.data);
+    let socket = data.join(CONTROL_SOCKET);
     if let Some(answer) = ask_server(&socket, &format!("backup {}", dest.display())).await? {
-        return match answer.split_once(' ') {
+        let bytes = match answer.split_once(' ') {
             Some(("ok", bytes)) => bytes
                 .trim()
                 .parse()
-                .with_context(|| format!("the server answered `{answer}`")),
+                .with_context(|| format!("the server answered `{answer}`"))?,
             Some(("error", why)) => anyhow::bail!("the server could not back up: {why}"),
             _ => anyhow::bail!("the server answered `{answer}`"),
         };
+        // The server writes the copy: a server with a private /tmp (systemd's
+        // PrivateTmp) writes where this command cannot see.
+        if std::fs::read_dir(dest).map_or(true, |mut entries| entries.next().is_none()) {
+            anyhow::bail!(
+                "the server wrote the backup to {}, but it is not visible here (the server may \
+                 have a private view of the file system, e.g. systemd's PrivateTmp); choose a \
+                 directory the server shares",
+                dest.display()
+            );
+        }
+        return Ok(bytes);
     }
-    // No server: open the store (which also checks that nobody holds it).
+    // No server: open the store (which also checks that nobody holds it),
+    // but only where there is one: a wrong --data must not back up a new,
+    // empty store.
+    if !holds_a_store(data) {
+        anyhow::bail!(
+            "{} holds no store (is --data, or the config file, the server's?)",
+            data.display()
+        );
+    }
     let opened = storage
         .open_store()
         .await
@@ -218,6 +333,19 @@ pub async fn backup(storage: &Storage, dest: &Path) -> anyhow::Result<u64> {
     let result = opened.handle.backup(dest).await;
     opened.close().await;
     result.map_err(|err| anyhow::anyhow!("{} {err}", err.code()))
+}
+
+/// Whether `dir` holds a store's files.
+fn holds_a_store(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("log-")
+                || name.starts_with("snapshot-")
+                || name == chat_store_sql::DATABASE_FILE
+        })
+    })
 }
 
 /// Sends one request to a server's control socket; `None` if no server

@@ -153,27 +153,43 @@ pub fn parse_from<T: CommandFactory + FromArgMatches>(
 ) -> Result<Parsed<T>, Failure> {
     let command = with_environment(T::command());
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let first = command.clone().try_get_matches_from(&args)?;
-    let path = first.get_one::<PathBuf>("config").cloned();
-    let mut from_file = Vec::new();
-    let matches = match &path {
-        None => first,
-        Some(path) => {
-            let file_args;
-            (file_args, from_file) = file_arguments(&command, &first, path)?;
+    // A first, lenient pass finds the file and which options flags and the
+    // environment set. Rules between options (`--tls-cert` needs
+    // `--tls-key`) are checked only on everything together: one of a pair
+    // may come from the file and the other from a flag.
+    let first = command
+        .clone()
+        .ignore_errors(true)
+        .try_get_matches_from(&args)
+        .ok();
+    let path = first
+        .as_ref()
+        .and_then(|first| first.get_one::<PathBuf>("config").cloned());
+    let (matches, from_file) = match (&path, &first) {
+        (Some(path), Some(first)) => {
+            let (file_args, from_file) = file_arguments(&command, first, path)?;
             let mut all = args.clone();
             // Right after the program's name: options before any subcommand
             // belong to the program.
             let at = all.len().min(1);
             all.splice(at..at, file_args);
-            command
-                .clone()
-                .try_get_matches_from(&all)
-                .map_err(|err| ConfigError::Invalid {
-                    path: path.clone(),
-                    message: first_line(&err.to_string()),
-                })?
+            match command.clone().try_get_matches_from(&all) {
+                Ok(matches) => (matches, from_file),
+                // Wrong without the file too: the flags' or the
+                // environment's fault, said as clap says it.
+                Err(err) => match command.clone().try_get_matches_from(&args) {
+                    Err(own) if own.kind() == err.kind() => return Err(own.into()),
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            path: path.clone(),
+                            message: first_line(&err.to_string()),
+                        }
+                        .into());
+                    }
+                },
+            }
         }
+        _ => (command.clone().try_get_matches_from(&args)?, Vec::new()),
     };
     if matches.get_flag("print_config") {
         return Ok(Parsed::Print(render(
@@ -234,11 +250,15 @@ fn file_arguments(
     let mut ids = Vec::new();
     for (key, value) in table {
         let long = key.replace('_', "-");
+        let flag = |arg: &clap::Arg| format!("--{}", arg.get_long().unwrap_or(long.as_str()));
         let arg = command
             .get_arguments()
             .find(|arg| {
-                arg.get_long() == Some(long.as_str())
-                    && !NOT_CONFIGURABLE.contains(&arg.get_id().as_str())
+                let named = arg.get_long() == Some(long.as_str())
+                    || arg
+                        .get_all_aliases()
+                        .is_some_and(|aliases| aliases.contains(&long.as_str()));
+                named && !NOT_CONFIGURABLE.contains(&arg.get_id().as_str())
             })
             .ok_or_else(|| ConfigError::UnknownKey {
                 path: path.to_path_buf(),
@@ -260,7 +280,7 @@ fn file_arguments(
         };
         if matches!(arg.get_action(), ArgAction::SetTrue) {
             match value {
-                toml::Value::Boolean(true) => out.push(format!("--{long}").into()),
+                toml::Value::Boolean(true) => out.push(flag(arg).into()),
                 toml::Value::Boolean(false) => {}
                 _ => return Err(bad("it is a switch: true or false")),
             }
@@ -275,7 +295,7 @@ fn file_arguments(
                 return Err(bad("it takes one string or number"));
             }
         };
-        out.push(format!("--{long}={text}").into());
+        out.push(format!("{}={text}", flag(arg)).into());
     }
     Ok((out, ids))
 }
@@ -306,6 +326,8 @@ fn render(
                 "config file".to_string()
             }
             Some(ValueSource::CommandLine) => "flag".to_string(),
+            // A switch the file turned off is still at its default value.
+            _ if from_file.iter().any(|f| f == id) => "config file".to_string(),
             Some(ValueSource::EnvVariable) => format!(
                 "environment {}",
                 arg.get_env()
@@ -334,11 +356,12 @@ fn render(
     out
 }
 
-/// A raw value as TOML: a number if it is one, a string otherwise.
+/// A raw value as TOML: a number if it is one (written the same way), a
+/// string otherwise (`"007"` stays a string).
 fn typed(raw: &str) -> toml::Value {
     match raw.parse::<i64>() {
-        Ok(n) => toml::Value::Integer(n),
-        Err(_) => toml::Value::String(raw.to_string()),
+        Ok(n) if n.to_string() == raw => toml::Value::Integer(n),
+        _ => toml::Value::String(raw.to_string()),
     }
 }
 

@@ -380,7 +380,9 @@ impl OpenStore {
                 Ok(store) => store.close().await,
                 // Every acknowledged write is on disk already; the rest is
                 // written when the last holder lets go.
-                Err(_) => tracing::debug!("the store is still in use; not closed explicitly"),
+                Err(_) => tracing::warn!(
+                    "the store is still in use at exit; every acknowledged write is on disk, the rest is not waited for"
+                ),
             }
         }
     }
@@ -872,7 +874,10 @@ mod tests {
         };
         let hashing = tuned.engine().hashing;
         assert_eq!(hashing.max_concurrent, 3);
-        assert_eq!(hashing.memory_kib, defaults.memory_kib, "nothing else moves");
+        assert_eq!(
+            hashing.memory_kib, defaults.memory_kib,
+            "nothing else moves"
+        );
         let zero = Tuning {
             hash_concurrency: Some(0),
             ..Tuning::default()

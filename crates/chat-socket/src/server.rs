@@ -425,6 +425,11 @@ async fn end_connection<S: AsyncRead + AsyncWrite + Unpin>(
         End::Io(err) => debug!(%peer, %err, "connection failed"),
         End::Goodbye(code, message) => {
             debug!(%peer, %code, %message, "closing");
+            // A stop is news, not the client's error; the rest (malformed
+            // frames, timeouts) are counted as gRPC counts its refusals.
+            if code != ErrorCode::ShuttingDown {
+                m::count_error("socket", code);
+            }
             goodbye(
                 framed,
                 ServerFrame::Goodbye {
@@ -437,6 +442,7 @@ async fn end_connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
         End::NoCommonVersion(message) => {
             debug!(%peer, %message, "closing: no common protocol version");
+            m::count_error("socket", ErrorCode::UnsupportedVersion);
             goodbye(
                 framed,
                 ServerFrame::Goodbye {
@@ -449,6 +455,7 @@ async fn end_connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
         End::OldClient(version) => {
             debug!(%peer, version, "closing: protocol version 1 client");
+            m::count_error("socket", ErrorCode::UnsupportedVersion);
             goodbye(
                 framed,
                 ServerFrame::GoodbyeV1 {

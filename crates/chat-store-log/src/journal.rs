@@ -230,9 +230,12 @@ impl LogJournal {
                 self.fail(format!("writing the log failed: {err}"));
                 return;
             }
-            latency.record(started.elapsed());
-            batch_size.record(last.saturating_sub(committed) as f64);
-            committed = committed.max(last);
+            // A rotation with nothing pending is not a commit.
+            if last > committed {
+                latency.record(started.elapsed());
+                batch_size.record((last - committed) as f64);
+                committed = last;
+            }
             let size = self.log_bytes.fetch_add(added as u64, Ordering::Relaxed) + added as u64;
             batch.clear();
             self.durable

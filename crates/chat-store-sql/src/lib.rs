@@ -296,19 +296,45 @@ impl SqliteStore {
         if target.exists() {
             return Err(BackupError::Occupied(to.to_path_buf()));
         }
-        let path = target
+        // Written under another name, synced, then renamed: a copy cut
+        // short is never taken for a database, and "written" means on disk
+        // (`VACUUM INTO` itself does not sync).
+        let partial = to.join(format!("{DATABASE_FILE}.partial"));
+        let _ = std::fs::remove_file(&partial);
+        let path = partial
             .to_str()
             .ok_or_else(|| BackupError::Occupied(to.to_path_buf()))?
             .to_string();
+        // On a reader connection: lists keep their own, and the writer
+        // goes on committing meanwhile (WAL).
         sqlx::query("VACUUM INTO ?")
             .bind(path)
-            .execute(&self.lists)
+            .execute(&self.readers)
             .await
             .map_err(|source| BackupError::Sql {
                 path: target.clone(),
                 source,
             })?;
-        std::fs::metadata(&target).map(|m| m.len()).map_err(io)
+        let to = to.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let io = |source| BackupError::Io {
+                path: to.clone(),
+                source,
+            };
+            std::fs::File::open(&partial)
+                .and_then(|file| file.sync_all())
+                .map_err(io)?;
+            std::fs::rename(&partial, &target).map_err(io)?;
+            std::fs::File::open(&to)
+                .and_then(|dir| dir.sync_all())
+                .map_err(io)?;
+            std::fs::metadata(&target).map(|m| m.len()).map_err(io)
+        })
+        .await
+        .map_err(|err| BackupError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(err),
+        })?
     }
 
     /// Opens (creating if needed) the database in the directory `dir`,
