@@ -3,7 +3,7 @@
 //! Recorded through the `metrics` crate's facade: with no recorder
 //! installed (an embedded engine, tests, the benchmark) each is a no-op. A
 //! server installs a Prometheus recorder before it builds the engine, which
-//! takes its handles once ([`EngineMetrics::new`]) so that the hot path
+//! takes its handles once (`EngineMetrics::new`) so that the hot path
 //! pays an atomic add, not a registry lookup. Labels: `transport`
 //! (`socket`, `grpc`), `code` (an [`ErrorCode`] name), `store` (`log`,
 //! `sqlite`), `outcome`.
