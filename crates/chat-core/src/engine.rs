@@ -30,10 +30,12 @@ use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Hashing, HashingConfig, Password, Throttle, ThrottleConfig};
+use crate::delivery::Delivery;
 use crate::error::{ChatError, ErrorCode};
 use crate::limits::{Bucket, Rate, address_key};
 use crate::memory::MemoryStore;
 use crate::metrics::EngineMetrics;
+use crate::presence::{Lease, LocalPresence, Presence, PresenceError};
 use crate::store::{Credentials, Durable, NewMessage, SendId, Store};
 use crate::types::{Message, MessageBody, MessageId, SendReceipt, SessionState, Username};
 
@@ -156,8 +158,24 @@ pub struct Chat {
     inner: Arc<Inner>,
 }
 
+/// A [`Chat`] that does not keep the engine alive (see [`Chat::downgrade`]).
+#[derive(Clone)]
+pub struct WeakChat(std::sync::Weak<Inner>);
+
+impl WeakChat {
+    /// The engine, if it is still running.
+    pub fn upgrade(&self) -> Option<Chat> {
+        self.0.upgrade().map(|inner| Chat { inner })
+    }
+}
+
 struct Inner {
     store: Arc<dyn Store>,
+    /// Who holds each login, across every engine on the store.
+    presence: Arc<dyn Presence>,
+    /// Routes messages to logins held by other engines; `None`: only this
+    /// engine's sessions get live pushes.
+    delivery: Option<Arc<dyn Delivery>>,
     config: Config,
     stripes: Box<[Stripe]>,
     /// Picks a name's stripe. Seeded randomly per engine, so that names
@@ -193,6 +211,8 @@ type Stripe = Mutex<HashMap<Username, Arc<Shared>>>;
 /// The part of a session that others (senders, the stripe table) can reach.
 struct Shared {
     id: u64,
+    /// The lease of the login held now, if any.
+    lease: StdMutex<Option<Lease>>,
     /// Live messages, each tagged with the login it was pushed to. Boxed:
     /// the channel allocates its slots 32 at a time as soon as it is made,
     /// and a pointer per slot instead of a whole message saves each idle
@@ -220,6 +240,16 @@ struct Shared {
 }
 
 impl Shared {
+    fn take_lease(&self) -> Option<Lease> {
+        self.lease.lock().ok().and_then(|mut lease| lease.take())
+    }
+
+    fn set_lease(&self, lease: Lease) {
+        if let Ok(mut held) = self.lease.lock() {
+            *held = Some(lease);
+        }
+    }
+
     fn set_replay(&self, messages: VecDeque<Message>) {
         if let Ok(mut replay) = self.replay.lock() {
             *replay = messages;
@@ -284,6 +314,29 @@ impl Chat {
     /// what has expired ([`Store::prune_expired`]), until the last handle
     /// is dropped or the engine shuts down.
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
+        Self::build(store, Arc::new(LocalPresence::new()), None, config)
+    }
+
+    /// An engine that is one node of several sharing `store`: logins are
+    /// exclusive across them through `presence`, and a message to a user
+    /// logged in on another node is routed there through `delivery` (see
+    /// the [`presence`](crate::presence) and [`delivery`](crate::delivery)
+    /// modules).
+    pub fn on_node(
+        store: Arc<dyn Store>,
+        presence: Arc<dyn Presence>,
+        delivery: Arc<dyn Delivery>,
+        config: Config,
+    ) -> Self {
+        Self::build(store, presence, Some(delivery), config)
+    }
+
+    fn build(
+        store: Arc<dyn Store>,
+        presence: Arc<dyn Presence>,
+        delivery: Option<Arc<dyn Delivery>>,
+        config: Config,
+    ) -> Self {
         let stripes = (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect();
         let hashing = Hashing::new(config.hashing);
         let throttle = Throttle::new(config.throttle);
@@ -294,6 +347,8 @@ impl Chat {
             lists: StdMutex::default(),
             lists_running: tokio::sync::Semaphore::new(MAX_LISTS_AT_ONCE),
             store,
+            presence,
+            delivery,
             config,
             stripes,
             stripe_hasher: RandomState::new(),
@@ -320,6 +375,55 @@ impl Chat {
     /// An engine over a fresh [`MemoryStore`] with default settings.
     pub fn in_memory() -> Self {
         Self::default()
+    }
+
+    /// A handle that does not keep the engine alive.
+    pub fn downgrade(&self) -> WeakChat {
+        WeakChat(Arc::downgrade(&self.inner))
+    }
+
+    /// Pushes what is queued for `user` to their session on this engine, if
+    /// they are logged in here (and as much as their session has room for;
+    /// the rest stays queued). What a [`Delivery`] calls on the node a
+    /// message was routed to. Returns how many were pushed.
+    pub async fn deliver_queued(&self, user: &Username) -> Result<usize, ChatError> {
+        let stripe = self.stripe(user).lock().await;
+        let Some(holder) = stripe.get(user).cloned() else {
+            return Ok(0);
+        };
+        // Room first, then the store: a message taken from the queue is
+        // marked delivered, so it must have a place to go. Pushes to this
+        // user happen only under this stripe, so the room stays.
+        let room = holder.tx.capacity();
+        if room == 0 {
+            return Ok(0);
+        }
+        let Ok(permits) = holder.tx.try_reserve_many(room) else {
+            return Ok(0);
+        };
+        let messages = self.inner.store.take_undelivered(user, room).await?;
+        let login = holder.login.load(Ordering::Acquire);
+        let accepted = Instant::now();
+        let pushed = messages.len();
+        for (permit, message) in permits.zip(messages) {
+            permit.send(Box::new(Pushed {
+                login,
+                message,
+                durable: Durable::now(),
+                accepted,
+            }));
+        }
+        Ok(pushed)
+    }
+
+    /// Ends `lease` in the presence service (logged, not returned: the
+    /// login is over here either way, and a lease that cannot be released
+    /// now is released by its service's expiry).
+    async fn release_lease(&self, lease: Option<Lease>) {
+        let Some(lease) = lease else { return };
+        if let Err(err) = self.inner.presence.release(&lease).await {
+            tracing::warn!(%err, user = %lease.user, "could not release a login's lease");
+        }
     }
 
     /// The engine's settings.
@@ -362,6 +466,7 @@ impl Chat {
             logins: AtomicU64::new(0),
             login: AtomicU64::new(0),
             notice: StdMutex::new(None),
+            lease: StdMutex::new(None),
             replay: StdMutex::new(VecDeque::new()),
             notify: Notify::new(),
         });
@@ -454,13 +559,28 @@ impl Chat {
         &self.inner.stripes[hash & (STRIPES - 1)]
     }
 
+    /// Takes `user`'s lease for this engine: `already_logged_in` if another
+    /// session (here or on another node) holds it.
+    async fn acquire(&self, user: &Username) -> Result<Lease, ChatError> {
+        self.inner
+            .presence
+            .acquire(user)
+            .await
+            .map_err(|err| match err {
+                PresenceError::Held(_) => ChatError::AlreadyLoggedIn(user.clone()),
+                PresenceError::Unavailable(why) => ChatError::StoreUnavailable(why),
+            })
+    }
+
     /// Removes session `id`'s claim on `user`, if it still holds it (a
     /// later login may have taken the name over).
     async fn unclaim(&self, user: &Username, id: u64) {
         let mut stripe = self.stripe(user).lock().await;
-        if stripe.get(user).is_some_and(|s| s.id == id) {
-            stripe.remove(user);
+        if stripe.get(user).is_some_and(|s| s.id == id)
+            && let Some(holder) = stripe.remove(user)
+        {
             self.inner.metrics.online.decrement(1.0);
+            self.release_lease(holder.take_lease()).await;
         }
     }
 
@@ -583,7 +703,18 @@ impl Session {
             None => None,
         };
         let mut stripe = self.chat.stripe(&name).lock().await;
-        self.chat.inner.store.create_account(&name, &hash).await?;
+        // The lease first: a name someone is logged in as (here or on
+        // another node) exists, whatever the store says this moment.
+        let lease = match self.chat.acquire(&name).await {
+            Ok(lease) => lease,
+            Err(ChatError::AlreadyLoggedIn(name)) => return Err(ChatError::UsernameTaken(name)),
+            Err(err) => return Err(err),
+        };
+        if let Err(err) = self.chat.inner.store.create_account(&name, &hash).await {
+            self.chat.release_lease(Some(lease)).await;
+            return Err(err.into());
+        }
+        self.shared.set_lease(lease);
         self.shared.set_replay(VecDeque::new());
         self.shared.begin_login();
         let metrics = &self.chat.inner.metrics;
@@ -638,11 +769,23 @@ impl Session {
             if !holder.tx.is_closed() {
                 return Err(ChatError::AlreadyLoggedIn(name));
             }
+            if let Some(dead) = stripe.remove(&name) {
+                self.chat.inner.metrics.online.decrement(1.0);
+                self.chat.release_lease(dead.take_lease()).await;
+            }
         }
+        let lease = self.chat.acquire(&name).await?;
         // Loaded under the stripe lock: a send to `name` either happened
         // before (and is in this snapshot, if it was delivered) or happens
         // after and is pushed behind it, never both.
-        let unacked = self.chat.inner.store.unacked(&name).await?;
+        let unacked = match self.chat.inner.store.unacked(&name).await {
+            Ok(unacked) => unacked,
+            Err(err) => {
+                self.chat.release_lease(Some(lease)).await;
+                return Err(err.into());
+            }
+        };
+        self.shared.set_lease(lease);
         self.shared.begin_login();
         let metrics = &self.chat.inner.metrics;
         if stripe
@@ -859,6 +1002,7 @@ impl Session {
                 Err(mpsc::error::TrySendError::Full(())) => {
                     tracing::warn!(user = %to, "slow consumer logged out; its messages are queued");
                     stripe.remove(&to);
+                    self.chat.release_lease(recipient.take_lease()).await;
                     let metrics = &self.chat.inner.metrics;
                     metrics.online.decrement(1.0);
                     metrics.slow_consumers.increment(1);
@@ -873,15 +1017,43 @@ impl Session {
                 Err(mpsc::error::TrySendError::Closed(())) => {
                     // The recipient's connection is gone without a logout.
                     stripe.remove(&to);
+                    self.chat.release_lease(recipient.take_lease()).await;
                     self.chat.inner.metrics.online.decrement(1.0);
                 }
             }
         }
+        // Not logged in here: perhaps on another node, which is told once
+        // the message is durable (it stays queued until that node takes it).
+        let elsewhere = match &self.chat.inner.delivery {
+            Some(delivery) => match self.chat.inner.presence.holder(&to).await {
+                Ok(Some(lease)) if lease.node != self.chat.inner.presence.node() => {
+                    Some((Arc::clone(delivery), lease))
+                }
+                Ok(_) => None,
+                // Unknown: queued, found at the next route, fetch or login.
+                Err(err) => {
+                    tracing::debug!(%err, "no presence answer; the message is queued");
+                    None
+                }
+            },
+            None => None,
+        };
         let (appended, durable) = store.stage(message).await?;
         if !appended.duplicate {
             let metrics = &self.chat.inner.metrics;
             metrics.sent.increment(1);
             metrics.queued.increment(1);
+            if let Some((delivery, lease)) = elsewhere {
+                let id = appended.message.id;
+                let durable = durable.clone();
+                tokio::spawn(async move {
+                    if durable.wait().await.is_ok()
+                        && let Err(err) = delivery.route(&lease, id).await
+                    {
+                        tracing::debug!(%err, "route failed; the message stays queued");
+                    }
+                });
+            }
         }
         Ok((receipt(&appended.message), durable))
     }

@@ -52,17 +52,19 @@
 
 pub mod auth;
 pub mod client;
+pub mod delivery;
 mod engine;
 mod error;
 pub mod limits;
 mod memory;
 pub mod metrics;
+pub mod presence;
 mod store;
 mod types;
 
 pub use auth::{HashingConfig, MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, Password, ThrottleConfig};
 pub use engine::{
-    Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session, now_ms,
+    Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session, WeakChat, now_ms,
 };
 pub use error::{ChatError, ErrorCode};
 pub use limits::{

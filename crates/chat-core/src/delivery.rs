@@ -1,0 +1,89 @@
+//! Live delivery across engines that share a store: the [`Delivery`] seam.
+//!
+//! A message to a user logged in on this engine is pushed to their session
+//! directly (stored as delivered, under the recipient's stripe lock: the
+//! engine's own path). A message to a user whose [`Lease`] names another
+//! node is stored queued, and once it is durable the engine asks its
+//! `Delivery` to route it there; the receiving engine then takes what is
+//! queued for that user from the store and pushes it
+//! ([`Chat::deliver_queued`]). A route that is lost loses nothing: the
+//! message stays queued, for the next route, fetch or login to find.
+//!
+//! An engine without a `Delivery` (the default: one server process) pushes
+//! only to its own sessions. [`LocalBus`] routes between engines in one
+//! process (tests of the multi-node paths); a clustered implementation
+//! routes through the shared database.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::engine::{Chat, WeakChat};
+use crate::presence::{Lease, NodeId};
+use crate::types::MessageId;
+
+/// Why a route failed. Nothing is lost either way: the message stays
+/// queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// No node of that name is known (it stopped).
+    #[error("no route to {0}")]
+    NoRoute(NodeId),
+    /// The transport between nodes is down.
+    #[error("delivery unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Routes committed messages to the node that holds their recipient's
+/// login. See the module docs.
+#[async_trait]
+pub trait Delivery: Send + Sync + 'static {
+    /// Tells the node holding `lease` that message `id` for `lease.user` is
+    /// durable and queued.
+    async fn route(&self, lease: &Lease, id: MessageId) -> Result<(), DeliveryError>;
+}
+
+/// Routes between engines in one process. Holds them weakly: an engine that
+/// is dropped is simply no longer routed to.
+#[derive(Default)]
+pub struct LocalBus {
+    nodes: Mutex<HashMap<NodeId, WeakChat>>,
+}
+
+impl std::fmt::Debug for LocalBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBus").finish_non_exhaustive()
+    }
+}
+
+impl LocalBus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Routes messages for `node` to `chat` from now on.
+    pub fn register(&self, node: NodeId, chat: &Chat) {
+        if let Ok(mut nodes) = self.nodes.lock() {
+            nodes.insert(node, chat.downgrade());
+        }
+    }
+}
+
+#[async_trait]
+impl Delivery for LocalBus {
+    async fn route(&self, lease: &Lease, _id: MessageId) -> Result<(), DeliveryError> {
+        let chat = self
+            .nodes
+            .lock()
+            .map_err(|_| DeliveryError::Unavailable("the bus's lock was poisoned".into()))?
+            .get(&lease.node)
+            .and_then(WeakChat::upgrade)
+            .ok_or(DeliveryError::NoRoute(lease.node))?;
+        chat.deliver_queued(&lease.user)
+            .await
+            .map(|_| ())
+            .map_err(|err| DeliveryError::Unavailable(err.to_string()))
+    }
+}

@@ -1,0 +1,159 @@
+//! Several engines (nodes) on one store, through the presence and delivery
+//! seams, in one process: the in-process implementations (`LocalPresence`,
+//! `LocalBus`) stand where a clustered deployment puts its database. Logins
+//! are exclusive across nodes, a message reaches its recipient live on
+//! whichever node they are logged in, and nothing is lost or shown twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_core::delivery::LocalBus;
+use chat_core::presence::{LocalPresence, NodeId, Presence};
+use chat_core::{
+    Chat, ChatError, Config, Event, Events, HashingConfig, MemoryStore, Store, Username,
+};
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Two engines on one memory store, one lease table and one bus.
+fn two_nodes() -> (Chat, Chat, LocalPresence) {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let presence = LocalPresence::new();
+    let bus = Arc::new(LocalBus::new());
+    let config = || Config {
+        hashing: HashingConfig::cheap_for_tests(),
+        ..Config::default()
+    };
+    let node = |id: u64| {
+        let chat = Chat::on_node(
+            Arc::clone(&store),
+            Arc::new(presence.join(NodeId(id))),
+            bus.clone(),
+            config(),
+        );
+        bus.register(NodeId(id), &chat);
+        chat
+    };
+    (node(1), node(2), presence)
+}
+
+async fn next_message(events: &mut Events) -> chat_core::Message {
+    match tokio::time::timeout(PATIENCE, events.recv()).await {
+        Ok(Some(Event::Message(message))) => message,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_login_is_exclusive_across_nodes() {
+    let (a, b, presence) = two_nodes();
+    let (alice_a, _events_a) = a.open_session();
+    alice_a.create("alice", "password1").await.unwrap();
+    let (alice_b, _events_b) = b.open_session();
+    assert!(matches!(
+        alice_b.login("alice", "password1").await,
+        Err(ChatError::AlreadyLoggedIn(_))
+    ));
+    // The name is taken, whichever node is asked.
+    let (other, _other_events) = b.open_session();
+    assert!(matches!(
+        other.create("alice", "password1").await,
+        Err(ChatError::UsernameTaken(_))
+    ));
+    let held = presence
+        .holder(&Username::parse("alice").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(held.map(|lease| lease.node), Some(NodeId(1)));
+    alice_a.logout().await.unwrap();
+    alice_b.login("alice", "password1").await.unwrap();
+    let held = presence
+        .holder(&Username::parse("alice").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(held.map(|lease| lease.node), Some(NodeId(2)));
+    // Node 1 can no longer act for alice.
+    let (again, _again_events) = a.open_session();
+    assert!(matches!(
+        again.login("alice", "password1").await,
+        Err(ChatError::AlreadyLoggedIn(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_message_reaches_its_recipient_live_on_another_node() {
+    let (a, b, _presence) = two_nodes();
+    let (alice, _alice_events) = a.open_session();
+    alice.create("alice", "password1").await.unwrap();
+    let (bob, mut bob_events) = b.open_session();
+    bob.create("bob", "password1").await.unwrap();
+    for n in 0..20 {
+        alice.send("bob", &format!("hello {n}")).await.unwrap();
+    }
+    let mut last = None;
+    for n in 0..20 {
+        let message = next_message(&mut bob_events).await;
+        assert_eq!(
+            message.body.as_str(),
+            format!("hello {n}"),
+            "in order, once each"
+        );
+        last = Some(message.id);
+    }
+    assert_eq!(bob.ack(last.unwrap()).await.unwrap(), 20);
+    // Taken and acknowledged: nothing is queued or replayed.
+    assert!(bob.fetch(0).await.unwrap().is_empty());
+    bob.logout().await.unwrap();
+    bob.login("bob", "password1").await.unwrap();
+    assert_eq!(bob.replay_pending(), 0);
+    // The way back too.
+    bob.send("alice", "hi from node 2").await.unwrap();
+    let (alice_events_owner, mut alice_events) = (alice, _alice_events);
+    assert_eq!(
+        next_message(&mut alice_events).await.body.as_str(),
+        "hi from node 2"
+    );
+    drop(alice_events_owner);
+}
+
+#[tokio::test]
+async fn messages_for_a_user_logged_in_nowhere_wait_for_any_node() {
+    let (a, b, _presence) = two_nodes();
+    let (alice, _alice_events) = a.open_session();
+    alice.create("alice", "password1").await.unwrap();
+    let (bob, _bob_events) = a.open_session();
+    bob.create("bob", "password1").await.unwrap();
+    bob.logout().await.unwrap();
+    alice.send("bob", "while you were out").await.unwrap();
+    let (bob_b, _bob_b_events) = b.open_session();
+    bob_b.login("bob", "password1").await.unwrap();
+    let fetched = bob_b.fetch(0).await.unwrap();
+    assert_eq!(fetched.len(), 1);
+    assert_eq!(fetched[0].body.as_str(), "while you were out");
+}
+
+#[tokio::test]
+async fn a_session_that_dies_frees_its_login_for_every_node() {
+    let (a, b, _presence) = two_nodes();
+    let (alice, alice_events) = a.open_session();
+    alice.create("alice", "password1").await.unwrap();
+    // The connection dies without a logout: its session and events go.
+    drop(alice_events);
+    drop(alice);
+    let (again, _events) = b.open_session();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match again.login("alice", "password1").await {
+            Ok(_) => break,
+            Err(ChatError::AlreadyLoggedIn(_)) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the lease was never freed"
+                );
+                // The dropped session frees its lease on a task of its own.
+                tokio::task::yield_now().await;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+}
