@@ -79,6 +79,10 @@ pub struct GrpcClient {
     /// The logged-in account's password, kept in memory only to log in
     /// again after a failure; dropped at logout.
     password: Option<String>,
+    /// The user this client logged in as and did not log out or delete:
+    /// whom a send resends as after the session was lost, even when a
+    /// failure noticed first already forgot the session.
+    resume: Option<Username>,
     /// Pipelined sends awaiting their answers, oldest first.
     pipeline: VecDeque<InFlight>,
     /// The session's SendStream, once opened.
@@ -278,6 +282,7 @@ impl GrpcClient {
             stream: None,
             closed: false,
             password: None,
+            resume: None,
             pipeline: VecDeque::new(),
             pipe: None,
             acks: AckBatch::default(),
@@ -448,7 +453,15 @@ impl GrpcClient {
                 },
                 Err(status) => match to_client_error(&status) {
                     ClientError::Connection(_) => continue,
-                    err if err.code() == Some(ErrorCode::AlreadyLoggedIn) => continue,
+                    // The old session not yet over, or the old server still
+                    // draining: the next attempt finds the new one.
+                    err if matches!(
+                        err.code(),
+                        Some(ErrorCode::AlreadyLoggedIn | ErrorCode::ShuttingDown)
+                    ) =>
+                    {
+                        continue;
+                    }
                     err => return Err(err),
                 },
             }
@@ -590,6 +603,7 @@ impl ChatClient for GrpcClient {
         match self.stub.create_account(request).await {
             Ok(reply) => {
                 self.password = Some(password.to_owned());
+                self.resume = Username::parse(name).ok();
                 self.enter(reply.into_inner()).await
             }
             Err(status) => Err(self.fail(status)),
@@ -605,6 +619,7 @@ impl ChatClient for GrpcClient {
         match self.stub.login(request).await {
             Ok(reply) => {
                 self.password = Some(password.to_owned());
+                self.resume = Username::parse(name).ok();
                 self.enter(reply.into_inner()).await
             }
             Err(status) => Err(self.fail(status)),
@@ -620,6 +635,7 @@ impl ChatClient for GrpcClient {
             Ok(reply) => {
                 self.forget_session();
                 self.password = None;
+                self.resume = None;
                 state_from(reply.into_inner().state)
             }
             Err(status) => Err(self.fail(status)),
@@ -635,6 +651,7 @@ impl ChatClient for GrpcClient {
             Ok(reply) => {
                 self.forget_session();
                 self.password = None;
+                self.resume = None;
                 self.seen.reset();
                 self.acks.clear();
                 state_from(reply.into_inner().state)
@@ -662,7 +679,7 @@ impl ChatClient for GrpcClient {
     async fn send(&mut self, to: &str, body: &str) -> Result<SendReceipt, ClientError> {
         let send_id: u128 = rand::random();
         let deadline = Instant::now() + RECONNECT_DEADLINE;
-        let user = self.state.user().cloned();
+        let user = self.state.user().cloned().or_else(|| self.resume.clone());
         loop {
             let request = self.request(pb::SendMessageRequest {
                 recipient: to.to_owned(),
@@ -682,10 +699,14 @@ impl ChatClient for GrpcClient {
             };
             let err = self.fail(status);
             // The connection failed, or the session ended under us (the
-            // server restarted, or our stream died): the send may or may not
-            // be stored. Log in again and resend the same id.
+            // server restarted, or our stream died), or the server is
+            // stopping: the send may or may not be stored. Log in again (to
+            // the next server) and resend the same id, as pipelined sends do.
             let retry = matches!(err, ClientError::Connection(_))
-                || (err.code() == Some(ErrorCode::Unauthenticated) && user.is_some());
+                || (matches!(
+                    err.code(),
+                    Some(ErrorCode::Unauthenticated | ErrorCode::ShuttingDown)
+                ) && user.is_some());
             match (&user, retry) {
                 (Some(user), true) => self.reenter(user, deadline, err).await?,
                 _ => return Err(err),

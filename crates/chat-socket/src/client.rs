@@ -283,6 +283,12 @@ impl SocketClient {
                     self.adopt(SessionState::LoggedIn(user.clone()));
                     continue;
                 }
+                // Reached the old server while it drains: the next attempt
+                // finds the new one.
+                Err(err) if err.code() == Some(ErrorCode::ShuttingDown) => {
+                    self.adopt(SessionState::LoggedIn(user.clone()));
+                    continue;
+                }
                 Err(err) => return Err(err),
             }
         }
@@ -986,7 +992,7 @@ impl ChatClient for SocketClient {
                 to: to.to_owned(),
                 body: body.to_owned(),
             };
-            match self.call(id, frame).await {
+            match self.call(id, frame).await.map_err(stopping_is_lost) {
                 Ok(reply) => return receipt_of(reply),
                 // The send may or may not have been stored: resend the same
                 // id on a new connection and let the server tell.
@@ -1127,7 +1133,7 @@ impl ChatClient for SocketClient {
                     Err(err) => Err(err),
                 },
             };
-            match outcome {
+            match outcome.map_err(stopping_is_lost) {
                 Err(ClientError::Connection(why)) => {
                     // Stored or not: resend the same ids on a new
                     // connection and let the server tell.
@@ -1446,5 +1452,19 @@ mod tests {
         }
         assert_eq!(bodies, ["last of the old key", "first of the new key"]);
         server.abort();
+    }
+}
+
+/// A send refused because the server is stopping was not stored, and the
+/// server's next process (or another behind the same address) will take
+/// it: for a send, `shutting_down` is a lost connection, to reconnect and
+/// resend the same id, as after the goodbye that follows it.
+fn stopping_is_lost(err: ClientError) -> ClientError {
+    match err {
+        ClientError::Server {
+            code: ErrorCode::ShuttingDown,
+            message,
+        } => ClientError::Connection(message),
+        other => other,
     }
 }

@@ -202,6 +202,10 @@ pub enum OpenError {
         /// The newest this binary knows.
         known: i64,
     },
+    /// Another process (or another store in this one) has the directory
+    /// open: the store's caches are correct only with one writer.
+    #[error("{} is in use by another server (its LOCK is held); one server per data directory", .0.display())]
+    Locked(PathBuf),
     /// Migrating the schema failed; the database is as it was.
     #[error("cannot migrate the database {path} to schema version {to}: {source}")]
     Migrate {
@@ -222,6 +226,10 @@ pub struct SqliteStore {
     lists: SqlitePool,
     writer: WriterHandle,
     queue_limit: usize,
+    /// The data directory's `LOCK`, held while any clone of the store
+    /// lives: the writer's caches (counts per recipient and sender, the
+    /// next ids) are correct only if it is the database's only writer.
+    _lock: std::sync::Arc<std::fs::File>,
 }
 
 /// Why a backup failed.
@@ -255,6 +263,28 @@ impl BackupError {
             BackupError::Io { .. } | BackupError::Sql { .. } => "backup_io",
             BackupError::Occupied(_) => "backup_occupied",
         }
+    }
+}
+
+/// The name of the lock file in a data directory (the log store's too).
+pub const LOCK_FILE: &str = "LOCK";
+
+/// Takes the data directory's lock, or says who has it.
+fn lock_directory(dir: &Path) -> Result<std::fs::File, OpenError> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| OpenError::Directory {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(source)) => Err(OpenError::Directory { path, source }),
     }
 }
 
@@ -344,6 +374,7 @@ impl SqliteStore {
             path: dir.to_path_buf(),
             source,
         })?;
+        let lock = lock_directory(dir)?;
         let path = dir.join(DATABASE_FILE);
         let open_err = |source| OpenError::Open {
             path: path.clone(),
@@ -396,6 +427,7 @@ impl SqliteStore {
             lists,
             writer,
             queue_limit,
+            _lock: std::sync::Arc::new(lock),
         })
     }
 

@@ -1496,3 +1496,19 @@ async fn a_version_6_databases_accounts_have_no_password() {
         with_password(NEW_HASH)
     );
 }
+
+/// One writer per database: the store's caches depend on it, so a second
+/// store on the same directory is refused while the first lives.
+#[tokio::test]
+async fn a_second_store_on_one_directory_is_refused_while_the_first_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SqliteStore::open(dir.path(), SqliteOptions::default())
+        .await
+        .unwrap();
+    let second = SqliteStore::open(dir.path(), SqliteOptions::default()).await;
+    assert!(matches!(second, Err(OpenError::Locked(_))), "{second:?}");
+    drop(first);
+    SqliteStore::open(dir.path(), SqliteOptions::default())
+        .await
+        .expect("free once the first is gone");
+}
