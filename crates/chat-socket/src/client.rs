@@ -1159,6 +1159,20 @@ impl ChatClient for SocketClient {
     }
 }
 
+/// A send refused because the server is stopping was not stored, and the
+/// server's next process (or another behind the same address) will take
+/// it: for a send, `shutting_down` is a lost connection, to reconnect and
+/// resend the same id, as after the goodbye that follows it.
+fn stopping_is_lost(err: ClientError) -> ClientError {
+    match err {
+        ClientError::Server {
+            code: ErrorCode::ShuttingDown,
+            message,
+        } => ClientError::Connection(message),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1452,19 +1466,5 @@ mod tests {
         }
         assert_eq!(bodies, ["last of the old key", "first of the new key"]);
         server.abort();
-    }
-}
-
-/// A send refused because the server is stopping was not stored, and the
-/// server's next process (or another behind the same address) will take
-/// it: for a send, `shutting_down` is a lost connection, to reconnect and
-/// resend the same id, as after the goodbye that follows it.
-fn stopping_is_lost(err: ClientError) -> ClientError {
-    match err {
-        ClientError::Server {
-            code: ErrorCode::ShuttingDown,
-            message,
-        } => ClientError::Connection(message),
-        other => other,
     }
 }
