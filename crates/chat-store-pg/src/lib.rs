@@ -1,0 +1,516 @@
+//! A [`Store`] on PostgreSQL, the store several server processes share.
+//!
+//! Everything the engine relies on a store for is done inside the
+//! database, in transactions, so any number of engines (server processes)
+//! may use one database at once:
+//!
+//! - **Ids**: an append takes its recipient's next id by updating the
+//!   account row (`last_id + 1`), which also locks it until the append
+//!   commits: ids increase per recipient in commit order, and the queue
+//!   bound is checked in the same statement (`stored < limit`). A deleted
+//!   account's last id raises `id_floor`, which a create reads under a row
+//!   lock, so ids never repeat for a name.
+//! - **Send ids**: a repeated `(sender, send id)` returns the original
+//!   receipt. Two processes appending the same send id at once race on the
+//!   `send_ids` primary key: the loser's transaction rolls back (its id
+//!   allocation with it) and answers the winner's receipt.
+//! - **Listing** streams names in byte order and matches them here, never
+//!   holding every account in memory.
+//!
+//! Every write commits before its call returns (PostgreSQL's default
+//! `synchronous_commit`), so the engine's default `stage` (durable at once)
+//! holds. The schema is in `migrations/postgres/`; migrations run at open
+//! under sqlx's advisory lock, so several processes may start at once.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chat_core::{
+    Appended, Credentials, MAX_SEND_IDS_PER_SENDER, Message, MessageBody, MessageId, NewMessage,
+    Store, StoreError, Username, send_id_horizon,
+};
+use futures::TryStreamExt;
+use regex::Regex;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// How a [`PgStore`] is opened.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Messages stored per recipient past which appends fail with
+    /// `queue_full`.
+    pub queue_limit: usize,
+    /// Connections in the pool (default 16).
+    pub max_connections: u32,
+    /// How long a call waits for a free connection before failing with
+    /// `store_unavailable` (default 10 s).
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            queue_limit: chat_core::DEFAULT_QUEUE_LIMIT,
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// The URL does not parse.
+    #[error("invalid PostgreSQL URL: {0}")]
+    Url(sqlx::Error),
+    /// The database cannot be reached or refused the login.
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(sqlx::Error),
+    /// Migrating the schema failed.
+    #[error("cannot migrate the PostgreSQL schema: {0}")]
+    Migrate(sqlx::migrate::MigrateError),
+}
+
+impl PgError {
+    /// A stable code for scripts and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PgError::Url(_) => "pg_url",
+            PgError::Connect(_) => "pg_connect",
+            PgError::Migrate(_) => "pg_migrate",
+        }
+    }
+}
+
+/// The newest schema version this binary knows.
+pub fn schema_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// A [`Store`] on PostgreSQL. Cheap to clone (a pool).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    queue_limit: usize,
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user:password@host/database`) and
+    /// migrates the schema to this binary's version.
+    pub async fn connect(url: &str, options: PgOptions) -> Result<Self, PgError> {
+        let connect = PgConnectOptions::from_str(url).map_err(PgError::Url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(PgError::Connect)?;
+        MIGRATOR.run(&pool).await.map_err(PgError::Migrate)?;
+        Ok(Self {
+            pool,
+            queue_limit: options.queue_limit.max(1),
+        })
+    }
+
+    /// The connection pool (for the presence and delivery of a cluster,
+    /// which share the database).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool.begin().await.map_err(unavailable)
+    }
+
+    async fn exists(&self, name: &Username) -> Result<bool, StoreError> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE name = $1)")
+            .bind(name.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// `NoSuchAccount` unless `name` exists (for calls whose empty answer
+    /// is ambiguous).
+    async fn require(&self, name: &Username) -> Result<(), StoreError> {
+        if self.exists(name).await? {
+            Ok(())
+        } else {
+            Err(StoreError::NoSuchAccount(name.clone()))
+        }
+    }
+}
+
+fn unavailable(err: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(format!("PostgreSQL: {err}"))
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Unavailable(format!("PostgreSQL holds an invalid {what}"))
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn message_of(row: &sqlx::postgres::PgRow) -> Result<Message, StoreError> {
+    let id: i64 = row.try_get("id").map_err(unavailable)?;
+    let sender: String = row.try_get("sender").map_err(unavailable)?;
+    let body: String = row.try_get("body").map_err(unavailable)?;
+    let timestamp_ms: i64 = row.try_get("timestamp_ms").map_err(unavailable)?;
+    Ok(Message {
+        id: id as MessageId,
+        sender: Username::parse(&sender).map_err(|_| corrupt("sender name"))?,
+        body: MessageBody::parse(&body).map_err(|_| corrupt("message body"))?,
+        timestamp_ms: timestamp_ms as u64,
+    })
+}
+
+/// What an append found for its send id.
+enum Earlier {
+    None,
+    Same(Appended),
+    Reused,
+}
+
+/// The send id's earlier use by `message.sender`, if any (within the
+/// retention window).
+async fn earlier_send(
+    tx: &mut Transaction<'static, Postgres>,
+    message: &NewMessage,
+    send_id: &[u8],
+) -> Result<Earlier, StoreError> {
+    let row = sqlx::query(
+        "SELECT recipient, message_id, timestamp_ms, body_crc FROM send_ids \
+         WHERE sender = $1 AND send_id = $2 AND timestamp_ms >= $3",
+    )
+    .bind(message.sender.as_str())
+    .bind(send_id)
+    .bind(to_i64(send_id_horizon(message.timestamp_ms)))
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    let Some(row) = row else {
+        return Ok(Earlier::None);
+    };
+    let recipient: String = row.try_get("recipient").map_err(unavailable)?;
+    let crc: i64 = row.try_get("body_crc").map_err(unavailable)?;
+    if recipient != message.recipient.as_str() || crc != i64::from(message.body.fingerprint()) {
+        return Ok(Earlier::Reused);
+    }
+    let id: i64 = row.try_get("message_id").map_err(unavailable)?;
+    let timestamp_ms: i64 = row.try_get("timestamp_ms").map_err(unavailable)?;
+    Ok(Earlier::Same(Appended {
+        message: Message {
+            id: id as MessageId,
+            sender: message.sender.clone(),
+            body: message.body.clone(),
+            timestamp_ms: timestamp_ms as u64,
+        },
+        duplicate: true,
+    }))
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_account(&self, name: &Username, password_hash: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        // Locked: a delete that raised it has committed, or waits for us.
+        let floor: i64 = sqlx::query_scalar("SELECT last_id FROM id_floor FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let created = sqlx::query(
+            "INSERT INTO accounts (name, password_hash, last_id, created_ms) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name.as_str())
+        .bind(password_hash)
+        .bind(floor)
+        .bind(to_i64(chat_core::now_ms()))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if created.rows_affected() == 0 {
+            return Err(StoreError::AccountExists(name.clone()));
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn credentials(&self, name: &Username) -> Result<Option<Credentials>, StoreError> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT password_hash FROM accounts WHERE name = $1")
+                .bind(name.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(row.map(|(password_hash,)| Credentials { password_hash }))
+    }
+
+    async fn set_password(&self, name: &Username, password_hash: &str) -> Result<(), StoreError> {
+        let updated = sqlx::query("UPDATE accounts SET password_hash = $2 WHERE name = $1")
+            .bind(name.as_str())
+            .bind(password_hash)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::NoSuchAccount(name.clone()));
+        }
+        Ok(())
+    }
+
+    async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {
+        self.exists(name).await
+    }
+
+    async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        // The floor first, as a create takes it: the two never wait for
+        // each other in opposite orders.
+        sqlx::query("SELECT last_id FROM id_floor FOR UPDATE")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let last_id: Option<i64> =
+            sqlx::query_scalar("DELETE FROM accounts WHERE name = $1 RETURNING last_id")
+                .bind(name.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        let Some(last_id) = last_id else {
+            return Ok(false);
+        };
+        sqlx::query("UPDATE id_floor SET last_id = GREATEST(last_id, $1)")
+            .bind(last_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        // A new account of this name is a new sender: its send ids are its
+        // own.
+        sqlx::query("DELETE FROM send_ids WHERE sender = $1")
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(true)
+    }
+
+    async fn list_accounts(
+        &self,
+        pattern: &Regex,
+        limit: usize,
+    ) -> Result<Vec<Username>, StoreError> {
+        let mut names = sqlx::query_scalar::<_, String>("SELECT name FROM accounts ORDER BY name")
+            .fetch(&self.pool);
+        let mut found = Vec::new();
+        while found.len() < limit {
+            let Some(name) = names.try_next().await.map_err(unavailable)? else {
+                break;
+            };
+            if pattern.is_match(&name) {
+                found.push(Username::parse(&name).map_err(|_| corrupt("account name"))?);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        let send_id = message.send_id.map(|id| id.to_be_bytes().to_vec());
+        let mut tx = self.begin().await?;
+        if let Some(send_id) = &send_id {
+            match earlier_send(&mut tx, &message, send_id).await? {
+                Earlier::Same(appended) => return Ok(appended),
+                Earlier::Reused => return Err(StoreError::SendIdReused(message.recipient)),
+                Earlier::None => {}
+            }
+        }
+        // The next id, and the queue bound, in one statement that locks the
+        // recipient until this append commits.
+        let id: Option<i64> = sqlx::query_scalar(
+            "UPDATE accounts SET last_id = last_id + 1, stored = stored + 1 \
+             WHERE name = $1 AND stored < $2 RETURNING last_id",
+        )
+        .bind(message.recipient.as_str())
+        .bind(to_i64(self.queue_limit as u64))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let Some(id) = id else {
+            drop(tx);
+            return Err(if self.exists(&message.recipient).await? {
+                StoreError::QueueFull(message.recipient)
+            } else {
+                StoreError::NoSuchAccount(message.recipient)
+            });
+        };
+        sqlx::query(
+            "INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(message.recipient.as_str())
+        .bind(id)
+        .bind(message.sender.as_str())
+        .bind(message.body.as_str())
+        .bind(to_i64(message.timestamp_ms))
+        .bind(message.delivered)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if let Some(send_id) = &send_id {
+            // An expired use of the key is no use at all.
+            sqlx::query(
+                "DELETE FROM send_ids WHERE sender = $1 AND send_id = $2 AND timestamp_ms < $3",
+            )
+            .bind(message.sender.as_str())
+            .bind(send_id.as_slice())
+            .bind(to_i64(send_id_horizon(message.timestamp_ms)))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let remembered = sqlx::query(
+                "INSERT INTO send_ids (sender, send_id, recipient, message_id, timestamp_ms, body_crc) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sender, send_id) DO NOTHING",
+            )
+            .bind(message.sender.as_str())
+            .bind(send_id.as_slice())
+            .bind(message.recipient.as_str())
+            .bind(id)
+            .bind(to_i64(message.timestamp_ms))
+            .bind(i64::from(message.body.fingerprint()))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if remembered.rows_affected() == 0 {
+                // Another process stored this send first (and has
+                // committed: the insert waited for it). Undo ours, answer
+                // theirs.
+                tx.rollback().await.map_err(unavailable)?;
+                let mut tx = self.begin().await?;
+                return match earlier_send(&mut tx, &message, send_id).await? {
+                    Earlier::Same(appended) => Ok(appended),
+                    Earlier::Reused => Err(StoreError::SendIdReused(message.recipient)),
+                    Earlier::None => Err(StoreError::Unavailable(
+                        "a send id vanished while it was being checked".into(),
+                    )),
+                };
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Appended {
+            message: Message {
+                id: id as MessageId,
+                sender: message.sender,
+                body: message.body,
+                timestamp_ms: message.timestamp_ms,
+            },
+            duplicate: false,
+        })
+    }
+
+    async fn take_undelivered(
+        &self,
+        name: &Username,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE messages SET delivered = TRUE WHERE recipient = $1 AND id IN ( \
+                 SELECT id FROM messages WHERE recipient = $1 AND NOT delivered \
+                 ORDER BY id LIMIT $2 FOR UPDATE) \
+             RETURNING id, sender, body, timestamp_ms",
+        )
+        .bind(name.as_str())
+        .bind(to_i64(limit as u64))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if rows.is_empty() {
+            self.require(name).await?;
+        }
+        let mut messages = rows.iter().map(message_of).collect::<Result<Vec<_>, _>>()?;
+        messages.sort_by_key(|m| m.id);
+        Ok(messages)
+    }
+
+    async fn unacked(&self, name: &Username) -> Result<Vec<Message>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, sender, body, timestamp_ms FROM messages \
+             WHERE recipient = $1 AND delivered ORDER BY id",
+        )
+        .bind(name.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if rows.is_empty() {
+            self.require(name).await?;
+        }
+        rows.iter().map(message_of).collect()
+    }
+
+    async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError> {
+        let mut tx = self.begin().await?;
+        let removed =
+            sqlx::query("DELETE FROM messages WHERE recipient = $1 AND delivered AND id <= $2")
+                .bind(name.as_str())
+                .bind(to_i64(through))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+        if removed == 0 {
+            drop(tx);
+            self.require(name).await?;
+            return Ok(0);
+        }
+        sqlx::query("UPDATE accounts SET stored = stored - $2 WHERE name = $1")
+            .bind(name.as_str())
+            .bind(to_i64(removed))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(removed as usize)
+    }
+
+    async fn account_count(&self) -> Result<usize, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(count.max(0) as usize)
+    }
+
+    fn queue_limit(&self) -> usize {
+        self.queue_limit
+    }
+
+    async fn prune_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let expired = sqlx::query("DELETE FROM send_ids WHERE timestamp_ms < $1")
+            .bind(to_i64(send_id_horizon(now_ms)))
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        // Each sender keeps its newest MAX_SEND_IDS_PER_SENDER.
+        let trimmed = sqlx::query(
+            "DELETE FROM send_ids s USING ( \
+                 SELECT sender, send_id FROM ( \
+                     SELECT sender, send_id, row_number() OVER \
+                         (PARTITION BY sender ORDER BY timestamp_ms DESC, message_id DESC) AS newer \
+                     FROM send_ids) ranked \
+                 WHERE newer > $1) old \
+             WHERE s.sender = old.sender AND s.send_id = old.send_id",
+        )
+        .bind(to_i64(MAX_SEND_IDS_PER_SENDER as u64))
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        Ok((expired + trimmed) as usize)
+    }
+}

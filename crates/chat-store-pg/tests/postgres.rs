@@ -1,0 +1,232 @@
+//! The PostgreSQL store against a real PostgreSQL server
+//! (`CHAT_TEST_DATABASE_URL`, a fresh schema per test): what the store
+//! promises, and that two stores on one database (two server processes)
+//! never give an id twice, store a send twice, or both create one name.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chat_conformance::postgres::TestDatabase;
+use chat_core::{MessageBody, NewMessage, Store, StoreError, Username};
+use chat_store_pg::{PgOptions, PgStore};
+
+const HASH: &str = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g";
+
+fn name(text: &str) -> Username {
+    Username::parse(text).unwrap()
+}
+
+fn message(to: &str, from: &str, body: &str, send_id: Option<u128>) -> NewMessage {
+    NewMessage {
+        recipient: name(to),
+        sender: name(from),
+        body: MessageBody::parse(body).unwrap(),
+        timestamp_ms: chat_core::now_ms(),
+        delivered: false,
+        send_id,
+    }
+}
+
+async fn open(db: &TestDatabase, queue_limit: usize) -> PgStore {
+    PgStore::connect(
+        &db.url,
+        PgOptions {
+            queue_limit,
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .expect("connect and migrate")
+}
+
+macro_rules! database {
+    ($test:expr) => {
+        match TestDatabase::create($test).await {
+            Some(db) => db,
+            None => return,
+        }
+    };
+}
+
+#[tokio::test]
+async fn a_message_is_queued_taken_replayed_and_acknowledged() {
+    let db = database!("a_message_is_queued_taken_replayed_and_acknowledged");
+    let store = open(&db, 100).await;
+    store.create_account(&name("alice"), HASH).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
+    assert!(matches!(
+        store.create_account(&name("bob"), HASH).await,
+        Err(StoreError::AccountExists(_))
+    ));
+    for n in 1..=3 {
+        let appended = store
+            .append(message("bob", "alice", &format!("m{n}"), None))
+            .await
+            .unwrap();
+        assert_eq!(appended.message.id, n, "ids start at 1 and go up by one");
+    }
+    let taken = store.take_undelivered(&name("bob"), 2).await.unwrap();
+    assert_eq!(taken.iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(store.unacked(&name("bob")).await.unwrap().len(), 2);
+    assert_eq!(
+        store.ack(&name("bob"), 3).await.unwrap(),
+        2,
+        "the queued one stays"
+    );
+    let rest = store.take_undelivered(&name("bob"), 10).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].body.as_str(), "m3");
+    assert_eq!(store.ack(&name("bob"), 3).await.unwrap(), 1);
+    assert!(store.unacked(&name("bob")).await.unwrap().is_empty());
+    assert!(matches!(
+        store.take_undelivered(&name("nobody"), 1).await,
+        Err(StoreError::NoSuchAccount(_))
+    ));
+    assert_eq!(store.account_count().await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn ids_never_repeat_for_a_name_and_the_queue_is_bounded() {
+    let db = database!("ids_never_repeat_for_a_name_and_the_queue_is_bounded");
+    let store = open(&db, 2).await;
+    store.create_account(&name("alice"), HASH).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
+    store
+        .append(message("bob", "alice", "one", None))
+        .await
+        .unwrap();
+    store
+        .append(message("bob", "alice", "two", None))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.append(message("bob", "alice", "three", None)).await,
+        Err(StoreError::QueueFull(_))
+    ));
+    assert!(store.delete_account(&name("bob")).await.unwrap());
+    assert!(!store.delete_account(&name("bob")).await.unwrap());
+    assert!(matches!(
+        store.append(message("bob", "alice", "gone", None)).await,
+        Err(StoreError::NoSuchAccount(_))
+    ));
+    store.create_account(&name("bob"), HASH).await.unwrap();
+    let fresh = store
+        .append(message("bob", "alice", "again", None))
+        .await
+        .unwrap();
+    assert_eq!(fresh.message.id, 3, "above every id of the deleted account");
+}
+
+#[tokio::test]
+async fn a_send_id_stores_once_and_cannot_be_reused_for_another_message() {
+    let db = database!("a_send_id_stores_once_and_cannot_be_reused_for_another_message");
+    let store = open(&db, 100).await;
+    store.create_account(&name("alice"), HASH).await.unwrap();
+    store.create_account(&name("bob"), HASH).await.unwrap();
+    let first = store
+        .append(message("bob", "alice", "hello", Some(7)))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    let again = store
+        .append(message("bob", "alice", "hello", Some(7)))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.message.id, first.message.id);
+    assert_eq!(again.message.timestamp_ms, first.message.timestamp_ms);
+    assert!(matches!(
+        store
+            .append(message("bob", "alice", "different", Some(7)))
+            .await,
+        Err(StoreError::SendIdReused(_))
+    ));
+    // Another sender's key 7 is its own.
+    store.create_account(&name("carol"), HASH).await.unwrap();
+    let carol = store
+        .append(message("bob", "carol", "hello", Some(7)))
+        .await
+        .unwrap();
+    assert!(!carol.duplicate);
+    assert_eq!(
+        store
+            .take_undelivered(&name("bob"), 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn lists_stream_in_byte_order_up_to_the_limit() {
+    let db = database!("lists_stream_in_byte_order_up_to_the_limit");
+    let store = open(&db, 100).await;
+    for who in ["bob", "Alice", "alice", "zed", "al"] {
+        store.create_account(&name(who), HASH).await.unwrap();
+    }
+    let all = store
+        .list_accounts(&regex::Regex::new("").unwrap(), 100)
+        .await
+        .unwrap();
+    let all: Vec<&str> = all.iter().map(Username::as_str).collect();
+    assert_eq!(all, ["Alice", "al", "alice", "bob", "zed"]);
+    let some = store
+        .list_accounts(&regex::Regex::new("^al").unwrap(), 1)
+        .await
+        .unwrap();
+    assert_eq!(some, [name("al")]);
+}
+
+/// Two stores on one database stand for two server processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_ids_send_ids_and_names_without_a_clash() {
+    let db = database!("two_processes_share_ids_send_ids_and_names_without_a_clash");
+    // Started together: the migrations run once, under their lock.
+    let (a, b) = tokio::join!(open(&db, 100_000), open(&db, 100_000));
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    // Creates of one name from both: exactly one wins.
+    for round in 0..20 {
+        let who = name(&format!("user{round}"));
+        let (x, y) = tokio::join!(a.create_account(&who, HASH), b.create_account(&who, HASH));
+        assert_eq!(
+            [x.is_ok(), y.is_ok()].iter().filter(|ok| **ok).count(),
+            1,
+            "{who}: {x:?} / {y:?}"
+        );
+    }
+    a.create_account(&name("sink"), HASH).await.unwrap();
+    // Appends to one recipient from both, half of them sent twice (once to
+    // each process) with one send id.
+    let mut tasks = Vec::new();
+    for n in 0..200u128 {
+        for store in [&a, &b] {
+            if n % 2 == 1 && std::ptr::eq(store, &b) {
+                continue;
+            }
+            let store = Arc::clone(store);
+            let send_id = (n % 2 == 0).then_some(n);
+            tasks.push(tokio::spawn(async move {
+                store
+                    .append(message("sink", "user0", &format!("m{n}"), send_id))
+                    .await
+                    .unwrap()
+            }));
+        }
+    }
+    let mut receipts = Vec::new();
+    for task in tasks {
+        receipts.push(task.await.unwrap());
+    }
+    let stored = a.take_undelivered(&name("sink"), 10_000).await.unwrap();
+    assert_eq!(stored.len(), 200, "each message once");
+    let ids: BTreeSet<u64> = stored.iter().map(|m| m.id).collect();
+    assert_eq!(ids, (1..=200).collect(), "every id once, none skipped");
+    for appended in &receipts {
+        let same = stored
+            .iter()
+            .find(|m| m.body == appended.message.body)
+            .unwrap();
+        assert_eq!(same.id, appended.message.id, "both processes answer one id");
+    }
+}
