@@ -65,6 +65,8 @@ pub enum StoreHandle {
     Sqlite(Arc<SqliteStore>),
     /// Memory only: nothing to back up.
     Memory,
+    /// PostgreSQL: backed up with PostgreSQL's own tools.
+    Postgres(Arc<chat_store_pg::PgStore>),
 }
 
 impl std::fmt::Debug for StoreHandle {
@@ -73,6 +75,7 @@ impl std::fmt::Debug for StoreHandle {
             StoreHandle::Log(_) => "StoreHandle::Log",
             StoreHandle::Sqlite(_) => "StoreHandle::Sqlite",
             StoreHandle::Memory => "StoreHandle::Memory",
+            StoreHandle::Postgres(_) => "StoreHandle::Postgres",
         })
     }
 }
@@ -86,6 +89,12 @@ pub enum BackupError {
     /// The target already holds a store, or other files.
     #[error("{0}")]
     Occupied(String),
+    /// The store lives in a PostgreSQL database.
+    #[error(
+        "the store is a PostgreSQL database: back it up with PostgreSQL's tools (pg_dump, or \
+         continuous archiving), see docs/OPERATIONS.md"
+    )]
+    External,
     /// Another backup is under way.
     #[error("another backup is under way; try again when it is done")]
     Busy,
@@ -101,6 +110,7 @@ impl BackupError {
             BackupError::Memory => "backup_memory",
             BackupError::Occupied(_) => "backup_occupied",
             BackupError::Busy => "backup_busy",
+            BackupError::External => "backup_external",
             BackupError::Io(_) => "backup_io",
         }
     }
@@ -110,8 +120,10 @@ impl StoreHandle {
     /// Writes a consistent copy of the store into `to` (a new or empty
     /// directory) while it serves; returns the copy's size in bytes.
     pub async fn backup(&self, to: &Path) -> Result<u64, BackupError> {
-        if matches!(self, StoreHandle::Memory) {
-            return Err(BackupError::Memory);
+        match self {
+            StoreHandle::Memory => return Err(BackupError::Memory),
+            StoreHandle::Postgres(_) => return Err(BackupError::External),
+            StoreHandle::Log(_) | StoreHandle::Sqlite(_) => {}
         }
         prepare_target(to)?;
         match self {
@@ -124,6 +136,7 @@ impl StoreHandle {
                 other => BackupError::Io(other.to_string()),
             }),
             StoreHandle::Memory => Err(BackupError::Memory),
+            StoreHandle::Postgres(_) => Err(BackupError::External),
         }
     }
 }
@@ -290,9 +303,10 @@ pub async fn run(command: &Admin, storage: &Storage) -> anyhow::Result<()> {
 /// through the running server's control socket if there is one, else by
 /// opening the store.
 pub async fn backup(storage: &Storage, dest: &Path) -> anyhow::Result<u64> {
-    let kind = storage.engine();
-    if kind == StoreKind::Memory {
-        anyhow::bail!(BackupError::Memory);
+    match storage.engine() {
+        StoreKind::Memory => anyhow::bail!(BackupError::Memory),
+        StoreKind::Postgres => anyhow::bail!(BackupError::External),
+        StoreKind::Log | StoreKind::Sqlite => {}
     }
     let data = Path::new(&storage.data);
     let socket = data.join(CONTROL_SOCKET);

@@ -343,7 +343,7 @@ fn render(
             matches
                 .get_raw(id)
                 .and_then(|mut raw| raw.next())
-                .map(|raw| typed(&raw.to_string_lossy()))
+                .map(|raw| typed(&without_password(&raw.to_string_lossy())))
         };
         match value {
             Some(value) => out.push_str(&format!("{long} = {value}  # {source}\n")),
@@ -354,6 +354,21 @@ fn render(
         out.push_str(&format!("# config file: {}\n", file.display()));
     }
     out
+}
+
+/// A URL's password as `***` (`postgres://chat:***@host/db`): printed
+/// configurations end up in tickets and chat rooms.
+fn without_password(raw: &str) -> String {
+    let Some((scheme, rest)) = raw.split_once("://") else {
+        return raw.to_string();
+    };
+    let Some((credentials, host)) = rest.split_once('@') else {
+        return raw.to_string();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => raw.to_string(),
+    }
 }
 
 /// A raw value as TOML: a number if it is one (written the same way), a

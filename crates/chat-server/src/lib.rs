@@ -226,6 +226,10 @@ pub struct Storage {
     /// earlier version keeps being served by SQLite.
     #[arg(long, value_enum, default_value_t = StoreKind::Log)]
     pub store: StoreKind,
+    /// The PostgreSQL database of `--store postgres`
+    /// (`postgres://user:password@host:port/database`).
+    #[arg(long, env = "DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
     /// Messages stored per recipient (queued or awaiting acknowledgement)
     /// past which sends get `queue_full`.
     #[arg(long, default_value_t = chat_core::DEFAULT_QUEUE_LIMIT)]
@@ -245,6 +249,10 @@ pub enum StoreKind {
     Sqlite,
     /// In memory: fast, and gone when the process stops.
     Memory,
+    /// A PostgreSQL database (`--database-url`, or `DATABASE_URL`;
+    /// chat-store-pg): every acknowledged message is committed there. One
+    /// server process per database for now (a second is refused).
+    Postgres,
 }
 
 impl Default for Storage {
@@ -252,6 +260,7 @@ impl Default for Storage {
         Self {
             data: "chat-data".into(),
             store: StoreKind::Log,
+            database_url: None,
             queue_limit: chat_core::DEFAULT_QUEUE_LIMIT,
         }
     }
@@ -287,6 +296,9 @@ impl Storage {
     /// `log` on a directory holding only an earlier version's SQLite
     /// database keeps SQLite.
     pub fn engine(&self) -> StoreKind {
+        if self.store == StoreKind::Postgres {
+            return StoreKind::Postgres;
+        }
         if self.store == StoreKind::Memory || self.data == ":memory:" {
             return StoreKind::Memory;
         }
@@ -333,6 +345,25 @@ impl Storage {
                 };
                 let store = Arc::new(chat_store_log::LogStore::open(dir, options).await?);
                 (store.clone(), StoreHandle::Log(store))
+            }
+            StoreKind::Postgres => {
+                let url = self.database_url.as_deref().context(
+                    "--store postgres needs the database: --database-url URL or DATABASE_URL",
+                )?;
+                let options = chat_store_pg::PgOptions {
+                    queue_limit,
+                    ..chat_store_pg::PgOptions::default()
+                };
+                let store = chat_store_pg::PgStore::connect(url, options)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("{}: {err}", err.code()))?;
+                store
+                    .claim_sole_server(url)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("{}: {err}", err.code()))?;
+                tracing::info!("PostgreSQL store open");
+                let store = Arc::new(store);
+                (store.clone(), StoreHandle::Postgres(store))
             }
             StoreKind::Sqlite => {
                 if self.store == StoreKind::Log {
@@ -537,7 +568,7 @@ pub async fn run_with(
     if let Some(metrics) = metrics {
         helpers.spawn(metrics.serve(background.clone()));
     }
-    if !matches!(opened.handle, StoreHandle::Memory) {
+    if matches!(opened.handle, StoreHandle::Log(_) | StoreHandle::Sqlite(_)) {
         helpers.spawn(admin::serve_control(
             Path::new(&storage.data).join(admin::CONTROL_SOCKET),
             opened.handle.clone(),

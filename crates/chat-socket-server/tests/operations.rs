@@ -718,3 +718,55 @@ fn an_offline_backup_needs_a_store_where_it_looks() {
         "nothing was created where there was no store"
     );
 }
+
+/// `--store postgres`: the server keeps its accounts and messages in the
+/// database across restarts, refuses a second process on the same database
+/// (logins are exclusive within one process), and `--print-config` hides
+/// the database password.
+#[tokio::test]
+async fn a_server_on_postgres_keeps_its_data_and_the_database_to_itself() {
+    let Some(db) = chat_conformance::postgres::TestDatabase::create(
+        "a_server_on_postgres_keeps_its_data_and_the_database_to_itself",
+    )
+    .await
+    else {
+        return;
+    };
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        "postgres",
+        "--database-url",
+        db.url.as_str(),
+    ];
+    let server = ServerProcess::start(SERVER, &args, 1).await;
+    let addr = server.addrs[0].clone();
+    let mut alice = SocketClient::connect(&addr).await.unwrap();
+    alice.create("alice", "password1").await.unwrap();
+    let mut bob = SocketClient::connect(&addr).await.unwrap();
+    bob.create("bob", "password1").await.unwrap();
+    bob.logout().await.unwrap();
+    alice.send("bob", "kept in postgres").await.unwrap();
+
+    let (code, _, err) = run(&args, &[]);
+    assert_ne!(code, 0, "a second server on the database is refused");
+    assert!(err.contains("pg_claimed"), "{err}");
+    let (code, out, err) = run(&[&args[..], &["--print-config"]].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(":***@"), "{out}");
+    assert!(
+        !out.contains("chat:chat@"),
+        "the password is not printed: {out}"
+    );
+    let (code, _, err) = run(&[&args[..], &["backup", "/tmp/nowhere"]].concat(), &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("pg_dump"), "{err}");
+
+    drop((alice, bob));
+    server.terminate().await;
+    let server = ServerProcess::start(SERVER, &args, 1).await;
+    let got = messages_of(&server.addrs[0], "bob").await;
+    assert_eq!(got, ["kept in postgres"]);
+    server.terminate().await;
+}
