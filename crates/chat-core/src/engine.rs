@@ -377,6 +377,15 @@ impl Chat {
         Self::default()
     }
 
+    /// The users logged in on this engine now.
+    pub async fn local_users(&self) -> Vec<Username> {
+        let mut users = Vec::new();
+        for stripe in self.inner.stripes.iter() {
+            users.extend(stripe.lock().await.keys().cloned());
+        }
+        users
+    }
+
     /// A handle that does not keep the engine alive.
     pub fn downgrade(&self) -> WeakChat {
         WeakChat(Arc::downgrade(&self.inner))

@@ -230,6 +230,12 @@ pub struct Storage {
     /// (`postgres://user:password@host:port/database`).
     #[arg(long, env = "DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
+    /// With `--store postgres`: seconds a server process's logins outlive
+    /// its last heartbeat in the database. If the process dies, its users
+    /// can log in on another after this; a process that cannot beat within
+    /// it stops.
+    #[arg(long, default_value_t = chat_store_pg::cluster::DEFAULT_LEASE_TIME.as_secs())]
+    pub lease_time_secs: u64,
     /// Messages stored per recipient (queued or awaiting acknowledgement)
     /// past which sends get `queue_full`.
     #[arg(long, default_value_t = chat_core::DEFAULT_QUEUE_LIMIT)]
@@ -261,6 +267,7 @@ impl Default for Storage {
             data: "chat-data".into(),
             store: StoreKind::Log,
             database_url: None,
+            lease_time_secs: chat_store_pg::cluster::DEFAULT_LEASE_TIME.as_secs(),
             queue_limit: chat_core::DEFAULT_QUEUE_LIMIT,
         }
     }
@@ -325,7 +332,21 @@ impl Storage {
 
     /// [`Storage::open`] with the engine's settings.
     pub async fn open_with(&self, config: chat_core::Config) -> anyhow::Result<Chat> {
-        Ok(Chat::new(self.open_store().await?.store, config))
+        let opened = self.open_store().await?;
+        let (chat, heartbeat) = opened.engine(config, self.lease_time()).await?;
+        if let Some(heartbeat) = heartbeat {
+            tokio::spawn(async move {
+                if let Err(why) = heartbeat.run(CancellationToken::new()).await {
+                    tracing::error!(%why, "this node lost its place in the cluster");
+                }
+            });
+        }
+        Ok(chat)
+    }
+
+    /// How long a PostgreSQL node's logins outlive its last heartbeat.
+    pub fn lease_time(&self) -> Duration {
+        Duration::from_secs(self.lease_time_secs.max(1))
     }
 
     /// Opens the store: for the engine, and for what only the server does
@@ -355,10 +376,6 @@ impl Storage {
                     ..chat_store_pg::PgOptions::default()
                 };
                 let store = chat_store_pg::PgStore::connect(url, options)
-                    .await
-                    .map_err(|err| anyhow::anyhow!("{}: {err}", err.code()))?;
-                store
-                    .claim_sole_server(url)
                     .await
                     .map_err(|err| anyhow::anyhow!("{}: {err}", err.code()))?;
                 tracing::info!("PostgreSQL store open");
@@ -402,6 +419,40 @@ impl std::fmt::Debug for OpenStore {
 }
 
 impl OpenStore {
+    /// The engine on this store: one node of a cluster on PostgreSQL (with
+    /// the heartbeat to run while it serves; its notification listener is
+    /// started here), a lone engine otherwise.
+    pub async fn engine(
+        &self,
+        config: chat_core::Config,
+        lease_time: Duration,
+    ) -> anyhow::Result<(Chat, Option<chat_store_pg::cluster::Heartbeat>)> {
+        let StoreHandle::Postgres(pg) = &self.handle else {
+            return Ok((Chat::new(Arc::clone(&self.store), config), None));
+        };
+        let node = chat_store_pg::cluster::Node::join(pg, lease_time)
+            .await
+            .context("cannot join the PostgreSQL cluster")?;
+        let chat = Chat::on_node(
+            Arc::clone(&self.store),
+            node.presence.clone(),
+            node.delivery.clone(),
+            config,
+        );
+        let listener = node
+            .delivery
+            .listen(
+                node.heartbeat.node(),
+                chat.downgrade(),
+                CancellationToken::new(),
+            )
+            .await
+            .context("cannot listen for deliveries")?;
+        tokio::spawn(listener);
+        tracing::info!(node = %node.heartbeat.node(), "joined the PostgreSQL cluster");
+        Ok((chat, Some(node.heartbeat)))
+    }
+
     /// Closes the store once nothing else holds it: every write recorded
     /// is on disk and the data directory is free when this returns.
     pub async fn close(self) {
@@ -551,7 +602,7 @@ pub async fn run_with(
         None => None,
     };
     let opened = storage.open_store().await?;
-    let chat = Chat::new(Arc::clone(&opened.store), tuning.engine());
+    let (chat, heartbeat) = opened.engine(tuning.engine(), storage.lease_time()).await?;
     let bound = Bound::bind(listen).await?;
     {
         let mut stdout = std::io::stdout().lock();
@@ -565,6 +616,17 @@ pub async fn run_with(
     }
     let background = CancellationToken::new();
     let mut helpers = tokio::task::JoinSet::new();
+    if let Some(heartbeat) = heartbeat {
+        let stop = background.clone();
+        helpers.spawn(async move {
+            if let Err(why) = heartbeat.run(stop).await {
+                // Other processes may hold this one's logins by now: it
+                // must not act for those users a moment longer (fail-stop).
+                tracing::error!(%why, "stopping at once");
+                std::process::exit(75);
+            }
+        });
+    }
     if let Some(metrics) = metrics {
         helpers.spawn(metrics.serve(background.clone()));
     }

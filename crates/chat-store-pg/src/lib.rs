@@ -22,6 +22,8 @@
 //! holds. The schema is in `migrations/postgres/`; migrations run at open
 //! under sqlx's advisory lock, so several processes may start at once.
 
+pub mod cluster;
+
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -73,13 +75,6 @@ pub enum PgError {
     /// Migrating the schema failed.
     #[error("cannot migrate the PostgreSQL schema: {0}")]
     Migrate(sqlx::migrate::MigrateError),
-    /// Another server process serves this database (see
-    /// [`PgStore::claim_sole_server`]).
-    #[error(
-        "another server process serves this PostgreSQL database; one process per database until \
-         logins are coordinated across processes"
-    )]
-    Claimed,
 }
 
 impl PgError {
@@ -89,7 +84,6 @@ impl PgError {
             PgError::Url(_) => "pg_url",
             PgError::Connect(_) => "pg_connect",
             PgError::Migrate(_) => "pg_migrate",
-            PgError::Claimed => "pg_claimed",
         }
     }
 }
@@ -99,17 +93,11 @@ pub fn schema_version() -> i64 {
     MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
-/// The advisory lock key a server process holds on its database (see
-/// [`PgStore::claim_sole_server`]): "chat" in ASCII.
-const SOLE_SERVER_LOCK: i64 = 0x6368_6174;
-
 /// A [`Store`] on PostgreSQL. Cheap to clone (a pool).
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
     queue_limit: usize,
-    /// The connection holding the sole-server lock, once claimed.
-    claim: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
 }
 
 impl PgStore {
@@ -127,31 +115,7 @@ impl PgStore {
         Ok(Self {
             pool,
             queue_limit: options.queue_limit.max(1),
-            claim: std::sync::Arc::default(),
         })
-    }
-
-    /// Makes this the only server process on the database, for as long as
-    /// it runs: a session-level advisory lock on a connection of its own
-    /// (released by PostgreSQL when the process dies). The engine's logins
-    /// are exclusive within one process; until they are coordinated through
-    /// the database, a second process must not serve the same accounts.
-    pub async fn claim_sole_server(&self, url: &str) -> Result<(), PgError> {
-        use sqlx::Connection;
-        let connect = PgConnectOptions::from_str(url).map_err(PgError::Url)?;
-        let mut conn = sqlx::PgConnection::connect_with(&connect)
-            .await
-            .map_err(PgError::Connect)?;
-        let claimed: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(SOLE_SERVER_LOCK)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(PgError::Connect)?;
-        if !claimed {
-            return Err(PgError::Claimed);
-        }
-        *self.claim.lock().await = Some(conn);
-        Ok(())
     }
 
     /// The connection pool (for the presence and delivery of a cluster,

@@ -230,3 +230,44 @@ async fn two_processes_share_ids_send_ids_and_names_without_a_clash() {
         assert_eq!(same.id, appended.message.id, "both processes answer one id");
     }
 }
+
+/// Leases in the database: one holder at a time, a generation that only
+/// grows, a stale holder that cannot end a newer lease, and a dead node's
+/// leases taken over once its heartbeat is older than the lease time.
+#[tokio::test]
+async fn leases_fence_stale_holders_and_pass_on_from_dead_nodes() {
+    use chat_core::presence::{Presence, PresenceError};
+    use chat_store_pg::cluster::PgPresence;
+    use std::time::Duration;
+    let db = database!("leases_fence_stale_holders_and_pass_on_from_dead_nodes");
+    let store = open(&db, 100).await;
+    let lease_time = Duration::from_millis(600);
+    let (a, _a_beat) = PgPresence::register(&store, lease_time).await.unwrap();
+    let (b, b_beat) = PgPresence::register(&store, lease_time).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let beating = tokio::spawn(b_beat.run(stop.clone()));
+    let alice = name("alice");
+    let first = a.acquire(&alice).await.unwrap();
+    assert_eq!(
+        b.acquire(&alice).await,
+        Err(PresenceError::Held(first.clone()))
+    );
+    assert_eq!(b.holder(&alice).await.unwrap(), Some(first.clone()));
+    // Node a never beats: once its heartbeat is older than the lease time,
+    // its lease is nobody's and b takes it over.
+    tokio::time::sleep(lease_time + Duration::from_millis(200)).await;
+    assert_eq!(b.holder(&alice).await.unwrap(), None);
+    let second = b.acquire(&alice).await.unwrap();
+    assert!(second.generation > first.generation);
+    assert!(
+        !a.release(&first).await.unwrap(),
+        "a stale lease ends nothing"
+    );
+    // b beats, so its lease lasts past the lease time.
+    tokio::time::sleep(lease_time + Duration::from_millis(200)).await;
+    assert_eq!(a.holder(&alice).await.unwrap(), Some(second.clone()));
+    assert!(b.release(&second).await.unwrap());
+    assert_eq!(a.holder(&alice).await.unwrap(), None);
+    stop.cancel();
+    assert_eq!(beating.await.unwrap(), Ok(()));
+}

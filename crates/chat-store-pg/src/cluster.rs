@@ -1,0 +1,321 @@
+//! Presence and delivery on PostgreSQL: several server processes (nodes)
+//! on one database, coordinated by it alone.
+//!
+//! - **Nodes** register a random id in `nodes` and heartbeat there every
+//!   third of the lease time, in the database's clock (`now()`), so the
+//!   processes' clocks need not agree.
+//! - **Leases** ([`PgPresence`]): a login is a row in `leases` with its
+//!   node and a generation from one sequence (the fencing token). A lease
+//!   whose node's heartbeat is older than the lease time is dead: another
+//!   node may take it over in the same statement that grants it. So when a
+//!   node dies, its users can log in elsewhere after at most one lease time.
+//! - **A node that misses its own heartbeat** (paused, cut off from the
+//!   database) can no longer know whether its leases were taken over:
+//!   [`Heartbeat::run`] returns, and the server stops at once rather than act
+//!   for users who may be logged in elsewhere (fail-stop).
+//! - **Delivery** ([`PgDelivery`]): a message for a user whose lease names
+//!   another node is committed queued, then announced with
+//!   `NOTIFY chat_node_<id>, '<user>'`; that node's listener pushes what is
+//!   queued for the user ([`chat_core::Chat::deliver_queued`]). A listener
+//!   that loses its connection reconnects and catches up from the table for
+//!   every user logged in on it: a lost notification delays, never loses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chat_core::delivery::{Delivery, DeliveryError};
+use chat_core::presence::{Lease, NodeId, Presence, PresenceError};
+use chat_core::{MessageId, Username, WeakChat};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::PgStore;
+
+/// Default lease time: how long after its last heartbeat a node's logins
+/// are still its own.
+pub const DEFAULT_LEASE_TIME: Duration = Duration::from_secs(10);
+
+/// The [`Presence`] of one node on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgPresence {
+    pool: PgPool,
+    node: NodeId,
+    lease_time: Duration,
+}
+
+/// Keeps a node alive in `nodes`; see [`Heartbeat::run`].
+#[derive(Debug)]
+pub struct Heartbeat {
+    pool: PgPool,
+    node: NodeId,
+    lease_time: Duration,
+}
+
+fn unavailable(err: sqlx::Error) -> PresenceError {
+    PresenceError::Unavailable(format!("PostgreSQL: {err}"))
+}
+
+fn interval(lease_time: Duration) -> String {
+    format!("{} milliseconds", lease_time.as_millis().max(1))
+}
+
+impl PgPresence {
+    /// Registers a new node on `store`'s database, with a random id.
+    pub async fn register(
+        store: &PgStore,
+        lease_time: Duration,
+    ) -> Result<(Self, Heartbeat), PresenceError> {
+        let pool = store.pool().clone();
+        let node = NodeId(rand::random::<u64>() >> 1);
+        // Nodes dead for an hour, and their leases, are forgotten.
+        sqlx::query(
+            "DELETE FROM leases WHERE node IN \
+             (SELECT id FROM nodes WHERE heartbeat_at < now() - interval '1 hour')",
+        )
+        .execute(&pool)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query("DELETE FROM nodes WHERE heartbeat_at < now() - interval '1 hour'")
+            .execute(&pool)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("INSERT INTO nodes (id) VALUES ($1)")
+            .bind(node.0 as i64)
+            .execute(&pool)
+            .await
+            .map_err(unavailable)?;
+        let presence = Self {
+            pool: pool.clone(),
+            node,
+            lease_time,
+        };
+        let heartbeat = Heartbeat {
+            pool,
+            node,
+            lease_time,
+        };
+        Ok((presence, heartbeat))
+    }
+}
+
+#[async_trait]
+impl Presence for PgPresence {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+
+    async fn acquire(&self, user: &Username) -> Result<Lease, PresenceError> {
+        // Granted if nobody holds it, or taken over from a dead node, in
+        // one statement: of several nodes trying at once, one wins.
+        let generation: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO leases AS l (name, node, generation) \
+             VALUES ($1, $2, nextval('lease_generation')) \
+             ON CONFLICT (name) DO UPDATE SET node = EXCLUDED.node, generation = EXCLUDED.generation \
+             WHERE NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = l.node \
+                               AND n.heartbeat_at > now() - $3::interval) \
+             RETURNING generation",
+        )
+        .bind(user.as_str())
+        .bind(self.node.0 as i64)
+        .bind(interval(self.lease_time))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if let Some(generation) = generation {
+            return Ok(Lease {
+                user: user.clone(),
+                node: self.node,
+                generation: generation as u64,
+            });
+        }
+        match self.holder(user).await? {
+            Some(lease) => Err(PresenceError::Held(lease)),
+            // Released between the two statements: try once more.
+            None => Box::pin(self.acquire(user)).await,
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool, PresenceError> {
+        let released = sqlx::query("DELETE FROM leases WHERE name = $1 AND generation = $2")
+            .bind(lease.user.as_str())
+            .bind(lease.generation as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(released.rows_affected() > 0)
+    }
+
+    async fn holder(&self, user: &Username) -> Result<Option<Lease>, PresenceError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT l.node, l.generation FROM leases l JOIN nodes n ON n.id = l.node \
+             WHERE l.name = $1 AND n.heartbeat_at > now() - $2::interval",
+        )
+        .bind(user.as_str())
+        .bind(interval(self.lease_time))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(row.map(|(node, generation)| Lease {
+            user: user.clone(),
+            node: NodeId(node as u64),
+            generation: generation as u64,
+        }))
+    }
+}
+
+impl Heartbeat {
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Beats every third of the lease time until `stop`, then deregisters
+    /// the node (its leases go with it). Returns early, with why, if a beat
+    /// could not be made within the lease time: other nodes may then have
+    /// taken this node's logins over, and the server must stop serving
+    /// them at once.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), String> {
+        let every = self.lease_time / 3;
+        let mut last = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => break,
+            }
+            let beat = tokio::time::timeout(
+                every,
+                sqlx::query("UPDATE nodes SET heartbeat_at = now() WHERE id = $1")
+                    .bind(self.node.0 as i64)
+                    .execute(&self.pool),
+            )
+            .await;
+            match beat {
+                Ok(Ok(done)) if done.rows_affected() == 1 => last = tokio::time::Instant::now(),
+                Ok(Ok(_)) => return Err(format!("{} is no longer registered", self.node)),
+                Ok(Err(err)) => tracing::warn!(%err, "heartbeat failed; retrying"),
+                Err(_) => tracing::warn!("heartbeat timed out; retrying"),
+            }
+            // Only a beat that landed within the lease time keeps the
+            // leases certain; the margin covers the beat's own travel.
+            if last.elapsed() >= self.lease_time - every / 2 {
+                return Err(format!(
+                    "no heartbeat for {:?} (lease time {:?}): this node's logins may be held elsewhere now",
+                    last.elapsed(),
+                    self.lease_time
+                ));
+            }
+        }
+        let _ = sqlx::query("DELETE FROM leases WHERE node = $1")
+            .bind(self.node.0 as i64)
+            .execute(&self.pool)
+            .await;
+        let _ = sqlx::query("DELETE FROM nodes WHERE id = $1")
+            .bind(self.node.0 as i64)
+            .execute(&self.pool)
+            .await;
+        Ok(())
+    }
+}
+
+/// The notification channel of a node.
+fn channel(node: NodeId) -> String {
+    format!("chat_node_{}", node.0)
+}
+
+/// The [`Delivery`] of one node on PostgreSQL (`NOTIFY`).
+#[derive(Debug, Clone)]
+pub struct PgDelivery {
+    pool: PgPool,
+}
+
+impl PgDelivery {
+    /// Delivery through `store`'s database.
+    pub fn new(store: &PgStore) -> Self {
+        Self {
+            pool: store.pool().clone(),
+        }
+    }
+
+    /// Listens for this node's notifications until `stop`, pushing what is
+    /// queued for each user named; after a lost connection, catches up for
+    /// every user logged in here. Starts listening before it returns, so a
+    /// route made after this returns is heard.
+    pub async fn listen(
+        &self,
+        node: NodeId,
+        chat: WeakChat,
+        stop: CancellationToken,
+    ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, sqlx::Error> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(&channel(node)).await?;
+        Ok(async move {
+            loop {
+                let next = tokio::select! {
+                    next = listener.try_recv() => next,
+                    _ = stop.cancelled() => return,
+                };
+                let Some(chat) = chat.upgrade() else { return };
+                match next {
+                    Ok(Some(notification)) => {
+                        if let Ok(user) = Username::parse(notification.payload())
+                            && let Err(err) = chat.deliver_queued(&user).await
+                        {
+                            tracing::warn!(%err, user = %user, "could not push routed messages");
+                        }
+                    }
+                    // The connection was lost (and is remade by the next
+                    // call): what was announced meanwhile is in the table.
+                    Ok(None) => {
+                        tracing::warn!("lost the notification connection; catching up");
+                        for user in chat.local_users().await {
+                            let _ = chat.deliver_queued(&user).await;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "notification listener failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl Delivery for PgDelivery {
+    async fn route(&self, lease: &Lease, _id: MessageId) -> Result<(), DeliveryError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel(lease.node))
+            .bind(lease.user.as_str())
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|err| DeliveryError::Unavailable(format!("PostgreSQL: {err}")))
+    }
+}
+
+/// One node's presence, delivery and heartbeat, ready to build an engine
+/// on (`Chat::on_node`).
+#[derive(Debug)]
+pub struct Node {
+    /// Who holds each login.
+    pub presence: Arc<PgPresence>,
+    /// Routes to other nodes.
+    pub delivery: Arc<PgDelivery>,
+    /// To run for as long as the node serves.
+    pub heartbeat: Heartbeat,
+}
+
+impl Node {
+    /// Registers a node on `store`'s database.
+    pub async fn join(store: &PgStore, lease_time: Duration) -> Result<Self, PresenceError> {
+        let (presence, heartbeat) = PgPresence::register(store, lease_time).await?;
+        Ok(Self {
+            presence: Arc::new(presence),
+            delivery: Arc::new(PgDelivery::new(store)),
+            heartbeat,
+        })
+    }
+}
