@@ -58,31 +58,14 @@ macro_rules! conformance_tests {
     // `start` returns `Option<connector>`: `None` skips the test (a service
     // it needs is absent, and it said so).
     (optional $start:path) => {
-        $crate::conformance_tests!(@each_optional $start;
-            account_lifecycle,
-            double_create_rejected,
-            concurrent_login_rejected,
-            bad_requests_get_clear_errors,
-            send_to_unknown_user,
-            queued_delivery_then_fetch,
-            live_delivery_in_order,
-            pipelined_sends_in_order,
-            batched_acks_go_out_when_due,
-            delete_drops_queue_and_frees_name,
-            list_accounts_by_pattern,
-            connection_drop_logs_out,
-            concurrent_creates_one_winner_per_name,
-            hundreds_of_clients_exactly_once,
-            unacked_messages_are_delivered_again,
-            fetched_messages_need_an_ack,
-            acks_never_cover_unseen_messages,
-            a_recreated_account_starts_afresh,
-            a_returning_client_sees_a_recreated_accounts_messages,
-            passwords_guard_accounts,
-        );
+        $crate::conformance_tests!(@names each_optional $start);
     };
     ($start:path) => {
-        $crate::conformance_tests!(@each $start;
+        $crate::conformance_tests!(@names each $start);
+    };
+    // The scenarios, listed once.
+    (@names $mode:ident $start:path) => {
+        $crate::conformance_tests!(@ $mode $start;
             account_lifecycle,
             double_create_rejected,
             concurrent_login_rejected,
