@@ -52,6 +52,74 @@ enum Stop {
     Kill,
     /// SIGTERM: a graceful stop, draining within the shutdown timeout.
     Terminate,
+    /// Three processes on one PostgreSQL database behind a round-robin
+    /// balancer; one is SIGKILLed and not restarted: its clients reconnect
+    /// through the balancer to the others, and log in there once its
+    /// lease runs out.
+    KillOneOfThree,
+}
+
+/// The servers under test: one process on a data directory, or three on
+/// one PostgreSQL database.
+enum Servers {
+    One(ServerProcess),
+    Three(Vec<ServerProcess>),
+}
+
+/// A round-robin TCP balancer on 127.0.0.1:0 in front of `backends`, as
+/// a load balancer with TCP health checks would be: a backend that refuses
+/// a connection is skipped.
+async fn balance(backends: Vec<String>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut next = 0;
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                continue;
+            };
+            let mut outbound = None;
+            for step in 0..backends.len() {
+                let at = (next + step) % backends.len();
+                if let Ok(stream) = tokio::net::TcpStream::connect(&backends[at]).await {
+                    outbound = Some(stream);
+                    next = at + 1;
+                    break;
+                }
+            }
+            let Some(mut outbound) = outbound else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    addr
+}
+
+/// One process of the cluster on `url`, both transports on free ports, a
+/// short lease so that a dead process's users move on quickly.
+async fn start_on(url: &str) -> ServerProcess {
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--socket-listen",
+        "127.0.0.1:0",
+        "--store",
+        "postgres",
+        "--database-url",
+        url,
+        "--lease-time-secs",
+        "2",
+        "--queue-limit",
+        "10000000",
+        "--send-rate",
+        "0",
+        "--creates-per-minute",
+        "0",
+    ];
+    ServerProcess::start(SERVER, &args, 2).await
 }
 
 async fn start(data: &str, grpc: &str, socket: &str) -> ServerProcess {
@@ -210,11 +278,48 @@ async fn a_graceful_restart_under_load_loses_nothing_and_repeats_nothing() {
     restart_under_load(Stop::Terminate).await;
 }
 
+/// A cluster under load: three processes (each serving both transports)
+/// on one PostgreSQL database, behind a balancer per transport; one is
+/// SIGKILLed mid-load and stays dead. Every acknowledged send is delivered,
+/// under the id it was given, exactly once, as after a single server's
+/// crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_a_process_killed_in_a_cluster() {
+    restart_under_load(Stop::KillOneOfThree).await;
+}
+
 async fn restart_under_load(how: Stop) {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_string_lossy().to_string();
-    let server = start(&data_dir, "127.0.0.1:0", "127.0.0.1:0").await;
-    let (grpc_addr, socket_addr) = (server.addrs[0].clone(), server.addrs[1].clone());
+    let database = match how {
+        Stop::KillOneOfThree => {
+            match chat_conformance::postgres::TestDatabase::create(
+                "acknowledged_messages_survive_a_process_killed_in_a_cluster",
+            )
+            .await
+            {
+                Some(db) => Some(db),
+                None => return,
+            }
+        }
+        Stop::Kill | Stop::Terminate => None,
+    };
+    let (server, grpc_addr, socket_addr) = match &database {
+        None => {
+            let server = start(&data_dir, "127.0.0.1:0", "127.0.0.1:0").await;
+            let (grpc, socket) = (server.addrs[0].clone(), server.addrs[1].clone());
+            (Servers::One(server), grpc, socket)
+        }
+        Some(db) => {
+            let mut servers = Vec::new();
+            for _ in 0..3 {
+                servers.push(start_on(&db.url).await);
+            }
+            let grpc = balance(servers.iter().map(|s| s.addrs[0].clone()).collect()).await;
+            let socket = balance(servers.iter().map(|s| s.addrs[1].clone()).collect()).await;
+            (Servers::Three(servers), grpc, socket)
+        }
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut senders = Vec::new();
@@ -259,12 +364,23 @@ async fn restart_under_load(how: Stop) {
 
     // Mid-load.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    match how {
-        Stop::Kill => server.kill().await,
-        Stop::Terminate => server.terminate().await,
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let server = start(&data_dir, &grpc_addr, &socket_addr).await;
+    let server = match (how, server) {
+        (Stop::Kill, Servers::One(server)) => {
+            server.kill().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Servers::One(start(&data_dir, &grpc_addr, &socket_addr).await)
+        }
+        (Stop::Terminate, Servers::One(server)) => {
+            server.terminate().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Servers::One(start(&data_dir, &grpc_addr, &socket_addr).await)
+        }
+        (Stop::KillOneOfThree, Servers::Three(mut servers)) => {
+            servers.remove(1).kill().await;
+            Servers::Three(servers)
+        }
+        _ => unreachable!("each way of stopping has its own servers"),
+    };
     // The senders reconnect and resend by themselves; let them go on a bit.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -289,7 +405,13 @@ async fn restart_under_load(how: Stop) {
         acked.insert(to, ok);
     }
     for watcher in watchers {
-        watcher.await.expect("watcher");
+        // A watcher whose server died has ended; one on a process that
+        // lives on (the cluster) is stopped here, its client dropped: what
+        // it saw and acknowledged is recorded.
+        watcher.abort();
+        if let Err(err) = watcher.await {
+            assert!(err.is_cancelled(), "watcher: {err}");
+        }
     }
 
     let mut total_acked = 0;
@@ -355,5 +477,12 @@ async fn restart_under_load(how: Stop) {
         }
     }
     drop(lister);
-    server.terminate().await;
+    match server {
+        Servers::One(server) => server.terminate().await,
+        Servers::Three(servers) => {
+            for server in servers {
+                server.terminate().await;
+            }
+        }
+    }
 }
