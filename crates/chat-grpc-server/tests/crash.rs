@@ -62,7 +62,7 @@ enum Stop {
 /// The servers under test: one process on a data directory, or three on
 /// one PostgreSQL database.
 enum Servers {
-    One(ServerProcess),
+    One(Box<ServerProcess>),
     Three(Vec<ServerProcess>),
 }
 
@@ -308,7 +308,7 @@ async fn restart_under_load(how: Stop) {
         None => {
             let server = start(&data_dir, "127.0.0.1:0", "127.0.0.1:0").await;
             let (grpc, socket) = (server.addrs[0].clone(), server.addrs[1].clone());
-            (Servers::One(server), grpc, socket)
+            (Servers::One(Box::new(server)), grpc, socket)
         }
         Some(db) => {
             let mut servers = Vec::new();
@@ -368,12 +368,12 @@ async fn restart_under_load(how: Stop) {
         (Stop::Kill, Servers::One(server)) => {
             server.kill().await;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            Servers::One(start(&data_dir, &grpc_addr, &socket_addr).await)
+            Servers::One(Box::new(start(&data_dir, &grpc_addr, &socket_addr).await))
         }
         (Stop::Terminate, Servers::One(server)) => {
             server.terminate().await;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            Servers::One(start(&data_dir, &grpc_addr, &socket_addr).await)
+            Servers::One(Box::new(start(&data_dir, &grpc_addr, &socket_addr).await))
         }
         (Stop::KillOneOfThree, Servers::Three(mut servers)) => {
             servers.remove(1).kill().await;
