@@ -403,7 +403,10 @@ impl Chat {
         // Room first, then the store: a message taken from the queue is
         // marked delivered, so it must have a place to go. Pushes to this
         // user happen only under this stripe, so the room stays.
-        let room = holder.tx.capacity();
+        // Half the free room at most: a backlog must not fill the channel
+        // and make the next live push find it full (a slow consumer). What
+        // stays queued goes with the next route, fetch or login.
+        let room = holder.tx.capacity().div_ceil(2);
         if room == 0 {
             return Ok(0);
         }
@@ -569,16 +572,25 @@ impl Chat {
     }
 
     /// Takes `user`'s lease for this engine: `already_logged_in` if another
-    /// session (here or on another node) holds it.
-    async fn acquire(&self, user: &Username) -> Result<Lease, ChatError> {
-        self.inner
-            .presence
-            .acquire(user)
-            .await
-            .map_err(|err| match err {
-                PresenceError::Held(_) => ChatError::AlreadyLoggedIn(user.clone()),
-                PresenceError::Unavailable(why) => ChatError::StoreUnavailable(why),
-            })
+    /// session (here or on another node) holds it. Called under `user`'s
+    /// stripe; `held_here` says whether a session of this engine is in it.
+    /// A lease of this engine's with no session here is an orphan (a
+    /// release that failed, a login abandoned midway): it is ended and the
+    /// lease taken anew.
+    async fn acquire(&self, user: &Username, held_here: bool) -> Result<Lease, ChatError> {
+        let presence = &self.inner.presence;
+        let refused = |err| match err {
+            PresenceError::Held(_) => ChatError::AlreadyLoggedIn(user.clone()),
+            PresenceError::Unavailable(why) => ChatError::StoreUnavailable(why),
+        };
+        match presence.acquire(user).await {
+            Err(PresenceError::Held(orphan)) if !held_here && orphan.node == presence.node() => {
+                tracing::info!(user = %user, "ending an orphaned lease of this node");
+                presence.release(&orphan).await.map_err(refused)?;
+                presence.acquire(user).await.map_err(refused)
+            }
+            other => other.map_err(refused),
+        }
     }
 
     /// Removes session `id`'s claim on `user`, if it still holds it (a
@@ -714,7 +726,8 @@ impl Session {
         let mut stripe = self.chat.stripe(&name).lock().await;
         // The lease first: a name someone is logged in as (here or on
         // another node) exists, whatever the store says this moment.
-        let lease = match self.chat.acquire(&name).await {
+        let held_here = stripe.contains_key(&name);
+        let lease = match self.chat.acquire(&name, held_here).await {
             Ok(lease) => lease,
             Err(ChatError::AlreadyLoggedIn(name)) => return Err(ChatError::UsernameTaken(name)),
             Err(err) => return Err(err),
@@ -783,7 +796,7 @@ impl Session {
                 self.chat.release_lease(dead.take_lease()).await;
             }
         }
-        let lease = self.chat.acquire(&name).await?;
+        let lease = self.chat.acquire(&name, false).await?;
         // Loaded under the stripe lock: a send to `name` either happened
         // before (and is in this snapshot, if it was delivered) or happens
         // after and is pushed behind it, never both.

@@ -157,3 +157,37 @@ async fn a_session_that_dies_frees_its_login_for_every_node() {
         }
     }
 }
+
+/// A lease of this node with no session here (a release that failed, a
+/// login abandoned midway) does not lock its user out: the next login here
+/// ends it.
+#[tokio::test]
+async fn an_orphaned_lease_of_this_node_is_ended_by_the_next_login() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let presence = LocalPresence::new();
+    let bus = Arc::new(LocalBus::new());
+    let chat = Chat::on_node(
+        Arc::clone(&store),
+        Arc::new(presence.clone()),
+        bus.clone(),
+        Config {
+            hashing: HashingConfig::cheap_for_tests(),
+            ..Config::default()
+        },
+    );
+    bus.register(NodeId(0), &chat);
+    let (alice, _events) = chat.open_session();
+    alice.create("alice", "password1").await.unwrap();
+    alice.logout().await.unwrap();
+    let orphan = presence
+        .acquire(&Username::parse("alice").unwrap())
+        .await
+        .unwrap();
+    alice.login("alice", "password1").await.unwrap();
+    let now = presence
+        .holder(&Username::parse("alice").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(now.generation > orphan.generation);
+}

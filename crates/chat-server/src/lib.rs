@@ -256,8 +256,8 @@ pub enum StoreKind {
     /// In memory: fast, and gone when the process stops.
     Memory,
     /// A PostgreSQL database (`--database-url`, or `DATABASE_URL`;
-    /// chat-store-pg): every acknowledged message is committed there. One
-    /// server process per database for now (a second is refused).
+    /// chat-store-pg): every acknowledged message is committed there, and
+    /// several server processes may share it (logins leased there).
     Postgres,
 }
 
@@ -335,9 +335,14 @@ impl Storage {
         let opened = self.open_store().await?;
         let (chat, heartbeat) = opened.engine(config, self.lease_time()).await?;
         if let Some(heartbeat) = heartbeat {
+            let engine = chat.downgrade();
             tokio::spawn(async move {
                 if let Err(why) = heartbeat.run(CancellationToken::new()).await {
-                    tracing::error!(%why, "this node lost its place in the cluster");
+                    // Its logins may be held elsewhere now: it stops.
+                    tracing::error!(%why, "this node lost its place in the cluster; shutting it down");
+                    if let Some(chat) = engine.upgrade() {
+                        chat.shutdown();
+                    }
                 }
             });
         }

@@ -172,39 +172,61 @@ impl Heartbeat {
     }
 
     /// Beats every third of the lease time until `stop`, then deregisters
-    /// the node (its leases go with it). Returns early, with why, if a beat
-    /// could not be made within the lease time: other nodes may then have
-    /// taken this node's logins over, and the server must stop serving
-    /// them at once.
+    /// the node (its leases go with it). Returns early, with why, once this
+    /// node cannot be sure its leases are still its own: a beat that finds
+    /// the node already dead in the database's clock (the process was
+    /// paused or cut off), or no beat landing before the last one's lease
+    /// time (minus a margin) runs out, measured from when that beat was
+    /// sent. The server must then stop serving at once. Beats go over a
+    /// connection of their own, so a busy pool cannot starve them.
     pub async fn run(self, stop: CancellationToken) -> Result<(), String> {
+        use sqlx::Connection as _;
         let every = self.lease_time / 3;
-        let mut last = tokio::time::Instant::now();
+        let margin = every / 2;
+        let mut conn: Option<sqlx::PgConnection> = None;
+        // The lease runs from the last beat that landed, counted from when
+        // it was sent (the database stamped it no earlier).
+        let mut sent_last = tokio::time::Instant::now();
         loop {
+            let deadline = sent_last + self.lease_time - margin;
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(self.late(sent_last)),
                 _ = stop.cancelled() => break,
             }
-            let beat = tokio::time::timeout(
-                every,
-                sqlx::query("UPDATE nodes SET heartbeat_at = now() WHERE id = $1")
-                    .bind(self.node.0 as i64)
-                    .execute(&self.pool),
-            )
+            let sent = tokio::time::Instant::now();
+            let beat = tokio::time::timeout_at(deadline, async {
+                if conn.is_none() {
+                    let options = self.pool.connect_options();
+                    conn = Some(sqlx::PgConnection::connect_with(&options).await?);
+                }
+                let Some(conn) = conn.as_mut() else {
+                    return Err(sqlx::Error::PoolClosed);
+                };
+                // Alive only if still alive in everyone else's eyes.
+                sqlx::query(
+                    "UPDATE nodes SET heartbeat_at = now() \
+                     WHERE id = $1 AND heartbeat_at > now() - $2::interval",
+                )
+                .bind(self.node.0 as i64)
+                .bind(interval(self.lease_time))
+                .execute(&mut *conn)
+                .await
+            })
             .await;
             match beat {
-                Ok(Ok(done)) if done.rows_affected() == 1 => last = tokio::time::Instant::now(),
-                Ok(Ok(_)) => return Err(format!("{} is no longer registered", self.node)),
-                Ok(Err(err)) => tracing::warn!(%err, "heartbeat failed; retrying"),
-                Err(_) => tracing::warn!("heartbeat timed out; retrying"),
-            }
-            // Only a beat that landed within the lease time keeps the
-            // leases certain; the margin covers the beat's own travel.
-            if last.elapsed() >= self.lease_time - every / 2 {
-                return Err(format!(
-                    "no heartbeat for {:?} (lease time {:?}): this node's logins may be held elsewhere now",
-                    last.elapsed(),
-                    self.lease_time
-                ));
+                Ok(Ok(done)) if done.rows_affected() == 1 => sent_last = sent,
+                Ok(Ok(_)) => {
+                    return Err(format!(
+                        "{} missed its lease time: other nodes may hold its logins now",
+                        self.node
+                    ));
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "heartbeat failed; retrying");
+                    conn = None;
+                }
+                Err(_) => return Err(self.late(sent_last)),
             }
         }
         let _ = sqlx::query("DELETE FROM leases WHERE node = $1")
@@ -216,6 +238,14 @@ impl Heartbeat {
             .execute(&self.pool)
             .await;
         Ok(())
+    }
+
+    fn late(&self, sent_last: tokio::time::Instant) -> String {
+        format!(
+            "no heartbeat landed for {:?} (lease time {:?}): this node's logins may be held elsewhere",
+            sent_last.elapsed(),
+            self.lease_time
+        )
     }
 }
 
@@ -251,9 +281,26 @@ impl PgDelivery {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(&channel(node)).await?;
         Ok(async move {
+            // Set when notifications may have been missed: until a catch-up
+            // for every local user succeeds, it is retried.
+            let mut behind = false;
             loop {
+                if behind {
+                    let Some(chat) = chat.upgrade() else { return };
+                    let mut caught_up = true;
+                    for user in chat.local_users().await {
+                        caught_up &= chat.deliver_queued(&user).await.is_ok();
+                    }
+                    behind = !caught_up;
+                }
+                let wait = if behind {
+                    Duration::from_millis(200)
+                } else {
+                    Duration::from_secs(3600)
+                };
                 let next = tokio::select! {
                     next = listener.try_recv() => next,
+                    _ = tokio::time::sleep(wait) => continue,
                     _ = stop.cancelled() => return,
                 };
                 let Some(chat) = chat.upgrade() else { return };
@@ -263,18 +310,19 @@ impl PgDelivery {
                             && let Err(err) = chat.deliver_queued(&user).await
                         {
                             tracing::warn!(%err, user = %user, "could not push routed messages");
+                            behind = true;
                         }
                     }
-                    // The connection was lost (and is remade by the next
-                    // call): what was announced meanwhile is in the table.
+                    // The connection was lost (and is remade by this or the
+                    // next call): what was announced meanwhile is in the
+                    // table.
                     Ok(None) => {
                         tracing::warn!("lost the notification connection; catching up");
-                        for user in chat.local_users().await {
-                            let _ = chat.deliver_queued(&user).await;
-                        }
+                        behind = true;
                     }
                     Err(err) => {
                         tracing::warn!(%err, "notification listener failed; retrying");
+                        behind = true;
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }

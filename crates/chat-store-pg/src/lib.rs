@@ -345,6 +345,16 @@ impl Store for PgStore {
         .map_err(unavailable)?;
         let Some(id) = id else {
             drop(tx);
+            // A racing send of the same id may have filled the queue (or
+            // the recipient may be gone since): its receipt is the answer.
+            if let Some(send_id) = &send_id {
+                let mut tx = self.begin().await?;
+                match earlier_send(&mut tx, &message, send_id).await? {
+                    Earlier::Same(appended) => return Ok(appended),
+                    Earlier::Reused => return Err(StoreError::SendIdReused(message.recipient)),
+                    Earlier::None => {}
+                }
+            }
             return Err(if self.exists(&message.recipient).await? {
                 StoreError::QueueFull(message.recipient)
             } else {

@@ -271,3 +271,29 @@ async fn leases_fence_stale_holders_and_pass_on_from_dead_nodes() {
     stop.cancel();
     assert_eq!(beating.await.unwrap(), Ok(()));
 }
+
+/// A node that was paused (or cut off) past its lease time stops at its
+/// next beat, whatever its own clock says: others may hold its logins.
+#[tokio::test]
+async fn a_node_found_dead_by_the_others_stops_at_its_next_beat() {
+    use chat_store_pg::cluster::PgPresence;
+    use std::time::Duration;
+    let db = database!("a_node_found_dead_by_the_others_stops_at_its_next_beat");
+    let store = open(&db, 100).await;
+    let lease_time = Duration::from_millis(600);
+    let (presence, heartbeat) = PgPresence::register(&store, lease_time).await.unwrap();
+    // As the others see it after a pause: its last beat is long ago.
+    sqlx::query("UPDATE nodes SET heartbeat_at = now() - interval '1 hour' WHERE id = $1")
+        .bind(chat_core::presence::Presence::node(&presence).0 as i64)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        heartbeat.run(tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("the heartbeat gives up within its lease time");
+    let why = outcome.unwrap_err();
+    assert!(why.contains("missed its lease time"), "{why}");
+}
