@@ -881,3 +881,191 @@ async fn three_processes_on_one_database_are_one_server() {
     a.terminate().await;
     c.terminate().await;
 }
+
+/// A free port on loopback (bound and released; HAProxy takes no port 0).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// deploy/haproxy.cfg as shipped, with this test's addresses: its
+/// frontends on `ports` (socket, gRPC) and its servers the given processes.
+fn haproxy_config(ports: (u16, u16), servers: &[&ServerProcess]) -> String {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/haproxy.cfg"
+    ))
+    .unwrap();
+    let mut out = String::new();
+    let mut backend = "";
+    for line in shipped.lines() {
+        let trimmed = line.trim_start();
+        if let Some(name) = line.strip_prefix("backend ") {
+            backend = if name.trim() == "chat_socket" {
+                "socket"
+            } else {
+                "grpc"
+            };
+        }
+        if trimmed == "bind :7878" {
+            out.push_str(&format!("    bind 127.0.0.1:{}\n", ports.0));
+        } else if trimmed == "bind :50051" {
+            out.push_str(&format!("    bind 127.0.0.1:{}\n", ports.1));
+        } else if let Some(rest) = trimmed.strip_prefix("server ") {
+            // Every server line keeps its options; the first stands for all.
+            if rest.starts_with("chat1 ") {
+                let options: Vec<&str> = rest.split_whitespace().skip(2).collect();
+                for (n, server) in servers.iter().enumerate() {
+                    let addr = if backend == "socket" {
+                        &server.addrs[0]
+                    } else {
+                        &server.addrs[1]
+                    };
+                    out.push_str(&format!(
+                        "    server chat{} {addr} {}\n",
+                        n + 1,
+                        options.join(" ")
+                    ));
+                }
+            }
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The shipped HAProxy configuration in front of two server processes on
+/// one PostgreSQL database: clients of either transport connect to the
+/// balancer, land on either process, and chat as with one server; when a
+/// process dies, its clients reconnect through the balancer to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_haproxy_configuration_balances_a_cluster() {
+    let test = "the_shipped_haproxy_configuration_balances_a_cluster";
+    if std::process::Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: haproxy is not installed, and CI must run this test"
+        );
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: install haproxy to run it"
+        );
+        return;
+    }
+    let Some(db) = chat_conformance::postgres::TestDatabase::create(test).await else {
+        return;
+    };
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--store",
+        "postgres",
+        "--database-url",
+        db.url.as_str(),
+        "--lease-time-secs",
+        "2",
+    ];
+    let (one, two) = tokio::join!(
+        ServerProcess::start(SERVER, &args, 2),
+        ServerProcess::start(SERVER, &args, 2),
+    );
+    let ports = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("haproxy.cfg");
+    std::fs::write(&config, haproxy_config(ports, &[&one, &two])).unwrap();
+    let checked = std::process::Command::new("haproxy")
+        .args(["-c", "-q", "-f"])
+        .arg(&config)
+        .status()
+        .unwrap();
+    assert!(checked.success(), "the configuration is valid");
+    let mut haproxy = tokio::process::Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let socket = format!("127.0.0.1:{}", ports.0);
+    let grpc = format!("127.0.0.1:{}", ports.1);
+    // Until HAProxy listens.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::net::TcpStream::connect(&socket).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "haproxy never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Least-connections spreads these over both processes.
+    let mut clients = Vec::new();
+    for n in 0..4 {
+        let mut client = SocketClient::connect(&socket).await.unwrap();
+        client.create(&format!("s{n}"), "password1").await.unwrap();
+        clients.push(client);
+    }
+    let mut carol = chat_grpc::GrpcClient::connect(&grpc).await.unwrap();
+    carol.create("carol", "password1").await.unwrap();
+    for (n, client) in clients.iter_mut().enumerate() {
+        client.send("carol", &format!("from s{n}")).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        match tokio::time::timeout(PATIENCE, carol.next_push()).await {
+            Ok(Some(Push::Message(m))) => got.push(m.body.to_string()),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+    got.sort();
+    assert_eq!(got, ["from s0", "from s1", "from s2", "from s3"]);
+    // One process dies: its clients reconnect through the balancer, log in
+    // on the other once the lease runs out, and their sends go on.
+    one.kill().await;
+    for (n, client) in clients.iter_mut().enumerate() {
+        client.send("carol", &format!("after s{n}")).await.unwrap();
+    }
+    let mut carol_after = SocketClient::connect(&socket).await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    // carol may have been on the dead process: her login moves over too.
+    loop {
+        match carol_after.login("carol", "password1").await {
+            Ok(_) => break,
+            Err(err) if err.code() == Some(chat_core::ErrorCode::AlreadyLoggedIn) => {
+                drop(carol);
+                carol = chat_grpc::GrpcClient::connect(&grpc).await.unwrap();
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "carol never got her login back"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => panic!("{err}"),
+        }
+    }
+    let mut after: Vec<String> = carol_after
+        .fetch(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body.to_string())
+        .filter(|body| body.starts_with("after"))
+        .collect();
+    after.sort();
+    assert_eq!(after, ["after s0", "after s1", "after s2", "after s3"]);
+    drop((clients, carol, carol_after));
+    two.terminate().await;
+    let _ = haproxy.kill().await;
+}
