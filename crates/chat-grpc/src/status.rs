@@ -114,6 +114,15 @@ pub fn to_client_error(status: &Status) -> ClientError {
         {
             ClientError::Connection(format!("{}: {}", status.code(), status.message()))
         }
+        // Every error the server makes carries its code; an `internal`
+        // without one is this side's HTTP/2 connection failing under the
+        // call (a server that stops resets its streams).
+        None if status.code() == Code::Internal
+            && (std::error::Error::source(status).is_some()
+                || status.message().contains("h2 protocol error")) =>
+        {
+            ClientError::Connection(format!("{}: {}", status.code(), status.message()))
+        }
         None => ClientError::Protocol(format!("{}: {}", status.code(), status.message())),
     }
 }
