@@ -334,7 +334,7 @@ pub async fn backup(storage: &Storage, dest: &Path) -> anyhow::Result<u64> {
     // No server: open the store (which also checks that nobody holds it),
     // but only where there is one: a wrong --data must not back up a new,
     // empty store.
-    if !holds_a_store(data) {
+    if !crate::StoreFiles::in_dir(data).any() {
         anyhow::bail!(
             "{} holds no store (is --data, or the config file, the server's?)",
             data.display()
@@ -347,19 +347,6 @@ pub async fn backup(storage: &Storage, dest: &Path) -> anyhow::Result<u64> {
     let result = opened.handle.backup(dest).await;
     opened.close().await;
     result.map_err(|err| anyhow::anyhow!("{} {err}", err.code()))
-}
-
-/// Whether `dir` holds a store's files.
-fn holds_a_store(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.flatten().any(|entry| {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("log-")
-                || name.starts_with("snapshot-")
-                || name == chat_store_sql::DATABASE_FILE
-        })
-    })
 }
 
 /// Sends one request to a server's control socket; `None` if no server

@@ -309,16 +309,8 @@ impl Storage {
         if self.store == StoreKind::Memory || self.data == ":memory:" {
             return StoreKind::Memory;
         }
-        let dir = Path::new(&self.data);
-        let has_sqlite = dir.join(chat_store_sql::DATABASE_FILE).exists();
-        let has_log = std::fs::read_dir(dir).is_ok_and(|entries| {
-            entries.flatten().any(|e| {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                name.starts_with("log-") || name.starts_with("snapshot-")
-            })
-        });
-        if self.store == StoreKind::Log && has_sqlite && !has_log {
+        let found = StoreFiles::in_dir(Path::new(&self.data));
+        if self.store == StoreKind::Log && found.sqlite && !found.log {
             StoreKind::Sqlite
         } else {
             self.store
@@ -404,6 +396,34 @@ impl Storage {
             }
         };
         Ok(OpenStore { store, handle })
+    }
+}
+
+/// Which stores' files a data directory holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreFiles {
+    /// The log store's (`log-N`, `snapshot-N`).
+    pub log: bool,
+    /// The SQLite store's database.
+    pub sqlite: bool,
+}
+
+impl StoreFiles {
+    /// What `dir` holds (nothing, if it cannot be read).
+    pub fn in_dir(dir: &Path) -> Self {
+        let mut found = Self::default();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            found.log |= name.starts_with("log-") || name.starts_with("snapshot-");
+            found.sqlite |= name == chat_store_sql::DATABASE_FILE;
+        }
+        found
+    }
+
+    /// Whether there is any store.
+    pub fn any(self) -> bool {
+        self.log || self.sqlite
     }
 }
 

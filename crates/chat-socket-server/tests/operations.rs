@@ -490,33 +490,17 @@ async fn a_backup_taken_while_serving_restores() {
             alice.send("bob", &format!("before {n}")).await.unwrap();
         }
 
+        let backup = |to: &std::path::Path| {
+            let to = to.to_str().unwrap();
+            run(&["--data", data_dir, "--store", store, "backup", to], &[])
+        };
         // While the server runs: through its control socket.
         let dest = backups.path().join("online");
-        let (code, out, err) = run(
-            &[
-                "--data",
-                data_dir,
-                "--store",
-                store,
-                "backup",
-                dest.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let (code, out, err) = backup(&dest);
         assert_eq!(code, 0, "{store}: {err}");
         assert!(out.starts_with("backup written to "), "{out}");
         // Into the same place again: refused, naming why.
-        let (code, _, err) = run(
-            &[
-                "--data",
-                data_dir,
-                "--store",
-                store,
-                "backup",
-                dest.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let (code, _, err) = backup(&dest);
         assert_ne!(code, 0);
         assert!(err.contains("backup_occupied"), "{store}: {err}");
 
@@ -526,17 +510,7 @@ async fn a_backup_taken_while_serving_restores() {
 
         // With the server stopped: the command opens the store itself.
         let offline = backups.path().join("offline");
-        let (code, _, err) = run(
-            &[
-                "--data",
-                data_dir,
-                "--store",
-                store,
-                "backup",
-                offline.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let (code, _, err) = backup(&offline);
         assert_eq!(code, 0, "{store}: {err}");
 
         // Restore: serve the copy.
