@@ -5,16 +5,16 @@
 //! A password never leaves this module except as its hash: [`Password`]'s
 //! `Debug` prints no text, errors never quote it, and nothing here logs it.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use argon2::password_hash::PasswordHasher;
 use argon2::{Algorithm, Argon2, Params, PasswordVerifier, Version};
 use tokio::sync::{OnceCell, Semaphore};
 
+use crate::budgets::{Budget, Budgets, Draw};
 use crate::error::ChatError;
-use crate::limits::{Bucket, Rate};
+use crate::limits::Rate;
 use crate::types::Username;
 
 /// Fewest Unicode scalar values a password may have.
@@ -243,17 +243,23 @@ impl Default for ThrottleConfig {
     }
 }
 
-/// Throttles password attempts. An attempt is charged to its account's
+/// Throttles password attempts, on budgets every engine on the store
+/// shares (see [`crate::budgets`]). An attempt is charged to its account's
 /// failure budget and its address's checks budget before it is checked (so
 /// attempts made in parallel cannot all pass a budget that has room for
-/// one), and a right password resets the account's failure budget; an
+/// one), and a right password refills the account's failure budget; an
 /// attempt is refused unchecked while a budget is spent.
-#[derive(Debug)]
 pub(crate) struct Throttle {
     config: ThrottleConfig,
-    accounts: Mutex<HashMap<Username, Bucket>>,
-    addresses: Mutex<HashMap<IpAddr, Bucket>>,
-    checks: Mutex<HashMap<IpAddr, Bucket>>,
+    budgets: Arc<dyn Budgets>,
+}
+
+impl std::fmt::Debug for Throttle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Throttle")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 fn too_many(retry_after: std::time::Duration) -> ChatError {
@@ -261,94 +267,56 @@ fn too_many(retry_after: std::time::Duration) -> ChatError {
 }
 
 impl Throttle {
-    pub(crate) fn new(config: ThrottleConfig) -> Self {
-        Self {
-            config,
-            accounts: Mutex::default(),
-            addresses: Mutex::default(),
-            checks: Mutex::default(),
-        }
+    pub(crate) fn new(config: ThrottleConfig, budgets: Arc<dyn Budgets>) -> Self {
+        Self { config, budgets }
     }
 
     /// Charges an attempt on `account` from `peer` (an address key, see
     /// [`crate::limits::address_key`]), or refuses it if a budget is spent.
-    pub(crate) fn charge(&self, account: &Username, peer: Option<IpAddr>) -> Result<(), ChatError> {
-        let poisoned = || ChatError::StoreUnavailable("the throttle's lock was poisoned".into());
-        let mut accounts = self.accounts.lock().map_err(|_| poisoned())?;
-        let mut addresses = self.addresses.lock().map_err(|_| poisoned())?;
-        let mut checks = self.checks.lock().map_err(|_| poisoned())?;
-        let (a, f, c) = (
-            self.config.per_account,
-            self.config.per_address,
-            self.config.checks_per_address,
-        );
-        // Look at every budget first, so a refusal charges none.
-        accounts
-            .entry(account.clone())
-            .or_insert_with(|| Bucket::full(a))
-            .peek(a)
-            .map_err(too_many)?;
-        if let Some(peer) = peer {
-            addresses
-                .entry(peer)
-                .or_insert_with(|| Bucket::full(f))
-                .peek(f)
-                .map_err(too_many)?;
-            checks
-                .entry(peer)
-                .or_insert_with(|| Bucket::full(c))
-                .peek(c)
-                .map_err(too_many)?;
-        }
+    pub(crate) async fn charge(
+        &self,
+        account: &Username,
+        peer: Option<IpAddr>,
+    ) -> Result<(), ChatError> {
+        let config = &self.config;
         // The account's failure budget and the address's checks budget are
         // charged now; the address's failures only once one is known (many
         // users behind one address may log in at once, and the checks
         // budget already bounds how fast that address can guess).
-        let _ = accounts.get_mut(account).map(|b| b.take(a));
+        let mut draws = vec![Draw::take(
+            Budget::AccountFailures(account.clone()),
+            config.per_account,
+        )];
         if let Some(peer) = peer {
-            let _ = checks.get_mut(&peer).map(|b| b.take(c));
+            draws.push(Draw::require(
+                Budget::AddressFailures(peer),
+                config.per_address,
+            ));
+            draws.push(Draw::take(
+                Budget::AddressChecks(peer),
+                config.checks_per_address,
+            ));
         }
-        Ok(())
+        self.budgets.draw(&draws).await?.map_err(too_many)
     }
 
-    /// The attempt was wrong: it costs the address's failure budget too.
-    pub(crate) fn failed(&self, peer: Option<IpAddr>) {
-        let rate = self.config.per_address;
-        if let (Some(peer), Ok(mut addresses)) = (peer, self.addresses.lock()) {
-            let _ = addresses
-                .entry(peer)
-                .or_insert_with(|| Bucket::full(rate))
-                .take(rate);
+    /// The attempt was wrong: it costs the address's failure budget too
+    /// (nothing, if that is spent already).
+    pub(crate) async fn failed(&self, peer: Option<IpAddr>) {
+        let Some(peer) = peer else { return };
+        let draw = Draw::take(Budget::AddressFailures(peer), self.config.per_address);
+        if let Err(err) = self.budgets.draw(&[draw]).await {
+            tracing::warn!(%err, "could not charge a failed password attempt");
         }
     }
 
     /// The attempt was right: the account's failure budget is whole again
     /// (its owner knows the password); the checks budget keeps the charge.
-    pub(crate) fn succeeded(&self, account: &Username) {
-        if let Ok(mut accounts) = self.accounts.lock() {
-            accounts.remove(account);
+    pub(crate) async fn succeeded(&self, account: &Username) {
+        let budget = Budget::AccountFailures(account.clone());
+        if let Err(err) = self.budgets.refill(&budget).await {
+            tracing::warn!(%err, "could not refill an account's password budget");
         }
-    }
-
-    /// Forgets budgets that have refilled; returns how many.
-    pub(crate) fn prune(&self) -> usize {
-        let mut pruned = 0;
-        if let Ok(mut accounts) = self.accounts.lock() {
-            let before = accounts.len();
-            accounts.retain(|_, b| !b.is_full(self.config.per_account));
-            pruned += before - accounts.len();
-        }
-        for (map, rate) in [
-            (&self.addresses, self.config.per_address),
-            (&self.checks, self.config.checks_per_address),
-        ] {
-            if let Ok(mut map) = map.lock() {
-                let before = map.len();
-                map.retain(|_, b| !b.is_full(rate));
-                pruned += before - map.len();
-            }
-        }
-        pruned
     }
 }
 

@@ -30,6 +30,7 @@ use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Hashing, HashingConfig, Password, Throttle, ThrottleConfig};
+use crate::budgets::{Budget, Budgets, Draw, LocalBudgets};
 use crate::delivery::Delivery;
 use crate::error::{ChatError, ErrorCode};
 use crate::limits::{Bucket, Rate, address_key};
@@ -158,6 +159,26 @@ pub struct Chat {
     inner: Arc<Inner>,
 }
 
+/// What the engines (nodes) sharing one store share besides it: see
+/// [`Chat::on_node`].
+#[derive(Clone)]
+pub struct Cluster {
+    /// Who holds each login.
+    pub presence: Arc<dyn Presence>,
+    /// Routes messages to the node holding their recipient's login.
+    pub delivery: Arc<dyn Delivery>,
+    /// Rate budgets every node draws on.
+    pub budgets: Arc<dyn Budgets>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.presence.node())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A [`Chat`] that does not keep the engine alive (see [`Chat::downgrade`]).
 #[derive(Clone)]
 pub struct WeakChat(std::sync::Weak<Inner>);
@@ -184,20 +205,18 @@ struct Inner {
     stripe_hasher: RandomState,
     next_session: AtomicU64,
     shutdown: CancellationToken,
-    /// Account creations per peer address ([`Config::create_rate`]).
-    creates: StdMutex<HashMap<IpAddr, Bucket>>,
     /// Held across counting and creating when accounts are capped
     /// ([`Config::max_accounts`]), so concurrent creates cannot pass the
     /// cap together.
     create_gate: Mutex<()>,
     hashing: Hashing,
     throttle: Throttle,
+    /// Limits per address and per account (password attempts, creates,
+    /// lists without a session), shared by every node on the store.
+    budgets: Arc<dyn Budgets>,
     /// Each user's sends ([`Config::send_rate`]), kept across its logins;
     /// sharded by name.
     sends: Box<[StdMutex<HashMap<Username, Bucket>>]>,
-    /// Lists from callers without a session of their own, per address
-    /// ([`Config::list_rate`]; see [`Chat::list_from`]).
-    lists: StdMutex<HashMap<IpAddr, Bucket>>,
     /// Lists running at once: each scans every name, and a flood of them
     /// must not take the threads logins hash on.
     lists_running: tokio::sync::Semaphore,
@@ -314,37 +333,41 @@ impl Chat {
     /// what has expired ([`Store::prune_expired`]), until the last handle
     /// is dropped or the engine shuts down.
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
-        Self::build(store, Arc::new(LocalPresence::new()), None, config)
+        let budgets: Arc<dyn Budgets> = Arc::new(LocalBudgets::new());
+        Self::build(store, Arc::new(LocalPresence::new()), None, budgets, config)
     }
 
     /// An engine that is one node of several sharing `store`: logins are
-    /// exclusive across them through `presence`, and a message to a user
-    /// logged in on another node is routed there through `delivery` (see
-    /// the [`presence`](crate::presence) and [`delivery`](crate::delivery)
+    /// exclusive across them through the cluster's presence, a message to
+    /// a user logged in on another node is routed there through its
+    /// delivery, and limits an attacker could multiply by spreading over
+    /// nodes draw on its budgets (see the [`presence`](crate::presence),
+    /// [`delivery`](crate::delivery) and [`budgets`](crate::budgets)
     /// modules).
-    pub fn on_node(
-        store: Arc<dyn Store>,
-        presence: Arc<dyn Presence>,
-        delivery: Arc<dyn Delivery>,
-        config: Config,
-    ) -> Self {
-        Self::build(store, presence, Some(delivery), config)
+    pub fn on_node(store: Arc<dyn Store>, cluster: Cluster, config: Config) -> Self {
+        let Cluster {
+            presence,
+            delivery,
+            budgets,
+        } = cluster;
+        Self::build(store, presence, Some(delivery), budgets, config)
     }
 
     fn build(
         store: Arc<dyn Store>,
         presence: Arc<dyn Presence>,
         delivery: Option<Arc<dyn Delivery>>,
+        budgets: Arc<dyn Budgets>,
         config: Config,
     ) -> Self {
         let stripes = (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect();
         let hashing = Hashing::new(config.hashing);
-        let throttle = Throttle::new(config.throttle);
+        let throttle = Throttle::new(config.throttle, Arc::clone(&budgets));
         let inner = Arc::new(Inner {
             hashing,
             throttle,
+            budgets,
             sends: (0..SEND_RATE_SHARDS).map(|_| StdMutex::default()).collect(),
-            lists: StdMutex::default(),
             lists_running: tokio::sync::Semaphore::new(MAX_LISTS_AT_ONCE),
             store,
             presence,
@@ -354,7 +377,6 @@ impl Chat {
             stripe_hasher: RandomState::new(),
             next_session: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
-            creates: StdMutex::default(),
             create_gate: Mutex::new(()),
             metrics: Arc::new(EngineMetrics::new()),
         });
@@ -556,14 +578,23 @@ impl Chat {
     ) -> Result<Vec<Username>, ChatError> {
         self.check_running()?;
         if let Some(rate) = self.inner.config.list_rate {
-            take_token(
-                &self.inner.lists,
-                address_key(peer),
-                rate,
+            self.draw(
+                Draw::take(Budget::Lists(address_key(peer)), rate),
                 "lists from your address",
-            )?;
+            )
+            .await?;
         }
         self.list(pattern, max).await
+    }
+
+    /// Takes a token from a shared budget, or says `rate_limited` (about
+    /// `what`) with how long until one is there.
+    async fn draw(&self, draw: Draw, what: &'static str) -> Result<(), ChatError> {
+        self.inner
+            .budgets
+            .draw(&[draw])
+            .await?
+            .map_err(|retry_after| ChatError::RateLimited { what, retry_after })
     }
 
     fn stripe(&self, name: &Username) -> &Stripe {
@@ -629,20 +660,17 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         if inner.shutdown.is_cancelled() {
             return;
         }
-        inner.throttle.prune();
+        match inner.budgets.prune().await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "pruned full rate budgets"),
+            Err(err) => tracing::warn!(%err, "could not prune rate budgets"),
+        }
         if let Some(rate) = inner.config.send_rate {
             for shard in &inner.sends {
                 if let Ok(mut sends) = shard.lock() {
                     sends.retain(|_, bucket| !bucket.is_full(rate));
                 }
             }
-        }
-        if let (Some(rate), Ok(mut lists)) = (inner.config.list_rate, inner.lists.lock()) {
-            lists.retain(|_, bucket| !bucket.is_full(rate));
-        }
-        if let (Some(rate), Ok(mut creates)) = (inner.config.create_rate, inner.creates.lock()) {
-            // A full bucket is what a new one would be: forget it.
-            creates.retain(|_, bucket| !bucket.is_full(rate));
         }
         match inner.store.prune_expired((inner.config.clock)()).await {
             Ok(0) => {}
@@ -709,13 +737,16 @@ impl Session {
         let name = Username::parse(name)?;
         let password = Password::parse(password)?;
         let mut state = self.lock_logged_out().await?;
-        self.take_create()?;
+        self.take_create().await?;
         // Hashed before any shared lock is taken: it takes milliseconds.
         let hash = self.chat.inner.hashing.hash(&password).await?;
         let inner = &self.chat.inner;
-        let _gate = match inner.config.max_accounts {
+        let max_accounts = inner.config.max_accounts;
+        let _gate = match max_accounts {
             Some(max) => {
                 let gate = inner.create_gate.lock().await;
+                // Refused early when full (no lease taken); the store checks
+                // again as it creates, for creates on other nodes.
                 if inner.store.account_count().await? >= max {
                     return Err(ChatError::AccountLimit(max));
                 }
@@ -732,7 +763,11 @@ impl Session {
             Err(ChatError::AlreadyLoggedIn(name)) => return Err(ChatError::UsernameTaken(name)),
             Err(err) => return Err(err),
         };
-        if let Err(err) = self.chat.inner.store.create_account(&name, &hash).await {
+        let created = match max_accounts {
+            Some(max) => inner.store.create_account_capped(&name, &hash, max).await,
+            None => inner.store.create_account(&name, &hash).await,
+        };
+        if let Err(err) = created {
             self.chat.release_lease(Some(lease)).await;
             return Err(err.into());
         }
@@ -884,7 +919,7 @@ impl Session {
     ) -> Result<(), ChatError> {
         let inner = &self.chat.inner;
         let key = self.peer.map(address_key);
-        inner.throttle.charge(name, key)?;
+        inner.throttle.charge(name, key).await?;
         let credentials = inner.store.credentials(name).await?;
         let stored = credentials
             .as_ref()
@@ -892,7 +927,7 @@ impl Session {
         let matched = inner.hashing.verify(password, stored).await?;
         match credentials {
             None => {
-                inner.throttle.failed(key);
+                inner.throttle.failed(key).await;
                 Err(ChatError::NoSuchUser(name.clone()))
             }
             Some(Credentials {
@@ -907,11 +942,11 @@ impl Session {
                 Ok(())
             }
             Some(_) if matched => {
-                inner.throttle.succeeded(name);
+                inner.throttle.succeeded(name).await;
                 Ok(())
             }
             Some(_) => {
-                inner.throttle.failed(key);
+                inner.throttle.failed(key).await;
                 Err(ChatError::WrongPassword)
             }
         }
@@ -1147,21 +1182,21 @@ impl Session {
         take_token(&inner.sends[shard], sender.clone(), rate, "messages")
     }
 
-    /// Takes a token from this peer address's create bucket, if creates
+    /// Takes a token from this peer address's create budget, if creates
     /// are limited and the session has an address.
-    fn take_create(&self) -> Result<(), ChatError> {
+    async fn take_create(&self) -> Result<(), ChatError> {
         let (Some(rate), Some(peer)) = (
             self.chat.inner.config.create_rate,
             self.peer.map(address_key),
         ) else {
             return Ok(());
         };
-        take_token(
-            &self.chat.inner.creates,
-            peer,
-            rate,
-            "new accounts from your address",
-        )
+        self.chat
+            .draw(
+                Draw::take(Budget::Creates(peer), rate),
+                "new accounts from your address",
+            )
+            .await
     }
 
     async fn lock_logged_out(

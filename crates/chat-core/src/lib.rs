@@ -51,6 +51,7 @@
 //! ```
 
 pub mod auth;
+pub mod budgets;
 pub mod client;
 pub mod delivery;
 mod engine;
@@ -64,7 +65,8 @@ mod types;
 
 pub use auth::{HashingConfig, MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, Password, ThrottleConfig};
 pub use engine::{
-    Chat, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session, WeakChat, now_ms,
+    Chat, Cluster, Config, Event, Events, LogoutReason, PRUNE_INTERVAL, STRIPES, Session, WeakChat,
+    now_ms,
 };
 pub use error::{ChatError, ErrorCode};
 pub use limits::{

@@ -51,6 +51,9 @@ pub enum StoreError {
     /// The backing storage failed; nothing was changed.
     #[error("{0}")]
     Unavailable(String),
+    /// Create: the store holds as many accounts as it may (the cap).
+    #[error("the server holds its most accounts ({0})")]
+    AccountLimit(usize),
     /// The send id was stored before with another recipient or body
     /// (the name is the new message's recipient).
     #[error("send id reused for a different message to {0}")]
@@ -65,6 +68,7 @@ impl From<StoreError> for ChatError {
             StoreError::QueueFull(name) => ChatError::QueueFull(name),
             StoreError::Unavailable(why) => ChatError::StoreUnavailable(why),
             StoreError::SendIdReused(name) => ChatError::SendIdReused(name),
+            StoreError::AccountLimit(max) => ChatError::AccountLimit(max),
         }
     }
 }
@@ -155,6 +159,24 @@ pub trait Store: Send + Sync + 'static {
     /// string); exactly one of several concurrent creates of one name
     /// succeeds, the others get [`StoreError::AccountExists`].
     async fn create_account(&self, name: &Username, password_hash: &str) -> Result<(), StoreError>;
+
+    /// [`Store::create_account`] unless the store holds `max` accounts
+    /// already ([`StoreError::AccountLimit`]). A store that several engines
+    /// share counts and creates in one step, so creates on different
+    /// engines cannot pass the cap together; the default counts, then
+    /// creates (enough for engines in one process, which create one at a
+    /// time under a cap).
+    async fn create_account_capped(
+        &self,
+        name: &Username,
+        password_hash: &str,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        if self.account_count().await? >= max {
+            return Err(StoreError::AccountLimit(max));
+        }
+        self.create_account(name, password_hash).await
+    }
 
     /// What a login checks: `None` if the account does not exist.
     async fn credentials(&self, name: &Username) -> Result<Option<Credentials>, StoreError>;

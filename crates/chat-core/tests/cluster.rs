@@ -7,10 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_core::budgets::{Budgets, LocalBudgets};
 use chat_core::delivery::LocalBus;
 use chat_core::presence::{LocalPresence, NodeId, Presence};
 use chat_core::{
-    Chat, ChatError, Config, Event, Events, HashingConfig, MemoryStore, Store, Username,
+    Chat, ChatError, Cluster, Config, ErrorCode, Event, Events, HashingConfig, MemoryStore, Store,
+    Username,
 };
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -20,6 +22,7 @@ fn two_nodes() -> (Chat, Chat, LocalPresence) {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
     let presence = LocalPresence::new();
     let bus = Arc::new(LocalBus::new());
+    let budgets: Arc<dyn Budgets> = Arc::new(LocalBudgets::new());
     let config = || Config {
         hashing: HashingConfig::cheap_for_tests(),
         ..Config::default()
@@ -27,8 +30,11 @@ fn two_nodes() -> (Chat, Chat, LocalPresence) {
     let node = |id: u64| {
         let chat = Chat::on_node(
             Arc::clone(&store),
-            Arc::new(presence.join(NodeId(id))),
-            bus.clone(),
+            Cluster {
+                presence: Arc::new(presence.join(NodeId(id))),
+                delivery: bus.clone(),
+                budgets: Arc::clone(&budgets),
+            },
             config(),
         );
         bus.register(NodeId(id), &chat);
@@ -168,8 +174,11 @@ async fn an_orphaned_lease_of_this_node_is_ended_by_the_next_login() {
     let bus = Arc::new(LocalBus::new());
     let chat = Chat::on_node(
         Arc::clone(&store),
-        Arc::new(presence.clone()),
-        bus.clone(),
+        Cluster {
+            presence: Arc::new(presence.clone()),
+            delivery: bus.clone(),
+            budgets: Arc::new(LocalBudgets::new()),
+        },
         Config {
             hashing: HashingConfig::cheap_for_tests(),
             ..Config::default()
@@ -190,4 +199,32 @@ async fn an_orphaned_lease_of_this_node_is_ended_by_the_next_login() {
         .unwrap()
         .unwrap();
     assert!(now.generation > orphan.generation);
+}
+
+/// Password attempts draw on one budget whichever node they reach: the
+/// failures an account allows are spent across nodes, and a right password
+/// on one node makes the budget whole for both.
+#[tokio::test]
+async fn password_attempts_on_any_node_draw_on_one_budget() {
+    let (one, two, _presence) = two_nodes();
+    let (alice, _events) = one.open_session();
+    alice.create("alice", "password1").await.unwrap();
+    alice.logout().await.unwrap();
+    let per_account = Config::default().throttle.per_account.burst;
+    let peer = "192.0.2.7".parse().unwrap();
+    for n in 0..per_account {
+        let node = if n % 2 == 0 { &one } else { &two };
+        let (guess, _e) = node.open_session_from(peer);
+        let err = guess.login("alice", "wrong-password").await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::WrongPassword, "attempt {n}");
+    }
+    for node in [&one, &two] {
+        let (guess, _e) = node.open_session_from(peer);
+        let err = guess.login("alice", "password1").await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            ErrorCode::TooManyAttempts,
+            "the budget is spent on every node"
+        );
+    }
 }

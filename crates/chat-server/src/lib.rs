@@ -458,12 +458,7 @@ impl OpenStore {
         let node = chat_store_pg::cluster::Node::join(pg, lease_time)
             .await
             .context("cannot join the PostgreSQL cluster")?;
-        let chat = Chat::on_node(
-            Arc::clone(&self.store),
-            node.presence.clone(),
-            node.delivery.clone(),
-            config,
-        );
+        let chat = Chat::on_node(Arc::clone(&self.store), node.cluster(), config);
         let listener = node
             .delivery
             .listen(

@@ -32,6 +32,7 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::PgStore;
+use crate::budgets::PgBudgets;
 
 /// Default lease time: how long after its last heartbeat a node's logins
 /// are still its own.
@@ -352,6 +353,8 @@ pub struct Node {
     pub presence: Arc<PgPresence>,
     /// Routes to other nodes.
     pub delivery: Arc<PgDelivery>,
+    /// Rate budgets shared with every node.
+    pub budgets: Arc<PgBudgets>,
     /// To run for as long as the node serves.
     pub heartbeat: Heartbeat,
 }
@@ -363,7 +366,17 @@ impl Node {
         Ok(Self {
             presence: Arc::new(presence),
             delivery: Arc::new(PgDelivery::new(store)),
+            budgets: Arc::new(PgBudgets::new(store)),
             heartbeat,
         })
+    }
+    /// What the engine shares with the other nodes
+    /// ([`chat_core::Chat::on_node`]).
+    pub fn cluster(&self) -> chat_core::Cluster {
+        chat_core::Cluster {
+            presence: self.presence.clone(),
+            delivery: self.delivery.clone(),
+            budgets: self.budgets.clone(),
+        }
     }
 }

@@ -22,6 +22,7 @@
 //! holds. The schema is in `migrations/postgres/`; migrations run at open
 //! under sqlx's advisory lock, so several processes may start at once.
 
+pub mod budgets;
 pub mod cluster;
 
 use std::str::FromStr;
@@ -136,6 +137,47 @@ impl PgStore {
             .map_err(unavailable)
     }
 
+    /// Creates `name`, unless the database holds `max` accounts already.
+    async fn create(
+        &self,
+        name: &Username,
+        password_hash: &str,
+        max: Option<usize>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        // Locked: a delete that raised it has committed, or waits for us.
+        // Every create and delete takes it first, so the count below cannot
+        // change before this create commits.
+        let floor: i64 = sqlx::query_scalar("SELECT last_id FROM id_floor FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if let Some(max) = max {
+            let count: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            if count.max(0) as usize >= max {
+                return Err(StoreError::AccountLimit(max));
+            }
+        }
+        let created = sqlx::query(
+            "INSERT INTO accounts (name, password_hash, last_id, created_ms) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name.as_str())
+        .bind(password_hash)
+        .bind(floor)
+        .bind(to_i64(chat_core::now_ms()))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if created.rows_affected() == 0 {
+            return Err(StoreError::AccountExists(name.clone()));
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
     /// `NoSuchAccount` unless `name` exists (for calls whose empty answer
     /// is ambiguous).
     async fn require(&self, name: &Username) -> Result<(), StoreError> {
@@ -146,6 +188,10 @@ impl PgStore {
         }
     }
 }
+
+/// The advisory lock (`pg_try_advisory_xact_lock`) of the node pruning
+/// expired state ("chatprun" in ASCII).
+const PRUNE_LOCK: i64 = 0x6368_6174_7072_756e;
 
 fn unavailable(err: sqlx::Error) -> StoreError {
     StoreError::Unavailable(format!("PostgreSQL: {err}"))
@@ -220,27 +266,16 @@ async fn earlier_send(
 #[async_trait]
 impl Store for PgStore {
     async fn create_account(&self, name: &Username, password_hash: &str) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        // Locked: a delete that raised it has committed, or waits for us.
-        let floor: i64 = sqlx::query_scalar("SELECT last_id FROM id_floor FOR UPDATE")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        let created = sqlx::query(
-            "INSERT INTO accounts (name, password_hash, last_id, created_ms) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name.as_str())
-        .bind(password_hash)
-        .bind(floor)
-        .bind(to_i64(chat_core::now_ms()))
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        if created.rows_affected() == 0 {
-            return Err(StoreError::AccountExists(name.clone()));
-        }
-        tx.commit().await.map_err(unavailable)
+        self.create(name, password_hash, None).await
+    }
+
+    async fn create_account_capped(
+        &self,
+        name: &Username,
+        password_hash: &str,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        self.create(name, password_hash, Some(max)).await
     }
 
     async fn credentials(&self, name: &Username) -> Result<Option<Credentials>, StoreError> {
@@ -502,27 +537,48 @@ impl Store for PgStore {
     }
 
     async fn prune_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
-        let expired = sqlx::query("DELETE FROM send_ids WHERE timestamp_ms < $1")
-            .bind(to_i64(send_id_horizon(now_ms)))
-            .execute(&self.pool)
+        // Every node of a cluster calls this; one prunes at a time, the
+        // others find the lock taken and leave it to that one.
+        let mut tx = self.begin().await?;
+        let pruner: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(PRUNE_LOCK)
+            .fetch_one(&mut *tx)
             .await
-            .map_err(unavailable)?
-            .rows_affected();
-        // Each sender keeps its newest MAX_SEND_IDS_PER_SENDER.
-        let trimmed = sqlx::query(
-            "DELETE FROM send_ids s USING ( \
-                 SELECT sender, send_id FROM ( \
-                     SELECT sender, send_id, row_number() OVER \
-                         (PARTITION BY sender ORDER BY timestamp_ms DESC, message_id DESC) AS newer \
-                     FROM send_ids) ranked \
-                 WHERE newer > $1) old \
-             WHERE s.sender = old.sender AND s.send_id = old.send_id",
+            .map_err(unavailable)?;
+        if !pruner {
+            return Ok(0);
+        }
+        // Rows another transaction holds (an account being deleted, a send
+        // being stored) are skipped, not waited for: the prune never waits
+        // on a lock, so it cannot deadlock with them. What it skips goes
+        // at the next prune.
+        let expired = sqlx::query(
+            "DELETE FROM send_ids WHERE (sender, send_id) IN ( \
+                 SELECT sender, send_id FROM send_ids WHERE timestamp_ms < $1 \
+                 FOR UPDATE SKIP LOCKED)",
         )
-        .bind(to_i64(MAX_SEND_IDS_PER_SENDER as u64))
-        .execute(&self.pool)
+        .bind(to_i64(send_id_horizon(now_ms)))
+        .execute(&mut *tx)
         .await
         .map_err(unavailable)?
         .rows_affected();
+        // Each sender keeps its newest MAX_SEND_IDS_PER_SENDER.
+        let trimmed = sqlx::query(
+            "DELETE FROM send_ids WHERE (sender, send_id) IN ( \
+                 SELECT sender, send_id FROM send_ids WHERE (sender, send_id) IN ( \
+                     SELECT sender, send_id FROM ( \
+                         SELECT sender, send_id, row_number() OVER \
+                             (PARTITION BY sender ORDER BY timestamp_ms DESC, message_id DESC) AS newer \
+                         FROM send_ids) ranked \
+                     WHERE newer > $1) \
+                 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(to_i64(MAX_SEND_IDS_PER_SENDER as u64))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        tx.commit().await.map_err(unavailable)?;
         Ok((expired + trimmed) as usize)
     }
 }

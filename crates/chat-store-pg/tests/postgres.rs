@@ -297,3 +297,161 @@ async fn a_node_found_dead_by_the_others_stops_at_its_next_beat() {
     let why = outcome.unwrap_err();
     assert!(why.contains("missed its lease time"), "{why}");
 }
+
+/// Budgets in the database are one budget for every process: of many draws
+/// at once on a budget with room for three, from two processes, exactly
+/// three pass; a refusal takes nothing from the other budgets of its draw;
+/// a refill makes a budget whole; and a full budget is pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_budgets_are_shared_by_every_process() {
+    use chat_core::Rate;
+    use chat_core::budgets::{Budget, Budgets, Draw};
+    use chat_store_pg::budgets::PgBudgets;
+
+    let db = database!("rate_budgets_are_shared_by_every_process");
+    let (a, b) = tokio::join!(open(&db, 10), open(&db, 10));
+    let budgets: [Arc<dyn Budgets>; 2] =
+        [Arc::new(PgBudgets::new(&a)), Arc::new(PgBudgets::new(&b))];
+    // Three at once, then one a minute: nothing refills during the test.
+    let three = Rate::per_minute(3, 1.0);
+    let address: std::net::IpAddr = "192.0.2.9".parse().unwrap();
+    let checks = Budget::AddressChecks(address);
+    let mut tasks = Vec::new();
+    for n in 0..12 {
+        let budgets = Arc::clone(&budgets[n % 2]);
+        let checks = checks.clone();
+        tasks.push(tokio::spawn(async move {
+            budgets.draw(&[Draw::take(checks, three)]).await.unwrap()
+        }));
+    }
+    let mut passed = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => passed += 1,
+            Err(wait) => assert!(wait > std::time::Duration::from_secs(30), "{wait:?}"),
+        }
+    }
+    assert_eq!(passed, 3, "one budget across both processes");
+
+    // All or nothing: an empty budget in a draw refuses it, and the other
+    // budget of that draw keeps its tokens.
+    let account = Budget::AccountFailures(name("alice"));
+    let refused = budgets[0]
+        .draw(&[
+            Draw::take(account.clone(), three),
+            Draw::require(checks.clone(), three),
+        ])
+        .await
+        .unwrap();
+    assert!(refused.is_err());
+    for _ in 0..3 {
+        budgets[1]
+            .draw(&[Draw::take(account.clone(), three)])
+            .await
+            .unwrap()
+            .expect("the refused draw took nothing");
+    }
+    assert!(
+        budgets[0]
+            .draw(&[Draw::take(account.clone(), three)])
+            .await
+            .unwrap()
+            .is_err()
+    );
+    budgets[1].refill(&account).await.unwrap();
+    budgets[0]
+        .draw(&[Draw::take(account.clone(), three)])
+        .await
+        .unwrap()
+        .expect("refilled");
+
+    // A budget that refills fast is full again at once: pruned; the others
+    // are kept.
+    let fast = Rate {
+        burst: 1,
+        per_second: 1e9,
+    };
+    let lists = Budget::Lists(address);
+    budgets[0]
+        .draw(&[Draw::take(lists, fast)])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(budgets[1].prune().await.unwrap(), 1);
+    assert!(
+        budgets[1]
+            .draw(&[Draw::take(checks, three)])
+            .await
+            .unwrap()
+            .is_err()
+    );
+}
+
+/// A cap on accounts holds across processes: of simultaneous creates from
+/// two processes against a cap of five, exactly five succeed and the rest
+/// get `AccountLimit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_cap_holds_across_processes() {
+    let db = database!("the_account_cap_holds_across_processes");
+    let (a, b) = tokio::join!(open(&db, 10), open(&db, 10));
+    let stores = [Arc::new(a), Arc::new(b)];
+    let mut tasks = Vec::new();
+    for n in 0..16 {
+        let store = Arc::clone(&stores[n % 2]);
+        tasks.push(tokio::spawn(async move {
+            store
+                .create_account_capped(&name(&format!("user{n}")), HASH, 5)
+                .await
+        }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => created += 1,
+            Err(err) => assert_eq!(err, StoreError::AccountLimit(5)),
+        }
+    }
+    assert_eq!(created, 5);
+    assert_eq!(stores[0].account_count().await.unwrap(), 5);
+}
+
+/// Pruning runs on one process at a time, and never waits on a row another
+/// transaction holds (so it cannot deadlock with an account's deletion):
+/// expired send ids go, both processes may call it at once, and a delete
+/// running alongside succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_send_ids_are_pruned_by_one_process_at_a_time() {
+    let db = database!("expired_send_ids_are_pruned_by_one_process_at_a_time");
+    let (a, b) = tokio::join!(open(&db, 1000), open(&db, 1000));
+    for who in ["sink", "old", "gone"] {
+        a.create_account(&name(who), HASH).await.unwrap();
+    }
+    for n in 0..50u128 {
+        let mut m = message(
+            "sink",
+            if n % 2 == 0 { "old" } else { "gone" },
+            "x",
+            Some(n),
+        );
+        m.timestamp_ms = 1_000;
+        a.append(m).await.unwrap();
+    }
+    let now = chat_core::now_ms();
+    let gone = name("gone");
+    let (x, y, deleted) = tokio::join!(
+        a.prune_expired(now),
+        b.prune_expired(now),
+        b.delete_account(&gone)
+    );
+    assert!(deleted.unwrap(), "the delete is not held up or deadlocked");
+    let pruned = x.unwrap() + y.unwrap();
+    assert!(pruned <= 50, "{pruned}");
+    // Whatever one prune skipped, the next takes: nothing is left.
+    a.prune_expired(now).await.unwrap();
+    let again = message("sink", "old", "y", Some(0));
+    let appended = a.append(again).await.unwrap();
+    assert!(
+        !appended.duplicate,
+        "the expired send id is forgotten, so it stores anew"
+    );
+}
