@@ -1,18 +1,27 @@
 //! Live delivery across engines that share a store: the [`Delivery`] seam.
 //!
-//! A message to a user logged in on this engine is pushed to their session
-//! directly (stored as delivered, under the recipient's stripe lock: the
-//! engine's own path). A message to a user whose [`Lease`] names another
-//! node is stored queued, and once it is durable the engine asks its
-//! `Delivery` to route it there; the receiving engine then takes what is
-//! queued for that user from the store and pushes it
-//! ([`Chat::deliver_queued`]). A route that is lost loses nothing: the
-//! message stays queued, for the next route, fetch or login to find.
+//! On one engine (no `Delivery`), a message to a user logged in there is
+//! pushed to their session directly (stored as delivered, under the
+//! recipient's stripe lock).
 //!
-//! An engine without a `Delivery` (the default: one server process) pushes
-//! only to its own sessions. [`LocalBus`] routes between engines in one
-//! process (tests of the multi-node paths); a clustered implementation
-//! routes through the shared database.
+//! On a node of a cluster, every message is stored undelivered. A login
+//! there reads its *floor* as it begins (the newest id stored for the
+//! user, [`Store::last_id`](crate::Store::last_id)), and each session has
+//! one pusher that takes what was stored after the floor and not delivered
+//! yet, in id order, as the session reads
+//! ([`Store::take_undelivered_after`](crate::Store::take_undelivered_after)).
+//! Once a message is durable, the sending engine wakes the recipient's
+//! pusher if they are logged in on it, and otherwise reads who holds their
+//! [`Lease`] and asks its `Delivery` to route the message there; the
+//! receiving engine wakes the pusher ([`Chat::deliver_queued`]). So pushes
+//! keep id order whichever node a message came from, and a cumulative
+//! acknowledgement never passes a message still on its way. A route that
+//! is lost loses nothing: the message stays stored for the next wake, the
+//! next login's replay or a fetch.
+//!
+//! [`LocalBus`] routes between engines in one process (tests of the
+//! multi-node paths); a clustered implementation routes through the shared
+//! database.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -81,9 +90,7 @@ impl Delivery for LocalBus {
             .get(&lease.node)
             .and_then(WeakChat::upgrade)
             .ok_or(DeliveryError::NoRoute(lease.node))?;
-        chat.deliver_queued(&lease.user)
-            .await
-            .map(|_| ())
-            .map_err(|err| DeliveryError::Unavailable(err.to_string()))
+        chat.deliver_queued(&lease.user).await;
+        Ok(())
     }
 }

@@ -256,6 +256,20 @@ struct Shared {
     /// which the event stream yields before any live message.
     replay: StdMutex<VecDeque<Message>>,
     notify: Notify,
+    /// On a node of a cluster: the newest id stored for the user when the
+    /// login now held began. Only later messages are pushed to it; earlier
+    /// queued ones wait for a fetch, as on one engine.
+    floor: AtomicU64,
+    /// On a node of a cluster: this session's pusher (see `Chat::wake`).
+    pull: StdMutex<Pull>,
+}
+
+/// The state of a session's pusher on a node of a cluster: whether its
+/// task runs, and for whom it is asked to look next.
+#[derive(Debug, Default)]
+struct Pull {
+    running: bool,
+    wanted: Option<Username>,
 }
 
 impl Shared {
@@ -413,41 +427,80 @@ impl Chat {
         WeakChat(Arc::downgrade(&self.inner))
     }
 
-    /// Pushes what is queued for `user` to their session on this engine, if
-    /// they are logged in here (and as much as their session has room for;
-    /// the rest stays queued). What a [`Delivery`] calls on the node a
-    /// message was routed to. Returns how many were pushed.
-    pub async fn deliver_queued(&self, user: &Username) -> Result<usize, ChatError> {
-        let stripe = self.stripe(user).lock().await;
-        let Some(holder) = stripe.get(user).cloned() else {
-            return Ok(0);
-        };
-        // Room first, then the store: a message taken from the queue is
-        // marked delivered, so it must have a place to go. Pushes to this
-        // user happen only under this stripe, so the room stays.
-        // Half the free room at most: a backlog must not fill the channel
-        // and make the next live push find it full (a slow consumer). What
-        // stays queued goes with the next route, fetch or login.
-        let room = holder.tx.capacity().div_ceil(2);
-        if room == 0 {
-            return Ok(0);
+    /// On a node of a cluster: makes `user`'s session on this engine, if
+    /// they are logged in here, push what was stored for them since their
+    /// login began (what a [`Delivery`] calls on the node a message was
+    /// routed to). Returns whether they are logged in here; the pushes
+    /// follow, in id order, as the session has room for them.
+    pub async fn deliver_queued(&self, user: &Username) -> bool {
+        let holder = self.stripe(user).lock().await.get(user).cloned();
+        match holder {
+            Some(holder) => {
+                self.wake(user, &holder);
+                true
+            }
+            None => false,
         }
-        let Ok(permits) = holder.tx.try_reserve_many(room) else {
-            return Ok(0);
+    }
+
+    /// Asks `holder`'s pusher to look for messages to `user`; starts it if
+    /// it is not running. One pusher per session, so its pushes keep id
+    /// order, and many wakes while it runs cost one more look.
+    fn wake(&self, user: &Username, holder: &Arc<Shared>) {
+        let Ok(mut pull) = holder.pull.lock() else {
+            return;
         };
-        let messages = self.inner.store.take_undelivered(user, room).await?;
-        let login = holder.login.load(Ordering::Acquire);
-        let accepted = Instant::now();
-        let pushed = messages.len();
-        for (permit, message) in permits.zip(messages) {
-            permit.send(Box::new(Pushed {
-                login,
-                message,
-                durable: Durable::now(),
-                accepted,
-            }));
+        pull.wanted = Some(user.clone());
+        if pull.running {
+            return;
         }
-        Ok(pushed)
+        pull.running = true;
+        drop(pull);
+        let (chat, holder) = (self.downgrade(), Arc::clone(holder));
+        tokio::spawn(async move {
+            loop {
+                let user = match holder.pull.lock() {
+                    Ok(mut pull) => match pull.wanted.take() {
+                        Some(user) => user,
+                        None => {
+                            pull.running = false;
+                            return;
+                        }
+                    },
+                    Err(_) => return,
+                };
+                if let Err(err) = push_stored(&chat, &user, &holder).await {
+                    // Still stored: looked for again shortly, while the
+                    // session is here.
+                    tracing::warn!(%err, user = %user, "could not push stored messages; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    if let Ok(mut pull) = holder.pull.lock() {
+                        pull.wanted.get_or_insert(user);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Tells whoever holds `to`'s login that message `id` is stored for
+    /// them (it stays queued for a fetch if nobody does).
+    async fn route(&self, to: &Username, id: MessageId) {
+        let Some(delivery) = &self.inner.delivery else {
+            return;
+        };
+        match self.inner.presence.holder(to).await {
+            Ok(Some(lease)) if lease.node != self.inner.presence.node() => {
+                if let Err(err) = delivery.route(&lease, id).await {
+                    tracing::debug!(%err, "route failed; the message stays queued");
+                }
+            }
+            // A login here that began after the send looked.
+            Ok(Some(_)) => {
+                self.deliver_queued(to).await;
+            }
+            Ok(None) => {}
+            Err(err) => tracing::debug!(%err, "no presence answer; the message stays queued"),
+        }
     }
 
     /// Ends `lease` in the presence service (logged, not returned: the
@@ -503,6 +556,8 @@ impl Chat {
             lease: StdMutex::new(None),
             replay: StdMutex::new(VecDeque::new()),
             notify: Notify::new(),
+            floor: AtomicU64::new(0),
+            pull: StdMutex::new(Pull::default()),
         });
         let session = Session {
             chat: self.clone(),
@@ -645,6 +700,70 @@ impl Chat {
     }
 }
 
+/// Most messages a session's pusher takes from the store at once.
+const PUSH_BATCH: usize = 256;
+
+/// Pushes to `holder`, while it is `user`'s session here, every message
+/// stored for `user` after its login's floor and not delivered yet, in id
+/// order, as fast as the session reads them. The session's only pusher on
+/// a node of a cluster (see [`Chat::wake`]), so it may wait for room: a
+/// session that does not read leaves its messages stored, not lost.
+async fn push_stored(
+    chat: &WeakChat,
+    user: &Username,
+    holder: &Arc<Shared>,
+) -> Result<(), ChatError> {
+    loop {
+        // Room first, waited for without any lock: the session is reading,
+        // or closes (and the pusher stops).
+        match holder.tx.reserve().await {
+            Ok(permit) => drop(permit),
+            Err(_) => return Ok(()),
+        }
+        let room = holder.tx.capacity().clamp(1, PUSH_BATCH);
+        let Ok(permits) = holder.tx.try_reserve_many(room) else {
+            continue;
+        };
+        let Some(chat) = chat.upgrade() else {
+            return Ok(());
+        };
+        let stripe = chat.stripe(user).lock().await;
+        if !stripe.get(user).is_some_and(|s| Arc::ptr_eq(s, holder)) {
+            // Logged out (or in elsewhere): what is stored waits for the
+            // next login's replay or fetch.
+            return Ok(());
+        }
+        let Some(lease) = holder.lease.lock().ok().and_then(|lease| lease.clone()) else {
+            return Ok(());
+        };
+        let floor = holder.floor.load(Ordering::Acquire);
+        let login = holder.login.load(Ordering::Acquire);
+        let messages = chat
+            .inner
+            .store
+            .take_undelivered_after(&lease, floor, room)
+            .await?;
+        let taken = messages.len();
+        let now = Instant::now();
+        let now_ms = now_ms();
+        for (permit, message) in permits.zip(messages) {
+            // Accepted on whichever node, by its clock: the latency metric
+            // counts from the message's timestamp.
+            let age = std::time::Duration::from_millis(now_ms.saturating_sub(message.timestamp_ms));
+            permit.send(Box::new(Pushed {
+                login,
+                message,
+                durable: Durable::now(),
+                accepted: now.checked_sub(age).unwrap_or(now),
+            }));
+        }
+        drop(stripe);
+        if taken < room {
+            return Ok(());
+        }
+    }
+}
+
 /// How often the engine asks its store to prune expired state.
 pub const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -659,6 +778,30 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         if inner.shutdown.is_cancelled() {
             return;
+        }
+        // Logins whose connection died without a close (its events
+        // dropped): their leases are freed, also for other nodes.
+        let mut dead = Vec::new();
+        for stripe in inner.stripes.iter() {
+            let mut stripe = stripe.lock().await;
+            stripe.retain(|_, holder| {
+                let alive = !holder.tx.is_closed();
+                if !alive {
+                    dead.push(Arc::clone(holder));
+                }
+                alive
+            });
+        }
+        if !dead.is_empty() {
+            inner.metrics.online.decrement(dead.len() as f64);
+            tracing::info!(logins = dead.len(), "ended logins whose connection is gone");
+            for holder in dead {
+                if let Some(lease) = holder.take_lease()
+                    && let Err(err) = inner.presence.release(&lease).await
+                {
+                    tracing::warn!(%err, user = %lease.user, "could not release a login's lease");
+                }
+            }
         }
         match inner.budgets.prune().await {
             Ok(0) => {}
@@ -772,6 +915,8 @@ impl Session {
             return Err(err.into());
         }
         self.shared.set_lease(lease);
+        // A new account has no message from before its login.
+        self.shared.floor.store(0, Ordering::Release);
         self.shared.set_replay(VecDeque::new());
         self.shared.begin_login();
         let metrics = &self.chat.inner.metrics;
@@ -832,16 +977,31 @@ impl Session {
             }
         }
         let lease = self.chat.acquire(&name, false).await?;
+        // On a node of a cluster, the login's floor: read once the lease is
+        // held, so a send committed later either sees the lease (and tells
+        // this node) or committed below the floor (queued for a fetch).
+        let floor = match self.chat.inner.delivery {
+            Some(_) => self.chat.inner.store.last_id(&name).await,
+            None => Ok(0),
+        };
         // Loaded under the stripe lock: a send to `name` either happened
         // before (and is in this snapshot, if it was delivered) or happens
         // after and is pushed behind it, never both.
-        let unacked = match self.chat.inner.store.unacked(&name).await {
-            Ok(unacked) => unacked,
+        let loaded = match floor {
+            Ok(floor) => match self.chat.inner.store.unacked(&name).await {
+                Ok(unacked) => Ok((floor, unacked)),
+                Err(err) => Err(err),
+            },
+            Err(err) => Err(err),
+        };
+        let (floor, unacked) = match loaded {
+            Ok(loaded) => loaded,
             Err(err) => {
                 self.chat.release_lease(Some(lease)).await;
                 return Err(err.into());
             }
         };
+        self.shared.floor.store(floor, Ordering::Release);
         self.shared.set_lease(lease);
         self.shared.begin_login();
         let metrics = &self.chat.inner.metrics;
@@ -1031,6 +1191,9 @@ impl Session {
             delivered: false,
             send_id,
         };
+        if self.chat.inner.delivery.is_some() {
+            return self.send_on_node(stripe, message).await;
+        }
         // Reserve the live slot before storing the message, so a message
         // stored as delivered is always pushed (in id order: the stripe is
         // held until it is queued to the recipient).
@@ -1079,40 +1242,65 @@ impl Session {
                 }
             }
         }
-        // Not logged in here: perhaps on another node, which is told once
-        // the message is durable (it stays queued until that node takes it).
-        let elsewhere = match &self.chat.inner.delivery {
-            Some(delivery) => match self.chat.inner.presence.holder(&to).await {
-                Ok(Some(lease)) if lease.node != self.chat.inner.presence.node() => {
-                    Some((Arc::clone(delivery), lease))
-                }
-                Ok(_) => None,
-                // Unknown: queued, found at the next route, fetch or login.
-                Err(err) => {
-                    tracing::debug!(%err, "no presence answer; the message is queued");
-                    None
-                }
-            },
-            None => None,
-        };
         let (appended, durable) = store.stage(message).await?;
         if !appended.duplicate {
             let metrics = &self.chat.inner.metrics;
             metrics.sent.increment(1);
             metrics.queued.increment(1);
-            if let Some((delivery, lease)) = elsewhere {
+        }
+        Ok((receipt(&appended.message), durable))
+    }
+
+    /// [`Session::send_staged`] on a node of a cluster, under the
+    /// recipient's stripe: the message is stored undelivered; once it is
+    /// durable, the recipient's session here is woken to push it (with
+    /// anything before it, in id order), or the node holding their login
+    /// is told. Presence is read after the commit, so a login that begins
+    /// meanwhile either finds the message below its floor (fetched, as if
+    /// sent while offline) or is told of it.
+    async fn send_on_node(
+        &self,
+        mut stripe: tokio::sync::MutexGuard<'_, HashMap<Username, Arc<Shared>>>,
+        message: NewMessage,
+    ) -> Result<(SendReceipt, Durable), ChatError> {
+        let to = message.recipient.clone();
+        let metrics = &self.chat.inner.metrics;
+        let mut here = stripe.get(&to).cloned();
+        if here.as_ref().is_some_and(|holder| holder.tx.is_closed()) {
+            // The recipient's connection is gone without a logout.
+            if let Some(dead) = stripe.remove(&to) {
+                self.chat.release_lease(dead.take_lease()).await;
+                metrics.online.decrement(1.0);
+            }
+            here = None;
+        }
+        let (appended, durable) = self.chat.inner.store.stage(message).await?;
+        drop(stripe);
+        let receipt = receipt(&appended.message);
+        if appended.duplicate {
+            return Ok((receipt, durable));
+        }
+        metrics.sent.increment(1);
+        if here.is_none() {
+            metrics.queued.increment(1);
+        }
+        match here {
+            Some(holder) if durable.is_now() => self.chat.wake(&to, &holder),
+            _ => {
+                let (chat, stored) = (self.chat.clone(), durable.clone());
                 let id = appended.message.id;
-                let durable = durable.clone();
                 tokio::spawn(async move {
-                    if durable.wait().await.is_ok()
-                        && let Err(err) = delivery.route(&lease, id).await
-                    {
-                        tracing::debug!(%err, "route failed; the message stays queued");
+                    if stored.wait().await.is_err() {
+                        return;
+                    }
+                    match here {
+                        Some(holder) => chat.wake(&to, &holder),
+                        None => chat.route(&to, id).await,
                     }
                 });
             }
         }
-        Ok((receipt(&appended.message), durable))
+        Ok((receipt, durable))
     }
 
     /// Takes up to `max` queued messages, oldest first (`max` = 0 means the

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use async_trait::async_trait;
 use regex::Regex;
 
+use crate::presence::Lease;
 use crate::store::{
     Appended, Credentials, MAX_SEND_IDS_PER_SENDER, NewMessage, SendId, Store, StoreError,
     send_id_horizon,
@@ -676,6 +677,44 @@ impl Store for MemoryStore {
                 name: name.clone(),
                 through: last.id,
             });
+        }
+        Ok(taken)
+    }
+
+    async fn last_id(&self, name: &Username) -> Result<MessageId, StoreError> {
+        let mailbox = self.mailbox(name)?;
+        let last_id = mailbox.lock().map_err(poisoned)?.last_id;
+        Ok(last_id)
+    }
+
+    /// The leases of engines on a memory store live in their process
+    /// ([`LocalPresence`](crate::presence::LocalPresence)), which ends one
+    /// before granting the next: this store does not check `lease`.
+    async fn take_undelivered_after(
+        &self,
+        lease: &Lease,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let name = &lease.user;
+        // A journal records takes as prefixes ("delivered through id N"),
+        // which this is not; a journaled store serves one engine anyway.
+        if self.journal.get().is_some() {
+            return Err(StoreError::Unavailable(
+                "a journaled store serves one engine only, not a cluster".into(),
+            ));
+        }
+        let mailbox = self.mailbox(name)?;
+        let mut mailbox = mailbox.lock().map_err(poisoned)?;
+        let mut taken = Vec::new();
+        for (message, delivered) in mailbox.queue.iter_mut() {
+            if taken.len() == limit {
+                break;
+            }
+            if !*delivered && message.id > after {
+                *delivered = true;
+                taken.push(message.clone());
+            }
         }
         Ok(taken)
     }

@@ -34,6 +34,7 @@ use async_trait::async_trait;
 use regex::Regex;
 
 use crate::error::ChatError;
+use crate::presence::Lease;
 use crate::types::{Message, MessageBody, MessageId, Username};
 
 /// What a store can fail with.
@@ -213,6 +214,42 @@ pub trait Store: Send + Sync + 'static {
         name: &Username,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError>;
+
+    /// The id of the newest message ever stored for `name` (0 if none
+    /// yet): a login on one of several engines sharing the store reads it
+    /// as it starts, and is pushed only what comes after (what came before
+    /// waits for a fetch, as on one engine).
+    ///
+    /// The default refuses: a store that only one engine uses needs neither
+    /// this nor [`Store::take_undelivered_after`].
+    async fn last_id(&self, name: &Username) -> Result<MessageId, StoreError> {
+        let _ = name;
+        Err(StoreError::Unavailable(
+            "this store serves one engine only, not a cluster".into(),
+        ))
+    }
+
+    /// Up to `limit` queued messages for `lease.user` with ids above
+    /// `after`, oldest first, now marked delivered: what an engine sharing
+    /// the store pushes to a login whose floor ([`Store::last_id`]) was
+    /// `after`. Ids are given in commit order per recipient, so what this
+    /// sees is never overtaken by a smaller id committed later.
+    ///
+    /// A store that keeps the leases (PostgreSQL) takes nothing unless
+    /// `lease` is still the current one: a node that lost the login cannot
+    /// take the user's messages. The default refuses (see
+    /// [`Store::last_id`]).
+    async fn take_undelivered_after(
+        &self,
+        lease: &Lease,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let _ = (lease, after, limit);
+        Err(StoreError::Unavailable(
+            "this store serves one engine only, not a cluster".into(),
+        ))
+    }
 
     /// Every delivered but unacknowledged message for `name`, oldest first:
     /// what a new login must see again.

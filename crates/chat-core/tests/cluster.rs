@@ -228,3 +228,131 @@ async fn password_attempts_on_any_node_draw_on_one_budget() {
         );
     }
 }
+
+/// Messages to one user from senders on both nodes at once reach them in
+/// id order (their pushes never overtake each other, whichever node they
+/// came from), each once; so a cumulative acknowledgement of the last one
+/// seen never passes one still on its way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_from_every_node_keep_id_order() {
+    let (a, b, _presence) = two_nodes();
+    let (bob, mut bob_events) = b.open_session();
+    bob.create("bob", "password1").await.unwrap();
+    let mut senders = Vec::new();
+    for (n, node) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let (session, events) = node.open_session();
+        session
+            .create(&format!("sender{n}"), "password1")
+            .await
+            .unwrap();
+        senders.push(tokio::spawn(async move {
+            for m in 0..50 {
+                session.send("bob", &format!("{n}/{m}")).await.unwrap();
+            }
+            drop(events);
+            session
+        }));
+    }
+    let mut last = 0;
+    for _ in 0..200 {
+        let message = next_message(&mut bob_events).await;
+        assert!(message.id > last, "{} after {last}", message.id);
+        last = message.id;
+        // Acknowledged as it comes, as a client does.
+        if message.id % 16 == 0 {
+            bob.ack(message.id).await.unwrap();
+        }
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    bob.ack(last).await.unwrap();
+    assert!(
+        bob.fetch(0).await.unwrap().is_empty(),
+        "nothing left behind"
+    );
+}
+
+/// On a node of a cluster as on one engine: what was queued while the user
+/// was away waits for their fetch, and only what comes after their login
+/// is pushed.
+#[tokio::test]
+async fn what_was_queued_before_a_login_is_fetched_not_pushed() {
+    let (a, b, _presence) = two_nodes();
+    let (alice, _alice_events) = a.open_session();
+    alice.create("alice", "password1").await.unwrap();
+    let (bob, mut bob_events) = b.open_session();
+    bob.create("bob", "password1").await.unwrap();
+    bob.logout().await.unwrap();
+    alice.send("bob", "while you were out").await.unwrap();
+    bob.login("bob", "password1").await.unwrap();
+    alice.send("bob", "welcome back").await.unwrap();
+    assert_eq!(
+        next_message(&mut bob_events).await.body.as_str(),
+        "welcome back"
+    );
+    let fetched = bob.fetch(0).await.unwrap();
+    assert_eq!(fetched.len(), 1);
+    assert_eq!(fetched[0].body.as_str(), "while you were out");
+}
+
+/// A recipient that stops reading is not logged out on a node of a cluster:
+/// what it has no room for stays stored, and is pushed, in order, once it
+/// reads again.
+#[tokio::test]
+async fn a_recipient_that_stops_reading_keeps_its_login_and_its_messages() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let presence = LocalPresence::new();
+    let bus = Arc::new(LocalBus::new());
+    let config = Config {
+        hashing: HashingConfig::cheap_for_tests(),
+        session_event_capacity: 8,
+        ..Config::default()
+    };
+    let chat = Chat::on_node(
+        store,
+        Cluster {
+            presence: Arc::new(presence.join(NodeId(1))),
+            delivery: bus.clone(),
+            budgets: Arc::new(LocalBudgets::new()),
+        },
+        config,
+    );
+    bus.register(NodeId(1), &chat);
+    let (alice, _alice_events) = chat.open_session();
+    alice.create("alice", "password1").await.unwrap();
+    let (bob, mut bob_events) = chat.open_session();
+    bob.create("bob", "password1").await.unwrap();
+    for n in 0..40 {
+        alice.send("bob", &format!("m{n}")).await.unwrap();
+    }
+    for n in 0..40 {
+        assert_eq!(
+            next_message(&mut bob_events).await.body.as_str(),
+            format!("m{n}")
+        );
+    }
+    assert_eq!(
+        bob.state().await,
+        chat_core::SessionState::LoggedIn(Username::parse("bob").unwrap())
+    );
+}
+
+/// A connection that died without closing its session (its events gone,
+/// the session not closed) stops holding its user's login for the other
+/// nodes at the next housekeeping round, without anyone sending to it.
+#[tokio::test(start_paused = true)]
+async fn housekeeping_frees_the_logins_of_dead_connections() {
+    let (a, b, _presence) = two_nodes();
+    let (alice, alice_events) = a.open_session();
+    alice.create("alice", "password1").await.unwrap();
+    drop(alice_events);
+    let (again, _events) = b.open_session();
+    assert!(matches!(
+        again.login("alice", "password1").await,
+        Err(ChatError::AlreadyLoggedIn(_))
+    ));
+    tokio::time::sleep(chat_core::PRUNE_INTERVAL * 2 + Duration::from_secs(1)).await;
+    again.login("alice", "password1").await.unwrap();
+    drop(alice);
+}

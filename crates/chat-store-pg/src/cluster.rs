@@ -13,12 +13,13 @@
 //!   database) can no longer know whether its leases were taken over:
 //!   [`Heartbeat::run`] returns, and the server stops at once rather than act
 //!   for users who may be logged in elsewhere (fail-stop).
-//! - **Delivery** ([`PgDelivery`]): a message for a user whose lease names
-//!   another node is committed queued, then announced with
-//!   `NOTIFY chat_node_<id>, '<user>'`; that node's listener pushes what is
-//!   queued for the user ([`chat_core::Chat::deliver_queued`]). A listener
-//!   that loses its connection reconnects and catches up from the table for
-//!   every user logged in on it: a lost notification delays, never loses.
+//! - **Delivery** ([`PgDelivery`]): a message is committed undelivered;
+//!   for a user whose lease names another node it is then announced with
+//!   `NOTIFY chat_node_<id>, '<user>'`, and that node's listener wakes the
+//!   user's session there, which pushes what was stored for it since its
+//!   login began, in id order ([`chat_core::Chat::deliver_queued`]). A
+//!   listener that loses its connection reconnects and wakes every session
+//!   on its node: a lost notification delays, never loses.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -288,11 +289,12 @@ impl PgDelivery {
             loop {
                 if behind {
                     let Some(chat) = chat.upgrade() else { return };
-                    let mut caught_up = true;
+                    // Each local session looks for what it missed (its
+                    // pusher retries by itself until it can read it).
                     for user in chat.local_users().await {
-                        caught_up &= chat.deliver_queued(&user).await.is_ok();
+                        chat.deliver_queued(&user).await;
                     }
-                    behind = !caught_up;
+                    behind = false;
                 }
                 let wait = if behind {
                     Duration::from_millis(200)
@@ -307,11 +309,8 @@ impl PgDelivery {
                 let Some(chat) = chat.upgrade() else { return };
                 match next {
                     Ok(Some(notification)) => {
-                        if let Ok(user) = Username::parse(notification.payload())
-                            && let Err(err) = chat.deliver_queued(&user).await
-                        {
-                            tracing::warn!(%err, user = %user, "could not push routed messages");
-                            behind = true;
+                        if let Ok(user) = Username::parse(notification.payload()) {
+                            chat.deliver_queued(&user).await;
                         }
                     }
                     // The connection was lost (and is remade by this or the

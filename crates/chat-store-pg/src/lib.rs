@@ -29,6 +29,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chat_core::presence::Lease;
 use chat_core::{
     Appended, Credentials, MAX_SEND_IDS_PER_SENDER, Message, MessageBody, MessageId, NewMessage,
     Store, StoreError, Username, send_id_horizon,
@@ -479,6 +480,47 @@ impl Store for PgStore {
         if rows.is_empty() {
             self.require(name).await?;
         }
+        let mut messages = rows.iter().map(message_of).collect::<Result<Vec<_>, _>>()?;
+        messages.sort_by_key(|m| m.id);
+        Ok(messages)
+    }
+
+    async fn last_id(&self, name: &Username) -> Result<MessageId, StoreError> {
+        let last_id: Option<i64> =
+            sqlx::query_scalar("SELECT last_id FROM accounts WHERE name = $1")
+                .bind(name.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        match last_id {
+            Some(id) => u64::try_from(id).map_err(|_| corrupt("message id")),
+            None => Err(StoreError::NoSuchAccount(name.clone())),
+        }
+    }
+
+    async fn take_undelivered_after(
+        &self,
+        lease: &Lease,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        // Fenced: only for the lease that is current now.
+        let rows = sqlx::query(
+            "UPDATE messages SET delivered = TRUE WHERE recipient = $1 AND id IN ( \
+                 SELECT id FROM messages WHERE recipient = $1 AND NOT delivered AND id > $2 \
+                 ORDER BY id LIMIT $3 FOR UPDATE) \
+             AND EXISTS (SELECT 1 FROM leases WHERE name = $1 AND node = $4 AND generation = $5) \
+             RETURNING id, sender, body, timestamp_ms",
+        )
+        .bind(lease.user.as_str())
+        .bind(to_i64(after))
+        .bind(to_i64(limit as u64))
+        // Stored as the bits of the u64s, as the cluster's tables keep them.
+        .bind(lease.node.0 as i64)
+        .bind(lease.generation as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
         let mut messages = rows.iter().map(message_of).collect::<Result<Vec<_>, _>>()?;
         messages.sort_by_key(|m| m.id);
         Ok(messages)

@@ -263,6 +263,27 @@ async fn leases_fence_stale_holders_and_pass_on_from_dead_nodes() {
         !a.release(&first).await.unwrap(),
         "a stale lease ends nothing"
     );
+    // Nor can it take the user's messages: only the current lease does,
+    // and only those after the floor it is given.
+    store.create_account(&alice, HASH).await.unwrap();
+    for body in ["before", "after"] {
+        store
+            .append(message("alice", "alice", body, None))
+            .await
+            .unwrap();
+    }
+    assert!(
+        store
+            .take_undelivered_after(&first, 0, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a stale lease takes nothing"
+    );
+    let taken = store.take_undelivered_after(&second, 1, 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].body.as_str(), "after");
+    assert_eq!(store.last_id(&alice).await.unwrap(), 2);
     // b beats, so its lease lasts past the lease time.
     tokio::time::sleep(lease_time + Duration::from_millis(200)).await;
     assert_eq!(a.holder(&alice).await.unwrap(), Some(second.clone()));
