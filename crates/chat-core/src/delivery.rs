@@ -9,7 +9,8 @@
 //! user, [`Store::last_id`](crate::Store::last_id)), and each session has
 //! one pusher that takes what was stored after the floor and not delivered
 //! yet, in id order, as the session reads
-//! ([`Store::take_undelivered_after`](crate::Store::take_undelivered_after)).
+//! ([`Store::take_undelivered_in`](crate::Store::take_undelivered_in)); a
+//! fetch takes what was queued before the floor.
 //! Once a message is durable, the sending engine wakes the recipient's
 //! pusher if they are logged in on it, and otherwise reads who holds their
 //! [`Lease`] and asks its `Delivery` to route the message there; the

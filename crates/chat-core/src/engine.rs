@@ -741,7 +741,7 @@ async fn push_stored(
         let messages = chat
             .inner
             .store
-            .take_undelivered_after(&lease, floor, room)
+            .take_undelivered_in(&lease, floor, MessageId::MAX, room)
             .await?;
         let taken = messages.len();
         let now = Instant::now();
@@ -1310,7 +1310,15 @@ impl Session {
         let state = self.lock_logged_in().await?;
         let user = state.as_ref().ok_or(ChatError::NotLoggedIn)?;
         let limit = cap(max, self.chat.inner.config.max_fetch_results);
-        let messages = self.chat.inner.store.take_undelivered(user, limit).await?;
+        let store = &self.chat.inner.store;
+        let messages = match self.cluster_lease() {
+            // What was queued before the login; what came after is pushed.
+            Some(lease) => {
+                let floor = self.shared.floor.load(Ordering::Acquire);
+                store.take_undelivered_in(&lease, 0, floor, limit).await?
+            }
+            None => store.take_undelivered(user, limit).await?,
+        };
         let fetched = messages.len() as u64;
         self.chat.inner.metrics.fetched.increment(fetched);
         Ok(messages)
@@ -1322,13 +1330,23 @@ impl Session {
     pub async fn ack(&self, through: MessageId) -> Result<usize, ChatError> {
         let state = self.lock_logged_in().await?;
         let user = state.as_ref().ok_or(ChatError::NotLoggedIn)?;
-        let removed = self.chat.inner.store.ack(user, through).await?;
+        let removed = match self.cluster_lease() {
+            Some(lease) => self.chat.inner.store.ack_for(&lease, through).await?,
+            None => self.chat.inner.store.ack(user, through).await?,
+        };
         self.chat
             .inner
             .metrics
             .acknowledged
             .increment(removed as u64);
         Ok(removed)
+    }
+
+    /// On a node of a cluster, the lease of the login held now: the store
+    /// acts for it only while it is current (fencing).
+    fn cluster_lease(&self) -> Option<Lease> {
+        self.chat.inner.delivery.as_ref()?;
+        self.shared.lease.lock().ok()?.clone()
     }
 
     /// Lists accounts; see [`Chat::list`]. Works logged in or out; limited

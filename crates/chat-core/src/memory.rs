@@ -690,10 +690,11 @@ impl Store for MemoryStore {
     /// The leases of engines on a memory store live in their process
     /// ([`LocalPresence`](crate::presence::LocalPresence)), which ends one
     /// before granting the next: this store does not check `lease`.
-    async fn take_undelivered_after(
+    async fn take_undelivered_in(
         &self,
         lease: &Lease,
         after: MessageId,
+        through: MessageId,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let name = &lease.user;
@@ -711,7 +712,7 @@ impl Store for MemoryStore {
             if taken.len() == limit {
                 break;
             }
-            if !*delivered && message.id > after {
+            if !*delivered && message.id > after && message.id <= through {
                 *delivered = true;
                 taken.push(message.clone());
             }

@@ -221,7 +221,7 @@ pub trait Store: Send + Sync + 'static {
     /// waits for a fetch, as on one engine).
     ///
     /// The default refuses: a store that only one engine uses needs neither
-    /// this nor [`Store::take_undelivered_after`].
+    /// this nor [`Store::take_undelivered_in`].
     async fn last_id(&self, name: &Username) -> Result<MessageId, StoreError> {
         let _ = name;
         Err(StoreError::Unavailable(
@@ -230,22 +230,25 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Up to `limit` queued messages for `lease.user` with ids above
-    /// `after`, oldest first, now marked delivered: what an engine sharing
-    /// the store pushes to a login whose floor ([`Store::last_id`]) was
-    /// `after`. Ids are given in commit order per recipient, so what this
-    /// sees is never overtaken by a smaller id committed later.
+    /// `after` and at most `through`, oldest first, now marked delivered.
+    /// An engine sharing the store pushes a login what comes after its
+    /// floor ([`Store::last_id`]), and a fetch takes what came before it,
+    /// so a fetch's answer never holds an id above one still being pushed.
+    /// Ids are given in commit order per recipient, so what this sees is
+    /// never overtaken by a smaller id committed later.
     ///
     /// A store that keeps the leases (PostgreSQL) takes nothing unless
     /// `lease` is still the current one: a node that lost the login cannot
     /// take the user's messages. The default refuses (see
     /// [`Store::last_id`]).
-    async fn take_undelivered_after(
+    async fn take_undelivered_in(
         &self,
         lease: &Lease,
         after: MessageId,
+        through: MessageId,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let _ = (lease, after, limit);
+        let _ = (lease, after, through, limit);
         Err(StoreError::Unavailable(
             "this store serves one engine only, not a cluster".into(),
         ))
@@ -254,6 +257,13 @@ pub trait Store: Send + Sync + 'static {
     /// Every delivered but unacknowledged message for `name`, oldest first:
     /// what a new login must see again.
     async fn unacked(&self, name: &Username) -> Result<Vec<Message>, StoreError>;
+
+    /// [`Store::ack`] for the login `lease`: a store that keeps the leases
+    /// (PostgreSQL) removes nothing unless it is still the current one. The
+    /// default does not check.
+    async fn ack_for(&self, lease: &Lease, through: MessageId) -> Result<usize, StoreError> {
+        self.ack(&lease.user, through).await
+    }
 
     /// Removes every delivered message of `name` whose id is at most
     /// `through` (a cumulative acknowledgement; queued messages the client

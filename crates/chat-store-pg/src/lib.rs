@@ -179,6 +179,43 @@ impl PgStore {
         tx.commit().await.map_err(unavailable)
     }
 
+    /// Removes `name`'s delivered messages up to `through`; with a
+    /// `lease`, only while it is the current one.
+    async fn acknowledge(
+        &self,
+        name: &Username,
+        through: MessageId,
+        lease: Option<&Lease>,
+    ) -> Result<usize, StoreError> {
+        let mut tx = self.begin().await?;
+        let removed = sqlx::query(
+            "DELETE FROM messages WHERE recipient = $1 AND delivered AND id <= $2 \
+             AND ($3::BIGINT IS NULL OR EXISTS ( \
+                 SELECT 1 FROM leases WHERE name = $1 AND node = $3 AND generation = $4))",
+        )
+        .bind(name.as_str())
+        .bind(to_i64(through))
+        .bind(lease.map(|l| l.node.0 as i64))
+        .bind(lease.map(|l| l.generation as i64))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        if removed == 0 {
+            drop(tx);
+            self.require(name).await?;
+            return Ok(0);
+        }
+        sqlx::query("UPDATE accounts SET stored = stored - $2 WHERE name = $1")
+            .bind(name.as_str())
+            .bind(to_i64(removed))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(removed as usize)
+    }
+
     /// `NoSuchAccount` unless `name` exists (for calls whose empty answer
     /// is ambiguous).
     async fn require(&self, name: &Username) -> Result<(), StoreError> {
@@ -498,16 +535,18 @@ impl Store for PgStore {
         }
     }
 
-    async fn take_undelivered_after(
+    async fn take_undelivered_in(
         &self,
         lease: &Lease,
         after: MessageId,
+        through: MessageId,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         // Fenced: only for the lease that is current now.
         let rows = sqlx::query(
             "UPDATE messages SET delivered = TRUE WHERE recipient = $1 AND id IN ( \
-                 SELECT id FROM messages WHERE recipient = $1 AND NOT delivered AND id > $2 \
+                 SELECT id FROM messages WHERE recipient = $1 AND NOT delivered \
+                     AND id > $2 AND id <= $6 \
                  ORDER BY id LIMIT $3 FOR UPDATE) \
              AND EXISTS (SELECT 1 FROM leases WHERE name = $1 AND node = $4 AND generation = $5) \
              RETURNING id, sender, body, timestamp_ms",
@@ -518,6 +557,7 @@ impl Store for PgStore {
         // Stored as the bits of the u64s, as the cluster's tables keep them.
         .bind(lease.node.0 as i64)
         .bind(lease.generation as i64)
+        .bind(to_i64(through))
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
@@ -542,28 +582,11 @@ impl Store for PgStore {
     }
 
     async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError> {
-        let mut tx = self.begin().await?;
-        let removed =
-            sqlx::query("DELETE FROM messages WHERE recipient = $1 AND delivered AND id <= $2")
-                .bind(name.as_str())
-                .bind(to_i64(through))
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?
-                .rows_affected();
-        if removed == 0 {
-            drop(tx);
-            self.require(name).await?;
-            return Ok(0);
-        }
-        sqlx::query("UPDATE accounts SET stored = stored - $2 WHERE name = $1")
-            .bind(name.as_str())
-            .bind(to_i64(removed))
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
-        Ok(removed as usize)
+        self.acknowledge(name, through, None).await
+    }
+
+    async fn ack_for(&self, lease: &Lease, through: MessageId) -> Result<usize, StoreError> {
+        self.acknowledge(&lease.user, through, Some(lease)).await
     }
 
     async fn account_count(&self) -> Result<usize, StoreError> {

@@ -274,15 +274,27 @@ async fn leases_fence_stale_holders_and_pass_on_from_dead_nodes() {
     }
     assert!(
         store
-            .take_undelivered_after(&first, 0, 10)
+            .take_undelivered_in(&first, 0, u64::MAX, 10)
             .await
             .unwrap()
             .is_empty(),
         "a stale lease takes nothing"
     );
-    let taken = store.take_undelivered_after(&second, 1, 10).await.unwrap();
+    let taken = store
+        .take_undelivered_in(&second, 1, u64::MAX, 10)
+        .await
+        .unwrap();
     assert_eq!(taken.len(), 1);
     assert_eq!(taken[0].body.as_str(), "after");
+    let taken = store.take_undelivered_in(&second, 0, 1, 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].body.as_str(), "before");
+    assert_eq!(
+        store.ack_for(&first, 2).await.unwrap(),
+        0,
+        "a stale lease acknowledges nothing"
+    );
+    assert_eq!(store.ack_for(&second, 2).await.unwrap(), 2);
     assert_eq!(store.last_id(&alice).await.unwrap(), 2);
     // b beats, so its lease lasts past the lease time.
     tokio::time::sleep(lease_time + Duration::from_millis(200)).await;
