@@ -807,6 +807,31 @@ async fn three_processes_on_one_database_are_one_server() {
         1
     );
 
+    // Password attempts on any process draw on one budget per account
+    // (five failures at once by default): spread over three processes,
+    // the sixth attempt is refused everywhere, even with the right password.
+    let mut erin = SocketClient::connect(&a.addrs[0]).await.unwrap();
+    erin.create("erin", "password1").await.unwrap();
+    erin.logout().await.unwrap();
+    for n in 0..5 {
+        let process = [&a, &b, &c][n % 3];
+        let mut guess = SocketClient::connect(&process.addrs[0]).await.unwrap();
+        let err = guess.login("erin", "wrong-password").await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(chat_core::ErrorCode::WrongPassword),
+            "attempt {n}"
+        );
+    }
+    for process in [&a, &b, &c] {
+        let mut owner = chat_grpc::GrpcClient::connect(&process.addrs[1])
+            .await
+            .unwrap();
+        let err = owner.login("erin", "password1").await.unwrap_err();
+        assert_eq!(err.code(), Some(chat_core::ErrorCode::TooManyAttempts));
+    }
+    drop(erin);
+
     // Live across processes and transports, in order.
     for n in 0..5 {
         alice.send("bob", &format!("a→b {n}")).await.unwrap();
