@@ -221,13 +221,17 @@ pub struct Storage {
     /// `:memory:` to keep nothing across restarts.
     #[arg(long, env = "CHAT_DATA", default_value = "chat-data")]
     pub data: String,
-    /// Storage engine; `--data :memory:` implies `memory`. With `log` (the
-    /// default), a data directory that holds only a SQLite database from an
-    /// earlier version keeps being served by SQLite.
-    #[arg(long, value_enum, default_value_t = StoreKind::Log)]
-    pub store: StoreKind,
+    /// Storage engine: `log`, `sqlite`, `memory` or `postgres`, or a
+    /// PostgreSQL URL (`postgres://user:password@host:port/database`,
+    /// meaning `postgres` on that database). `--data :memory:` implies
+    /// `memory`. With `log` (the default), a data directory that holds only
+    /// a SQLite database from an earlier version keeps being served by
+    /// SQLite.
+    #[arg(long, default_value = "log", value_parser = StoreChoice::parse, value_name = "ENGINE|URL")]
+    pub store: StoreChoice,
     /// The PostgreSQL database of `--store postgres`
-    /// (`postgres://user:password@host:port/database`).
+    /// (`postgres://user:password@host:port/database`), unless `--store`
+    /// is the URL itself.
     #[arg(long, env = "DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
     /// With `--store postgres`: seconds a server process's logins outlive
@@ -240,6 +244,44 @@ pub struct Storage {
     /// past which sends get `queue_full`.
     #[arg(long, default_value_t = chat_core::DEFAULT_QUEUE_LIMIT)]
     pub queue_limit: usize,
+}
+
+/// What `--store` says: an engine, and for PostgreSQL perhaps its URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreChoice {
+    /// The engine.
+    pub kind: StoreKind,
+    /// The database, when `--store` was a `postgres://` URL.
+    pub url: Option<String>,
+}
+
+impl StoreChoice {
+    /// Parses `--store`: an engine's name, or a `postgres://` (or
+    /// `postgresql://`) URL.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+            return Ok(Self {
+                kind: StoreKind::Postgres,
+                url: Some(raw.to_string()),
+            });
+        }
+        let kind = <StoreKind as clap::ValueEnum>::from_str(raw, false).map_err(|_| {
+            format!("`{raw}` is not log, sqlite, memory, postgres or a postgres:// URL")
+        })?;
+        Ok(kind.into())
+    }
+}
+
+impl From<StoreKind> for StoreChoice {
+    fn from(kind: StoreKind) -> Self {
+        Self { kind, url: None }
+    }
+}
+
+impl PartialEq<StoreKind> for StoreChoice {
+    fn eq(&self, kind: &StoreKind) -> bool {
+        self.kind == *kind
+    }
 }
 
 /// A storage engine.
@@ -265,7 +307,7 @@ impl Default for Storage {
     fn default() -> Self {
         Self {
             data: "chat-data".into(),
-            store: StoreKind::Log,
+            store: StoreKind::Log.into(),
             database_url: None,
             lease_time_secs: chat_store_pg::cluster::DEFAULT_LEASE_TIME.as_secs(),
             queue_limit: chat_core::DEFAULT_QUEUE_LIMIT,
@@ -277,7 +319,7 @@ impl Storage {
     /// Keeps everything in memory.
     pub fn memory() -> Self {
         Self {
-            store: StoreKind::Memory,
+            store: StoreKind::Memory.into(),
             ..Self::default()
         }
     }
@@ -294,7 +336,7 @@ impl Storage {
     pub fn sqlite(dir: impl Into<String>) -> Self {
         Self {
             data: dir.into(),
-            store: StoreKind::Sqlite,
+            store: StoreKind::Sqlite.into(),
             ..Self::default()
         }
     }
@@ -313,7 +355,7 @@ impl Storage {
         if self.store == StoreKind::Log && found.sqlite && !found.log {
             StoreKind::Sqlite
         } else {
-            self.store
+            self.store.kind
         }
     }
 
@@ -341,6 +383,20 @@ impl Storage {
         Ok(chat)
     }
 
+    /// The PostgreSQL database: `--store URL`, else `--database-url` (or
+    /// `DATABASE_URL`).
+    pub fn database(&self) -> anyhow::Result<&str> {
+        match (self.store.url.as_deref(), self.database_url.as_deref()) {
+            (Some(store), Some(other)) if store != other => anyhow::bail!(
+                "two databases given: one in --store, another in --database-url (or DATABASE_URL)"
+            ),
+            (Some(url), _) | (None, Some(url)) => Ok(url),
+            (None, None) => anyhow::bail!(
+                "--store postgres needs the database: --store postgres://…, --database-url URL or DATABASE_URL"
+            ),
+        }
+    }
+
     /// How long a PostgreSQL node's logins outlive its last heartbeat.
     pub fn lease_time(&self) -> Duration {
         Duration::from_secs(self.lease_time_secs.max(1))
@@ -365,9 +421,7 @@ impl Storage {
                 (store.clone(), StoreHandle::Log(store))
             }
             StoreKind::Postgres => {
-                let url = self.database_url.as_deref().context(
-                    "--store postgres needs the database: --database-url URL or DATABASE_URL",
-                )?;
+                let url = self.database()?;
                 let options = chat_store_pg::PgOptions {
                     queue_limit,
                     ..chat_store_pg::PgOptions::default()

@@ -22,7 +22,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     command.args(args);
     // A variable set where the tests run must not decide what they see.
     for (key, _) in std::env::vars() {
-        if key.starts_with("CHAT_") || key == "RUST_LOG" {
+        if key.starts_with("CHAT_") || key == "RUST_LOG" || key == "DATABASE_URL" {
             command.env_remove(key);
         }
     }
@@ -731,10 +731,28 @@ async fn a_server_on_postgres_keeps_its_data() {
     assert!(err.contains("pg_dump"), "{err}");
     drop((alice, bob));
     server.terminate().await;
-    let server = ServerProcess::start(SERVER, &args, 1).await;
+    // The URL may be the store itself; its password is not printed either.
+    let by_url = ["--listen", "127.0.0.1:0", "--store", db.url.as_str()];
+    let (code, out, err) = run(&[&by_url[..], &["--print-config"]].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("store = \"postgres://chat:***@"), "{out}");
+    assert!(!out.contains("chat:chat@"), "{out}");
+    let server = ServerProcess::start(SERVER, &by_url, 1).await;
     let got = messages_of(&server.addrs[0], "bob").await;
     assert_eq!(got, ["kept in postgres"]);
     server.terminate().await;
+    // Without a database, or with two, it says so.
+    let (code, _, err) = run(&["--listen", "127.0.0.1:0", "--store", "postgres"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs the database"), "{err}");
+    let two = [
+        &by_url[..],
+        &["--database-url", "postgres://other@127.0.0.1/x"],
+    ]
+    .concat();
+    let (code, _, err) = run(&two, &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("two databases"), "{err}");
 }
 
 /// Waits for the next message push on `client`.
