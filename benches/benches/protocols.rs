@@ -14,10 +14,23 @@
 //! send waits for its answer, as the benchmark did before pipelining; it
 //! measures the round trips as much as the server.
 //!
+//! With `CHAT_TEST_DATABASE_URL` set (the PostgreSQL server the tests use),
+//! the run adds the **PostgreSQL** rows, each on a fresh schema: one server
+//! process on the database, and a cluster of three on one database, where
+//! each pair's sender is on one process and its recipient on the next, so
+//! that every delivery crosses processes (`NOTIFY`). Their CPU per message
+//! counts the database's processes too, and every figure is also a ratio
+//! to the embedded durable store's row of the same run. Then the ceiling
+//! of `NOTIFY` itself, measured with sqlx alone. Without the variable those
+//! rows are skipped, loudly (and under `CI`, the run fails).
+//!
 //! `cargo bench` at the workspace root runs it in full;
 //! `cargo bench -p chat-bench --bench protocols -- --quick` (or
 //! `CHAT_BENCH_QUICK=1`) runs a reduced version in a minute or two.
-//! Results: a table on stdout and `target/chat-bench/report.json`, which
+//! `CHAT_BENCH_ONLY=postgres` runs only the PostgreSQL rows, the durable
+//! rows they are compared to and the `NOTIFY` ceiling.
+//! Results: a table on stdout and `target/chat-bench/report.json`
+//! (`report-postgres.json` for `CHAT_BENCH_ONLY=postgres`), which
 //! `cargo xtask bench-report` turns into docs/BENCHMARKS.md.
 
 use std::future::Future;
@@ -26,11 +39,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use chat_bench::postgres::DatabaseCpu;
 use chat_bench::{
     Bytes, Connects, Latency, Logins, MESSAGE_BYTES, Machine, Passwords, Report, Served,
     ServerProcess, Sessions, Throughput, busiest_thread, cpu_seconds_of, thread_ticks,
 };
 use chat_conformance::pki::TestPki;
+use chat_conformance::postgres::{TestDatabase, URL_VARIABLE};
 use chat_core::client::{ChatClient, Push};
 use chat_grpc::GrpcClient;
 use chat_socket::SocketClient;
@@ -39,6 +55,11 @@ use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+// Beside this file, not in benches/benches/ itself: cargo would take it for
+// a benchmark target of its own.
+#[path = "protocols/postgres.rs"]
+mod postgres;
 
 struct Settings {
     samples: usize,
@@ -55,6 +76,12 @@ struct Settings {
     hash_window: Duration,
     /// Pair counts of the pipelined rows on the SQLite store.
     sqlite_pairs: &'static [usize],
+    /// Pair counts of the pipelined rows on PostgreSQL (one process, and
+    /// the cluster).
+    postgres_pairs: &'static [usize],
+    /// Pair counts of the one-at-a-time socket rows on PostgreSQL (one
+    /// process).
+    postgres_one_at_a_time_pairs: &'static [usize],
 }
 
 const QUICK: Settings = Settings {
@@ -65,6 +92,8 @@ const QUICK: Settings = Settings {
     idle_sessions: &[300],
     hash_window: Duration::from_millis(700),
     sqlite_pairs: &[],
+    postgres_pairs: &[32],
+    postgres_one_at_a_time_pairs: &[],
 };
 const FULL: Settings = Settings {
     samples: 5000,
@@ -74,7 +103,18 @@ const FULL: Settings = Settings {
     idle_sessions: &[1000, 5000, 15_000],
     hash_window: Duration::from_secs(3),
     sqlite_pairs: &[32, 256],
+    postgres_pairs: &[32, 256],
+    postgres_one_at_a_time_pairs: &[32],
 };
+
+/// Server processes of the PostgreSQL cluster rows.
+const CLUSTER_NODES: usize = 3;
+/// The store of the PostgreSQL cluster rows, in the report.
+const POSTGRES_CLUSTER: &str = "postgres x3";
+/// The `NOTIFY` ceiling's configurations: (sending connections,
+/// notifications per commit; 0 is the control, commits without one).
+const NOTIFY_CONFIGURATIONS: &[(usize, usize)] =
+    &[(1, 1), (4, 1), (16, 1), (4, 16), (16, 16), (16, 0)];
 
 /// Where the load connects: a server's address, with what to trust if it
 /// serves TLS.
@@ -315,43 +355,98 @@ async fn raw_latency(addr: SocketAddr, samples: usize) -> Latency {
 /// recipient.
 const WINDOW: usize = 32;
 
-/// Reads CPU time of the server and of this process (the load generator)
-/// over a measured window.
+/// The server processes a load runs against, and where it connects: one
+/// server, or several nodes on one PostgreSQL database (pair i's sender
+/// connects to node i, its recipient to node i + 1, so that every message
+/// crosses processes); and whether the database's CPU is counted with
+/// theirs.
+struct Servers<'a> {
+    processes: Vec<&'a ServerProcess>,
+    targets: Vec<Target>,
+    database: bool,
+}
+
+impl<'a> Servers<'a> {
+    /// One server, on a store of its own.
+    fn one(server: &'a ServerProcess, target: &Target) -> Self {
+        Self {
+            processes: vec![server],
+            targets: vec![target.clone()],
+            database: false,
+        }
+    }
+
+    /// Nodes on one PostgreSQL database, served in plain text.
+    fn on_database(nodes: &'a [ServerProcess]) -> Self {
+        Self {
+            processes: nodes.iter().collect(),
+            targets: nodes.iter().map(|n| Target::plain(n.addr())).collect(),
+            database: true,
+        }
+    }
+
+    /// Where pair `i`'s sender and recipient connect.
+    fn pair(&self, i: usize) -> (&Target, &Target) {
+        let n = self.targets.len();
+        (&self.targets[i % n], &self.targets[(i + 1) % n])
+    }
+
+    /// The transport's name in the report.
+    fn label<C: Dial>(&self) -> String {
+        self.targets[0].label::<C>()
+    }
+}
+
+/// Reads CPU time of the servers, of this process (the load generator)
+/// and, for rows on PostgreSQL, of the database, over a measured window.
 struct Meter {
     started: Instant,
     server: f64,
     generator: f64,
-    threads: std::collections::HashMap<u32, (String, u64)>,
+    database: Option<DatabaseCpu>,
+    threads: Vec<std::collections::HashMap<u32, (String, u64)>>,
 }
 
 impl Meter {
-    fn start(server: &ServerProcess) -> Self {
+    fn start(servers: &[&ServerProcess], database: bool) -> Self {
         Self {
             started: Instant::now(),
-            server: server.cpu_seconds(),
+            server: servers.iter().map(|s| s.cpu_seconds()).sum(),
             generator: cpu_seconds_of(std::process::id()),
-            threads: thread_ticks(server.pid()),
+            database: database.then(DatabaseCpu::now),
+            threads: servers.iter().map(|s| thread_ticks(s.pid())).collect(),
         }
     }
 
     /// What the window used (see [`Used`]).
-    fn read(&self, server: &ServerProcess) -> Used {
+    fn read(&self, servers: &[&ServerProcess]) -> Used {
         let seconds = self.started.elapsed().as_secs_f64();
+        let busiest = servers
+            .iter()
+            .zip(&self.threads)
+            .map(|(s, before)| busiest_thread(before, &thread_ticks(s.pid()), seconds))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or_default();
         Used {
             seconds,
-            server: server.cpu_seconds() - self.server,
+            server: servers.iter().map(|s| s.cpu_seconds()).sum::<f64>() - self.server,
             generator: cpu_seconds_of(std::process::id()) - self.generator,
-            busiest: busiest_thread(&self.threads, &thread_ticks(server.pid()), seconds),
+            database: self.database.as_ref().map(DatabaseCpu::seconds_since),
+            processes: servers.len(),
+            busiest,
         }
     }
 }
 
-/// Wall seconds of a measured window, the CPU seconds the server and the
-/// generator used in it, and the server's busiest thread.
+/// Wall seconds of a measured window, the CPU seconds the servers (all of
+/// them), the generator and the database (when counted) used in it, and
+/// the servers' busiest thread.
 struct Used {
     seconds: f64,
     server: f64,
     generator: f64,
+    database: Option<f64>,
+    processes: usize,
     busiest: (String, f64),
 }
 
@@ -373,11 +468,21 @@ impl Row<'_> {
             seconds,
             server,
             generator,
+            database,
+            processes,
             busiest,
         } = self.meter;
         let seconds = seconds.max(1e-9);
         let (server_cores, generator_cores) = (server / seconds, generator / seconds);
+        let database_cores = database.map(|d| d / seconds);
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let per_message = |cpu: f64| {
+            if self.delivered > 0 {
+                cpu * 1e6 / self.delivered as f64
+            } else {
+                0.0
+            }
+        };
         Throughput {
             transport: self.transport,
             store: self.store.into(),
@@ -388,32 +493,38 @@ impl Row<'_> {
             per_second: self.delivered as f64 / seconds,
             p50_us: self.latency.value_at_quantile(0.5) as f64,
             p99_us: self.latency.value_at_quantile(0.99) as f64,
-            server_cpu_us_per_msg: if self.delivered > 0 {
-                server * 1e6 / self.delivered as f64
-            } else {
-                0.0
-            },
+            server_cpu_us_per_msg: per_message(server),
             server_cores,
             generator_cores,
-            bottleneck: chat_bench::bottleneck(server_cores, generator_cores, busiest.1, cores)
-                .into(),
+            bottleneck: chat_bench::bottleneck(
+                server_cores,
+                generator_cores,
+                database_cores.unwrap_or(0.0),
+                busiest.1,
+                cores,
+            )
+            .into(),
             server_busiest_thread: busiest,
+            processes,
+            database_cpu_us_per_msg: database.map(per_message),
+            database_cores,
         }
     }
 }
 
 /// Logged-in senders and recipients for `pairs` pairs (sender i writes to
-/// recipient i, `{tag}r{i}`).
-async fn pair_up<C: Dial>(target: &Target, tag: &str, pairs: usize) -> (Vec<C>, Vec<C>) {
+/// recipient i, `{tag}r{i}`; each connected where [`Servers::pair`] says).
+async fn pair_up<C: Dial>(servers: &Servers<'_>, tag: &str, pairs: usize) -> (Vec<C>, Vec<C>) {
     let mut senders = Vec::new();
     let mut recipients = Vec::new();
     for i in 0..pairs {
-        let mut r = C::dial(target).await;
+        let (sender_at, recipient_at) = servers.pair(i);
+        let mut r = C::dial(recipient_at).await;
         r.create(&format!("{tag}r{i}"), "password1")
             .await
             .expect("create recipient");
         recipients.push(r);
-        let mut s = C::dial(target).await;
+        let mut s = C::dial(sender_at).await;
         s.create(&format!("{tag}s{i}"), "password1")
             .await
             .expect("create sender");
@@ -428,17 +539,16 @@ async fn pair_up<C: Dial>(target: &Target, tag: &str, pairs: usize) -> (Vec<C>, 
 /// (`ack_later`). Delivered messages per second, delivery latency, and
 /// both sides' CPU.
 async fn pipelined<C: Dial>(
-    server: &ServerProcess,
-    target: &Target,
+    servers: &Servers<'_>,
     store: &str,
     tag: &str,
     pairs: usize,
     window: Duration,
 ) -> Throughput {
-    let (senders, recipients) = pair_up::<C>(target, tag, pairs).await;
+    let (senders, recipients) = pair_up::<C>(servers, tag, pairs).await;
     let epoch = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));
-    let meter = Meter::start(server);
+    let meter = Meter::start(&servers.processes, servers.database);
     let deadline = Instant::now() + window;
     let mut receivers = Vec::new();
     let mut tasks = Vec::new();
@@ -477,10 +587,17 @@ async fn pipelined<C: Dial>(
             }
         }));
     }
-    let (count, meter, latency) =
-        end_of_window(server, &meter, deadline, &delivered, receivers, tasks).await;
+    let (count, meter, latency) = end_of_window(
+        &servers.processes,
+        &meter,
+        deadline,
+        &delivered,
+        receivers,
+        tasks,
+    )
+    .await;
     Row {
-        transport: target.label::<C>(),
+        transport: servers.label::<C>(),
         store,
         mode: "pipelined",
         window: WINDOW,
@@ -497,17 +614,16 @@ async fn pipelined<C: Dial>(
 /// (The load generator of earlier reports: it measures round trips as
 /// much as the server.)
 async fn one_at_a_time<C: Dial>(
-    server: &ServerProcess,
-    target: &Target,
+    servers: &Servers<'_>,
     store: &str,
     tag: &str,
     pairs: usize,
     window: Duration,
 ) -> Throughput {
-    let (senders, recipients) = pair_up::<C>(target, tag, pairs).await;
+    let (senders, recipients) = pair_up::<C>(servers, tag, pairs).await;
     let epoch = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));
-    let meter = Meter::start(server);
+    let meter = Meter::start(&servers.processes, servers.database);
     let deadline = Instant::now() + window;
     let mut receivers = Vec::new();
     for mut r in recipients {
@@ -542,10 +658,17 @@ async fn one_at_a_time<C: Dial>(
             }
         }));
     }
-    let (count, meter, latency) =
-        end_of_window(server, &meter, deadline, &delivered, receivers, tasks).await;
+    let (count, meter, latency) = end_of_window(
+        &servers.processes,
+        &meter,
+        deadline,
+        &delivered,
+        receivers,
+        tasks,
+    )
+    .await;
     Row {
-        transport: target.label::<C>(),
+        transport: servers.label::<C>(),
         store,
         mode: "one at a time",
         window: 1,
@@ -573,7 +696,7 @@ fn arrived(latency: &mut Histogram<u64>, epoch: Instant, body: &str, delivered: 
 /// every recipient's latency histogram (receivers and senders stop by
 /// themselves at the deadline).
 async fn end_of_window(
-    server: &ServerProcess,
+    servers: &[&ServerProcess],
     meter: &Meter,
     deadline: Instant,
     delivered: &AtomicU64,
@@ -582,7 +705,7 @@ async fn end_of_window(
 ) -> (u64, Used, Histogram<u64>) {
     tokio::time::sleep_until(deadline.into()).await;
     let count = delivered.load(Ordering::Relaxed);
-    let used = meter.read(server);
+    let used = meter.read(servers);
     let mut latency = histogram();
     for r in receivers {
         latency.add(r.await.expect("receiver")).ok();
@@ -632,7 +755,7 @@ async fn relay_throughput(server: &ServerProcess, pairs: usize, window: Duration
     }
     let epoch = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));
-    let meter = Meter::start(server);
+    let meter = Meter::start(&[server], false);
     let deadline = Instant::now() + window;
     let mut receivers = Vec::new();
     let mut tasks = Vec::new();
@@ -684,7 +807,7 @@ async fn relay_throughput(server: &ServerProcess, pairs: usize, window: Duration
         }));
     }
     let (count, meter, latency) =
-        end_of_window(server, &meter, deadline, &delivered, receivers, tasks).await;
+        end_of_window(&[server], &meter, deadline, &delivered, receivers, tasks).await;
     Row {
         transport: "relay".into(),
         store: "-",
@@ -701,7 +824,7 @@ async fn relay_throughput(server: &ServerProcess, pairs: usize, window: Duration
 /// The raw echo: N connections ping-ponging the payload (the floor for
 /// the one-at-a-time rows).
 async fn raw_throughput(server: &ServerProcess, pairs: usize, window: Duration) -> Throughput {
-    let meter = Meter::start(server);
+    let meter = Meter::start(&[server], false);
     let deadline = Instant::now() + window;
     let mut tasks = Vec::new();
     for _ in 0..pairs {
@@ -743,7 +866,7 @@ async fn raw_throughput(server: &ServerProcess, pairs: usize, window: Duration) 
         pairs,
         delivered: count,
         latency,
-        meter: meter.read(server),
+        meter: meter.read(&[server]),
     }
     .finish()
 }
@@ -761,7 +884,7 @@ where
     Fut: Future<Output = ()> + Send,
 {
     const CONNECTORS: usize = 8;
-    let meter = Meter::start(server);
+    let meter = Meter::start(&[server], false);
     let deadline = Instant::now() + window;
     let tasks: Vec<_> = (0..CONNECTORS)
         .map(|_| {
@@ -785,7 +908,7 @@ where
         server: server_cpu,
         generator,
         ..
-    } = meter.read(server);
+    } = meter.read(&[server]);
     Connects {
         server_cores: server_cpu / seconds,
         generator_cores: generator / seconds,
@@ -905,7 +1028,8 @@ async fn sessions<C: Dial>(
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = server.rss_bytes();
-    let load = pipelined::<C>(&server, &target, store, "held", 16, Duration::from_secs(1)).await;
+    let servers = Servers::one(&server, &target);
+    let load = pipelined::<C>(&servers, store, "held", 16, Duration::from_secs(1)).await;
     drop(clients);
     let delta = after.saturating_sub(before);
     Sessions {
@@ -1010,12 +1134,13 @@ async fn transport<C: Dial>(
             let arg = store_arg("sqlite", &data.join(format!("{}-sqlite", C::NAME)));
             let server = chat_bench::start_server(served, &arg, Passwords::Cheap).await?;
             let target = Target::plain(server.addr());
+            let servers = Servers::one(&server, &target);
             for (run, &pairs) in settings.sqlite_pairs.iter().enumerate() {
                 eprintln!("  {} / sqlite: pipelined, {pairs} pairs", C::NAME);
                 let tag = format!("q{run}");
-                report.throughput.push(
-                    pipelined::<C>(&server, &target, "sqlite", &tag, pairs, settings.window).await,
-                );
+                report
+                    .throughput
+                    .push(pipelined::<C>(&servers, "sqlite", &tag, pairs, settings.window).await);
             }
         }
         for &count in settings.idle_sessions {
@@ -1050,6 +1175,7 @@ async fn loads<C: Dial>(
     store: &str,
 ) {
     let name = target.label::<C>();
+    let servers = Servers::one(server, target);
     eprintln!("  {name} / {store}: latency");
     report
         .latency
@@ -1059,14 +1185,14 @@ async fn loads<C: Dial>(
         let tag = format!("p{run}");
         report
             .throughput
-            .push(pipelined::<C>(server, target, store, &tag, pairs, settings.window).await);
+            .push(pipelined::<C>(&servers, store, &tag, pairs, settings.window).await);
     }
     for (run, &pairs) in settings.one_at_a_time_pairs.iter().enumerate() {
         eprintln!("  {name} / {store}: one at a time, {pairs} pairs");
         let tag = format!("o{run}");
         report
             .throughput
-            .push(one_at_a_time::<C>(server, target, store, &tag, pairs, settings.window).await);
+            .push(one_at_a_time::<C>(&servers, store, &tag, pairs, settings.window).await);
     }
     if store == "memory" {
         eprintln!("  {name}: connects");
@@ -1149,7 +1275,13 @@ fn print(report: &Report) {
         "÷ floor",
         "cpu ÷"
     );
-    for t in &report.throughput {
+    // The PostgreSQL rows have a table of their own (below), with the
+    // database's CPU.
+    for t in report
+        .throughput
+        .iter()
+        .filter(|t| t.database_cpu_us_per_msg.is_none())
+    {
         // Pipelined rows against the relay, the others against the echo.
         let floor_name = if t.mode == "pipelined" {
             "relay"
@@ -1186,6 +1318,7 @@ fn print(report: &Report) {
         );
     }
     println!("(÷ floor: pipelined rows ÷ the relay's, others ÷ the raw echo's, same pairs)");
+    postgres::print(report);
     print_ratios(report);
     println!("\n## Bytes on the wire per operation (up / down)");
     for b in &report.bytes {
@@ -1335,12 +1468,13 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
-/// `CHAT_BENCH_PROFILE=<relay|raw|socket|grpc>/<memory|durable|sqlite>/<pairs>/<seconds>[/once]`:
+/// `CHAT_BENCH_PROFILE=<relay|raw|socket|grpc>/<memory|durable|sqlite|postgres>/<pairs>/<seconds>[/once]`:
 /// runs that one throughput load alone (pipelined, or one at a time with
 /// `/once`), for a profiler. It prints the server's pid, waits two seconds
 /// (attach now, e.g. `perf record -p PID` or
 /// `perf stat -e 'syscalls:sys_enter_*' -p PID`), runs the load, and prints
-/// its figures.
+/// its figures. `postgres` is one server process on a fresh schema of
+/// `CHAT_TEST_DATABASE_URL`'s database.
 async fn profile(spec: &str) -> anyhow::Result<()> {
     let parts: Vec<&str> = spec.split('/').collect();
     let (transport, store, pairs, seconds, once) = match parts[..] {
@@ -1353,9 +1487,19 @@ async fn profile(spec: &str) -> anyhow::Result<()> {
     let pairs: usize = pairs.parse()?;
     let window = Duration::from_secs_f64(seconds.parse()?);
     let data = std::env::temp_dir().join(format!("chat-bench-profile-{}", std::process::id()));
+    // Held until the end: the schema is dropped with it.
+    let mut database = None;
     let store_arg = match store {
         "memory" | "durable" | "sqlite" => store_arg(store, &data),
-        other => anyhow::bail!("unknown store {other:?} (memory, durable or sqlite)"),
+        "postgres" => {
+            let db = TestDatabase::create("CHAT_BENCH_PROFILE")
+                .await
+                .with_context(|| format!("the postgres store needs {URL_VARIABLE}"))?;
+            let arg = format!("postgres:{}", db.url);
+            database = Some(db);
+            arg
+        }
+        other => anyhow::bail!("unknown store {other:?} (memory, durable, sqlite or postgres)"),
     };
     let served = match transport {
         "raw" => Served::Echo,
@@ -1371,24 +1515,32 @@ async fn profile(spec: &str) -> anyhow::Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let target = Target::plain(server.addr());
+    let servers = Servers {
+        database: database.is_some(),
+        ..Servers::one(&server, &target)
+    };
     let t = match (served, once) {
         (Served::Echo, _) => raw_throughput(&server, pairs, window).await,
         (Served::Relay, _) => relay_throughput(&server, pairs, window).await,
         (Served::Socket, false) => {
-            pipelined::<SocketClient>(&server, &target, store, "p", pairs, window).await
+            pipelined::<SocketClient>(&servers, store, "p", pairs, window).await
         }
         (Served::Socket, true) => {
-            one_at_a_time::<SocketClient>(&server, &target, store, "p", pairs, window).await
+            one_at_a_time::<SocketClient>(&servers, store, "p", pairs, window).await
         }
-        (Served::Grpc, false) => {
-            pipelined::<GrpcClient>(&server, &target, store, "p", pairs, window).await
-        }
+        (Served::Grpc, false) => pipelined::<GrpcClient>(&servers, store, "p", pairs, window).await,
         (Served::Grpc, true) => {
-            one_at_a_time::<GrpcClient>(&server, &target, store, "p", pairs, window).await
+            one_at_a_time::<GrpcClient>(&servers, store, "p", pairs, window).await
         }
     };
+    let database_cpu = match (t.database_cpu_us_per_msg, t.database_cores) {
+        (Some(per_message), Some(cores)) => {
+            format!(", database CPU {per_message:.2} µs/message ({cores:.2} cores)")
+        }
+        _ => String::new(),
+    };
     println!(
-        "{} messages, {:.0}/s, delivery p50 {:.0} µs p99 {:.0} µs, server CPU {:.2} µs/message, \
+        "{} messages, {:.0}/s, delivery p50 {:.0} µs p99 {:.0} µs, server CPU {:.2} µs/message{database_cpu}, \
          cores: server {:.2} (busiest thread {} {:.2}), generator {:.2} ({})",
         t.delivered,
         t.per_second,
@@ -1401,9 +1553,29 @@ async fn profile(spec: &str) -> anyhow::Result<()> {
         t.generator_cores,
         t.bottleneck
     );
-    drop(server);
+    drop(servers);
+    server.kill().await;
+    drop(database);
     let _ = std::fs::remove_dir_all(&data);
     Ok(())
+}
+
+/// `CHAT_BENCH_ONLY`: the part of the benchmark to run alone, if set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Only {
+    /// The PostgreSQL rows, the durable rows they are compared to, and the
+    /// `NOTIFY` ceiling.
+    Postgres,
+}
+
+impl Only {
+    fn from_env() -> anyhow::Result<Option<Self>> {
+        match std::env::var("CHAT_BENCH_ONLY").ok().as_deref() {
+            None | Some("") => Ok(None),
+            Some("postgres") => Ok(Some(Only::Postgres)),
+            Some(other) => anyhow::bail!("CHAT_BENCH_ONLY={other:?}: the one part is `postgres`"),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -1417,6 +1589,7 @@ fn main() -> anyhow::Result<()> {
     let quick =
         args.iter().any(|a| a == "--quick") || std::env::var_os("CHAT_BENCH_QUICK").is_some();
     let settings = if quick { &QUICK } else { &FULL };
+    let only = Only::from_env()?;
     // Thousands of idle sessions need as many descriptors on this side too.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1426,8 +1599,11 @@ fn main() -> anyhow::Result<()> {
     if let Ok(spec) = std::env::var("CHAT_BENCH_PROFILE") {
         return runtime.block_on(profile(&spec));
     }
+    let with_database = postgres::database_configured()?;
+    if only == Some(Only::Postgres) && !with_database {
+        anyhow::bail!("CHAT_BENCH_ONLY=postgres needs {URL_VARIABLE}");
+    }
     let data = std::env::temp_dir().join(format!("chat-bench-{}", std::process::id()));
-    eprintln!("argon2id alone");
     let mut report = Report {
         date: today(),
         machine: Machine::describe(),
@@ -1437,75 +1613,115 @@ fn main() -> anyhow::Result<()> {
         bytes: Vec::new(),
         sessions: Vec::new(),
         logins: Vec::new(),
-        hash_cost: Some(chat_bench::measure_hash_cost(settings.hash_window)?),
+        hash_cost: None,
         connects: Vec::new(),
         sync_us: Some(chat_bench::measure_sync(&data, 200)?),
+        notify: None,
+        skipped: Vec::new(),
+        only: only.map(|_| "postgres".to_string()),
     };
+    if !with_database {
+        report.skipped.push(postgres::SKIPPED.into());
+    }
+    if only.is_none() {
+        eprintln!("argon2id alone");
+        report.hash_cost = Some(chat_bench::measure_hash_cost(settings.hash_window)?);
+    }
     runtime.block_on(async {
-        eprintln!("raw TCP echo");
-        let echo = chat_bench::start_server(Served::Echo, "-", Passwords::Cheap).await?;
-        report
-            .latency
-            .push(raw_latency(echo.addr(), settings.samples).await);
-        for &pairs in settings.one_at_a_time_pairs {
-            report
-                .throughput
-                .push(raw_throughput(&echo, pairs, settings.window).await);
+        if only.is_none() {
+            floors_and_transports(&mut report, settings, &data).await?;
+        } else {
+            eprintln!("durable rows to compare the PostgreSQL rows with");
+            postgres::durable_rows::<SocketClient>(&mut report, settings, &data).await?;
+            postgres::durable_rows::<GrpcClient>(&mut report, settings, &data).await?;
         }
-        drop(echo);
-        eprintln!("minimal relay");
-        let relay = chat_bench::start_server(Served::Relay, "-", Passwords::Cheap).await?;
-        for &pairs in settings.pipelined_pairs {
-            report
-                .throughput
-                .push(relay_throughput(&relay, pairs, settings.window).await);
+        if with_database {
+            eprintln!("PostgreSQL");
+            postgres::rows::<SocketClient>(&mut report, settings).await?;
+            postgres::rows::<GrpcClient>(&mut report, settings).await?;
+            eprintln!("  NOTIFY's ceiling");
+            report.notify = Some(postgres::notify_ceiling(settings).await?);
         }
-        let addr = relay.addr();
-        report.connects.push(
-            connects(
-                &relay,
-                "relay".into(),
-                settings.window,
-                move || async move {
-                    drop(relay_connect(addr, "c").await);
-                },
-            )
-            .await,
-        );
-        drop(relay);
-        // The socket server's handshake with a generator as lean as the
-        // relay's, right after it (the client library's rows come with
-        // each transport).
-        let socket = chat_bench::start_server(Served::Socket, "memory", Passwords::Cheap).await?;
-        let addr = socket.addr();
-        report.connects.push(
-            connects(
-                &socket,
-                "socket (bare hello)".into(),
-                settings.window,
-                move || bare_hello(addr),
-            )
-            .await,
-        );
-        drop(socket);
-        eprintln!("socket transport");
-        transport::<SocketClient>(&mut report, settings, &data).await?;
-        eprintln!("gRPC transport");
-        transport::<GrpcClient>(&mut report, settings, &data).await?;
         anyhow::Ok(())
     })?;
     let _ = std::fs::remove_dir_all(&data);
     print(&report);
+    let file = if only.is_some() {
+        "report-postgres.json"
+    } else {
+        "report.json"
+    };
     let out = std::env::var("CHAT_BENCH_OUT")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/chat-bench/report.json")
+                .join("../target/chat-bench")
+                .join(file)
         });
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("\nreport written to {}", out.display());
+    Ok(())
+}
+
+/// The floors (raw echo, minimal relay), then every row of both
+/// transports on the embedded stores.
+async fn floors_and_transports(
+    report: &mut Report,
+    settings: &Settings,
+    data: &std::path::Path,
+) -> anyhow::Result<()> {
+    eprintln!("raw TCP echo");
+    let echo = chat_bench::start_server(Served::Echo, "-", Passwords::Cheap).await?;
+    report
+        .latency
+        .push(raw_latency(echo.addr(), settings.samples).await);
+    for &pairs in settings.one_at_a_time_pairs {
+        report
+            .throughput
+            .push(raw_throughput(&echo, pairs, settings.window).await);
+    }
+    drop(echo);
+    eprintln!("minimal relay");
+    let relay = chat_bench::start_server(Served::Relay, "-", Passwords::Cheap).await?;
+    for &pairs in settings.pipelined_pairs {
+        report
+            .throughput
+            .push(relay_throughput(&relay, pairs, settings.window).await);
+    }
+    let addr = relay.addr();
+    report.connects.push(
+        connects(
+            &relay,
+            "relay".into(),
+            settings.window,
+            move || async move {
+                drop(relay_connect(addr, "c").await);
+            },
+        )
+        .await,
+    );
+    drop(relay);
+    // The socket server's handshake with a generator as lean as the
+    // relay's, right after it (the client library's rows come with
+    // each transport).
+    let socket = chat_bench::start_server(Served::Socket, "memory", Passwords::Cheap).await?;
+    let addr = socket.addr();
+    report.connects.push(
+        connects(
+            &socket,
+            "socket (bare hello)".into(),
+            settings.window,
+            move || bare_hello(addr),
+        )
+        .await,
+    );
+    drop(socket);
+    eprintln!("socket transport");
+    transport::<SocketClient>(report, settings, data).await?;
+    eprintln!("gRPC transport");
+    transport::<GrpcClient>(report, settings, data).await?;
     Ok(())
 }

@@ -5,7 +5,10 @@
 //!
 //! The benchmark itself is `benches/protocols.rs` (`cargo bench` at the
 //! workspace root); `cargo xtask bench-report` turns its JSON into
-//! `docs/BENCHMARKS.md`.
+//! `docs/BENCHMARKS.md`. [`postgres`] holds what it measures of
+//! PostgreSQL: the database's CPU time, and the ceiling of `NOTIFY`.
+
+pub mod postgres;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -129,6 +132,31 @@ pub struct Throughput {
     pub server_busiest_thread: (String, f64),
     /// Which side limited the row (see [`bottleneck`]).
     pub bottleneck: String,
+    /// Server processes the load ran against: 1, or several on one
+    /// PostgreSQL database (each pair's sender on one, its recipient on the
+    /// next). The server figures above are their sums.
+    #[serde(default = "one")]
+    pub processes: usize,
+    /// For rows on PostgreSQL: the database's CPU time (every `postgres`
+    /// process) per delivered message, µs, beside the server's.
+    #[serde(default)]
+    pub database_cpu_us_per_msg: Option<f64>,
+    /// For rows on PostgreSQL: cores the database used on average.
+    #[serde(default)]
+    pub database_cores: Option<f64>,
+}
+
+/// One server process: what a report without `processes` measured.
+fn one() -> usize {
+    1
+}
+
+impl Throughput {
+    /// CPU per delivered message of everything that served it: the server
+    /// processes and, for rows on PostgreSQL, the database, µs.
+    pub fn total_cpu_us_per_msg(&self) -> f64 {
+        self.server_cpu_us_per_msg + self.database_cpu_us_per_msg.unwrap_or(0.0)
+    }
 }
 
 /// CPU time of each thread of process `pid` so far: thread id → (name,
@@ -184,24 +212,29 @@ pub fn busiest_thread(
 }
 
 /// Which side limited a load, from the cores each used on a machine with
-/// `cores` cores and the share of a core the server's busiest thread used:
-/// a server thread busy at least 90% of the time is the bottleneck
-/// (`server thread`: work that one thread does, whatever the cores); else,
-/// when the two sides together used nearly all the cores (at least 85%),
-/// the one using more is; otherwise neither was short of CPU and the load
-/// waited (for round trips, or for the disk).
+/// `cores` cores (the database's is 0 for a store without one) and the
+/// share of a core the server's busiest thread used: a server thread busy
+/// at least 90% of the time is the bottleneck (`server thread`: work that
+/// one thread does, whatever the cores); else, when the sides together
+/// used nearly all the cores (at least 85%), the one using the most is
+/// (`server`, `generator` or `database`: on one machine they share its
+/// cores); otherwise none was short of CPU and the load waited (for round
+/// trips, or for the disk, or for a lock).
 pub fn bottleneck(
     server_cores: f64,
     generator_cores: f64,
+    database_cores: f64,
     busiest_server_thread: f64,
     cores: usize,
 ) -> &'static str {
     if busiest_server_thread >= 0.9 {
         "server thread"
-    } else if server_cores + generator_cores < 0.85 * cores as f64 {
+    } else if server_cores + generator_cores + database_cores < 0.85 * cores as f64 {
         "waiting"
-    } else if server_cores >= generator_cores {
+    } else if server_cores >= generator_cores && server_cores >= database_cores {
         "server"
+    } else if database_cores >= generator_cores {
+        "database"
     } else {
         "generator"
     }
@@ -316,6 +349,19 @@ pub struct Report {
     /// One small append and `fdatasync` on the data directory's disk,
     /// alone, µs (median): what one durable commit costs at least.
     pub sync_us: Option<f64>,
+    /// What PostgreSQL's `NOTIFY` carries at most on this machine (the
+    /// cluster's cross-process delivery), when the run had a database.
+    #[serde(default)]
+    pub notify: Option<postgres::NotifyCeiling>,
+    /// Parts of the benchmark this run skipped, and why (e.g. the
+    /// PostgreSQL rows without a database to run them on).
+    #[serde(default)]
+    pub skipped: Vec<String>,
+    /// Set when the run measured only part of the benchmark
+    /// (`CHAT_BENCH_ONLY`): such a report is not turned into
+    /// docs/BENCHMARKS.md.
+    #[serde(default)]
+    pub only: Option<String>,
 }
 
 /// What a child server runs.
@@ -363,9 +409,11 @@ impl Passwords {
 }
 
 /// Starts this binary again in server mode: `served` on `store` (`memory`,
-/// a data directory for the durable store, the default log store, or
-/// `sqlite:` and a data directory for the SQLite store), as a child process whose CPU
-/// time and memory the benchmark reads. It stops when dropped.
+/// a data directory for the durable store, the default log store,
+/// `sqlite:` and a data directory for the SQLite store, or `postgres:` and
+/// a database URL: one node of the cluster on that database), as a child
+/// process whose CPU time and memory the benchmark reads. It stops when
+/// dropped.
 pub async fn start_server(
     served: Served,
     store: &str,
@@ -455,6 +503,14 @@ pub fn serve_if_asked() {
             chat_server::Storage::memory()
         } else if let Some(dir) = store.strip_prefix("sqlite:") {
             chat_server::Storage::sqlite(dir)
+        } else if let Some(url) = store.strip_prefix("postgres:") {
+            // A node of the cluster on that database: it joins, listens for
+            // its deliveries and beats its heartbeat itself.
+            chat_server::Storage {
+                store: chat_server::StoreKind::Postgres.into(),
+                database_url: Some(url.to_string()),
+                ..chat_server::Storage::default()
+            }
         } else {
             chat_server::Storage::durable(store)
         };

@@ -1,7 +1,11 @@
 //! `cargo xtask bench-report [REPORT.json]`: turns the benchmark's JSON
 //! (default `target/chat-bench/report.json`, written by `cargo bench`) into
 //! `docs/BENCHMARKS.md` with SVG charts in `docs/bench/`, and keeps a copy
-//! of the JSON there (`docs/bench/report.json`).
+//! of the JSON there (`docs/bench/report.json`). A report of part of the
+//! benchmark (`CHAT_BENCH_ONLY`) is refused: the document compares rows
+//! of one whole run.
+
+mod postgres;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -392,6 +396,12 @@ pub fn run(input: Option<&str>) -> anyhow::Result<()> {
         format!("cannot read {input}; run `cargo bench -p chat-bench --bench protocols` first")
     })?;
     let report: Value = serde_json::from_str(&text).context("the report is not valid JSON")?;
+    if let Some(only) = report["only"].as_str() {
+        anyhow::bail!(
+            "{input} measured only part of the benchmark (CHAT_BENCH_ONLY={only}); \
+             docs/BENCHMARKS.md is made from a whole run"
+        );
+    }
     let dir = Path::new("docs/bench");
     std::fs::create_dir_all(dir)?;
     // The run itself goes with the document made from it.
@@ -613,7 +623,12 @@ pub fn run(input: Option<&str>) -> anyhow::Result<()> {
         md,
         "| transport | store | mode | pairs | delivered/s | p50 µs | p99 µs | server CPU µs/msg | srv | gen | limit | ÷ relay msgs/s | ÷ relay CPU | ÷ echo msgs/s | ÷ echo CPU |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
     )?;
-    for t in rows(&report, "throughput") {
+    // The PostgreSQL rows have a section of their own, with the database's
+    // CPU.
+    for t in rows(&report, "throughput")
+        .into_iter()
+        .filter(|t| !postgres::on_database(t))
+    {
         let pairs = t["pairs"].as_u64().unwrap_or(0);
         // Both floors for every row (same pairs), when the run has them.
         let ratios = |floor: Option<&Value>| {
@@ -644,6 +659,8 @@ pub fn run(input: Option<&str>) -> anyhow::Result<()> {
             s(t, "bottleneck"),
         )?;
     }
+
+    postgres::section(&mut md, &report)?;
 
     let raw = latency(&report, "raw", "-", "echo round trip");
     writeln!(
