@@ -1274,8 +1274,10 @@ impl Session {
             }
             here = None;
         }
-        let (appended, durable) = self.chat.inner.store.stage(message).await?;
+        // Not held across the store: pushes keep id order through the
+        // store and the session's one pusher, not through this lock.
         drop(stripe);
+        let (appended, durable) = self.chat.inner.store.stage(message).await?;
         let receipt = receipt(&appended.message);
         if appended.duplicate {
             return Ok((receipt, durable));

@@ -187,33 +187,177 @@ impl PgStore {
         through: MessageId,
         lease: Option<&Lease>,
     ) -> Result<usize, StoreError> {
-        let mut tx = self.begin().await?;
-        let removed = sqlx::query(
-            "DELETE FROM messages WHERE recipient = $1 AND delivered AND id <= $2 \
-             AND ($3::BIGINT IS NULL OR EXISTS ( \
-                 SELECT 1 FROM leases WHERE name = $1 AND node = $3 AND generation = $4))",
+        // One statement: the messages and the recipient's count together.
+        let removed: i64 = sqlx::query_scalar(
+            "WITH gone AS ( \
+                 DELETE FROM messages WHERE recipient = $1 AND delivered AND id <= $2 \
+                 AND ($3::BIGINT IS NULL OR EXISTS ( \
+                     SELECT 1 FROM leases WHERE name = $1 AND node = $3 AND generation = $4)) \
+                 RETURNING 1), \
+             counted AS (SELECT count(*) AS n FROM gone), \
+             updated AS ( \
+                 UPDATE accounts SET stored = stored - counted.n FROM counted \
+                 WHERE name = $1 AND counted.n > 0) \
+             SELECT n FROM counted",
         )
         .bind(name.as_str())
         .bind(to_i64(through))
         .bind(lease.map(|l| l.node.0 as i64))
         .bind(lease.map(|l| l.generation as i64))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if removed == 0 {
+            self.require(name).await?;
+        }
+        Ok(removed.max(0) as usize)
+    }
+
+    /// An append step by step in one transaction: the send id first, then
+    /// the id and the bound, the message, and the send id's record; a race
+    /// lost on the send id rolls back and answers the winner's receipt.
+    async fn append_checked(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        let send_id = message.send_id.map(|id| id.to_be_bytes().to_vec());
+        let mut tx = self.begin().await?;
+        if let Some(send_id) = &send_id {
+            match earlier_send(&mut tx, &message, send_id).await? {
+                Earlier::Same(appended) => return Ok(appended),
+                Earlier::Reused => return Err(StoreError::SendIdReused(message.recipient)),
+                Earlier::None => {}
+            }
+        }
+        // The next id, and the queue bound, in one statement that locks the
+        // recipient until this append commits.
+        let id: Option<i64> = sqlx::query_scalar(
+            "UPDATE accounts SET last_id = last_id + 1, stored = stored + 1 \
+             WHERE name = $1 AND stored < $2 RETURNING last_id",
+        )
+        .bind(message.recipient.as_str())
+        .bind(to_i64(self.queue_limit as u64))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let Some(id) = id else {
+            drop(tx);
+            // A racing send of the same id may have filled the queue (or
+            // the recipient may be gone since): its receipt is the answer.
+            if let Some(send_id) = &send_id {
+                let mut tx = self.begin().await?;
+                match earlier_send(&mut tx, &message, send_id).await? {
+                    Earlier::Same(appended) => return Ok(appended),
+                    Earlier::Reused => return Err(StoreError::SendIdReused(message.recipient)),
+                    Earlier::None => {}
+                }
+            }
+            return Err(if self.exists(&message.recipient).await? {
+                StoreError::QueueFull(message.recipient)
+            } else {
+                StoreError::NoSuchAccount(message.recipient)
+            });
+        };
+        sqlx::query(
+            "INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(message.recipient.as_str())
+        .bind(id)
+        .bind(message.sender.as_str())
+        .bind(message.body.as_str())
+        .bind(to_i64(message.timestamp_ms))
+        .bind(message.delivered)
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?
-        .rows_affected();
-        if removed == 0 {
-            drop(tx);
-            self.require(name).await?;
-            return Ok(0);
-        }
-        sqlx::query("UPDATE accounts SET stored = stored - $2 WHERE name = $1")
-            .bind(name.as_str())
-            .bind(to_i64(removed))
+        .map_err(unavailable)?;
+        if let Some(send_id) = &send_id {
+            // An expired use of the key is no use at all.
+            sqlx::query(
+                "DELETE FROM send_ids WHERE sender = $1 AND send_id = $2 AND timestamp_ms < $3",
+            )
+            .bind(message.sender.as_str())
+            .bind(send_id.as_slice())
+            .bind(to_i64(send_id_horizon(message.timestamp_ms)))
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
+            let remembered = sqlx::query(
+                "INSERT INTO send_ids (sender, send_id, recipient, message_id, timestamp_ms, body_crc) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sender, send_id) DO NOTHING",
+            )
+            .bind(message.sender.as_str())
+            .bind(send_id.as_slice())
+            .bind(message.recipient.as_str())
+            .bind(id)
+            .bind(to_i64(message.timestamp_ms))
+            .bind(i64::from(message.body.fingerprint()))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if remembered.rows_affected() == 0 {
+                // Another process stored this send first (and has
+                // committed: the insert waited for it). Undo ours, answer
+                // theirs.
+                tx.rollback().await.map_err(unavailable)?;
+                let mut tx = self.begin().await?;
+                return match earlier_send(&mut tx, &message, send_id).await? {
+                    Earlier::Same(appended) => Ok(appended),
+                    Earlier::Reused => Err(StoreError::SendIdReused(message.recipient)),
+                    Earlier::None => Err(StoreError::Unavailable(
+                        "a send id vanished while it was being checked".into(),
+                    )),
+                };
+            }
+        }
         tx.commit().await.map_err(unavailable)?;
-        Ok(removed as usize)
+        Ok(Appended {
+            message: Message {
+                id: id as MessageId,
+                sender: message.sender,
+                body: message.body,
+                timestamp_ms: message.timestamp_ms,
+            },
+            duplicate: false,
+        })
+    }
+
+    /// An append in one statement (one round trip, committed on its own):
+    /// the recipient's next id and the queue bound, the message, and its
+    /// send id. `None` when that is not the whole story, and nothing was
+    /// changed: the recipient is missing or full, or the send id is known
+    /// (a resend, a race with another process, or an expired use). The
+    /// careful path ([`PgStore::append_checked`]) then decides.
+    async fn append_at_once(&self, message: &NewMessage) -> Result<Option<MessageId>, StoreError> {
+        let send_id = message.send_id.map(|id| id.to_be_bytes().to_vec());
+        let stored = sqlx::query_scalar::<_, i64>(
+            "WITH next AS ( \
+                 UPDATE accounts SET last_id = last_id + 1, stored = stored + 1 \
+                 WHERE name = $1 AND stored < $2 RETURNING last_id), \
+             message AS ( \
+                 INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) \
+                 SELECT $1, last_id, $3, $4, $5, $6 FROM next RETURNING id), \
+             remembered AS ( \
+                 INSERT INTO send_ids (sender, send_id, recipient, message_id, timestamp_ms, body_crc) \
+                 SELECT $3, $7, $1, id, $5, $8 FROM message WHERE $7::BYTEA IS NOT NULL) \
+             SELECT id FROM message",
+        )
+        .bind(message.recipient.as_str())
+        .bind(to_i64(self.queue_limit as u64))
+        .bind(message.sender.as_str())
+        .bind(message.body.as_str())
+        .bind(to_i64(message.timestamp_ms))
+        .bind(message.delivered)
+        .bind(send_id.as_deref())
+        .bind(i64::from(message.body.fingerprint()))
+        .fetch_optional(&self.pool)
+        .await;
+        match stored {
+            Ok(Some(id)) => u64::try_from(id)
+                .map(Some)
+                .map_err(|_| corrupt("message id")),
+            Ok(None) => Ok(None),
+            // The send id is stored already: the statement changed nothing.
+            Err(err) if is_unique_violation(&err) => Ok(None),
+            Err(err) => Err(unavailable(err)),
+        }
     }
 
     /// `NoSuchAccount` unless `name` exists (for calls whose empty answer
@@ -230,6 +374,12 @@ impl PgStore {
 /// The advisory lock (`pg_try_advisory_xact_lock`) of the node pruning
 /// expired state ("chatprun" in ASCII).
 const PRUNE_LOCK: i64 = 0x6368_6174_7072_756e;
+
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "23505")
+}
 
 fn unavailable(err: sqlx::Error) -> StoreError {
     StoreError::Unavailable(format!("PostgreSQL: {err}"))
@@ -396,106 +546,18 @@ impl Store for PgStore {
     }
 
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
-        let send_id = message.send_id.map(|id| id.to_be_bytes().to_vec());
-        let mut tx = self.begin().await?;
-        if let Some(send_id) = &send_id {
-            match earlier_send(&mut tx, &message, send_id).await? {
-                Earlier::Same(appended) => return Ok(appended),
-                Earlier::Reused => return Err(StoreError::SendIdReused(message.recipient)),
-                Earlier::None => {}
-            }
-        }
-        // The next id, and the queue bound, in one statement that locks the
-        // recipient until this append commits.
-        let id: Option<i64> = sqlx::query_scalar(
-            "UPDATE accounts SET last_id = last_id + 1, stored = stored + 1 \
-             WHERE name = $1 AND stored < $2 RETURNING last_id",
-        )
-        .bind(message.recipient.as_str())
-        .bind(to_i64(self.queue_limit as u64))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let Some(id) = id else {
-            drop(tx);
-            // A racing send of the same id may have filled the queue (or
-            // the recipient may be gone since): its receipt is the answer.
-            if let Some(send_id) = &send_id {
-                let mut tx = self.begin().await?;
-                match earlier_send(&mut tx, &message, send_id).await? {
-                    Earlier::Same(appended) => return Ok(appended),
-                    Earlier::Reused => return Err(StoreError::SendIdReused(message.recipient)),
-                    Earlier::None => {}
-                }
-            }
-            return Err(if self.exists(&message.recipient).await? {
-                StoreError::QueueFull(message.recipient)
-            } else {
-                StoreError::NoSuchAccount(message.recipient)
+        if let Some(id) = self.append_at_once(&message).await? {
+            return Ok(Appended {
+                message: Message {
+                    id,
+                    sender: message.sender,
+                    body: message.body,
+                    timestamp_ms: message.timestamp_ms,
+                },
+                duplicate: false,
             });
-        };
-        sqlx::query(
-            "INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(message.recipient.as_str())
-        .bind(id)
-        .bind(message.sender.as_str())
-        .bind(message.body.as_str())
-        .bind(to_i64(message.timestamp_ms))
-        .bind(message.delivered)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        if let Some(send_id) = &send_id {
-            // An expired use of the key is no use at all.
-            sqlx::query(
-                "DELETE FROM send_ids WHERE sender = $1 AND send_id = $2 AND timestamp_ms < $3",
-            )
-            .bind(message.sender.as_str())
-            .bind(send_id.as_slice())
-            .bind(to_i64(send_id_horizon(message.timestamp_ms)))
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            let remembered = sqlx::query(
-                "INSERT INTO send_ids (sender, send_id, recipient, message_id, timestamp_ms, body_crc) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sender, send_id) DO NOTHING",
-            )
-            .bind(message.sender.as_str())
-            .bind(send_id.as_slice())
-            .bind(message.recipient.as_str())
-            .bind(id)
-            .bind(to_i64(message.timestamp_ms))
-            .bind(i64::from(message.body.fingerprint()))
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            if remembered.rows_affected() == 0 {
-                // Another process stored this send first (and has
-                // committed: the insert waited for it). Undo ours, answer
-                // theirs.
-                tx.rollback().await.map_err(unavailable)?;
-                let mut tx = self.begin().await?;
-                return match earlier_send(&mut tx, &message, send_id).await? {
-                    Earlier::Same(appended) => Ok(appended),
-                    Earlier::Reused => Err(StoreError::SendIdReused(message.recipient)),
-                    Earlier::None => Err(StoreError::Unavailable(
-                        "a send id vanished while it was being checked".into(),
-                    )),
-                };
-            }
         }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(Appended {
-            message: Message {
-                id: id as MessageId,
-                sender: message.sender,
-                body: message.body,
-                timestamp_ms: message.timestamp_ms,
-            },
-            duplicate: false,
-        })
+        self.append_checked(message).await
     }
 
     async fn take_undelivered(
