@@ -22,10 +22,12 @@
 //! holds. The schema is in `migrations/postgres/`; migrations run at open
 //! under sqlx's advisory lock, so several processes may start at once.
 
+mod batch;
 pub mod budgets;
 pub mod cluster;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,7 +50,9 @@ pub struct PgOptions {
     /// Messages stored per recipient past which appends fail with
     /// `queue_full`.
     pub queue_limit: usize,
-    /// Connections in the pool (default 16).
+    /// Connections in the pool (default 16), and half as many more for a
+    /// recipient's writes (marks of delivery and acknowledgements), opened
+    /// as needed.
     pub max_connections: u32,
     /// How long a call waits for a free connection before failing with
     /// `store_unavailable` (default 10 s).
@@ -99,7 +103,16 @@ pub fn schema_version() -> i64 {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// For what a recipient's side writes (a message marked delivered, an
+    /// acknowledgement): committed without waiting for the WAL's flush
+    /// (`synchronous_commit = off`). A database crash may undo the last
+    /// such writes, which delivers those messages again, as a lost
+    /// connection does; a sender's message is never committed this way.
+    relaxed: PgPool,
     queue_limit: usize,
+    /// Group commit of appends ([`batch`]); `None` in the appender's own
+    /// handle, which stores directly.
+    appender: Option<Arc<batch::Appender>>,
 }
 
 impl PgStore {
@@ -107,6 +120,10 @@ impl PgStore {
     /// migrates the schema to this binary's version.
     pub async fn connect(url: &str, options: PgOptions) -> Result<Self, PgError> {
         let connect = PgConnectOptions::from_str(url).map_err(PgError::Url)?;
+        let relaxed = PgPoolOptions::new()
+            .max_connections((options.max_connections / 2).max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect.clone().options([("synchronous_commit", "off")]));
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
@@ -114,9 +131,15 @@ impl PgStore {
             .await
             .map_err(PgError::Connect)?;
         MIGRATOR.run(&pool).await.map_err(PgError::Migrate)?;
-        Ok(Self {
+        let direct = Self {
             pool,
+            relaxed,
             queue_limit: options.queue_limit.max(1),
+            appender: None,
+        };
+        Ok(Self {
+            appender: Some(Arc::new(batch::Appender::start(direct.clone()))),
+            ..direct
         })
     }
 
@@ -204,13 +227,150 @@ impl PgStore {
         .bind(to_i64(through))
         .bind(lease.map(|l| l.node.0 as i64))
         .bind(lease.map(|l| l.generation as i64))
-        .fetch_one(&self.pool)
+        .fetch_one(&self.relaxed)
         .await
         .map_err(unavailable)?;
         if removed == 0 {
             self.require(name).await?;
         }
         Ok(removed.max(0) as usize)
+    }
+
+    /// One append without the queue: in one statement if it can be, else
+    /// step by step.
+    async fn append_direct(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        if let Some(id) = self.append_at_once(&message).await? {
+            return Ok(Appended {
+                message: Message {
+                    id,
+                    sender: message.sender,
+                    body: message.body,
+                    timestamp_ms: message.timestamp_ms,
+                },
+                duplicate: false,
+            });
+        }
+        self.append_checked(message).await
+    }
+
+    /// Stores a batch taken from the queue and answers each append: as many
+    /// as one statement can in one, the rest one at a time.
+    pub(crate) async fn append_batch(&self, batch: Vec<batch::Pending>) {
+        let mut rest = batch;
+        if rest.len() > 1 {
+            let messages: Vec<&NewMessage> = rest.iter().map(|p| &p.message).collect();
+            match self.append_many(&messages).await {
+                Ok(ids) => {
+                    let mut unassigned = Vec::new();
+                    for (pending, id) in rest.into_iter().zip(ids) {
+                        match id {
+                            Some(id) => {
+                                let message = pending.message;
+                                let _ = pending.reply.send(Ok(Appended {
+                                    message: Message {
+                                        id,
+                                        sender: message.sender,
+                                        body: message.body,
+                                        timestamp_ms: message.timestamp_ms,
+                                    },
+                                    duplicate: false,
+                                }));
+                            }
+                            None => unassigned.push(pending),
+                        }
+                    }
+                    rest = unassigned;
+                }
+                // Nothing was stored: each goes on its own.
+                Err(err) => {
+                    tracing::debug!(%err, size = rest.len(), "a batch of appends goes one at a time");
+                }
+            }
+        }
+        for pending in rest {
+            let answer = self.append_direct(pending.message).await;
+            let _ = pending.reply.send(answer);
+        }
+    }
+
+    /// Appends `messages` in one statement where that alone decides: for
+    /// every recipient that exists and has room for all of its messages
+    /// here, each gets the recipient's next id (in batch order) and its
+    /// send id is recorded. Returns each message's id, or `None` for those
+    /// left to the careful path (nothing was changed for them). Fails, and
+    /// changes nothing, if any send id is known already (a resend, or a
+    /// race with another process) or another conflict aborts it.
+    async fn append_many(
+        &self,
+        messages: &[&NewMessage],
+    ) -> Result<Vec<Option<MessageId>>, sqlx::Error> {
+        let recipients: Vec<&str> = messages.iter().map(|m| m.recipient.as_str()).collect();
+        let senders: Vec<&str> = messages.iter().map(|m| m.sender.as_str()).collect();
+        let bodies: Vec<&str> = messages.iter().map(|m| m.body.as_str()).collect();
+        let stamps: Vec<i64> = messages.iter().map(|m| to_i64(m.timestamp_ms)).collect();
+        let delivered: Vec<bool> = messages.iter().map(|m| m.delivered).collect();
+        // No send id: empty (an id is 16 bytes).
+        let send_ids: Vec<Vec<u8>> = messages
+            .iter()
+            .map(|m| {
+                m.send_id
+                    .map(|id| id.to_be_bytes().to_vec())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let crcs: Vec<i64> = messages
+            .iter()
+            .map(|m| i64::from(m.body.fingerprint()))
+            .collect();
+        // Recipients' rows are locked in name order, as every batch locks
+        // them, so two processes' batches never wait for each other in a
+        // cycle.
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "WITH batch AS ( \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], \
+                                      $5::bool[], $6::bytea[], $7::int8[]) \
+                 WITH ORDINALITY AS t(recipient, sender, body, timestamp_ms, delivered, \
+                                      send_id, body_crc, ord)), \
+             counts AS (SELECT recipient, count(*) AS n FROM batch GROUP BY recipient), \
+             locked AS ( \
+                 SELECT a.name, c.n FROM accounts a JOIN counts c ON a.name = c.recipient \
+                 WHERE a.stored + c.n <= $8 ORDER BY a.name FOR UPDATE OF a), \
+             bumped AS ( \
+                 UPDATE accounts a SET last_id = a.last_id + l.n, stored = a.stored + l.n \
+                 FROM locked l WHERE a.name = l.name \
+                 RETURNING a.name, a.last_id - l.n AS base), \
+             numbered AS ( \
+                 SELECT b.*, u.base + row_number() OVER (PARTITION BY b.recipient ORDER BY b.ord) AS id \
+                 FROM batch b JOIN bumped u ON u.name = b.recipient), \
+             inserted AS ( \
+                 INSERT INTO messages (recipient, id, sender, body, timestamp_ms, delivered) \
+                 SELECT recipient, id, sender, body, timestamp_ms, delivered FROM numbered), \
+             remembered AS ( \
+                 INSERT INTO send_ids (sender, send_id, recipient, message_id, timestamp_ms, body_crc) \
+                 SELECT sender, send_id, recipient, id, timestamp_ms, body_crc FROM numbered \
+                 WHERE octet_length(send_id) > 0) \
+             SELECT ord, id FROM numbered",
+        )
+        .bind(&recipients)
+        .bind(&senders)
+        .bind(&bodies)
+        .bind(&stamps)
+        .bind(&delivered)
+        .bind(&send_ids)
+        .bind(&crcs)
+        .bind(to_i64(self.queue_limit as u64))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut ids = vec![None; messages.len()];
+        for (ord, id) in rows {
+            if let (Some(slot), Ok(id)) = (
+                usize::try_from(ord - 1).ok().and_then(|at| ids.get_mut(at)),
+                u64::try_from(id),
+            ) {
+                *slot = Some(id);
+            }
+        }
+        Ok(ids)
     }
 
     /// An append step by step in one transaction: the send id first, then
@@ -546,18 +706,10 @@ impl Store for PgStore {
     }
 
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
-        if let Some(id) = self.append_at_once(&message).await? {
-            return Ok(Appended {
-                message: Message {
-                    id,
-                    sender: message.sender,
-                    body: message.body,
-                    timestamp_ms: message.timestamp_ms,
-                },
-                duplicate: false,
-            });
+        match &self.appender {
+            Some(appender) => appender.append(message).await,
+            None => self.append_direct(message).await,
         }
-        self.append_checked(message).await
     }
 
     async fn take_undelivered(
@@ -573,7 +725,7 @@ impl Store for PgStore {
         )
         .bind(name.as_str())
         .bind(to_i64(limit as u64))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.relaxed)
         .await
         .map_err(unavailable)?;
         if rows.is_empty() {
@@ -620,7 +772,7 @@ impl Store for PgStore {
         .bind(lease.node.0 as i64)
         .bind(lease.generation as i64)
         .bind(to_i64(through))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.relaxed)
         .await
         .map_err(unavailable)?;
         let mut messages = rows.iter().map(message_of).collect::<Result<Vec<_>, _>>()?;

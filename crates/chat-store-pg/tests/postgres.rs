@@ -488,3 +488,73 @@ async fn expired_send_ids_are_pruned_by_one_process_at_a_time() {
         "the expired send id is forgotten, so it stores anew"
     );
 }
+
+/// Appends that arrive together are stored together (group commit), and
+/// whatever one batch cannot decide alone is still decided right: a full
+/// recipient refuses exactly what is past its bound, a missing one refuses
+/// its messages, repeated send ids in the same burst store once and answer
+/// one receipt, and every recipient's ids run 1, 2, 3… without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_that_arrive_together_are_decided_as_one_at_a_time() {
+    let db = database!("appends_that_arrive_together_are_decided_as_one_at_a_time");
+    let store = Arc::new(open(&db, 60).await);
+    for who in ["full", "roomy", "sender"] {
+        store.create_account(&name(who), HASH).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for n in 0..200u128 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let to = match n % 4 {
+                0 | 3 => "full",
+                1 => "roomy",
+                _ => "nobody",
+            };
+            // Some messages to `roomy` are sent twice with one send id.
+            let send_id = (to == "roomy" && n % 3 == 0).then_some(n);
+            let first = store
+                .append(message(to, "sender", &format!("m{n}"), send_id))
+                .await;
+            let again = match send_id {
+                Some(_) => Some(
+                    store
+                        .append(message(to, "sender", &format!("m{n}"), send_id))
+                        .await,
+                ),
+                None => None,
+            };
+            (to, first, again)
+        }));
+    }
+    let (mut full, mut refused_full, mut roomy, mut missing) = (0, 0, 0, 0);
+    for task in tasks {
+        let (to, first, again) = task.await.unwrap();
+        match (to, &first) {
+            ("full", Ok(_)) => full += 1,
+            ("full", Err(StoreError::QueueFull(_))) => refused_full += 1,
+            ("roomy", Ok(_)) => roomy += 1,
+            ("nobody", Err(StoreError::NoSuchAccount(_))) => missing += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+        if let Some(again) = again {
+            let (first, again) = (first.unwrap(), again.unwrap());
+            assert!(again.duplicate);
+            assert_eq!(again.message.id, first.message.id, "one receipt");
+        }
+    }
+    assert_eq!((full, refused_full, roomy, missing), (60, 40, 50, 50));
+    for (who, count) in [("full", 60), ("roomy", 50)] {
+        let stored = store.take_undelivered(&name(who), 1000).await.unwrap();
+        let ids: Vec<u64> = stored.iter().map(|m| m.id).collect();
+        assert_eq!(
+            ids,
+            (1..=count).collect::<Vec<u64>>(),
+            "{who}: each once, no gap"
+        );
+    }
+    let err = store
+        .append(message("full", "sender", "one too many", None))
+        .await
+        .unwrap_err();
+    assert_eq!(err, StoreError::QueueFull(name("full")));
+}
