@@ -31,7 +31,6 @@ use async_trait::async_trait;
 
 use crate::engine::{Chat, WeakChat};
 use crate::presence::{Lease, NodeId};
-use crate::types::MessageId;
 
 /// Why a route failed. Nothing is lost either way: the message stays
 /// queued.
@@ -49,9 +48,10 @@ pub enum DeliveryError {
 /// login. See the module docs.
 #[async_trait]
 pub trait Delivery: Send + Sync + 'static {
-    /// Tells the node holding `lease` that message `id` for `lease.user` is
-    /// durable and queued.
-    async fn route(&self, lease: &Lease, id: MessageId) -> Result<(), DeliveryError>;
+    /// Tells the node holding each of `leases` that messages for its user
+    /// are durable and stored (a batch: one lease per user, however many
+    /// messages; the node looks for all of them).
+    async fn route(&self, leases: &[Lease]) -> Result<(), DeliveryError>;
 }
 
 /// Routes between engines in one process. Holds them weakly: an engine that
@@ -83,15 +83,17 @@ impl LocalBus {
 
 #[async_trait]
 impl Delivery for LocalBus {
-    async fn route(&self, lease: &Lease, _id: MessageId) -> Result<(), DeliveryError> {
-        let chat = self
-            .nodes
-            .lock()
-            .map_err(|_| DeliveryError::Unavailable("the bus's lock was poisoned".into()))?
-            .get(&lease.node)
-            .and_then(WeakChat::upgrade)
-            .ok_or(DeliveryError::NoRoute(lease.node))?;
-        chat.deliver_queued(&lease.user).await;
+    async fn route(&self, leases: &[Lease]) -> Result<(), DeliveryError> {
+        for lease in leases {
+            let chat = self
+                .nodes
+                .lock()
+                .map_err(|_| DeliveryError::Unavailable("the bus's lock was poisoned".into()))?
+                .get(&lease.node)
+                .and_then(WeakChat::upgrade)
+                .ok_or(DeliveryError::NoRoute(lease.node))?;
+            chat.deliver_queued(&lease.user).await;
+        }
         Ok(())
     }
 }

@@ -197,6 +197,10 @@ struct Inner {
     /// Routes messages to logins held by other engines; `None`: only this
     /// engine's sessions get live pushes.
     delivery: Option<Arc<dyn Delivery>>,
+    /// Recipients whose new messages the router is to announce (with a
+    /// delivery, in a runtime): batched, so a burst costs one presence
+    /// read and one route.
+    router: Option<mpsc::UnboundedSender<Username>>,
     config: Config,
     stripes: Box<[Stripe]>,
     /// Picks a name's stripe. Seeded randomly per engine, so that names
@@ -377,7 +381,16 @@ impl Chat {
         let stripes = (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect();
         let hashing = Hashing::new(config.hashing);
         let throttle = Throttle::new(config.throttle, Arc::clone(&budgets));
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let (router, routes) = match (&delivery, &runtime) {
+            (Some(_), Some(_)) => {
+                let (router, routes) = mpsc::unbounded_channel();
+                (Some(router), Some(routes))
+            }
+            _ => (None, None),
+        };
         let inner = Arc::new(Inner {
+            router,
             hashing,
             throttle,
             budgets,
@@ -394,7 +407,10 @@ impl Chat {
             create_gate: Mutex::new(()),
             metrics: Arc::new(EngineMetrics::new()),
         });
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        if let Some(runtime) = runtime {
+            if let Some(routes) = routes {
+                runtime.spawn(route_all(Arc::downgrade(&inner), routes));
+            }
             runtime.spawn(housekeeping(Arc::downgrade(&inner)));
             let hashing = inner.hashing.clone();
             runtime.spawn(async move { hashing.prepare().await });
@@ -482,24 +498,38 @@ impl Chat {
         });
     }
 
-    /// Tells whoever holds `to`'s login that message `id` is stored for
-    /// them (it stays queued for a fetch if nobody does).
-    async fn route(&self, to: &Username, id: MessageId) {
+    /// Asks the router to tell whoever holds `to`'s login that a message
+    /// is stored for them (it stays queued for a fetch if nobody does).
+    fn route(&self, to: Username) {
+        if let Some(router) = &self.inner.router {
+            let _ = router.send(to);
+        }
+    }
+
+    /// Tells whoever holds each of `users`' logins that messages are
+    /// stored for them: one presence read and one route for the batch.
+    async fn route_batch(&self, users: &[Username]) {
         let Some(delivery) = &self.inner.delivery else {
             return;
         };
-        match self.inner.presence.holder(to).await {
-            Ok(Some(lease)) if lease.node != self.inner.presence.node() => {
-                if let Err(err) = delivery.route(&lease, id).await {
-                    tracing::debug!(%err, "route failed; the message stays queued");
-                }
+        let leases = match self.inner.presence.holders(users).await {
+            Ok(leases) => leases,
+            Err(err) => {
+                tracing::debug!(%err, "no presence answer; the messages stay queued");
+                return;
             }
-            // A login here that began after the send looked.
-            Ok(Some(_)) => {
-                self.deliver_queued(to).await;
-            }
-            Ok(None) => {}
-            Err(err) => tracing::debug!(%err, "no presence answer; the message stays queued"),
+        };
+        let here = self.inner.presence.node();
+        let (mine, theirs): (Vec<Lease>, Vec<Lease>) =
+            leases.into_iter().partition(|lease| lease.node == here);
+        // Logins here that began after their sends looked.
+        for lease in mine {
+            self.deliver_queued(&lease.user).await;
+        }
+        if !theirs.is_empty()
+            && let Err(err) = delivery.route(&theirs).await
+        {
+            tracing::debug!(%err, "route failed; the messages stay queued");
         }
     }
 
@@ -697,6 +727,22 @@ impl Chat {
         } else {
             Ok(())
         }
+    }
+}
+
+/// Most recipients announced in one batch.
+const ROUTE_BATCH: usize = 256;
+
+/// The router of a node of a cluster: announces the recipients sent to,
+/// as many at once as have gathered, until the engine is dropped.
+async fn route_all(inner: std::sync::Weak<Inner>, mut routes: mpsc::UnboundedReceiver<Username>) {
+    let mut users = Vec::new();
+    while routes.recv_many(&mut users, ROUTE_BATCH).await > 0 {
+        let Some(inner) = inner.upgrade() else { return };
+        users.sort_unstable();
+        users.dedup();
+        Chat { inner }.route_batch(&users).await;
+        users.clear();
     }
 }
 
@@ -1288,16 +1334,16 @@ impl Session {
         }
         match here {
             Some(holder) if durable.is_now() => self.chat.wake(&to, &holder),
+            None if durable.is_now() => self.chat.route(to),
             _ => {
                 let (chat, stored) = (self.chat.clone(), durable.clone());
-                let id = appended.message.id;
                 tokio::spawn(async move {
                     if stored.wait().await.is_err() {
                         return;
                     }
                     match here {
                         Some(holder) => chat.wake(&to, &holder),
-                        None => chat.route(&to, id).await,
+                        None => chat.route(to),
                     }
                 });
             }

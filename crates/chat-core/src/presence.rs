@@ -78,6 +78,17 @@ pub trait Presence: Send + Sync + 'static {
 
     /// The current lease on `user`, if any.
     async fn holder(&self, user: &Username) -> Result<Option<Lease>, PresenceError>;
+
+    /// The current leases on any of `users` (those logged in nowhere are
+    /// left out). The default asks [`Presence::holder`] for each; a
+    /// clustered implementation answers in one round trip.
+    async fn holders(&self, users: &[Username]) -> Result<Vec<Lease>, PresenceError> {
+        let mut leases = Vec::new();
+        for user in users {
+            leases.extend(self.holder(user).await?);
+        }
+        Ok(leases)
+    }
 }
 
 /// Lock shards of the in-process lease table.

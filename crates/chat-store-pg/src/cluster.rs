@@ -27,7 +27,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chat_core::delivery::{Delivery, DeliveryError};
 use chat_core::presence::{Lease, NodeId, Presence, PresenceError};
-use chat_core::{MessageId, Username, WeakChat};
+use chat_core::{Username, WeakChat};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
@@ -147,6 +147,30 @@ impl Presence for PgPresence {
             .await
             .map_err(unavailable)?;
         Ok(released.rows_affected() > 0)
+    }
+
+    async fn holders(&self, users: &[Username]) -> Result<Vec<Lease>, PresenceError> {
+        let names: Vec<&str> = users.iter().map(Username::as_str).collect();
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT l.name, l.node, l.generation FROM leases l JOIN nodes n ON n.id = l.node \
+             WHERE l.name = ANY($1) AND n.heartbeat_at > now() - $2::interval",
+        )
+        .bind(&names)
+        .bind(interval(self.lease_time))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|(name, node, generation)| {
+                Ok(Lease {
+                    user: Username::parse(&name).map_err(|_| {
+                        PresenceError::Unavailable("PostgreSQL holds an invalid name".into())
+                    })?,
+                    node: NodeId(node as u64),
+                    generation: generation as u64,
+                })
+            })
+            .collect()
     }
 
     async fn holder(&self, user: &Username) -> Result<Option<Lease>, PresenceError> {
@@ -333,10 +357,15 @@ impl PgDelivery {
 
 #[async_trait]
 impl Delivery for PgDelivery {
-    async fn route(&self, lease: &Lease, _id: MessageId) -> Result<(), DeliveryError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(channel(lease.node))
-            .bind(lease.user.as_str())
+    async fn route(&self, leases: &[Lease]) -> Result<(), DeliveryError> {
+        // One statement, so one commit for the batch (PostgreSQL sends a
+        // transaction's notifications at its commit, each distinct one
+        // once).
+        let channels: Vec<String> = leases.iter().map(|lease| channel(lease.node)).collect();
+        let users: Vec<&str> = leases.iter().map(|lease| lease.user.as_str()).collect();
+        sqlx::query("SELECT pg_notify(c, u) FROM unnest($1::text[], $2::text[]) AS t(c, u)")
+            .bind(&channels)
+            .bind(&users)
             .execute(&self.pool)
             .await
             .map(|_| ())

@@ -299,6 +299,11 @@ async fn leases_fence_stale_holders_and_pass_on_from_dead_nodes() {
     // b beats, so its lease lasts past the lease time.
     tokio::time::sleep(lease_time + Duration::from_millis(200)).await;
     assert_eq!(a.holder(&alice).await.unwrap(), Some(second.clone()));
+    assert_eq!(
+        a.holders(&[name("nobody"), alice.clone()]).await.unwrap(),
+        [second.clone()],
+        "the leases of those logged in, in one read"
+    );
     assert!(b.release(&second).await.unwrap());
     assert_eq!(a.holder(&alice).await.unwrap(), None);
     stop.cancel();
