@@ -563,3 +563,35 @@ async fn appends_that_arrive_together_are_decided_as_one_at_a_time() {
         .unwrap_err();
     assert_eq!(err, StoreError::QueueFull(name("full")));
 }
+
+/// The connection to PostgreSQL can be encrypted: `sslmode=require` in
+/// the URL (or `verify-full` with `sslrootcert=` for a managed database's
+/// CA) gives a TLS connection, and the store works over it.
+#[tokio::test]
+async fn the_database_connection_can_be_encrypted() {
+    let db = database!("the_database_connection_can_be_encrypted");
+    let plain = open(&db, 10).await;
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(plain.pool())
+        .await
+        .unwrap();
+    if ssl != "on" {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the test server has ssl off; .ci/run's server has it on"
+        );
+        eprintln!("SKIPPED the_database_connection_can_be_encrypted: the server has ssl off");
+        return;
+    }
+    let separator = if db.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{separator}sslmode=require", db.url);
+    let store = PgStore::connect(&url, PgOptions::default()).await.unwrap();
+    let encrypted: bool =
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert!(encrypted, "the connection is TLS");
+    store.create_account(&name("alice"), HASH).await.unwrap();
+    assert!(store.account_exists(&name("alice")).await.unwrap());
+}
