@@ -1495,7 +1495,7 @@ async fn profile(spec: &str) -> anyhow::Result<()> {
             let db = TestDatabase::create("CHAT_BENCH_PROFILE")
                 .await
                 .with_context(|| format!("the postgres store needs {URL_VARIABLE}"))?;
-            let arg = format!("postgres:{}", db.url);
+            let arg = format!("postgres:{}", postgres::plaintext(&db.url));
             database = Some(db);
             arg
         }

@@ -67,6 +67,17 @@ pub(super) async fn rows<C: Dial>(report: &mut Report, settings: &Settings) -> a
     Ok(())
 }
 
+/// `url` over a plaintext connection, unless it names its own `sslmode`:
+/// the rows compare the stores, like the embedded store's, without TLS
+/// (the driver's default, `prefer`, encrypts when the server offers it).
+pub(super) fn plaintext(url: &str) -> String {
+    if url.contains("sslmode=") {
+        return url.to_string();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}sslmode=disable")
+}
+
 /// One row: a fresh schema, `nodes` server processes on it, the load.
 async fn row<C: Dial>(
     nodes: usize,
@@ -78,7 +89,7 @@ async fn row<C: Dial>(
     let database = TestDatabase::create("chat-bench PostgreSQL rows")
         .await
         .with_context(|| format!("{URL_VARIABLE} is not set"))?;
-    let arg = format!("postgres:{}", database.url);
+    let arg = format!("postgres:{}", plaintext(&database.url));
     let mut processes = Vec::with_capacity(nodes);
     for _ in 0..nodes {
         processes.push(chat_bench::start_server(served_for::<C>(), &arg, Passwords::Cheap).await?);
@@ -134,8 +145,12 @@ pub(super) async fn notify_ceiling(settings: &Settings) -> anyhow::Result<Notify
     let database = TestDatabase::create("chat-bench NOTIFY ceiling")
         .await
         .with_context(|| format!("{URL_VARIABLE} is not set"))?;
-    chat_bench::postgres::measure_notify(&database.url, settings.window, NOTIFY_CONFIGURATIONS)
-        .await
+    chat_bench::postgres::measure_notify(
+        &plaintext(&database.url),
+        settings.window,
+        NOTIFY_CONFIGURATIONS,
+    )
+    .await
 }
 
 /// The embedded durable store's row a PostgreSQL row is compared to.
