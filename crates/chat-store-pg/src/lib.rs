@@ -50,7 +50,9 @@ pub struct PgOptions {
     /// Messages stored per recipient past which appends fail with
     /// `queue_full`.
     pub queue_limit: usize,
-    /// Connections in the pool (default 16).
+    /// Connections in the pool (default 16), and half as many more for a
+    /// recipient's writes (marks of delivery and acknowledgements), opened
+    /// as needed.
     pub max_connections: u32,
     /// How long a call waits for a free connection before failing with
     /// `store_unavailable` (default 10 s).
@@ -101,6 +103,12 @@ pub fn schema_version() -> i64 {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// For what a recipient's side writes (a message marked delivered, an
+    /// acknowledgement): committed without waiting for the WAL's flush
+    /// (`synchronous_commit = off`). A database crash may undo the last
+    /// such writes, which delivers those messages again, as a lost
+    /// connection does; a sender's message is never committed this way.
+    relaxed: PgPool,
     queue_limit: usize,
     /// Group commit of appends ([`batch`]); `None` in the appender's own
     /// handle, which stores directly.
@@ -112,6 +120,10 @@ impl PgStore {
     /// migrates the schema to this binary's version.
     pub async fn connect(url: &str, options: PgOptions) -> Result<Self, PgError> {
         let connect = PgConnectOptions::from_str(url).map_err(PgError::Url)?;
+        let relaxed = PgPoolOptions::new()
+            .max_connections((options.max_connections / 2).max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect.clone().options([("synchronous_commit", "off")]));
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
@@ -121,6 +133,7 @@ impl PgStore {
         MIGRATOR.run(&pool).await.map_err(PgError::Migrate)?;
         let direct = Self {
             pool,
+            relaxed,
             queue_limit: options.queue_limit.max(1),
             appender: None,
         };
@@ -214,7 +227,7 @@ impl PgStore {
         .bind(to_i64(through))
         .bind(lease.map(|l| l.node.0 as i64))
         .bind(lease.map(|l| l.generation as i64))
-        .fetch_one(&self.pool)
+        .fetch_one(&self.relaxed)
         .await
         .map_err(unavailable)?;
         if removed == 0 {
@@ -712,7 +725,7 @@ impl Store for PgStore {
         )
         .bind(name.as_str())
         .bind(to_i64(limit as u64))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.relaxed)
         .await
         .map_err(unavailable)?;
         if rows.is_empty() {
@@ -759,7 +772,7 @@ impl Store for PgStore {
         .bind(lease.node.0 as i64)
         .bind(lease.generation as i64)
         .bind(to_i64(through))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.relaxed)
         .await
         .map_err(unavailable)?;
         let mut messages = rows.iter().map(message_of).collect::<Result<Vec<_>, _>>()?;
