@@ -104,7 +104,7 @@ const FULL: Settings = Settings {
     hash_window: Duration::from_secs(3),
     sqlite_pairs: &[32, 256],
     postgres_pairs: &[32, 256],
-    postgres_one_at_a_time_pairs: &[32],
+    postgres_one_at_a_time_pairs: &[1, 32],
 };
 
 /// Server processes of the PostgreSQL cluster rows.

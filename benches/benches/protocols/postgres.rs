@@ -48,7 +48,8 @@ enum Load {
 
 /// Every PostgreSQL row of transport `C`: pipelined at each of
 /// `postgres_pairs` on one process and on the cluster, and (socket only)
-/// one at a time on one process.
+/// one at a time on both (one pair, one at a time: the latency of a
+/// delivery across processes without load).
 pub(super) async fn rows<C: Dial>(report: &mut Report, settings: &Settings) -> anyhow::Result<()> {
     for (nodes, store) in [(1, "postgres"), (CLUSTER_NODES, POSTGRES_CLUSTER)] {
         for &pairs in settings.postgres_pairs {
@@ -56,7 +57,7 @@ pub(super) async fn rows<C: Dial>(report: &mut Report, settings: &Settings) -> a
             let row = row::<C>(nodes, store, Load::Pipelined, pairs, settings.window).await?;
             report.throughput.push(row);
         }
-        if nodes == 1 && C::NAME == SocketClient::NAME {
+        if C::NAME == SocketClient::NAME {
             for &pairs in settings.postgres_one_at_a_time_pairs {
                 eprintln!("  {} / {store}: one at a time, {pairs} pairs", C::NAME);
                 let row = row::<C>(nodes, store, Load::OneAtATime, pairs, settings.window).await?;
