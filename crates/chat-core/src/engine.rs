@@ -264,6 +264,10 @@ struct Shared {
     /// login now held began. Only later messages are pushed to it; earlier
     /// queued ones wait for a fetch, as on one engine.
     floor: AtomicU64,
+    /// On a node of a cluster: the newest id pushed to the login now held
+    /// (its floor at first). The pusher takes what comes after it, taken
+    /// before or not: a take whose answer was lost is taken again.
+    pushed: AtomicU64,
     /// On a node of a cluster: this session's pusher (see `Chat::wake`).
     pull: StdMutex<Pull>,
 }
@@ -273,7 +277,9 @@ struct Shared {
 #[derive(Debug, Default)]
 struct Pull {
     running: bool,
-    wanted: Option<Username>,
+    /// The users it was woken for (a session may change users between a
+    /// wake and its look: one no longer here is routed on).
+    wanted: Vec<Username>,
 }
 
 impl Shared {
@@ -362,6 +368,9 @@ impl Chat {
     /// nodes draw on its budgets (see the [`presence`](crate::presence),
     /// [`delivery`](crate::delivery) and [`budgets`](crate::budgets)
     /// modules).
+    ///
+    /// Make it inside a Tokio runtime: its router and housekeeping run
+    /// there (without one, nothing is routed to other nodes).
     pub fn on_node(store: Arc<dyn Store>, cluster: Cluster, config: Config) -> Self {
         let Cluster {
             presence,
@@ -466,7 +475,9 @@ impl Chat {
         let Ok(mut pull) = holder.pull.lock() else {
             return;
         };
-        pull.wanted = Some(user.clone());
+        if !pull.wanted.contains(user) {
+            pull.wanted.push(user.clone());
+        }
         if pull.running {
             return;
         }
@@ -475,23 +486,34 @@ impl Chat {
         let (chat, holder) = (self.downgrade(), Arc::clone(holder));
         tokio::spawn(async move {
             loop {
-                let user = match holder.pull.lock() {
-                    Ok(mut pull) => match pull.wanted.take() {
-                        Some(user) => user,
-                        None => {
-                            pull.running = false;
-                            return;
-                        }
-                    },
+                let wanted = match holder.pull.lock() {
+                    Ok(mut pull) if pull.wanted.is_empty() => {
+                        pull.running = false;
+                        return;
+                    }
+                    Ok(mut pull) => std::mem::take(&mut pull.wanted),
                     Err(_) => return,
                 };
-                if let Err(err) = push_stored(&chat, &user, &holder).await {
-                    // Still stored: looked for again shortly, while the
-                    // session is here.
-                    tracing::warn!(%err, user = %user, "could not push stored messages; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    if let Ok(mut pull) = holder.pull.lock() {
-                        pull.wanted.get_or_insert(user);
+                for user in wanted {
+                    match push_stored(&chat, &user, &holder).await {
+                        Ok(true) => {}
+                        // Not (or no longer) this session's user: wherever
+                        // they are now is told.
+                        Ok(false) => {
+                            if let Some(chat) = chat.upgrade() {
+                                chat.route(user);
+                            }
+                        }
+                        Err(err) => {
+                            // Still stored: looked for again shortly.
+                            tracing::warn!(%err, user = %user, "could not push stored messages; retrying");
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            if let Ok(mut pull) = holder.pull.lock()
+                                && !pull.wanted.contains(&user)
+                            {
+                                pull.wanted.push(user);
+                            }
+                        }
                     }
                 }
             }
@@ -512,11 +534,20 @@ impl Chat {
         let Some(delivery) = &self.inner.delivery else {
             return;
         };
-        let leases = match self.inner.presence.holders(users).await {
-            Ok(leases) => leases,
-            Err(err) => {
-                tracing::debug!(%err, "no presence answer; the messages stay queued");
-                return;
+        let mut tries = 0;
+        let leases = loop {
+            match self.inner.presence.holders(users).await {
+                Ok(leases) => break leases,
+                // Tried a few times; past that, housekeeping's round wakes
+                // every session, on every node.
+                Err(err) if tries == ROUTE_TRIES => {
+                    tracing::warn!(%err, "no presence answer; the messages wait for the next look");
+                    return;
+                }
+                Err(_) => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200 << tries)).await;
+                }
             }
         };
         let here = self.inner.presence.node();
@@ -526,10 +557,16 @@ impl Chat {
         for lease in mine {
             self.deliver_queued(&lease.user).await;
         }
-        if !theirs.is_empty()
+        let mut tries = 0;
+        while !theirs.is_empty()
             && let Err(err) = delivery.route(&theirs).await
         {
-            tracing::debug!(%err, "route failed; the messages stay queued");
+            if tries == ROUTE_TRIES {
+                tracing::warn!(%err, "route failed; the messages wait for the next look");
+                return;
+            }
+            tries += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(200 << tries)).await;
         }
     }
 
@@ -587,6 +624,7 @@ impl Chat {
             replay: StdMutex::new(VecDeque::new()),
             notify: Notify::new(),
             floor: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
             pull: StdMutex::new(Pull::default()),
         });
         let session = Session {
@@ -733,6 +771,9 @@ impl Chat {
 /// Most recipients announced in one batch.
 const ROUTE_BATCH: usize = 256;
 
+/// Retries of a batch whose presence read or route failed.
+const ROUTE_TRIES: u32 = 3;
+
 /// The router of a node of a cluster: announces the recipients sent to,
 /// as many at once as have gathered, until the engine is dropped.
 async fn route_all(inner: std::sync::Weak<Inner>, mut routes: mpsc::UnboundedReceiver<Username>) {
@@ -750,45 +791,44 @@ async fn route_all(inner: std::sync::Weak<Inner>, mut routes: mpsc::UnboundedRec
 const PUSH_BATCH: usize = 256;
 
 /// Pushes to `holder`, while it is `user`'s session here, every message
-/// stored for `user` after its login's floor and not delivered yet, in id
-/// order, as fast as the session reads them. The session's only pusher on
-/// a node of a cluster (see [`Chat::wake`]), so it may wait for room: a
-/// session that does not read leaves its messages stored, not lost.
+/// stored for `user` after what its login was last pushed (its floor at
+/// first), in id order, as fast as the session reads them. The session's
+/// only pusher on a node of a cluster (see [`Chat::wake`]), so it may wait
+/// for room: a session that does not read leaves its messages stored, not
+/// lost. Returns whether `user` is this session's (`false`: the caller
+/// routes to wherever they are).
 async fn push_stored(
     chat: &WeakChat,
     user: &Username,
     holder: &Arc<Shared>,
-) -> Result<(), ChatError> {
+) -> Result<bool, ChatError> {
     loop {
         // Room first, waited for without any lock: the session is reading,
         // or closes (and the pusher stops).
         match holder.tx.reserve().await {
             Ok(permit) => drop(permit),
-            Err(_) => return Ok(()),
+            Err(_) => return Ok(true),
         }
         let room = holder.tx.capacity().clamp(1, PUSH_BATCH);
         let Ok(permits) = holder.tx.try_reserve_many(room) else {
             continue;
         };
         let Some(chat) = chat.upgrade() else {
-            return Ok(());
+            return Ok(true);
         };
         let stripe = chat.stripe(user).lock().await;
         if !stripe.get(user).is_some_and(|s| Arc::ptr_eq(s, holder)) {
-            // Logged out (or in elsewhere): what is stored waits for the
-            // next login's replay or fetch.
-            return Ok(());
+            return Ok(false);
         }
         let Some(lease) = holder.lease.lock().ok().and_then(|lease| lease.clone()) else {
-            return Ok(());
+            return Ok(false);
         };
-        let floor = holder.floor.load(Ordering::Acquire);
+        let after = holder.pushed.load(Ordering::Acquire);
         let login = holder.login.load(Ordering::Acquire);
-        let messages = chat
-            .inner
-            .store
-            .take_undelivered_in(&lease, floor, MessageId::MAX, room)
-            .await?;
+        let messages = chat.inner.store.take_after(&lease, after, room).await?;
+        if let Some(last) = messages.last() {
+            holder.pushed.store(last.id, Ordering::Release);
+        }
         let taken = messages.len();
         let now = Instant::now();
         let now_ms = now_ms();
@@ -805,7 +845,7 @@ async fn push_stored(
         }
         drop(stripe);
         if taken < room {
-            return Ok(());
+            return Ok(true);
         }
     }
 }
@@ -833,6 +873,7 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
             stripe.retain(|_, holder| {
                 let alive = !holder.tx.is_closed();
                 if !alive {
+                    holder.revoked.store(true, Ordering::Release);
                     dead.push(Arc::clone(holder));
                 }
                 alive
@@ -847,6 +888,21 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
                 {
                     tracing::warn!(%err, user = %lease.user, "could not release a login's lease");
                 }
+            }
+        }
+        // On a node of a cluster, every session looks for what it may
+        // have missed (a wake lost with a connection to the database).
+        if inner.delivery.is_some() {
+            let chat = Chat {
+                inner: Arc::clone(&inner),
+            };
+            let mut here = Vec::new();
+            for stripe in inner.stripes.iter() {
+                let stripe = stripe.lock().await;
+                here.extend(stripe.iter().map(|(user, s)| (user.clone(), Arc::clone(s))));
+            }
+            for (user, holder) in here {
+                chat.wake(&user, &holder);
             }
         }
         match inner.budgets.prune().await {
@@ -963,6 +1019,7 @@ impl Session {
         self.shared.set_lease(lease);
         // A new account has no message from before its login.
         self.shared.floor.store(0, Ordering::Release);
+        self.shared.pushed.store(0, Ordering::Release);
         self.shared.set_replay(VecDeque::new());
         self.shared.begin_login();
         let metrics = &self.chat.inner.metrics;
@@ -1018,6 +1075,7 @@ impl Session {
                 return Err(ChatError::AlreadyLoggedIn(name));
             }
             if let Some(dead) = stripe.remove(&name) {
+                dead.revoked.store(true, Ordering::Release);
                 self.chat.inner.metrics.online.decrement(1.0);
                 self.chat.release_lease(dead.take_lease()).await;
             }
@@ -1048,6 +1106,7 @@ impl Session {
             }
         };
         self.shared.floor.store(floor, Ordering::Release);
+        self.shared.pushed.store(floor, Ordering::Release);
         self.shared.set_lease(lease);
         self.shared.begin_login();
         let metrics = &self.chat.inner.metrics;
@@ -1315,6 +1374,7 @@ impl Session {
         if here.as_ref().is_some_and(|holder| holder.tx.is_closed()) {
             // The recipient's connection is gone without a logout.
             if let Some(dead) = stripe.remove(&to) {
+                dead.revoked.store(true, Ordering::Release);
                 self.chat.release_lease(dead.take_lease()).await;
                 metrics.online.decrement(1.0);
             }
@@ -1325,13 +1385,14 @@ impl Session {
         drop(stripe);
         let (appended, durable) = self.chat.inner.store.stage(message).await?;
         let receipt = receipt(&appended.message);
-        if appended.duplicate {
-            return Ok((receipt, durable));
+        if !appended.duplicate {
+            metrics.sent.increment(1);
+            if here.is_none() {
+                metrics.queued.increment(1);
+            }
         }
-        metrics.sent.increment(1);
-        if here.is_none() {
-            metrics.queued.increment(1);
-        }
+        // A resend is announced again too: it may follow a crash between
+        // the first one's commit and its announcement.
         match here {
             Some(holder) if durable.is_now() => self.chat.wake(&to, &holder),
             None if durable.is_now() => self.chat.route(to),
@@ -1359,9 +1420,11 @@ impl Session {
         let user = state.as_ref().ok_or(ChatError::NotLoggedIn)?;
         let limit = cap(max, self.chat.inner.config.max_fetch_results);
         let store = &self.chat.inner.store;
-        let messages = match self.cluster_lease() {
-            // What was queued before the login; what came after is pushed.
+        let messages = match self.cluster_lease()? {
+            // What was queued before the login; what came after is pushed
+            // (and the pusher looks again now, in case a wake was lost).
             Some(lease) => {
+                self.chat.wake(user, &self.shared);
                 let floor = self.shared.floor.load(Ordering::Acquire);
                 store.take_undelivered_in(&lease, 0, floor, limit).await?
             }
@@ -1378,7 +1441,7 @@ impl Session {
     pub async fn ack(&self, through: MessageId) -> Result<usize, ChatError> {
         let state = self.lock_logged_in().await?;
         let user = state.as_ref().ok_or(ChatError::NotLoggedIn)?;
-        let removed = match self.cluster_lease() {
+        let removed = match self.cluster_lease()? {
             Some(lease) => self.chat.inner.store.ack_for(&lease, through).await?,
             None => self.chat.inner.store.ack(user, through).await?,
         };
@@ -1392,9 +1455,22 @@ impl Session {
 
     /// On a node of a cluster, the lease of the login held now: the store
     /// acts for it only while it is current (fencing).
-    fn cluster_lease(&self) -> Option<Lease> {
-        self.chat.inner.delivery.as_ref()?;
-        self.shared.lease.lock().ok()?.clone()
+    /// `None` on one engine; `not_logged_in` on a node whose session lost
+    /// its login's lease (ended by housekeeping, or another operation).
+    fn cluster_lease(&self) -> Result<Option<Lease>, ChatError> {
+        if self.chat.inner.delivery.is_none() {
+            return Ok(None);
+        }
+        match self
+            .shared
+            .lease
+            .lock()
+            .ok()
+            .and_then(|lease| lease.clone())
+        {
+            Some(lease) => Ok(Some(lease)),
+            None => Err(ChatError::NotLoggedIn),
+        }
     }
 
     /// Lists accounts; see [`Chat::list`]. Works logged in or out; limited

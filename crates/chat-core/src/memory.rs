@@ -720,6 +720,33 @@ impl Store for MemoryStore {
         Ok(taken)
     }
 
+    /// Not fenced, as [`MemoryStore::take_undelivered_in`] is not.
+    async fn take_after(
+        &self,
+        lease: &Lease,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        if self.journal.get().is_some() {
+            return Err(StoreError::Unavailable(
+                "a journaled store serves one engine only, not a cluster".into(),
+            ));
+        }
+        let mailbox = self.mailbox(&lease.user)?;
+        let mut mailbox = mailbox.lock().map_err(poisoned)?;
+        let mut taken = Vec::new();
+        for (message, delivered) in mailbox.queue.iter_mut() {
+            if taken.len() == limit {
+                break;
+            }
+            if message.id > after {
+                *delivered = true;
+                taken.push(message.clone());
+            }
+        }
+        Ok(taken)
+    }
+
     async fn unacked(&self, name: &Username) -> Result<Vec<Message>, StoreError> {
         let mailbox = self.mailbox(name)?;
         let mailbox = mailbox.lock().map_err(poisoned)?;

@@ -258,6 +258,25 @@ pub trait Store: Send + Sync + 'static {
     /// what a new login must see again.
     async fn unacked(&self, name: &Username) -> Result<Vec<Message>, StoreError>;
 
+    /// Up to `limit` messages for `lease.user` with ids above `after`,
+    /// oldest first, now marked delivered, whether or not they were
+    /// before: what an engine sharing the store pushes to a login, `after`
+    /// being the last id it pushed (the login's floor at first). A take
+    /// whose answer was lost on the way is taken again. Fenced by `lease`
+    /// as [`Store::take_undelivered_in`] is; the default refuses (see
+    /// [`Store::last_id`]).
+    async fn take_after(
+        &self,
+        lease: &Lease,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let _ = (lease, after, limit);
+        Err(StoreError::Unavailable(
+            "this store serves one engine only, not a cluster".into(),
+        ))
+    }
+
     /// [`Store::ack`] for the login `lease`: a store that keeps the leases
     /// (PostgreSQL) removes nothing unless it is still the current one. The
     /// default does not check.

@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use chat_core::budgets::{Budgets, LocalBudgets};
 use chat_core::delivery::LocalBus;
+use chat_core::presence::Lease;
 use chat_core::presence::{LocalPresence, NodeId, Presence};
 use chat_core::{
-    Chat, ChatError, Cluster, Config, ErrorCode, Event, Events, HashingConfig, MemoryStore, Store,
-    Username,
+    Appended, Chat, ChatError, Cluster, Config, Credentials, ErrorCode, Event, Events,
+    HashingConfig, MemoryStore, Message, MessageId, NewMessage, Store, StoreError, Username,
 };
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -355,4 +356,126 @@ async fn housekeeping_frees_the_logins_of_dead_connections() {
     tokio::time::sleep(chat_core::PRUNE_INTERVAL * 2 + Duration::from_secs(1)).await;
     again.login("alice", "password1").await.unwrap();
     drop(alice);
+}
+
+/// A store whose next `take_after` takes (marks delivered) and then fails,
+/// as a take whose answer is lost on the way from the database does.
+struct LosesOneTake {
+    inner: MemoryStore,
+    lose: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Store for LosesOneTake {
+    async fn create_account(&self, name: &Username, hash: &str) -> Result<(), StoreError> {
+        self.inner.create_account(name, hash).await
+    }
+    async fn credentials(&self, name: &Username) -> Result<Option<Credentials>, StoreError> {
+        self.inner.credentials(name).await
+    }
+    async fn set_password(&self, name: &Username, hash: &str) -> Result<(), StoreError> {
+        self.inner.set_password(name, hash).await
+    }
+    async fn account_exists(&self, name: &Username) -> Result<bool, StoreError> {
+        self.inner.account_exists(name).await
+    }
+    async fn delete_account(&self, name: &Username) -> Result<bool, StoreError> {
+        self.inner.delete_account(name).await
+    }
+    async fn list_accounts(
+        &self,
+        pattern: &regex::Regex,
+        limit: usize,
+    ) -> Result<Vec<Username>, StoreError> {
+        self.inner.list_accounts(pattern, limit).await
+    }
+    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        self.inner.append(message).await
+    }
+    async fn take_undelivered(
+        &self,
+        name: &Username,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.inner.take_undelivered(name, limit).await
+    }
+    async fn last_id(&self, name: &Username) -> Result<MessageId, StoreError> {
+        self.inner.last_id(name).await
+    }
+    async fn take_undelivered_in(
+        &self,
+        lease: &Lease,
+        after: MessageId,
+        through: MessageId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.inner
+            .take_undelivered_in(lease, after, through, limit)
+            .await
+    }
+    async fn take_after(
+        &self,
+        lease: &Lease,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let taken = self.inner.take_after(lease, after, limit).await?;
+        if !taken.is_empty() && self.lose.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the answer was lost".into()));
+        }
+        Ok(taken)
+    }
+    async fn unacked(&self, name: &Username) -> Result<Vec<Message>, StoreError> {
+        self.inner.unacked(name).await
+    }
+    async fn ack(&self, name: &Username, through: MessageId) -> Result<usize, StoreError> {
+        self.inner.ack(name, through).await
+    }
+    async fn account_count(&self) -> Result<usize, StoreError> {
+        self.inner.account_count().await
+    }
+}
+
+/// A take that marked messages delivered but whose answer never came back
+/// does not skip them: the pusher takes from the last id it pushed, so
+/// they are taken again and pushed, in order, before anything later (and a
+/// cumulative acknowledgement of a later one cannot delete them unseen).
+#[tokio::test]
+async fn a_take_whose_answer_was_lost_is_taken_again() {
+    let store = Arc::new(LosesOneTake {
+        inner: MemoryStore::default(),
+        lose: std::sync::atomic::AtomicBool::new(false),
+    });
+    let bus = Arc::new(LocalBus::new());
+    let chat = Chat::on_node(
+        store.clone(),
+        Cluster {
+            presence: Arc::new(LocalPresence::new().join(NodeId(1))),
+            delivery: bus.clone(),
+            budgets: Arc::new(LocalBudgets::new()),
+        },
+        Config {
+            hashing: HashingConfig::cheap_for_tests(),
+            ..Config::default()
+        },
+    );
+    bus.register(NodeId(1), &chat);
+    let (alice, _alice_events) = chat.open_session();
+    alice.create("alice", "password1").await.unwrap();
+    let (bob, mut bob_events) = chat.open_session();
+    bob.create("bob", "password1").await.unwrap();
+    store.lose.store(true, std::sync::atomic::Ordering::SeqCst);
+    for n in 0..5 {
+        alice.send("bob", &format!("m{n}")).await.unwrap();
+    }
+    for n in 0..5 {
+        assert_eq!(
+            next_message(&mut bob_events).await.body.as_str(),
+            format!("m{n}")
+        );
+    }
+    assert!(
+        !store.lose.load(std::sync::atomic::Ordering::SeqCst),
+        "a take was lost"
+    );
 }

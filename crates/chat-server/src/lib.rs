@@ -259,11 +259,19 @@ impl StoreChoice {
     /// Parses `--store`: an engine's name, or a `postgres://` (or
     /// `postgresql://`) URL.
     pub fn parse(raw: &str) -> Result<Self, String> {
-        if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
-            return Ok(Self {
-                kind: StoreKind::Postgres,
-                url: Some(raw.to_string()),
-            });
+        let scheme = raw
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("postgres" | "postgresql") => {
+                return Ok(Self {
+                    kind: StoreKind::Postgres,
+                    url: Some(raw.to_string()),
+                });
+            }
+            // Not echoed: it may hold a password.
+            Some(_) => return Err("only postgres:// and postgresql:// URLs are stores".into()),
+            None => {}
         }
         let kind = <StoreKind as clap::ValueEnum>::from_str(raw, false).map_err(|_| {
             format!("`{raw}` is not log, sqlite, memory, postgres or a postgres:// URL")

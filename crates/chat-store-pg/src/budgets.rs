@@ -50,7 +50,7 @@ impl PgBudgets {
         sqlx::query(
             "INSERT INTO budgets (key, tokens, updated, full_at) \
              SELECT k, b, extract(epoch FROM clock_timestamp()), extract(epoch FROM clock_timestamp()) \
-             FROM unnest($1::text[], $2::float8[]) AS t(k, b) ORDER BY k \
+             FROM unnest($1::text[], $2::float8[]) AS t(k, b) ORDER BY k COLLATE \"C\" \
              ON CONFLICT (key) DO NOTHING",
         )
         .bind(&keys)
@@ -100,10 +100,15 @@ impl PgBudgets {
             // Rolled back: a refusal takes nothing.
             return Ok(Err(Duration::from_secs_f64(wait)));
         }
+        // An upsert: a row deleted since it was read (a refill, a prune of
+        // a full one) is charged all the same.
         sqlx::query(
-            "UPDATE budgets SET tokens = t.tokens, updated = $4, full_at = t.full_at \
+            "INSERT INTO budgets (key, tokens, updated, full_at) \
+             SELECT key, tokens, $4, full_at \
              FROM unnest($1::text[], $2::float8[], $3::float8[]) AS t(key, tokens, full_at) \
-             WHERE budgets.key = t.key",
+             ORDER BY key COLLATE \"C\" \
+             ON CONFLICT (key) DO UPDATE SET tokens = EXCLUDED.tokens, updated = EXCLUDED.updated, \
+                 full_at = EXCLUDED.full_at",
         )
         .bind(&taken.0)
         .bind(&taken.1)

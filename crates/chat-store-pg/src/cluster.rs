@@ -310,24 +310,28 @@ impl PgDelivery {
             // Set when notifications may have been missed: until a catch-up
             // for every local user succeeds, it is retried.
             let mut behind = false;
+            let name = channel(node);
             loop {
                 if behind {
+                    // Listening again first (this reconnects), so that
+                    // nothing announced from here on is missed; then every
+                    // local session looks for what it missed (its pusher
+                    // retries by itself until it can read it).
+                    if let Err(err) = listener.listen(&name).await {
+                        tracing::warn!(%err, "cannot listen again yet; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                            _ = stop.cancelled() => return,
+                        }
+                    }
                     let Some(chat) = chat.upgrade() else { return };
-                    // Each local session looks for what it missed (its
-                    // pusher retries by itself until it can read it).
                     for user in chat.local_users().await {
                         chat.deliver_queued(&user).await;
                     }
                     behind = false;
                 }
-                let wait = if behind {
-                    Duration::from_millis(200)
-                } else {
-                    Duration::from_secs(3600)
-                };
                 let next = tokio::select! {
                     next = listener.try_recv() => next,
-                    _ = tokio::time::sleep(wait) => continue,
                     _ = stop.cancelled() => return,
                 };
                 let Some(chat) = chat.upgrade() else { return };
@@ -337,9 +341,8 @@ impl PgDelivery {
                             chat.deliver_queued(&user).await;
                         }
                     }
-                    // The connection was lost (and is remade by this or the
-                    // next call): what was announced meanwhile is in the
-                    // table.
+                    // The connection was lost: what was announced meanwhile
+                    // is in the table.
                     Ok(None) => {
                         tracing::warn!("lost the notification connection; catching up");
                         behind = true;
@@ -347,7 +350,6 @@ impl PgDelivery {
                     Err(err) => {
                         tracing::warn!(%err, "notification listener failed; retrying");
                         behind = true;
-                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
             }

@@ -215,7 +215,8 @@ impl PgStore {
             "WITH gone AS ( \
                  DELETE FROM messages WHERE recipient = $1 AND delivered AND id <= $2 \
                  AND ($3::BIGINT IS NULL OR EXISTS ( \
-                     SELECT 1 FROM leases WHERE name = $1 AND node = $3 AND generation = $4)) \
+                     SELECT 1 FROM leases WHERE name = $1 AND node = $3 AND generation = $4 \
+                     FOR SHARE)) \
                  RETURNING 1), \
              counted AS (SELECT count(*) AS n FROM gone), \
              updated AS ( \
@@ -281,9 +282,23 @@ impl PgStore {
                     }
                     rest = unassigned;
                 }
-                // Nothing was stored: each goes on its own.
-                Err(err) => {
+                // The database refused the statement as a whole (a known
+                // send id, a deadlock, a recipient deleted meanwhile):
+                // nothing was stored, and each goes on its own.
+                Err(err) if refused_whole(&err) => {
                     tracing::debug!(%err, size = rest.len(), "a batch of appends goes one at a time");
+                }
+                // Anything else (a connection lost on the way) may have
+                // committed: appending again could store twice. Each
+                // sender is told, and resends with its send id.
+                Err(err) => {
+                    let why = format!("PostgreSQL: {err}");
+                    for pending in rest {
+                        let _ = pending
+                            .reply
+                            .send(Err(StoreError::Unavailable(why.clone())));
+                    }
+                    return;
                 }
             }
         }
@@ -535,6 +550,14 @@ impl PgStore {
 /// expired state ("chatprun" in ASCII).
 const PRUNE_LOCK: i64 = 0x6368_6174_7072_756e;
 
+/// Whether PostgreSQL refused a statement as a whole, changing nothing: a
+/// unique or foreign-key violation, or a deadlock it broke.
+fn refused_whole(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| matches!(code.as_ref(), "23505" | "23503" | "40P01"))
+}
+
 fn is_unique_violation(err: &sqlx::Error) -> bool {
     err.as_database_error()
         .and_then(|e| e.code())
@@ -749,6 +772,35 @@ impl Store for PgStore {
         }
     }
 
+    async fn take_after(
+        &self,
+        lease: &Lease,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        // Fenced: only for the lease that is current now, which is locked
+        // until this commits, so a takeover cannot slip in between.
+        let rows = sqlx::query(
+            "UPDATE messages SET delivered = TRUE WHERE recipient = $1 AND id IN ( \
+                 SELECT id FROM messages WHERE recipient = $1 AND id > $2 \
+                 ORDER BY id LIMIT $3 FOR UPDATE) \
+             AND EXISTS (SELECT 1 FROM leases WHERE name = $1 AND node = $4 AND generation = $5 \
+                 FOR SHARE) \
+             RETURNING id, sender, body, timestamp_ms",
+        )
+        .bind(lease.user.as_str())
+        .bind(to_i64(after))
+        .bind(to_i64(limit as u64))
+        .bind(lease.node.0 as i64)
+        .bind(lease.generation as i64)
+        .fetch_all(&self.relaxed)
+        .await
+        .map_err(unavailable)?;
+        let mut messages = rows.iter().map(message_of).collect::<Result<Vec<_>, _>>()?;
+        messages.sort_by_key(|m| m.id);
+        Ok(messages)
+    }
+
     async fn take_undelivered_in(
         &self,
         lease: &Lease,
@@ -762,7 +814,8 @@ impl Store for PgStore {
                  SELECT id FROM messages WHERE recipient = $1 AND NOT delivered \
                      AND id > $2 AND id <= $6 \
                  ORDER BY id LIMIT $3 FOR UPDATE) \
-             AND EXISTS (SELECT 1 FROM leases WHERE name = $1 AND node = $4 AND generation = $5) \
+             AND EXISTS (SELECT 1 FROM leases WHERE name = $1 AND node = $4 AND generation = $5 \
+                 FOR SHARE) \
              RETURNING id, sender, body, timestamp_ms",
         )
         .bind(lease.user.as_str())
