@@ -7,10 +7,11 @@
 //! On a node of a cluster, every message is stored undelivered. A login
 //! there reads its *floor* as it begins (the newest id stored for the
 //! user, [`Store::last_id`](crate::Store::last_id)), and each session has
-//! one pusher that takes what was stored after the floor and not delivered
-//! yet, in id order, as the session reads
-//! ([`Store::take_undelivered_in`](crate::Store::take_undelivered_in)); a
-//! fetch takes what was queued before the floor.
+//! one pusher that takes what was stored after the last id it pushed (the
+//! floor at first), in id order, as the session reads
+//! ([`Store::take_after`](crate::Store::take_after)); a fetch takes what
+//! was queued before the floor
+//! ([`Store::take_undelivered_in`](crate::Store::take_undelivered_in)).
 //! Once a message is durable, the sending engine wakes the recipient's
 //! pusher if they are logged in on it, and otherwise reads who holds their
 //! [`Lease`] and asks its `Delivery` to route the message there; the

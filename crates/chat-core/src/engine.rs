@@ -850,6 +850,10 @@ async fn push_stored(
     }
 }
 
+/// Sessions woken together by housekeeping's round on a node of a cluster
+/// (then it pauses 100 ms).
+const WAKES_AT_ONCE: usize = 64;
+
 /// How often the engine asks its store to prune expired state.
 pub const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -901,8 +905,13 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
                 let stripe = stripe.lock().await;
                 here.extend(stripe.iter().map(|(user, s)| (user.clone(), Arc::clone(s))));
             }
-            for (user, holder) in here {
+            // A few at a time: each look is a statement, and they must not
+            // crowd out the pushes that are due.
+            for (n, (user, holder)) in here.into_iter().enumerate() {
                 chat.wake(&user, &holder);
+                if n % WAKES_AT_ONCE == WAKES_AT_ONCE - 1 {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
             }
         }
         match inner.budgets.prune().await {

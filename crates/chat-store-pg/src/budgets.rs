@@ -16,7 +16,8 @@ use sqlx::PgPool;
 
 use crate::PgStore;
 
-/// How many times a draw that lost a deadlock is tried again.
+/// How many times a draw that lost a deadlock (or a row it made) is tried
+/// again.
 const DEADLOCK_RETRIES: usize = 3;
 
 /// The longest wait a refusal names (a rate of zero would otherwise say
@@ -37,7 +38,14 @@ impl PgBudgets {
         }
     }
 
-    async fn try_draw(&self, draws: &[Draw]) -> Result<Result<(), Duration>, sqlx::Error> {
+    /// One try at a draw; `None` if a row vanished between its creation
+    /// and its lock (a refill or prune came between), and `vanished` is not
+    /// allowed: the draw is tried again.
+    async fn try_draw(
+        &self,
+        draws: &[Draw],
+        vanished: bool,
+    ) -> Result<Option<Result<(), Duration>>, sqlx::Error> {
         // Key order everywhere, so two draws never wait for each other's
         // rows in opposite orders.
         let mut draws: Vec<(String, &Draw)> = draws.iter().map(|d| (d.budget.key(), d)).collect();
@@ -63,6 +71,9 @@ impl PgBudgets {
         .bind(&keys)
         .fetch_all(&mut *tx)
         .await?;
+        if rows.len() < keys.len() && !vanished {
+            return Ok(None);
+        }
         // Read once the rows are ours: no draw on them can come between.
         let now: f64 = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
             .fetch_one(&mut *tx)
@@ -98,7 +109,7 @@ impl PgBudgets {
         }
         if let Some(wait) = wait {
             // Rolled back: a refusal takes nothing.
-            return Ok(Err(Duration::from_secs_f64(wait)));
+            return Ok(Some(Err(Duration::from_secs_f64(wait))));
         }
         // An upsert: a row deleted since it was read (a refill, a prune of
         // a full one) is charged all the same.
@@ -117,7 +128,7 @@ impl PgBudgets {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Ok(()))
+        Ok(Some(Ok(())))
     }
 }
 
@@ -136,9 +147,12 @@ impl Budgets for PgBudgets {
     async fn draw(&self, draws: &[Draw]) -> Result<Result<(), Duration>, BudgetError> {
         let mut tries = 0;
         loop {
-            match self.try_draw(draws).await {
+            // The last try takes a vanished row as full (what it was).
+            match self.try_draw(draws, tries == DEADLOCK_RETRIES).await {
+                Ok(Some(drawn)) => return Ok(drawn),
+                Ok(None) => tries += 1,
                 Err(err) if is_deadlock(&err) && tries < DEADLOCK_RETRIES => tries += 1,
-                other => return other.map_err(unavailable),
+                Err(err) => return Err(unavailable(err)),
             }
         }
     }

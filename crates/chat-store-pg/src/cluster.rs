@@ -304,26 +304,17 @@ impl PgDelivery {
         chat: WeakChat,
         stop: CancellationToken,
     ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, sqlx::Error> {
+        let name = channel(node);
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(&channel(node)).await?;
+        listener.listen(&name).await?;
+        let pool = self.pool.clone();
         Ok(async move {
-            // Set when notifications may have been missed: until a catch-up
-            // for every local user succeeds, it is retried.
+            // Set when notifications may have been missed: every local
+            // session then looks for what it missed (its pusher retries by
+            // itself until it can read it).
             let mut behind = false;
-            let name = channel(node);
             loop {
                 if behind {
-                    // Listening again first (this reconnects), so that
-                    // nothing announced from here on is missed; then every
-                    // local session looks for what it missed (its pusher
-                    // retries by itself until it can read it).
-                    if let Err(err) = listener.listen(&name).await {
-                        tracing::warn!(%err, "cannot listen again yet; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                            _ = stop.cancelled() => return,
-                        }
-                    }
                     let Some(chat) = chat.upgrade() else { return };
                     for user in chat.local_users().await {
                         chat.deliver_queued(&user).await;
@@ -334,27 +325,54 @@ impl PgDelivery {
                     next = listener.try_recv() => next,
                     _ = stop.cancelled() => return,
                 };
-                let Some(chat) = chat.upgrade() else { return };
+                let Some(engine) = chat.upgrade() else { return };
                 match next {
                     Ok(Some(notification)) => {
                         if let Ok(user) = Username::parse(notification.payload()) {
-                            chat.deliver_queued(&user).await;
+                            engine.deliver_queued(&user).await;
                         }
                     }
-                    // The connection was lost: what was announced meanwhile
-                    // is in the table.
+                    // The connection was lost, and the listener has
+                    // connected and listened again: what was announced
+                    // meanwhile is in the table.
                     Ok(None) => {
                         tracing::warn!("lost the notification connection; catching up");
                         behind = true;
                     }
+                    // A failure it does not recover from by itself: a new
+                    // listener, listening before the catch-up, so nothing
+                    // announced from then on is missed.
                     Err(err) => {
-                        tracing::warn!(%err, "notification listener failed; retrying");
+                        tracing::warn!(%err, "notification listener failed; starting a new one");
+                        drop(engine);
+                        listener = loop {
+                            match fresh_listener(&pool, &name).await {
+                                Ok(listener) => break listener,
+                                Err(err) => {
+                                    tracing::warn!(%err, "cannot listen yet; retrying");
+                                    tokio::select! {
+                                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                                        _ = stop.cancelled() => return,
+                                    }
+                                    if chat.upgrade().is_none() {
+                                        return;
+                                    }
+                                }
+                            }
+                        };
                         behind = true;
                     }
                 }
             }
         })
     }
+}
+
+/// A listener on `pool`'s database, listening on `name`.
+async fn fresh_listener(pool: &PgPool, name: &str) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(name).await?;
+    Ok(listener)
 }
 
 #[async_trait]

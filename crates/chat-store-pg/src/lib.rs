@@ -550,12 +550,14 @@ impl PgStore {
 /// expired state ("chatprun" in ASCII).
 const PRUNE_LOCK: i64 = 0x6368_6174_7072_756e;
 
-/// Whether PostgreSQL refused a statement as a whole, changing nothing: a
-/// unique or foreign-key violation, or a deadlock it broke.
+/// Whether PostgreSQL refused a statement as a whole, changing nothing: it
+/// answered the statement with an error (a unique or foreign-key
+/// violation, a deadlock it broke, a value it cannot store…), which rolls
+/// back a statement committed on its own. A lost connection (class 08, or
+/// an error of the connection itself) leaves the outcome unknown.
 fn refused_whole(err: &sqlx::Error) -> bool {
     err.as_database_error()
-        .and_then(|e| e.code())
-        .is_some_and(|code| matches!(code.as_ref(), "23505" | "23503" | "40P01"))
+        .is_some_and(|e| !e.code().is_some_and(|code| code.starts_with("08")))
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {
@@ -796,7 +798,19 @@ impl Store for PgStore {
         .fetch_all(&self.relaxed)
         .await
         .map_err(unavailable)?;
-        let mut messages = rows.iter().map(message_of).collect::<Result<Vec<_>, _>>()?;
+        // A row that does not read as a message (written by a version with
+        // other limits, or damaged) is skipped with a warning rather than
+        // stop every later push to this user.
+        let mut messages: Vec<Message> = rows
+            .iter()
+            .filter_map(|row| match message_of(row) {
+                Ok(message) => Some(message),
+                Err(err) => {
+                    tracing::warn!(%err, user = %lease.user, "skipped a stored message that does not read");
+                    None
+                }
+            })
+            .collect();
         messages.sort_by_key(|m| m.id);
         Ok(messages)
     }

@@ -595,3 +595,70 @@ async fn the_database_connection_can_be_encrypted() {
     store.create_account(&name("alice"), HASH).await.unwrap();
     assert!(store.account_exists(&name("alice")).await.unwrap());
 }
+
+/// The next message pushed to `events`, waited for at most 10 s.
+async fn next(events: &mut chat_core::Events) -> String {
+    match tokio::time::timeout(std::time::Duration::from_secs(10), events.recv()).await {
+        Ok(Some(chat_core::Event::Message(m))) => m.body.to_string(),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// A node whose notification connection is cut (its backend terminated,
+/// as in a database failover) listens again and catches up: a message sent
+/// to its user while it was deaf is still pushed live, in order with the
+/// next one, long before housekeeping's round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_notifications_are_cut_catches_up() {
+    use chat_core::{Chat, Config, HashingConfig};
+    use chat_store_pg::cluster::Node;
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    let db = database!("a_node_whose_notifications_are_cut_catches_up");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let store = open(&db, 100).await;
+        let node = Node::join(&store, Duration::from_secs(10)).await.unwrap();
+        let chat = Chat::on_node(
+            Arc::new(store),
+            node.cluster(),
+            Config {
+                hashing: HashingConfig::cheap_for_tests(),
+                ..Config::default()
+            },
+        );
+        let listener = node
+            .delivery
+            .listen(
+                node.heartbeat.node(),
+                chat.downgrade(),
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        tokio::spawn(listener);
+        tokio::spawn(node.heartbeat.run(CancellationToken::new()));
+        nodes.push(chat);
+    }
+    let (alice, _alice_events) = nodes[0].open_session();
+    alice.create("alice", "password1").await.unwrap();
+    let (bob, mut bob_events) = nodes[1].open_session();
+    bob.create("bob", "password1").await.unwrap();
+    alice.send("bob", "before").await.unwrap();
+    assert_eq!(next(&mut bob_events).await, "before");
+    // Every listening backend of this database goes (bob's node's among
+    // them; a role may end its own backends).
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(open(&db, 10).await.pool())
+    .await
+    .unwrap();
+    assert!(!cut.is_empty() && cut.iter().all(|ended| *ended), "{cut:?}");
+    alice.send("bob", "while deaf").await.unwrap();
+    alice.send("bob", "after").await.unwrap();
+    assert_eq!(next(&mut bob_events).await, "while deaf");
+    assert_eq!(next(&mut bob_events).await, "after");
+}
