@@ -459,6 +459,39 @@ impl MemoryStore {
         &self.send_ids[hash % SEND_ID_SHARDS]
     }
 
+    /// Up to `limit` of `name`'s messages with ids in `(after, through]`,
+    /// oldest first, now marked delivered: undelivered ones only, or (with
+    /// `again`) those delivered before too. For engines of a cluster.
+    fn take_range(
+        &self,
+        name: &Username,
+        after: MessageId,
+        through: MessageId,
+        again: bool,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        // A journal records takes as prefixes ("delivered through id N"),
+        // which this is not; a journaled store serves one engine anyway.
+        if self.journal.get().is_some() {
+            return Err(StoreError::Unavailable(
+                "a journaled store serves one engine only, not a cluster".into(),
+            ));
+        }
+        let mailbox = self.mailbox(name)?;
+        let mut mailbox = mailbox.lock().map_err(poisoned)?;
+        let mut taken = Vec::new();
+        for (message, delivered) in mailbox.queue.iter_mut() {
+            if taken.len() == limit {
+                break;
+            }
+            if (again || !*delivered) && message.id > after && message.id <= through {
+                *delivered = true;
+                taken.push(message.clone());
+            }
+        }
+        Ok(taken)
+    }
+
     fn mailbox(&self, name: &Username) -> Result<Arc<Mutex<Mailbox>>, StoreError> {
         self.accounts
             .read()
@@ -697,27 +730,7 @@ impl Store for MemoryStore {
         through: MessageId,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let name = &lease.user;
-        // A journal records takes as prefixes ("delivered through id N"),
-        // which this is not; a journaled store serves one engine anyway.
-        if self.journal.get().is_some() {
-            return Err(StoreError::Unavailable(
-                "a journaled store serves one engine only, not a cluster".into(),
-            ));
-        }
-        let mailbox = self.mailbox(name)?;
-        let mut mailbox = mailbox.lock().map_err(poisoned)?;
-        let mut taken = Vec::new();
-        for (message, delivered) in mailbox.queue.iter_mut() {
-            if taken.len() == limit {
-                break;
-            }
-            if !*delivered && message.id > after && message.id <= through {
-                *delivered = true;
-                taken.push(message.clone());
-            }
-        }
-        Ok(taken)
+        self.take_range(&lease.user, after, through, false, limit)
     }
 
     /// Not fenced, as [`MemoryStore::take_undelivered_in`] is not.
@@ -727,24 +740,7 @@ impl Store for MemoryStore {
         after: MessageId,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        if self.journal.get().is_some() {
-            return Err(StoreError::Unavailable(
-                "a journaled store serves one engine only, not a cluster".into(),
-            ));
-        }
-        let mailbox = self.mailbox(&lease.user)?;
-        let mut mailbox = mailbox.lock().map_err(poisoned)?;
-        let mut taken = Vec::new();
-        for (message, delivered) in mailbox.queue.iter_mut() {
-            if taken.len() == limit {
-                break;
-            }
-            if message.id > after {
-                *delivered = true;
-                taken.push(message.clone());
-            }
-        }
-        Ok(taken)
+        self.take_range(&lease.user, after, MessageId::MAX, true, limit)
     }
 
     async fn unacked(&self, name: &Username) -> Result<Vec<Message>, StoreError> {

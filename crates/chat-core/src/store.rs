@@ -148,6 +148,12 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// What a store that serves one engine only answers the calls only a
+/// cluster makes.
+fn one_engine_only() -> StoreError {
+    StoreError::Unavailable("this store serves one engine only, not a cluster".into())
+}
+
 /// Storage for accounts and per-recipient message queues.
 ///
 /// Implementations must be safe to call concurrently from many tasks and
@@ -224,9 +230,7 @@ pub trait Store: Send + Sync + 'static {
     /// this nor [`Store::take_undelivered_in`].
     async fn last_id(&self, name: &Username) -> Result<MessageId, StoreError> {
         let _ = name;
-        Err(StoreError::Unavailable(
-            "this store serves one engine only, not a cluster".into(),
-        ))
+        Err(one_engine_only())
     }
 
     /// Up to `limit` queued messages for `lease.user` with ids above
@@ -249,9 +253,7 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let _ = (lease, after, through, limit);
-        Err(StoreError::Unavailable(
-            "this store serves one engine only, not a cluster".into(),
-        ))
+        Err(one_engine_only())
     }
 
     /// Every delivered but unacknowledged message for `name`, oldest first:
@@ -272,9 +274,7 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let _ = (lease, after, limit);
-        Err(StoreError::Unavailable(
-            "this store serves one engine only, not a cluster".into(),
-        ))
+        Err(one_engine_only())
     }
 
     /// [`Store::ack`] for the login `lease`: a store that keeps the leases

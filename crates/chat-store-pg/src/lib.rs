@@ -39,7 +39,7 @@ use chat_core::{
 use futures::TryStreamExt;
 use regex::Regex;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -535,6 +535,41 @@ impl PgStore {
         }
     }
 
+    /// Marks delivered, and returns, up to `limit` of `lease.user`'s
+    /// messages with ids in `(after, through]`: undelivered ones only, or
+    /// (with `again`) those delivered before too. Fenced: only while
+    /// `lease` is the current one, whose row it locks until this commits,
+    /// so a takeover cannot slip in between.
+    async fn take_fenced(
+        &self,
+        lease: &Lease,
+        after: MessageId,
+        through: MessageId,
+        again: bool,
+        limit: usize,
+    ) -> Result<Vec<PgRow>, StoreError> {
+        sqlx::query(
+            "UPDATE messages SET delivered = TRUE WHERE recipient = $1 AND id IN ( \
+                 SELECT id FROM messages WHERE recipient = $1 AND id > $2 AND id <= $3 \
+                     AND ($4 OR NOT delivered) \
+                 ORDER BY id LIMIT $5 FOR UPDATE) \
+             AND EXISTS (SELECT 1 FROM leases WHERE name = $1 AND node = $6 AND generation = $7 \
+                 FOR SHARE) \
+             RETURNING id, sender, body, timestamp_ms",
+        )
+        .bind(lease.user.as_str())
+        .bind(to_i64(after))
+        .bind(to_i64(through))
+        .bind(again)
+        .bind(to_i64(limit as u64))
+        // Stored as the bits of the u64s, as the cluster's tables keep them.
+        .bind(lease.node.0 as i64)
+        .bind(lease.generation as i64)
+        .fetch_all(&self.relaxed)
+        .await
+        .map_err(unavailable)
+    }
+
     /// `NoSuchAccount` unless `name` exists (for calls whose empty answer
     /// is ambiguous).
     async fn require(&self, name: &Username) -> Result<(), StoreError> {
@@ -780,24 +815,9 @@ impl Store for PgStore {
         after: MessageId,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        // Fenced: only for the lease that is current now, which is locked
-        // until this commits, so a takeover cannot slip in between.
-        let rows = sqlx::query(
-            "UPDATE messages SET delivered = TRUE WHERE recipient = $1 AND id IN ( \
-                 SELECT id FROM messages WHERE recipient = $1 AND id > $2 \
-                 ORDER BY id LIMIT $3 FOR UPDATE) \
-             AND EXISTS (SELECT 1 FROM leases WHERE name = $1 AND node = $4 AND generation = $5 \
-                 FOR SHARE) \
-             RETURNING id, sender, body, timestamp_ms",
-        )
-        .bind(lease.user.as_str())
-        .bind(to_i64(after))
-        .bind(to_i64(limit as u64))
-        .bind(lease.node.0 as i64)
-        .bind(lease.generation as i64)
-        .fetch_all(&self.relaxed)
-        .await
-        .map_err(unavailable)?;
+        let rows = self
+            .take_fenced(lease, after, MessageId::MAX, true, limit)
+            .await?;
         // A row that does not read as a message (written by a version with
         // other limits, or damaged) is skipped with a warning rather than
         // stop every later push to this user.
@@ -822,26 +842,9 @@ impl Store for PgStore {
         through: MessageId,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        // Fenced: only for the lease that is current now.
-        let rows = sqlx::query(
-            "UPDATE messages SET delivered = TRUE WHERE recipient = $1 AND id IN ( \
-                 SELECT id FROM messages WHERE recipient = $1 AND NOT delivered \
-                     AND id > $2 AND id <= $6 \
-                 ORDER BY id LIMIT $3 FOR UPDATE) \
-             AND EXISTS (SELECT 1 FROM leases WHERE name = $1 AND node = $4 AND generation = $5 \
-                 FOR SHARE) \
-             RETURNING id, sender, body, timestamp_ms",
-        )
-        .bind(lease.user.as_str())
-        .bind(to_i64(after))
-        .bind(to_i64(limit as u64))
-        // Stored as the bits of the u64s, as the cluster's tables keep them.
-        .bind(lease.node.0 as i64)
-        .bind(lease.generation as i64)
-        .bind(to_i64(through))
-        .fetch_all(&self.relaxed)
-        .await
-        .map_err(unavailable)?;
+        let rows = self
+            .take_fenced(lease, after, through, false, limit)
+            .await?;
         let mut messages = rows.iter().map(message_of).collect::<Result<Vec<_>, _>>()?;
         messages.sort_by_key(|m| m.id);
         Ok(messages)
